@@ -1,0 +1,42 @@
+"""Grad-CAM through the pytorch-grad-cam package; hooks are released after each call."""
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import torch
+from torch import nn
+
+# One lock per model: Grad-CAM registers hooks on the shared (cached) module, so two threads
+# explaining with the same model at once would read each other's activations.
+_LOCKS: dict[int, threading.Lock] = {}
+_LOCKS_GUARD = threading.Lock()
+
+
+def model_lock(model: nn.Module) -> threading.Lock:
+    with _LOCKS_GUARD:
+        return _LOCKS.setdefault(id(model), threading.Lock())
+
+
+def gradcam(model: nn.Module, layer: nn.Module, x: torch.Tensor, positive: bool = True) -> np.ndarray:
+    """Grad-CAM heatmap for a binary classifier.
+
+    x: (1, C, H, W) input. Explains the positive class when ``positive``, else the negative one.
+    Returns (H, W) float32 in [0, 1].
+    """
+    # imported here so that training (which needs no explanations) does not depend on grad-cam
+    from pytorch_grad_cam import GradCAM
+    from pytorch_grad_cam.utils.model_targets import BinaryClassifierOutputTarget
+
+    if x.ndim != 4 or x.shape[0] != 1:
+        raise ValueError(f"expected a (1, C, H, W) tensor, got {tuple(x.shape)}")
+    target = [BinaryClassifierOutputTarget(1 if positive else 0)]
+    with model_lock(model):
+        was_training = model.training
+        model.eval()
+        with GradCAM(model=model, target_layers=[layer]) as cam:
+            heat = cam(input_tensor=x, targets=target)[0]
+        model.train(was_training)
+    heat = np.nan_to_num(heat.astype(np.float32))
+    hi = float(heat.max())
+    return heat / hi if hi > 0 else heat

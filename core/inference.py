@@ -1,0 +1,137 @@
+"""Inference for the three tasks on in-memory inputs, using the committed weights and their cards."""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from core import preprocess as pp
+from core.checkpoint import load_state_dict
+from core.errors import InvalidInputError
+from core.explain import gradcam, model_lock
+from core.io import Image2D, Volume
+from core.metrics import volume_ml
+from core.preprocess import largest_component
+from core.models import build_model
+from core.tasks import TaskSpec, get_task
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for inference with its card (architecture, threshold, metrics, history)."""
+
+    spec: TaskSpec
+    model: nn.Module
+    card: dict
+
+    @property
+    def threshold(self) -> float:
+        return float(self.card.get("threshold", self.spec.default_threshold))
+
+
+def load_model(task: str, wdir=None) -> LoadedModel:
+    """Build the task's architecture from its card and load checksum-verified weights (CPU, eval mode)."""
+    spec = get_task(task)
+    state, card = load_state_dict(task, wdir)
+    arch = card.get("architecture", {})
+    model = build_model(arch.get("name", spec.architecture), **arch.get("kwargs", spec.model_kwargs))
+    model.load_state_dict(state)
+    model.eval()
+    return LoadedModel(spec, model, card)
+
+
+def _prob(model: nn.Module, x: torch.Tensor) -> np.ndarray:
+    with model_lock(model), torch.inference_mode():
+        return torch.sigmoid(model(x)).flatten().numpy()
+
+
+# --------------------------------------------------------------------------- pneumonia
+
+
+@dataclass
+class XRayResult:
+    probability: float  # P(pneumonia)
+    threshold: float
+    positive: bool
+    display: np.ndarray  # (H, W) in [0, 1], the image as the model saw it (stretched to a square)
+    heatmap: np.ndarray | None  # (H, W) in [0, 1] on the same grid as ``display``
+
+
+def predict_xray(lm: LoadedModel, image: Image2D, explain: bool = True) -> XRayResult:
+    """P(pneumonia) for one radiograph, the decision at the card's threshold, and Grad-CAM."""
+    x = pp.preprocess_xray(image.pixels, lm.spec.input_spec["size"])[None]
+    prob = float(_prob(lm.model, x)[0])
+    positive = prob >= lm.threshold
+    heat = gradcam(lm.model, lm.model.gradcam_layer(), x, positive=positive) if explain else None
+    display = (x[0, 0].numpy() * 0.25 + 0.5).clip(0, 1)
+    return XRayResult(prob, lm.threshold, positive, display, heat)
+
+
+def predict_xray_batch(lm: LoadedModel, pixels: list[np.ndarray]) -> np.ndarray:
+    """P(pneumonia) for several (H, W) images, without Grad-CAM."""
+    x = torch.stack([pp.preprocess_xray(p, lm.spec.input_spec["size"]) for p in pixels])
+    return _prob(lm.model, x)
+
+
+# --------------------------------------------------------------------------- cardiac
+
+
+@dataclass
+class CardiacResult:
+    probability: float  # P(disease)
+    threshold: float
+    positive: bool
+    slices: np.ndarray  # (2k, H, W) in [0, 1]: the ED then ES slices the model used
+    slice_labels: list[str]
+    heatmap: np.ndarray | None  # (H, W) in [0, 1], shared by all the slices (they are input channels)
+
+
+def predict_cardiac(lm: LoadedModel, ed: Volume, es: Volume, explain: bool = True) -> CardiacResult:
+    """P(disease) (normal vs DCM/HCM/MINF/RV) from the ED and ES frames of one cine study."""
+    if ed.data.shape != es.data.shape:
+        raise InvalidInputError(
+            f"The ED frame ({' x '.join(map(str, ed.data.shape))}) and the ES frame "
+            f"({' x '.join(map(str, es.data.shape))}) differ in size; both must come from the same cine series."
+        )
+    for v, which in ((ed, "ED"), (es, "ES")):
+        if float(v.data.max() - v.data.min()) <= 0:
+            raise InvalidInputError(f"The {which} frame is blank: every voxel has the same value.")
+    size = lm.spec.input_spec["size"]
+    x = pp.preprocess_cardiac(ed.data, es.data, size)[None]
+    prob = float(_prob(lm.model, x)[0])
+    positive = prob >= lm.threshold
+    heat = gradcam(lm.model, lm.model.gradcam_layer(), x, positive=positive) if explain else None
+    idx = pp.cardiac_slice_indices(ed.data.shape[2])
+    labels = [f"ED slice {i + 1}/{ed.data.shape[2]}" for i in idx] + [f"ES slice {i + 1}/{es.data.shape[2]}" for i in idx]
+    slices = (x[0].numpy() * 0.25 + 0.5).clip(0, 1)
+    return CardiacResult(prob, lm.threshold, positive, slices, labels, heat)
+
+
+# --------------------------------------------------------------------------- atrium
+
+
+@dataclass
+class AtriumResult:
+    mask: np.ndarray  # (X, Y, Z) uint8 on the input grid
+    probability: np.ndarray  # (X, Y, Z) float32
+    volume_ml: float
+    spacing: tuple[float, float, float]
+
+
+def segment_atrium(lm: LoadedModel, volume: Volume, batch_size: int = 8,
+                   progress: Callable[[float], None] | None = None) -> AtriumResult:
+    """Segment the left atrium slice by slice (2.5D U-Net) and return a mask on the input's grid."""
+    stack, geom = pp.atrium_slices(volume.data, volume.spacing)
+    probs = []
+    n = stack.shape[0]
+    with model_lock(lm.model), torch.inference_mode():
+        for i in range(0, n, batch_size):
+            probs.append(torch.sigmoid(lm.model(stack[i : i + batch_size]))[:, 0])
+            if progress:
+                progress(min(1.0, (i + batch_size) / n))
+    prob = pp.atrium_restore(torch.cat(probs), geom)
+    mask = largest_component(prob >= lm.threshold)
+    return AtriumResult(mask, prob, volume_ml(mask, volume.spacing), volume.spacing)

@@ -1,0 +1,438 @@
+"""Readers: single uploaded files (PNG, JPEG, DICOM, NIfTI) and the three dataset layouts.
+
+Every reader works on bytes in memory (uploads are never written to disk) and turns bad input
+into :class:`core.errors.InvalidInputError` with a message a clinician understands.
+"""
+from __future__ import annotations
+
+import io
+import json
+import re
+import warnings
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from core.errors import DatasetNotFoundError, InvalidInputError, MaskMismatchError
+
+# Limits that keep a hostile or mistaken upload from exhausting memory.
+MAX_2D_PIXELS = 50_000_000  # a 7000 x 7000 radiograph is 49 MP
+MAX_VOXELS = 120_000_000  # ~ 480 MB as float32
+MAX_DECOMPRESSED_BYTES = 1_000_000_000
+MIN_SIDE = 16
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+JPEG_MAGIC = b"\xff\xd8\xff"
+GZIP_MAGIC = b"\x1f\x8b"
+
+
+@dataclass(frozen=True)
+class Image2D:
+    """A 2D grey-level image.
+
+    pixels: float32 array (H, W) scaled to [0, 1] after any DICOM rescale/window.
+    source_format: "png", "jpeg" or "dicom".
+    info: non-identifying acquisition facts safe to display (never names, IDs, dates).
+    """
+
+    pixels: np.ndarray
+    source_format: str
+    info: dict = field(default_factory=dict)
+    colour: bool = False  # True when the file held distinct colour channels
+
+
+@dataclass(frozen=True)
+class Volume:
+    """A 3D volume read from NIfTI.
+
+    data: float32 array (X, Y, Z) in the file's voxel order.
+    affine: (4, 4) voxel-to-world matrix of the file.
+    spacing: (3,) voxel size in mm as stored in the header.
+    """
+
+    data: np.ndarray
+    affine: np.ndarray
+    spacing: tuple[float, float, float]
+    name: str = ""
+
+
+# --------------------------------------------------------------------------- 2D images
+
+
+def sniff_format(data: bytes) -> str | None:
+    """Guess the format from the file's first bytes (extensions can lie)."""
+    if data.startswith(PNG_MAGIC):
+        return "png"
+    if data.startswith(JPEG_MAGIC):
+        return "jpeg"
+    if len(data) >= 132 and data[128:132] == b"DICM":
+        return "dicom"
+    if data.startswith(GZIP_MAGIC):
+        return "gzip"
+    if len(data) >= 348 and data[344:348] in (b"n+1\x00", b"ni1\x00", b"n+2\x00"):
+        return "nifti"
+    return None
+
+
+def _check_2d(arr: np.ndarray, what: str) -> np.ndarray:
+    if arr.ndim != 2:
+        raise InvalidInputError(f"The {what} is not a single 2D image (its array has {arr.ndim} dimensions).")
+    h, w = arr.shape
+    if min(h, w) < MIN_SIDE:
+        raise InvalidInputError(f"The {what} is too small ({h} x {w} pixels) to be a chest radiograph.")
+    if h * w > MAX_2D_PIXELS:
+        raise InvalidInputError(f"The {what} is implausibly large ({h} x {w} pixels).")
+    if not np.all(np.isfinite(arr)):
+        raise InvalidInputError(f"The {what} contains invalid pixel values (NaN or infinity).")
+    lo, hi = float(arr.min()), float(arr.max())
+    if hi - lo <= 0:
+        raise InvalidInputError(f"The {what} is blank: every pixel has the same value.")
+    return ((arr - lo) / (hi - lo)).astype(np.float32)
+
+
+def _read_pil(data: bytes, fmt: str) -> Image2D:
+    from PIL import Image
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            im = Image.open(io.BytesIO(data))
+            w, h = im.size
+            if w * h > MAX_2D_PIXELS:
+                raise InvalidInputError(f"The image is implausibly large ({h} x {w} pixels); it was not opened.")
+            if getattr(im, "n_frames", 1) > 1:
+                raise InvalidInputError("The image file holds several frames; upload a single radiograph.")
+            im.load()
+    except InvalidInputError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise InvalidInputError("The image is implausibly large; it was not opened.") from exc
+    except Exception as exc:  # PIL raises many types for corrupt data
+        raise InvalidInputError(
+            f"The {fmt.upper()} file could not be read: it looks truncated or corrupt."
+        ) from exc
+    colour = False
+    if im.mode in ("RGB", "RGBA", "P", "CMYK", "YCbCr", "LA"):
+        rgb = np.asarray(im.convert("RGB"), dtype=np.float32)
+        colour = bool(np.abs(rgb[..., 0] - rgb[..., 1]).mean() > 2 or np.abs(rgb[..., 1] - rgb[..., 2]).mean() > 2)
+        arr = rgb.mean(axis=2)
+    elif im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        arr = np.asarray(im, dtype=np.float32)
+    else:
+        arr = np.asarray(im.convert("L"), dtype=np.float32)
+    pixels = _check_2d(arr, "image")
+    return Image2D(pixels=pixels, source_format=fmt, info={"size": f"{arr.shape[1]} x {arr.shape[0]}"}, colour=colour)
+
+
+# DICOM attributes that may be shown: acquisition facts only, nothing that identifies a patient.
+SAFE_DICOM_TAGS = (
+    "Modality",
+    "BodyPartExamined",
+    "ViewPosition",
+    "PhotometricInterpretation",
+    "Rows",
+    "Columns",
+    "BitsStored",
+)
+
+
+def _read_dicom(data: bytes) -> Image2D:
+    import pydicom
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
+    try:
+        ds = pydicom.dcmread(io.BytesIO(data), force=True)
+    except Exception as exc:
+        raise InvalidInputError("The DICOM file could not be read: it looks truncated or corrupt.") from exc
+    if "PixelData" not in ds:
+        raise InvalidInputError("The DICOM file holds no image (no pixel data).")
+    rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    if rows * cols * frames > MAX_2D_PIXELS:
+        raise InvalidInputError(f"The DICOM image is implausibly large ({rows} x {cols} x {frames}).")
+    try:
+        arr = ds.pixel_array
+    except Exception as exc:
+        raise InvalidInputError(
+            "The DICOM pixel data could not be decoded (truncated, or a compression this app does not support)."
+        ) from exc
+    if frames > 1 or arr.ndim == 3 and arr.shape[-1] not in (3, 4):
+        raise InvalidInputError("The DICOM file holds several frames (a 3D or cine series); upload one radiograph.")
+    colour = False
+    if arr.ndim == 3:
+        colour = True
+        arr = arr[..., :3].astype(np.float32).mean(axis=2)
+    else:
+        try:
+            arr = apply_modality_lut(arr, ds)
+            arr = apply_voi_lut(arr, ds, index=0)
+        except Exception as exc:
+            raise InvalidInputError("The DICOM rescale or window values are invalid.") from exc
+        arr = np.asarray(arr, dtype=np.float32)
+        if str(ds.get("PhotometricInterpretation", "")).upper() == "MONOCHROME1":
+            arr = arr.max() - arr  # MONOCHROME1 stores white as low values
+    pixels = _check_2d(arr, "DICOM image")
+    info = {k: str(ds.get(k)) for k in SAFE_DICOM_TAGS if ds.get(k) is not None}
+    return Image2D(pixels=pixels, source_format="dicom", info=info, colour=colour)
+
+
+def read_image_2d(data: bytes, filename: str = "") -> Image2D:
+    """Read a PNG, JPEG or DICOM radiograph from bytes, by content rather than by extension."""
+    if not isinstance(data, (bytes, bytearray)) or len(data) == 0:
+        raise InvalidInputError("The file is empty.")
+    fmt = sniff_format(bytes(data[:400]))
+    if fmt in ("png", "jpeg"):
+        return _read_pil(bytes(data), fmt)
+    if fmt == "dicom" or filename.lower().endswith((".dcm", ".dicom")):
+        return _read_dicom(bytes(data))
+    if fmt in ("gzip", "nifti"):
+        raise InvalidInputError("This is a NIfTI volume, not a radiograph; upload a PNG, JPEG or DICOM chest X-ray.")
+    raise InvalidInputError("The file is not a PNG, JPEG or DICOM image.")
+
+
+# --------------------------------------------------------------------------- NIfTI
+
+
+def _gunzip_limited(data: bytes) -> bytes:
+    d = zlib.decompressobj(16 + zlib.MAX_WBITS)
+    try:
+        out = d.decompress(data, MAX_DECOMPRESSED_BYTES + 1)
+    except zlib.error as exc:
+        raise InvalidInputError("The compressed NIfTI file is corrupt.") from exc
+    if len(out) > MAX_DECOMPRESSED_BYTES:
+        raise InvalidInputError("The NIfTI file is implausibly large once decompressed; it was not opened.")
+    return out
+
+
+def read_nifti(data: bytes, name: str = "", expect_3d: bool = True) -> Volume:
+    """Read a NIfTI-1/2 volume (.nii or .nii.gz) from bytes, keeping affine and spacing.
+
+    A 4D file whose extra dimensions are all 1 is accepted as 3D; true 4D and 2D files are refused.
+    """
+    import nibabel as nib
+
+    if not isinstance(data, (bytes, bytearray)) or len(data) == 0:
+        raise InvalidInputError("The file is empty.")
+    raw = bytes(data)
+    if raw.startswith(GZIP_MAGIC):
+        raw = _gunzip_limited(raw)
+    fmt = sniff_format(raw[:400])
+    if fmt != "nifti":
+        if fmt in ("png", "jpeg", "dicom"):
+            raise InvalidInputError(f"This is a {fmt.upper()} image, not a NIfTI volume (.nii or .nii.gz).")
+        raise InvalidInputError("The file is not a NIfTI volume (.nii or .nii.gz), or it is corrupt.")
+    cls = nib.Nifti2Image if raw[344:348] == b"n+2\x00" else nib.Nifti1Image
+    try:
+        img = cls.from_bytes(raw)
+        shape = tuple(int(s) for s in img.shape)
+        n_vox = int(np.prod(shape)) if shape else 0
+        if n_vox > MAX_VOXELS:
+            raise InvalidInputError(f"The volume is implausibly large ({' x '.join(map(str, shape))} voxels).")
+        arr = np.asanyarray(img.dataobj)
+        affine = np.asarray(img.affine, dtype=np.float64)
+        zooms = tuple(float(z) for z in img.header.get_zooms()[:3])
+    except InvalidInputError:
+        raise
+    except Exception as exc:
+        raise InvalidInputError("The NIfTI file could not be read: it looks truncated or corrupt.") from exc
+    while arr.ndim > 3 and arr.shape[-1] == 1:
+        arr = arr[..., 0]
+    if arr.ndim == 4:
+        raise InvalidInputError(
+            f"The file is 4D ({' x '.join(map(str, arr.shape))}); upload a single 3D volume (one time frame)."
+        )
+    if arr.ndim != 3 or (expect_3d and min(arr.shape) < 2):
+        raise InvalidInputError(
+            f"The file is {min(arr.ndim, 2) if arr.ndim < 3 or min(arr.shape) < 2 else arr.ndim}D "
+            f"({' x '.join(map(str, arr.shape))}); a 3D volume with several slices is needed."
+        )
+    if min(arr.shape[:2]) < MIN_SIDE or max(arr.shape) > 2048:
+        raise InvalidInputError(f"The volume has an implausible size ({' x '.join(map(str, arr.shape))}).")
+    if not np.issubdtype(arr.dtype, np.number) or np.iscomplexobj(arr):
+        raise InvalidInputError("The NIfTI file stores a data type this app cannot use.")
+    arr = np.asarray(arr, dtype=np.float32)
+    if not np.all(np.isfinite(arr)):
+        raise InvalidInputError("The volume contains invalid values (NaN or infinity).")
+    if not np.all(np.isfinite(affine)) or not all(np.isfinite(z) and z > 0 for z in zooms):
+        raise InvalidInputError("The NIfTI header has an invalid voxel size or orientation.")
+    return Volume(data=arr, affine=affine, spacing=zooms, name=name)  # type: ignore[arg-type]
+
+
+def read_image_volume(data: bytes, name: str = "") -> Volume:
+    """Read a 3D image volume and refuse blank (constant) ones."""
+    vol = read_nifti(data, name)
+    if float(vol.data.max() - vol.data.min()) <= 0:
+        raise InvalidInputError("The volume is blank: every voxel has the same value.")
+    return vol
+
+
+def read_mask(data: bytes, image: Volume, name: str = "") -> np.ndarray:
+    """Read a binary ground-truth mask and check it matches ``image`` (shape, affine, values).
+
+    Returns a uint8 array (X, Y, Z) of 0/1.
+    """
+    try:
+        mask = read_nifti(data, name)
+    except InvalidInputError as exc:
+        raise MaskMismatchError(f"The mask could not be used: {exc}") from exc
+    if mask.data.shape != image.data.shape:
+        raise MaskMismatchError(
+            f"The mask's size ({' x '.join(map(str, mask.data.shape))}) does not match the image's "
+            f"({' x '.join(map(str, image.data.shape))}); was it made for another scan?"
+        )
+    if not np.allclose(mask.affine, image.affine, atol=1e-3, rtol=1e-4):
+        raise MaskMismatchError(
+            "The mask's position/orientation (affine) does not match the image's; was it made for another scan?"
+        )
+    values = np.unique(mask.data)
+    if not np.all(np.isin(values, (0.0, 1.0))):
+        raise MaskMismatchError(
+            "The mask is not binary (it holds values other than 0 and 1); upload a left-atrium mask."
+        )
+    return (mask.data > 0.5).astype(np.uint8)
+
+
+def load_nifti_path(path: str | Path) -> Volume:
+    """Read a NIfTI volume from disk (datasets only; uploads use the bytes readers)."""
+    p = Path(path)
+    return read_nifti(p.read_bytes(), p.name)
+
+
+# --------------------------------------------------------------------------- dataset layouts
+
+
+@dataclass(frozen=True)
+class XRayCase:
+    path: Path
+    label: int  # 1 = pneumonia
+    patient_id: str
+    split: str
+
+
+@dataclass(frozen=True)
+class CardiacCase:
+    patient_id: str
+    group: str
+    label: int  # 1 = any disease, 0 = NOR
+    ed_path: Path
+    es_path: Path
+    ed_gt: Path | None
+    es_gt: Path | None
+    split: str
+
+
+@dataclass(frozen=True)
+class AtriumCase:
+    case_id: str
+    image_path: Path
+    label_path: Path
+
+
+_XRAY_CLASSES = {"NORMAL": 0, "PNEUMONIA": 1}
+
+
+def xray_patient_id(filename: str, label: int) -> str:
+    """Patient identifier from a Kermany file name.
+
+    Pneumonia files are ``personN_{bacteria,virus}_M.jpeg``; normal ones ``[NORMAL2-]IM-NNNN-MMMM.jpeg``.
+    """
+    stem = Path(filename).stem
+    if label == 1:
+        m = re.match(r"(person\d+)_", stem)
+        return m.group(1) if m else stem
+    m = re.match(r"(.*IM-\d+)-\d+$", stem)
+    return m.group(1) if m else stem
+
+
+def find_xray_cases(root: Path) -> list[XRayCase]:
+    """Every labelled chest X-ray under ``root/chest_xray/{train,val,test}/{NORMAL,PNEUMONIA}``."""
+    base = Path(root) / "chest_xray"
+    cases: list[XRayCase] = []
+    for split in ("train", "val", "test"):
+        for cls, label in _XRAY_CLASSES.items():
+            folder = base / split / cls
+            if not folder.is_dir():
+                continue
+            for p in sorted(folder.iterdir()):
+                if p.suffix.lower() in (".jpeg", ".jpg", ".png", ".dcm"):
+                    cases.append(XRayCase(p, label, f"{cls}/{xray_patient_id(p.name, label)}", split))
+    if not cases:
+        raise DatasetNotFoundError(
+            f"No chest X-rays found under {base}. Expected chest_xray/train/NORMAL/*.jpeg and "
+            "chest_xray/train/PNEUMONIA/*.jpeg (Kermany/Kaggle layout); set --data-root or MEDIMG_DATA_ROOT."
+        )
+    return cases
+
+
+def parse_info_cfg(path: Path) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for line in Path(path).read_text(errors="replace").splitlines():
+        if ":" in line:
+            k, v = line.split(":", 1)
+            out[k.strip()] = v.strip()
+    return out
+
+
+def find_cardiac_cases(root: Path) -> list[CardiacCase]:
+    """Every labelled ACDC patient under ``root/ACDC/{training,testing}/patientNNN``."""
+    base = Path(root) / "ACDC"
+    cases: list[CardiacCase] = []
+    for split in ("training", "testing"):
+        folder = base / split
+        if not folder.is_dir():
+            continue
+        for pdir in sorted(folder.glob("patient*")):
+            cfg = pdir / "Info.cfg"
+            if not cfg.is_file():
+                continue
+            info = parse_info_cfg(cfg)
+            group = info.get("Group", "").upper()
+            if not group or "ED" not in info or "ES" not in info:
+                continue  # unlabelled case
+            pid = pdir.name
+            ed = pdir / f"{pid}_frame{int(info['ED']):02d}.nii.gz"
+            es = pdir / f"{pid}_frame{int(info['ES']):02d}.nii.gz"
+            ed_gt = ed.with_name(ed.name.replace(".nii.gz", "_gt.nii.gz"))
+            es_gt = es.with_name(es.name.replace(".nii.gz", "_gt.nii.gz"))
+            cases.append(
+                CardiacCase(
+                    pid, group, int(group != "NOR"), ed, es,
+                    ed_gt if ed_gt.is_file() else None, es_gt if es_gt.is_file() else None, split,
+                )
+            )
+    if not cases:
+        raise DatasetNotFoundError(
+            f"No labelled ACDC patients found under {base}. Expected ACDC/training/patientNNN/Info.cfg "
+            "with patientNNN_frameXX.nii.gz files; set --data-root or MEDIMG_DATA_ROOT."
+        )
+    return cases
+
+
+def find_atrium_cases(root: Path) -> list[AtriumCase]:
+    """Every labelled MSD Task02_Heart volume under ``root/Task02_Heart``."""
+    base = Path(root) / "Task02_Heart"
+    cases: list[AtriumCase] = []
+    ds_json = base / "dataset.json"
+    pairs: list[tuple[Path, Path]] = []
+    if ds_json.is_file():
+        try:
+            meta = json.loads(ds_json.read_text())
+            for item in meta.get("training", []):
+                pairs.append((base / item["image"], base / item["label"]))
+        except (ValueError, KeyError, TypeError):
+            pairs = []
+    if not pairs:
+        for img in sorted((base / "imagesTr").glob("*.nii*")):
+            pairs.append((img, base / "labelsTr" / img.name))
+    for img, lab in pairs:
+        img, lab = img.resolve(), lab.resolve()
+        if img.is_file() and lab.is_file():
+            cases.append(AtriumCase(img.name.split(".")[0], img, lab))
+    if not cases:
+        raise DatasetNotFoundError(
+            f"No labelled left-atrium volumes found under {base}. Expected Task02_Heart/imagesTr/la_NNN.nii.gz "
+            "and labelsTr/la_NNN.nii.gz (MSD layout); set --data-root or MEDIMG_DATA_ROOT."
+        )
+    return cases

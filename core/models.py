@@ -1,0 +1,188 @@
+"""Model architectures: a small CNN classifier, a 2D U-Net, and the cardiac multi-task CNN."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def _check_positive(**kwargs: int) -> None:
+    for name, value in kwargs.items():
+        if not isinstance(value, int) or value <= 0:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+class ConvBlock(nn.Sequential):
+    """Two 3x3 convolutions, each followed by batch norm and ReLU."""
+
+    def __init__(self, cin: int, cout: int) -> None:
+        super().__init__(
+            nn.Conv2d(cin, cout, 3, padding=1, bias=False),
+            nn.BatchNorm2d(cout),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(cout, cout, 3, padding=1, bias=False),
+            nn.BatchNorm2d(cout),
+            nn.ReLU(inplace=True),
+        )
+
+
+class SmallCNN(nn.Module):
+    """Convolution blocks with max pooling, global average pooling, then fully connected layers.
+
+    Input (N, in_channels, H, W) -> logits (N, 1) for a binary decision.
+    """
+
+    def __init__(self, in_channels: int = 1, base: int = 32, n_blocks: int = 4, dropout: float = 0.3) -> None:
+        super().__init__()
+        _check_positive(in_channels=in_channels, base=base, n_blocks=n_blocks)
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        layers: list[nn.Module] = []
+        cin = in_channels
+        for i in range(n_blocks):
+            cout = base * 2**i
+            layers.append(ConvBlock(cin, cout))
+            if i < n_blocks - 1:
+                layers.append(nn.MaxPool2d(2))
+            cin = cout
+        self.features = nn.Sequential(*layers)
+        self.head = nn.Sequential(
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+            nn.Dropout(dropout),
+            nn.Linear(cin, 64),
+            nn.ReLU(inplace=True),
+            nn.Dropout(dropout),
+            nn.Linear(64, 1),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+    def gradcam_layer(self) -> nn.Module:
+        return self.features[-1]
+
+
+class UNet2D(nn.Module):
+    """2D U-Net: encoder-decoder with skip connections.
+
+    Input (N, in_channels, H, W) with H, W divisible by 2**depth -> logits (N, out_channels, H, W).
+    """
+
+    def __init__(self, in_channels: int = 3, out_channels: int = 1, base: int = 16, depth: int = 4) -> None:
+        super().__init__()
+        _check_positive(in_channels=in_channels, out_channels=out_channels, base=base, depth=depth)
+        self.depth = depth
+        chans = [base * 2**i for i in range(depth + 1)]
+        self.down = nn.ModuleList()
+        cin = in_channels
+        for c in chans[:-1]:
+            self.down.append(ConvBlock(cin, c))
+            cin = c
+        self.pool = nn.MaxPool2d(2)
+        self.bottleneck = ConvBlock(chans[-2], chans[-1])
+        self.up = nn.ModuleList()
+        self.dec = nn.ModuleList()
+        for i in range(depth, 0, -1):
+            self.up.append(nn.ConvTranspose2d(chans[i], chans[i - 1], 2, stride=2))
+            self.dec.append(ConvBlock(2 * chans[i - 1], chans[i - 1]))
+        self.out = nn.Conv2d(chans[0], out_channels, 1)
+
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        skips = []
+        for block in self.down:
+            x = block(x)
+            skips.append(x)
+            x = self.pool(x)
+        return self.bottleneck(x), skips
+
+    def decode(self, x: torch.Tensor, skips: list[torch.Tensor]) -> torch.Tensor:
+        for up, dec, skip in zip(self.up, self.dec, reversed(skips)):
+            x = dec(torch.cat([up(x), skip], dim=1))
+        return self.out(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, w = x.shape[-2:]
+        m = 2**self.depth
+        if h % m or w % m:
+            raise ValueError(f"U-Net input sides must be multiples of {m}, got {h} x {w}")
+        z, skips = self.encode(x)
+        return self.decode(z, skips)
+
+    def gradcam_layer(self) -> nn.Module:
+        return self.bottleneck
+
+
+class CardiacNet(nn.Module):
+    """Multi-task CNN for cine MRI: segmentation of RV, myocardium and LV cavity on every input
+    slice, and a normal-vs-disease logit computed from shape descriptors of that segmentation.
+
+    Input (N, 2k, H, W): k ED slices then k ES slices. ``forward`` returns the logit (N, 1), so the
+    model is a plain binary classifier for Grad-CAM and inference; ``forward_all`` also returns
+    segmentation logits (N, 2k, n_seg_classes, H, W).
+
+    The descriptors (soft areas summed over the slices, as ratios and logs: an ejection-fraction
+    proxy for each ventricle, myocardium-to-cavity and RV-to-LV ratios, sizes) are scale-free where
+    possible, because the training copy of ACDC has no true voxel spacing. A linear layer on them
+    keeps the classifier small enough for 80 patients: a one-hidden-layer perceptron on nine
+    numbers, because "normal" lies between the diseases (low EF in DCM/MINF, thick walls in HCM,
+    a large RV in RV), which no linear rule separates.
+    """
+
+    N_FEATURES = 9
+
+    def __init__(self, in_channels: int = 10, base: int = 16, depth: int = 4, n_seg_classes: int = 4,
+                 dropout: float = 0.3) -> None:
+        super().__init__()
+        _check_positive(in_channels=in_channels, base=base, depth=depth, n_seg_classes=n_seg_classes)
+        if in_channels % 2 or n_seg_classes != 4:
+            raise ValueError("CardiacNet needs an even number of slices (ED then ES) and 4 ACDC classes")
+        self.n_slices = in_channels
+        self.n_seg_classes = n_seg_classes
+        self.unet = UNet2D(in_channels, in_channels * n_seg_classes, base, depth)
+        self.head = nn.Sequential(
+            nn.BatchNorm1d(self.N_FEATURES), nn.Linear(self.N_FEATURES, 16), nn.ReLU(inplace=True),
+            nn.Dropout(dropout), nn.Linear(16, 1),
+        )
+
+    def shape_features(self, seg_logits: torch.Tensor) -> torch.Tensor:
+        """(N, 2k, 4, H, W) logits -> (N, 9) descriptors."""
+        prob = torch.softmax(seg_logits, dim=2).mean(dim=(-2, -1))  # (N, 2k, 4) area fractions
+        k = self.n_slices // 2
+        ed, es = prob[:, :k].sum(1), prob[:, k:].sum(1)  # (N, 4): bg, RV, myo, LV
+        eps = 1e-3
+        rv_ed, my_ed, lv_ed = ed[:, 1] + eps, ed[:, 2] + eps, ed[:, 3] + eps
+        rv_es, my_es, lv_es = es[:, 1] + eps, es[:, 2] + eps, es[:, 3] + eps
+        feats = [
+            lv_es / lv_ed, rv_es / rv_ed, my_ed / lv_ed, rv_ed / lv_ed, my_es / my_ed,
+            torch.log(lv_ed), torch.log(rv_ed), torch.log(my_ed), my_es / lv_es.clamp(min=eps),
+        ]
+        return torch.stack(feats, dim=1).clamp(-10, 10)
+
+    def forward_all(self, x: torch.Tensor, detach_features: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """``detach_features`` stops the classification loss from reaching the segmentation (warm-up)."""
+        z, skips = self.unet.encode(x)
+        seg = self.unet.decode(z, skips)
+        n, _, h, w = seg.shape
+        seg = seg.view(n, self.n_slices, self.n_seg_classes, h, w)
+        feats = self.shape_features(seg.detach() if detach_features else seg)
+        return self.head(feats), seg
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_all(x)[0]
+
+    def gradcam_layer(self) -> nn.Module:
+        return self.unet.down[-1]
+
+
+MODEL_FACTORIES: dict[str, type[nn.Module]] = {
+    "SmallCNN": SmallCNN,
+    "UNet2D": UNet2D,
+    "CardiacNet": CardiacNet,
+}
+
+
+def build_model(architecture: str, **kwargs) -> nn.Module:
+    """Instantiate a registered architecture by name with validated arguments."""
+    if architecture not in MODEL_FACTORIES:
+        raise ValueError(f"Unknown architecture {architecture!r}; known: {sorted(MODEL_FACTORIES)}")
+    return MODEL_FACTORIES[architecture](**kwargs)

@@ -1,0 +1,155 @@
+"""Preprocessing, defined once per task and shared by training, evaluation and inference."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy import ndimage
+
+from core.errors import InvalidInputError
+
+# Pneumonia: the shared Kermany copy was stretched to 224x224 (aspect not kept), so every input is
+# stretched the same way, then down-sampled to the model's size.
+XRAY_SIZE = 160
+
+# Cardiac: the shared ACDC copy has no true voxel spacing, so the field of view is normalised by a
+# centred crop (the heart sits near the centre of short-axis cine planning) instead of by resampling.
+CARDIAC_SIZE = 112
+CARDIAC_SLICES = 5
+CARDIAC_CROP_FRACTION = 0.6
+CARDIAC_SLICE_RANGE = (0.15, 0.85)
+
+# Atrium: the MSD data has true spacing; inputs are resampled in-plane to the training spacing.
+ATRIUM_SPACING_MM = 1.25
+ATRIUM_CONTEXT = 1  # neighbouring slices each side given as extra channels (2.5D)
+UNET_MULTIPLE = 16
+
+
+def _resize(x: torch.Tensor, size: tuple[int, int], mode: str = "bilinear") -> torch.Tensor:
+    """Resize a (N, C, H, W) tensor."""
+    if mode == "nearest":
+        return F.interpolate(x, size=size, mode="nearest")
+    return F.interpolate(x, size=size, mode=mode, align_corners=False, antialias=True)
+
+
+# --------------------------------------------------------------------------- pneumonia
+
+
+def preprocess_xray(pixels: np.ndarray, size: int = XRAY_SIZE) -> torch.Tensor:
+    """(H, W) float image in [0, 1] -> (1, size, size) normalised tensor."""
+    x = torch.from_numpy(np.ascontiguousarray(pixels, dtype=np.float32))[None, None]
+    lo, hi = torch.quantile(x.flatten()[:: max(1, x.numel() // 200_000)], torch.tensor([0.005, 0.995]))
+    x = ((x - lo) / torch.clamp(hi - lo, min=1e-6)).clamp(0, 1)
+    x = _resize(x, (size, size))
+    return ((x - 0.5) / 0.25)[0]
+
+
+# --------------------------------------------------------------------------- cardiac
+
+
+def cardiac_slice_indices(n_slices: int, k: int = CARDIAC_SLICES) -> np.ndarray:
+    """Indices of the k slices (base to apex) the cardiac model uses."""
+    lo, hi = CARDIAC_SLICE_RANGE
+    return np.round(np.linspace(lo, hi, k) * (n_slices - 1)).astype(int)
+
+
+def _centre_crop_box(shape_xy: tuple[int, int]) -> tuple[int, int, int, int]:
+    side = int(round(CARDIAC_CROP_FRACTION * min(shape_xy)))
+    x0 = (shape_xy[0] - side) // 2
+    y0 = (shape_xy[1] - side) // 2
+    return x0, x0 + side, y0, y0 + side
+
+
+def cardiac_frame(volume: np.ndarray, size: int = CARDIAC_SIZE, mask: bool = False) -> torch.Tensor:
+    """(X, Y, Z) cine frame (or its label map) -> (k, size, size): chosen slices, centre-cropped."""
+    if volume.ndim != 3 or volume.shape[2] < 3:
+        raise InvalidInputError(
+            "A short-axis cine frame needs at least 3 slices; this file holds "
+            f"{volume.shape[2] if volume.ndim == 3 else 'no'} slices."
+        )
+    idx = cardiac_slice_indices(volume.shape[2])
+    x0, x1, y0, y1 = _centre_crop_box(volume.shape[:2])
+    sl = np.ascontiguousarray(np.moveaxis(volume[x0:x1, y0:y1, idx], 2, 0), dtype=np.float32)
+    t = torch.from_numpy(sl)[None]
+    if mask:
+        return _resize(t, (size, size), "nearest")[0].round().long()
+    lo, hi = np.percentile(volume, [1, 99])
+    t = ((t - float(lo)) / max(float(hi - lo), 1e-6)).clamp(0, 1.5)
+    return ((_resize(t, (size, size)) - 0.5) / 0.25)[0]
+
+
+def preprocess_cardiac(ed: np.ndarray, es: np.ndarray, size: int = CARDIAC_SIZE) -> torch.Tensor:
+    """ED and ES frames (X, Y, Z) -> (2k, size, size): ED slices then ES slices."""
+    if ed.shape != es.shape:
+        raise InvalidInputError(
+            f"The ED frame ({' x '.join(map(str, ed.shape))}) and ES frame ({' x '.join(map(str, es.shape))}) "
+            "differ in size; both must come from the same cine series."
+        )
+    return torch.cat([cardiac_frame(ed, size), cardiac_frame(es, size)], dim=0)
+
+
+# --------------------------------------------------------------------------- atrium
+
+
+def normalise_volume(data: np.ndarray) -> np.ndarray:
+    """Clip to the 0.5-99.5 percentiles and z-score (float32, same shape)."""
+    sub = data[:: max(1, data.shape[0] // 64), :: max(1, data.shape[1] // 64), :]
+    lo, hi = np.percentile(sub, [0.5, 99.5])
+    x = np.clip(data, lo, hi).astype(np.float32)
+    return (x - x.mean()) / max(float(x.std()), 1e-6)
+
+
+@dataclass(frozen=True)
+class SliceGeometry:
+    """How a volume's slices were resampled and padded, so predictions can be put back."""
+
+    original_xy: tuple[int, int]
+    resampled_xy: tuple[int, int]
+    padded_xy: tuple[int, int]
+
+
+def atrium_slices(data: np.ndarray, spacing: tuple[float, float, float]) -> tuple[torch.Tensor, SliceGeometry]:
+    """(X, Y, Z) volume -> (Z, 1 + 2*context, H, W) 2.5D slice stack at the training spacing."""
+    norm = torch.from_numpy(normalise_volume(data)).permute(2, 0, 1).contiguous()  # (Z, X, Y)
+    X, Y = data.shape[:2]
+    rx = max(UNET_MULTIPLE, int(round(X * spacing[0] / ATRIUM_SPACING_MM)))
+    ry = max(UNET_MULTIPLE, int(round(Y * spacing[1] / ATRIUM_SPACING_MM)))
+    if (rx, ry) != (X, Y):
+        norm = _resize(norm[:, None], (rx, ry))[:, 0]
+    px = -(-rx // UNET_MULTIPLE) * UNET_MULTIPLE
+    py = -(-ry // UNET_MULTIPLE) * UNET_MULTIPLE
+    norm = F.pad(norm, (0, py - ry, 0, px - rx), value=float(norm.min()))
+    c = ATRIUM_CONTEXT
+    padded = torch.cat([norm[:1].repeat(c, 1, 1), norm, norm[-1:].repeat(c, 1, 1)], dim=0)
+    stack = torch.stack([padded[i : i + data.shape[2]] for i in range(2 * c + 1)], dim=1)
+    return stack, SliceGeometry((X, Y), (rx, ry), (px, py))
+
+
+def atrium_restore(prob: torch.Tensor, geom: SliceGeometry) -> np.ndarray:
+    """(Z, H, W) probabilities on the padded grid -> (X, Y, Z) float32 on the input grid."""
+    rx, ry = geom.resampled_xy
+    p = prob[:, :rx, :ry]
+    if geom.resampled_xy != geom.original_xy:
+        p = F.interpolate(p[:, None], size=geom.original_xy, mode="bilinear", align_corners=False)[:, 0]
+    return p.permute(1, 2, 0).contiguous().numpy().astype(np.float32)
+
+
+def atrium_label_slices(label: np.ndarray, geom: SliceGeometry) -> torch.Tensor:
+    """(X, Y, Z) binary label -> (Z, H, W) float on the padded training grid."""
+    t = torch.from_numpy(np.ascontiguousarray(label, dtype=np.float32)).permute(2, 0, 1)[:, None]
+    if geom.resampled_xy != geom.original_xy:
+        t = _resize(t, geom.resampled_xy, "nearest")
+    rx, ry = geom.resampled_xy
+    px, py = geom.padded_xy
+    return F.pad(t, (0, py - ry, 0, px - rx))[:, 0]
+
+
+def largest_component(mask: np.ndarray) -> np.ndarray:
+    """Keep the largest 3D connected component (the atrium is one structure). Returns uint8."""
+    lab, n = ndimage.label(mask)
+    if n <= 1:
+        return np.asarray(mask, dtype=np.uint8)
+    sizes = ndimage.sum_labels(mask, lab, index=np.arange(1, n + 1))
+    return (lab == int(np.argmax(sizes)) + 1).astype(np.uint8)

@@ -1,0 +1,91 @@
+"""The task registry: one TaskSpec per task drives training, evaluation and the app's pages."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from core import preprocess as pp
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """Everything the code needs to know about one diagnostic task."""
+
+    name: str
+    title: str
+    kind: str  # "binary" or "segmentation"
+    classes: tuple[str, ...]
+    architecture: str
+    model_kwargs: dict
+    input_spec: dict
+    accepted_inputs: tuple[str, ...]
+    monitor: str  # validation metric that picks the best checkpoint
+    dataset: str
+    default_threshold: float = 0.5
+    train_defaults: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("binary", "segmentation"):
+            raise ValueError(f"kind must be 'binary' or 'segmentation', got {self.kind!r}")
+
+    @property
+    def weights_file(self) -> str:
+        return f"{self.name}.pt"
+
+    @property
+    def card_file(self) -> str:
+        return f"{self.name}.json"
+
+
+TASKS: dict[str, TaskSpec] = {
+    "pneumonia": TaskSpec(
+        name="pneumonia",
+        title="Pneumonia (chest X-ray)",
+        kind="binary",
+        classes=("normal", "pneumonia"),
+        architecture="SmallCNN",
+        model_kwargs={"in_channels": 1, "base": 32, "n_blocks": 4, "dropout": 0.3},
+        input_spec={"size": pp.XRAY_SIZE, "channels": 1, "resize": "stretch to square (as the Kermany copy)",
+                    "intensity": "0.5-99.5 percentile min-max, then (x-0.5)/0.25"},
+        accepted_inputs=("png", "jpeg", "dicom"),
+        monitor="auc",
+        dataset="Kermany et al. 2018 chest X-rays (chest_xray/)",
+        train_defaults={"epochs": 30, "batch_size": 64, "lr": 1e-3, "patience": 8},
+    ),
+    "cardiac": TaskSpec(
+        name="cardiac",
+        title="Cardiac disease (cine MRI)",
+        kind="binary",
+        classes=("normal", "disease"),
+        architecture="CardiacNet",
+        model_kwargs={"in_channels": 2 * pp.CARDIAC_SLICES, "base": 16, "depth": 4, "n_seg_classes": 4,
+                      "dropout": 0.3},
+        input_spec={"size": pp.CARDIAC_SIZE, "slices_per_frame": pp.CARDIAC_SLICES,
+                    "slice_range": list(pp.CARDIAC_SLICE_RANGE), "crop_fraction": pp.CARDIAC_CROP_FRACTION,
+                    "frames": ["ED", "ES"], "intensity": "1-99 percentile min-max per frame, then (x-0.5)/0.25"},
+        accepted_inputs=("nifti",),
+        monitor="auc",
+        dataset="ACDC (Bernard et al. 2018), ED and ES frames (ACDC/)",
+        train_defaults={"epochs": 100, "batch_size": 16, "lr": 1e-3, "patience": 100},
+    ),
+    "atrium": TaskSpec(
+        name="atrium",
+        title="Left-atrium segmentation (3D MRI)",
+        kind="segmentation",
+        classes=("background", "left atrium"),
+        architecture="UNet2D",
+        model_kwargs={"in_channels": 2 * pp.ATRIUM_CONTEXT + 1, "out_channels": 1, "base": 16, "depth": 4},
+        input_spec={"spacing_mm": pp.ATRIUM_SPACING_MM, "context_slices": pp.ATRIUM_CONTEXT,
+                    "pad_multiple": pp.UNET_MULTIPLE, "intensity": "0.5-99.5 percentile clip, z-score per volume",
+                    "postprocess": "largest 3D connected component"},
+        accepted_inputs=("nifti",),
+        monitor="dice",
+        dataset="Medical Segmentation Decathlon Task02_Heart (Task02_Heart/)",
+        train_defaults={"epochs": 60, "batch_size": 16, "lr": 1e-3, "patience": 15},
+    ),
+}
+
+
+def get_task(name: str) -> TaskSpec:
+    if name not in TASKS:
+        raise ValueError(f"Unknown task {name!r}; choose one of {', '.join(TASKS)}")
+    return TASKS[name]

@@ -1,0 +1,59 @@
+"""Train all (or some) diagnostic models from the data root and write weights/<task>.pt + .json.
+
+    python train_all.py [--tasks pneumonia cardiac atrium] [--data-root DIR] [--weights-dir DIR]
+                        [--smoke] [--device cuda|cpu] [--seed 0] [--epochs N]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+from core.config import PROJECT_ROOT, data_root
+from core.errors import MedImgError
+from core.tasks import TASKS
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tasks", nargs="+", choices=list(TASKS), default=list(TASKS))
+    ap.add_argument("--data-root", default=None, help="dataset root (else $MEDIMG_DATA_ROOT, else ./data)")
+    ap.add_argument("--weights-dir", default=None,
+                    help="where to write weights (default weights/; artifacts/smoke-weights with --smoke)")
+    ap.add_argument("--smoke", action="store_true", help="a few cases and 2 epochs per task, to check the pipeline")
+    ap.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--epochs", type=int, default=None, help="override the registry's epoch count")
+    args = ap.parse_args(argv)
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stdout)
+    import torch
+
+    from core.train import pick_device, train_task
+
+    root = data_root(args.data_root)
+    out = Path(args.weights_dir) if args.weights_dir else (
+        PROJECT_ROOT / "artifacts" / "smoke-weights" if args.smoke else None)
+    device = pick_device(args.device)
+    print(f"data root {root} | device {device} | torch {torch.__version__} | threads {torch.get_num_threads()}")
+    failed = False
+    for task in args.tasks:
+        t0 = time.time()
+        try:
+            card = train_task(task, root, device, smoke=args.smoke, out_dir=out, seed=args.seed, epochs=args.epochs)
+        except MedImgError as exc:
+            print(f"[{task}] not trained: {exc}", file=sys.stderr)
+            failed = True
+            continue
+        v = card["validation"]
+        summary = {k: v[k] for k in ("auc", "accuracy", "dice_mean") if k in v}
+        print(f"[{task}] done in {time.time() - t0:.0f} s, best epoch {card['best_epoch']}/{card['epochs_run']}: "
+              f"{json.dumps(summary)}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
