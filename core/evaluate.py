@@ -1,0 +1,145 @@
+"""Evaluate committed weights on every labelled case found under a data root (official layouts).
+
+    python -m core.evaluate --task {pneumonia,cardiac,atrium} --data-root DIR [--weights DIR] [--json OUT]
+
+Prints (and optionally writes) JSON. A case that cannot be read is named under "failed" and
+counted in "n_failed"; it is never skipped silently.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from core import io as mio
+from core import metrics as M
+from core.checkpoint import _clean
+from core.config import data_root
+from core.errors import MedImgError
+from core.inference import load_model, predict_cardiac, predict_xray_batch, segment_atrium
+from core.tasks import TASKS
+
+
+def _classifier_summary(y: list[int], p: list[float], threshold: float, failed: list[dict]) -> dict:
+    out: dict = {"n": len(y), "threshold": threshold}
+    if y:
+        m = M.classification_metrics(y, p, threshold)
+        out.update({k: m[k] for k in M.CLASSIFICATION_METRICS})
+        out["confusion"] = {k: m[k] for k in ("tp", "fp", "tn", "fn")}
+        out["ci95"] = M.bootstrap_ci(y, p, threshold)
+    out["n_failed"] = len(failed)
+    out["failed"] = failed
+    return out
+
+
+def evaluate_pneumonia(root: Path, wdir=None, batch_size: int = 32) -> dict:
+    lm = load_model("pneumonia", wdir)
+    cases = mio.find_xray_cases(root)
+    ys, ps, failed = [], [], []
+    buf: list[tuple[int, np.ndarray]] = []
+
+    def flush() -> None:
+        if buf:
+            probs = predict_xray_batch(lm, [b[1] for b in buf])
+            ys.extend(b[0] for b in buf)
+            ps.extend(float(x) for x in probs)
+            buf.clear()
+
+    for c in cases:
+        try:
+            img = mio.read_image_2d(c.path.read_bytes(), c.path.name)
+        except (MedImgError, OSError) as exc:
+            failed.append({"case": str(c.path.relative_to(root)), "error": str(exc)})
+            continue
+        buf.append((c.label, img.pixels))
+        if len(buf) >= batch_size:
+            flush()
+    flush()
+    return _classifier_summary(ys, ps, lm.threshold, failed)
+
+
+def evaluate_cardiac(root: Path, wdir=None) -> dict:
+    lm = load_model("cardiac", wdir)
+    ys, ps, failed, per_case = [], [], [], {}
+    for c in mio.find_cardiac_cases(root):
+        try:
+            r = predict_cardiac(lm, mio.load_nifti_path(c.ed_path), mio.load_nifti_path(c.es_path), explain=False)
+        except (MedImgError, OSError) as exc:
+            failed.append({"case": c.patient_id, "error": str(exc)})
+            continue
+        ys.append(c.label)
+        ps.append(r.probability)
+        per_case[c.patient_id] = {"group": c.group, "probability": r.probability}
+    out = _classifier_summary(ys, ps, lm.threshold, failed)
+    out["per_case"] = per_case
+    return out
+
+
+def evaluate_atrium(root: Path, wdir=None) -> dict:
+    lm = load_model("atrium", wdir)
+    per_case, failed = {}, []
+    for c in mio.find_atrium_cases(root):
+        try:
+            vol = mio.load_nifti_path(c.image_path)
+            gt = mio.read_mask(c.label_path.read_bytes(), vol, c.label_path.name)
+            res = segment_atrium(lm, vol)
+        except (MedImgError, OSError) as exc:
+            failed.append({"case": c.case_id, "error": str(exc)})
+            continue
+        per_case[c.case_id] = M.segmentation_metrics(res.mask, gt, vol.spacing)
+
+    def mean(key: str) -> float:
+        v = [r[key] for r in per_case.values() if np.isfinite(r[key])]
+        return float(np.mean(v)) if v else float("nan")
+
+    return {
+        "n": len(per_case),
+        "dice_mean": mean("dice"),
+        "dice_per_case": {k: r["dice"] for k, r in per_case.items()},
+        "iou_mean": mean("iou"),
+        "hd95_mm_mean": mean("hd95_mm"),
+        "volume_error_pct_mean": mean("volume_error_pct"),
+        "dice_ci95": M.mean_ci([r["dice"] for r in per_case.values()]),
+        "per_case": per_case,
+        "threshold": lm.threshold,
+        "n_failed": len(failed),
+        "failed": failed,
+    }
+
+
+EVALUATORS = {"pneumonia": evaluate_pneumonia, "cardiac": evaluate_cardiac, "atrium": evaluate_atrium}
+
+
+def evaluate(task: str, root, wdir=None) -> dict:
+    """Evaluate one task's weights on every labelled case under ``root``; JSON-safe dict."""
+    res = EVALUATORS[task](Path(root), wdir)
+    res = {"task": task, "data_root": str(root), **res}
+    return _clean(res)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m core.evaluate", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--task", required=True, choices=list(TASKS))
+    ap.add_argument("--data-root", default=None, help="dataset root (else $MEDIMG_DATA_ROOT, else ./data)")
+    ap.add_argument("--weights", default=None, help="weights folder (default weights/)")
+    ap.add_argument("--json", default=None, help="also write the JSON here")
+    args = ap.parse_args(argv)
+    try:
+        res = evaluate(args.task, data_root(args.data_root), args.weights)
+    except MedImgError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    text = json.dumps(res, indent=1)
+    print(text)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,102 @@
+"""Validation figures as Markdown, generated from the weights cards (never typed by hand).
+
+    python -m core.report            # print the table
+    python -m core.report --write README.md   # refresh the block between the figure markers
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from core.checkpoint import read_card
+from core.errors import MissingWeightsError
+from core.tasks import TASKS
+
+START, END = "<!-- figures:start -->", "<!-- figures:end -->"
+
+
+def _ci(v: dict, key: str) -> str:
+    lo, hi = (v.get("ci95") or {}).get(key, [None, None])
+    x = v.get(key)
+    if x is None:
+        return "n/a"
+    return f"{x:.3f} ({lo:.3f}-{hi:.3f})" if lo is not None and hi is not None else f"{x:.3f}"
+
+
+def classifier_rows(card: dict) -> list[str]:
+    v = card["validation"]
+    d = card["data"]
+    rows = [f"| {card['title']} | {d['split']} | {v['n']} | {_ci(v, 'accuracy')} | {_ci(v, 'sensitivity')} | "
+            f"{_ci(v, 'specificity')} | {_ci(v, 'auc')} | {card['threshold']:.3f} |"]
+    cv = card.get("cross_validation")
+    if cv:
+        o = cv["pooled_out_of_fold"]
+        folds = cv["folds"]
+        aucs = [f["val_auc"] for f in folds if f.get("val_auc") is not None]
+        rows.append(
+            f"| {card['title']}: {len(folds)}-fold CV, pooled out-of-fold | per-fold AUC "
+            f"{', '.join(f'{a:.2f}' for a in aucs)} (mean {sum(aucs) / len(aucs):.3f}) | {o['n']} | "
+            f"{_ci(o, 'accuracy')} | {_ci(o, 'sensitivity')} | {_ci(o, 'specificity')} | {_ci(o, 'auc')} | "
+            f"{card['threshold']:.3f} |")
+    return rows
+
+
+def markdown(wdir=None) -> str:
+    lines = [
+        "Validation figures (patient-level splits of the shared training data; 95 % bootstrap CIs). "
+        "Not test-set figures.",
+        "",
+        "| model | split | n | accuracy | sensitivity | specificity | ROC AUC | threshold |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    seg = []
+    meta = []
+    for name, spec in TASKS.items():
+        try:
+            card = read_card(name, wdir)
+        except MissingWeightsError:
+            lines.append(f"| {spec.title} | not trained | | | | | | |")
+            continue
+        meta.append(f"- {spec.title}: trained {card['train_time_s']:.0f} s on {card['device']}, "
+                    f"best epoch {card['best_epoch']} of {card['epochs_run']}, weights "
+                    f"{card['weights_bytes'] / 1e6:.1f} MB, torch {card['torch_version']}.")
+        if spec.kind == "binary":
+            lines.extend(classifier_rows(card))
+        else:
+            v = card["validation"]
+            per = ", ".join(f"{k} {r['dice']:.3f}" for k, r in v["per_case"].items())
+            lo, hi = v["dice_ci95"]
+            seg.append(f"| {card['title']} | {card['data']['split']} | {v['n']} | {v['dice_mean']:.3f} "
+                       f"({lo:.3f}-{hi:.3f}) | {v['iou_mean']:.3f} | {v['hd95_mm_mean']:.2f} | "
+                       f"{v['volume_error_pct_mean']:+.1f} | {per} |")
+    if seg:
+        lines += ["", "| model | split | volumes | 3D Dice (95 % CI of mean) | IoU | HD95 (mm) | volume error (%) | "
+                      "Dice per case |", "|---|---|---|---|---|---|---|---|", *seg]
+    lines += ["", *meta]
+    return "\n".join(lines)
+
+
+def write_readme(path: Path, wdir=None) -> None:
+    text = path.read_text()
+    if START not in text or END not in text:
+        raise SystemExit(f"{path} has no {START} ... {END} block")
+    head, rest = text.split(START, 1)
+    _, tail = rest.split(END, 1)
+    path.write_text(f"{head}{START}\n{markdown(wdir)}\n{END}{tail}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m core.report", description=__doc__)
+    ap.add_argument("--write", type=Path, default=None)
+    ap.add_argument("--weights", default=None)
+    args = ap.parse_args(argv)
+    if args.write:
+        write_readme(args.write, args.weights)
+    else:
+        print(markdown(args.weights))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,98 @@
+"""core.evaluate on real subsets laid out in the official layouts, and the committed weights
+scoring above the floors on fixed validation subsets (cases the models did not train on)."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from core.checkpoint import read_card
+from core.evaluate import main as evaluate_main
+
+
+def _link(src: Path, dst: Path) -> None:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    os.symlink(src.resolve(), dst)
+
+
+def _xray_subset(root: Path, dst: Path, rel_paths: list[str]) -> Path:
+    for rel in rel_paths:
+        _link(root / rel, dst / rel)
+    return dst
+
+
+def _run(task: str, root: Path, tmp: Path) -> dict:
+    out = tmp / f"{task}.json"
+    assert evaluate_main(["--task", task, "--data-root", str(root), "--json", str(out)]) == 0
+    return json.loads(out.read_text())
+
+
+def test_evaluate_pneumonia_counts_unreadable(xray_root, tmp_path):
+    val = read_card("pneumonia")["data"]["val_cases"]
+    rels = val[:6] + val[-6:]
+    root = _xray_subset(xray_root, tmp_path / "d", rels)
+    bad = root / "chest_xray" / "test" / "NORMAL" / "broken.jpeg"
+    bad.parent.mkdir(parents=True)
+    bad.write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    res = _run("pneumonia", root, tmp_path)
+    for key in ("n", "accuracy", "sensitivity", "specificity", "precision", "f1", "auc", "threshold", "ci95"):
+        assert key in res
+    assert res["n"] == 12 and res["n_failed"] == 1
+    assert res["failed"][0]["case"].endswith("broken.jpeg")
+
+
+def test_pneumonia_floor_on_fixed_validation_subset(xray_root, tmp_path):
+    val = read_card("pneumonia")["data"]["val_cases"]
+    rels = val[::4]  # every 4th validation image: ~260, both classes
+    res = _run("pneumonia", _xray_subset(xray_root, tmp_path / "d", rels), tmp_path)
+    assert res["n"] == len(rels) and res["n_failed"] == 0
+    assert res["auc"] >= 0.96
+    assert res["accuracy"] >= 0.90
+
+
+def _acdc_subset(root: Path, dst: Path, patients: list[str]) -> Path:
+    for pid in patients:
+        for f in (root / "ACDC" / "training" / pid).iterdir():
+            _link(f, dst / "ACDC" / "training" / pid / f.name)
+    return dst
+
+
+def test_cardiac_reproduces_recorded_validation(acdc_root, tmp_path):
+    card = read_card("cardiac")
+    pids = card["data"]["val_cases"]
+    res = _run("cardiac", _acdc_subset(acdc_root, tmp_path / "d", pids), tmp_path)
+    assert res["n"] == len(pids) and res["n_failed"] == 0
+    # the held-out figures measured now on CPU equal those recorded by training on GPU
+    assert res["auc"] == pytest.approx(card["validation"]["auc"], abs=0.03)
+    assert res["accuracy"] == pytest.approx(card["validation"]["accuracy"], abs=0.07)
+
+
+@pytest.mark.xfail(strict=True, reason="cardiac model is below the issue's floor (AUC >= 0.90, accuracy >= 0.85) "
+                                      "on 5-fold cross-validation; see README 'Known gaps'")
+def test_cardiac_floor_cross_validated():
+    cv = read_card("cardiac")["cross_validation"]["pooled_out_of_fold"]
+    assert cv["auc"] >= 0.90 and cv["accuracy"] >= 0.85
+
+
+def test_atrium_evaluate_and_floor(heart_root, tmp_path):
+    card = read_card("atrium")
+    case = card["data"]["val_cases"][-1]
+    dst = tmp_path / "d" / "Task02_Heart"
+    _link(heart_root / "Task02_Heart" / "imagesTr" / f"{case}.nii.gz", dst / "imagesTr" / f"{case}.nii.gz")
+    _link(heart_root / "Task02_Heart" / "labelsTr" / f"{case}.nii.gz", dst / "labelsTr" / f"{case}.nii.gz")
+    res = _run("atrium", tmp_path / "d", tmp_path)
+    for key in ("n", "dice_mean", "dice_per_case", "iou_mean", "hd95_mm_mean", "volume_error_pct_mean"):
+        assert key in res
+    assert res["n"] == 1 and list(res["dice_per_case"]) == [case]
+    assert res["dice_mean"] >= 0.88
+    assert res["dice_mean"] == pytest.approx(card["validation"]["per_case"][case]["dice"], abs=0.01)
+    assert np.isfinite(res["hd95_mm_mean"])
+
+
+def test_evaluate_reports_missing_data(tmp_path, capsys):
+    assert evaluate_main(["--task", "atrium", "--data-root", str(tmp_path)]) == 2
+    assert "No labelled left-atrium volumes" in capsys.readouterr().err

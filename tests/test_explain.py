@@ -1,0 +1,52 @@
+"""Grad-CAM: shape and range, hooks released, safe from several threads on one model."""
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+import torch
+
+from core.explain import gradcam
+from core.models import build_model
+
+
+def _hooks(model: torch.nn.Module) -> int:
+    return sum(len(m._forward_hooks) + len(m._backward_hooks) + len(m._forward_pre_hooks)
+               for m in model.modules())
+
+
+def test_gradcam_shape_range_and_hooks_released():
+    torch.manual_seed(0)
+    net = build_model("SmallCNN").eval()
+    x = torch.randn(1, 1, 96, 96)
+    before = _hooks(net)
+    heat = gradcam(net, net.gradcam_layer(), x)
+    assert heat.shape == (96, 96) and heat.dtype == np.float32
+    assert heat.min() >= 0 and heat.max() <= 1 and heat.max() > 0
+    assert _hooks(net) == before
+    assert not net.training
+
+
+def test_gradcam_cardiac_net():
+    net = build_model("CardiacNet").eval()
+    heat = gradcam(net, net.gradcam_layer(), torch.randn(1, 10, 112, 112), positive=False)
+    assert heat.shape == (112, 112)
+
+
+def test_gradcam_threads_agree_with_serial():
+    torch.manual_seed(0)
+    net = build_model("SmallCNN").eval()
+    xs = [torch.randn(1, 1, 64, 64) for _ in range(6)]
+    serial = [gradcam(net, net.gradcam_layer(), x) for x in xs]
+    with ThreadPoolExecutor(4) as ex:
+        parallel = list(ex.map(lambda x: gradcam(net, net.gradcam_layer(), x), xs))
+    for a, b in zip(serial, parallel):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+    assert _hooks(net) == 0
+
+
+def test_gradcam_rejects_batches():
+    net = build_model("SmallCNN").eval()
+    with pytest.raises(ValueError):
+        gradcam(net, net.gradcam_layer(), torch.randn(2, 1, 64, 64))

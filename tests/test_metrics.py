@@ -1,0 +1,81 @@
+"""Metric functions against hand-computed values."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from core import metrics as M
+
+
+def test_classification_hand_computed():
+    y = [1, 1, 1, 1, 0, 0, 0, 0, 0, 0]
+    p = [0.9, 0.8, 0.4, 0.7, 0.6, 0.2, 0.1, 0.3, 0.2, 0.1]
+    m = M.classification_metrics(y, p, 0.5)
+    # TP=3 (0.9, 0.8, 0.7), FN=1 (0.4), FP=1 (0.6), TN=5
+    assert (m["tp"], m["fn"], m["fp"], m["tn"]) == (3, 1, 1, 5)
+    assert m["accuracy"] == pytest.approx(0.8)
+    assert m["sensitivity"] == pytest.approx(0.75)
+    assert m["specificity"] == pytest.approx(5 / 6)
+    assert m["precision"] == pytest.approx(0.75)
+    assert m["f1"] == pytest.approx(0.75)
+    # AUC: of 24 positive/negative pairs, only (0.4 vs 0.6) is mis-ordered -> 23/24
+    assert m["auc"] == pytest.approx(23 / 24)
+
+
+def test_bootstrap_ci_brackets_estimate():
+    rng = np.random.default_rng(1)
+    y = rng.integers(0, 2, 300)
+    p = np.clip(y * 0.3 + rng.random(300) * 0.7, 0, 1)
+    ci = M.bootstrap_ci(y, p, 0.5, n_boot=300)
+    m = M.classification_metrics(y, p, 0.5)
+    for k in M.CLASSIFICATION_METRICS:
+        assert ci[k][0] <= m[k] <= ci[k][1]
+        assert ci[k][1] - ci[k][0] < 0.25
+
+
+def test_youden_threshold_separates():
+    y = [0, 0, 0, 1, 1, 1]
+    p = [0.1, 0.2, 0.3, 0.7, 0.8, 0.9]
+    t = M.youden_threshold(y, p)
+    assert 0.3 < t <= 0.7
+
+
+def test_dice_iou_hand_computed():
+    a = np.zeros((4, 4), bool)
+    b = np.zeros((4, 4), bool)
+    a[:2, :2] = True  # 4 px
+    b[:2, :3] = True  # 6 px, overlap 4
+    assert M.dice(a, b) == pytest.approx(8 / 10)
+    assert M.iou(a, b) == pytest.approx(4 / 6)
+    assert M.dice(np.zeros(3), np.zeros(3)) == 1.0
+    assert M.iou(np.zeros(3), np.zeros(3)) == 1.0
+    assert M.dice(a, np.zeros_like(a)) == 0.0
+
+
+def test_hd95_known_shift_and_spacing():
+    a = np.zeros((20, 20, 20), bool)
+    b = np.zeros((20, 20, 20), bool)
+    a[5:10, 5:10, 5:10] = True
+    b[5:10, 5:10, 8:13] = True  # shifted 3 voxels along z
+    assert M.hd95(a, b) == pytest.approx(3.0)
+    assert M.hd95(a, b, spacing=(1, 1, 2.0)) == pytest.approx(6.0)
+    assert M.hd95(a, a) == 0.0
+    assert math.isnan(M.hd95(a, np.zeros_like(a)))
+
+
+def test_volume_and_per_slice():
+    m = np.zeros((10, 10, 4), np.uint8)
+    m[:5, :4, 1] = 1  # 20 voxels
+    assert M.volume_ml(m, (1.25, 1.25, 1.37)) == pytest.approx(20 * 1.25 * 1.25 * 1.37 / 1000)
+    g = m.copy()
+    g[:5, :4, 2] = 1  # truth has 40 voxels
+    assert M.volume_error_pct(m, g) == pytest.approx(-50.0)
+    ps = M.per_slice_dice(m, g)
+    assert math.isnan(ps[0]) and ps[1] == 1.0 and ps[2] == 0.0 and math.isnan(ps[3])
+
+
+def test_mean_ci():
+    lo, hi = M.mean_ci([0.8, 0.9, 1.0])
+    assert 0.8 <= lo <= 0.9 <= hi <= 1.0

@@ -1,0 +1,91 @@
+"""Preprocessing shapes/values and model output shapes."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from core import preprocess as pp
+from core.errors import InvalidInputError
+from core.models import build_model
+from core.tasks import TASKS, get_task
+
+
+def test_xray_preprocess_stretches_to_square():
+    x = pp.preprocess_xray(np.random.default_rng(0).random((300, 200)).astype(np.float32))
+    assert x.shape == (1, pp.XRAY_SIZE, pp.XRAY_SIZE)
+    assert -2.1 <= float(x.min()) and float(x.max()) <= 2.1  # (x-0.5)/0.25 of [0, 1]
+
+
+def test_cardiac_slices_and_crop():
+    assert list(pp.cardiac_slice_indices(10)) == [1, 3, 4, 6, 8]
+    ed = np.random.default_rng(0).random((216, 256, 10)).astype(np.float32)
+    x = pp.preprocess_cardiac(ed, ed.copy())
+    assert x.shape == (2 * pp.CARDIAC_SLICES, pp.CARDIAC_SIZE, pp.CARDIAC_SIZE)
+    lab = np.zeros((216, 256, 10))
+    lab[100:120, 120:140, :] = 3
+    m = pp.cardiac_frame(lab, mask=True)
+    assert m.dtype == torch.long and set(m.unique().tolist()) <= {0, 3}
+    with pytest.raises(InvalidInputError, match="differ in size"):
+        pp.preprocess_cardiac(ed, ed[:, :, :8])
+    with pytest.raises(InvalidInputError, match="at least 3 slices"):
+        pp.cardiac_frame(ed[:, :, :2])
+
+
+@pytest.mark.parametrize("shape,spacing", [((256, 256, 7), (1.25, 1.25, 1.37)), ((200, 180, 5), (0.625, 0.7, 2.0))])
+def test_atrium_slices_roundtrip(shape, spacing):
+    vol = np.random.default_rng(0).random(shape).astype(np.float32)
+    stack, geom = pp.atrium_slices(vol, spacing)
+    assert stack.shape[0] == shape[2] and stack.shape[1] == 2 * pp.ATRIUM_CONTEXT + 1
+    assert stack.shape[2] % 16 == 0 and stack.shape[3] % 16 == 0
+    # the centre channel of slice k is slice k of the volume (after resampling)
+    prob = torch.zeros(shape[2], *stack.shape[2:])
+    back = pp.atrium_restore(prob, geom)
+    assert back.shape == shape
+    lab = np.zeros(shape, np.uint8)
+    lab[50:80, 60:90, 2] = 1
+    ls = pp.atrium_label_slices(lab, geom)
+    assert ls.shape == (shape[2], *stack.shape[2:])
+    restored = pp.atrium_restore(ls, geom) > 0.5
+    assert (restored[..., 2] == lab[..., 2].astype(bool)).mean() > 0.99
+
+
+def test_largest_component():
+    m = np.zeros((10, 10, 10), np.uint8)
+    m[1:3, 1:3, 1:3] = 1
+    m[5:9, 5:9, 5:9] = 1
+    out = pp.largest_component(m)
+    assert out.sum() == 64 and out[1, 1, 1] == 0
+
+
+@pytest.mark.parametrize("task", list(TASKS))
+def test_model_output_shapes(task):
+    spec = get_task(task)
+    net = build_model(spec.architecture, **spec.model_kwargs).eval()
+    c = spec.model_kwargs["in_channels"]
+    s = spec.input_spec.get("size", 64)
+    with torch.no_grad():
+        out = net(torch.zeros(2, c, s, s))
+    assert out.shape == ((2, 1) if spec.kind == "binary" else (2, 1, s, s))
+    n_bytes = sum(p.numel() for p in net.parameters()) * 4
+    assert n_bytes < 20e6
+
+
+def test_cardiac_forward_all_shapes():
+    net = build_model("CardiacNet").eval()
+    with torch.no_grad():
+        logit, seg = net.forward_all(torch.zeros(2, 10, 112, 112))
+    assert logit.shape == (2, 1) and seg.shape == (2, 10, 4, 112, 112)
+
+
+def test_model_arguments_are_validated():
+    with pytest.raises(ValueError, match="positive integer"):
+        build_model("SmallCNN", base=0)
+    with pytest.raises(ValueError, match="dropout"):
+        build_model("SmallCNN", dropout=1.5)
+    with pytest.raises(ValueError, match="Unknown architecture"):
+        build_model("ResNet")
+    with pytest.raises(ValueError, match="multiples of 16"):
+        build_model("UNet2D")(torch.zeros(1, 3, 30, 30))
+    with pytest.raises(ValueError, match="Unknown task"):
+        get_task("brain")

@@ -1,0 +1,42 @@
+"""Training smoke run on real shared data (loss goes down; weights + card are self-describing)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import train_all
+from core.checkpoint import load_state_dict
+from core.inference import load_model
+
+
+@pytest.fixture(scope="module")
+def smoke_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("smoke-weights")
+
+
+def test_train_all_smoke_every_task(xray_root, acdc_root, heart_root, smoke_dir):
+    rc = train_all.main(["--smoke", "--data-root", str(xray_root), "--weights-dir", str(smoke_dir), "--device", "cpu"])
+    assert rc == 0
+    for task in ("pneumonia", "cardiac", "atrium"):
+        card = json.loads((smoke_dir / f"{task}.json").read_text())
+        hist = card["history"]
+        assert len(hist) == 2, task
+        assert hist[-1]["train_loss"] < hist[0]["train_loss"], f"{task}: training loss did not go down"
+        for key in ("architecture", "input_spec", "threshold", "training", "data", "validation", "train_time_s",
+                    "device", "git_commit", "weights_sha256"):
+            assert key in card, (task, key)
+        assert card["smoke"] is True
+        state, _ = load_state_dict(task, smoke_dir)
+        assert all(isinstance(v, torch.Tensor) for v in state.values())
+        load_model(task, smoke_dir)
+    # pneumonia's split is by patient: no patient on both sides
+    card = json.loads((smoke_dir / "pneumonia.json").read_text())
+    assert card["data"]["n_train"] + card["data"]["n_val"] == card["data"]["n_images"]
+
+
+def test_no_temporary_files_left(smoke_dir):
+    if not any(smoke_dir.iterdir()):
+        pytest.skip("smoke run did not happen")
+    assert not [p for p in smoke_dir.iterdir() if p.name.endswith(".tmp")]
