@@ -5,6 +5,7 @@ into :class:`core.errors.InvalidInputError` with a message a clinician understan
 """
 from __future__ import annotations
 
+import gzip
 import io
 import json
 import re
@@ -436,3 +437,12 @@ def find_atrium_cases(root: Path) -> list[AtriumCase]:
             "and labelsTr/la_NNN.nii.gz (MSD layout); set --data-root or MEDIMG_DATA_ROOT."
         )
     return cases
+
+
+def nifti_to_bytes(data: np.ndarray, affine: np.ndarray) -> bytes:
+    """Serialise an array as gzipped NIfTI-1 in memory (for downloads; nothing touches disk)."""
+    import nibabel as nib
+
+    img = nib.Nifti1Image(np.asarray(data), np.asarray(affine, dtype=np.float64))
+    img.header.set_data_dtype(np.asarray(data).dtype)
+    return gzip.compress(img.to_bytes(), compresslevel=6)

@@ -1,0 +1,53 @@
+"""Pure-numpy rendering helpers for the app: heatmap and mask overlays (RGB uint8 arrays)."""
+from __future__ import annotations
+
+import numpy as np
+from matplotlib import colormaps
+
+# Overlay colours (RGB): told apart by hue and named in the legend.
+AGREE = (0, 200, 0)  # predicted and true
+FALSE_POS = (230, 40, 40)  # predicted only
+FALSE_NEG = (40, 120, 255)  # true only
+PRED_ONLY_VIEW = (255, 200, 0)  # prediction when the truth is hidden
+TRUTH_ONLY_VIEW = (40, 120, 255)
+
+
+def to_display(img2d: np.ndarray) -> np.ndarray:
+    """Array-order slice (X, Y) -> image-order (rows, cols) for display (rotated 90 degrees)."""
+    return np.rot90(np.asarray(img2d))
+
+
+def grey_rgb(gray: np.ndarray) -> np.ndarray:
+    """(H, W) any range -> (H, W, 3) uint8, min-max scaled."""
+    g = np.asarray(gray, dtype=np.float32)
+    lo, hi = float(np.percentile(g, 0.5)), float(np.percentile(g, 99.5))
+    g = np.clip((g - lo) / max(hi - lo, 1e-6), 0, 1)
+    return np.repeat((g * 255).astype(np.uint8)[..., None], 3, axis=2)
+
+
+def heatmap_overlay(gray: np.ndarray, heat: np.ndarray, alpha: float = 0.4) -> np.ndarray:
+    """Blend a [0, 1] heatmap (jet colour map) over a grey image of the same (H, W)."""
+    if gray.shape != heat.shape:
+        raise ValueError(f"image {gray.shape} and heatmap {heat.shape} differ in shape")
+    base = grey_rgb(gray).astype(np.float32)
+    colour = colormaps["jet"](np.clip(heat, 0, 1))[..., :3] * 255
+    return (base * (1 - alpha) + colour * alpha).clip(0, 255).astype(np.uint8)
+
+
+def mask_overlay(gray: np.ndarray, pred: np.ndarray | None, truth: np.ndarray | None, show_pred: bool = True,
+                 show_truth: bool = True, alpha: float = 0.45) -> tuple[np.ndarray, list[tuple[str, tuple]]]:
+    """Colour a slice by agreement of prediction and truth. Returns (RGB uint8, legend entries)."""
+    out = grey_rgb(gray).astype(np.float32)
+    p = pred.astype(bool) if (pred is not None and show_pred) else None
+    t = truth.astype(bool) if (truth is not None and show_truth) else None
+    layers: list[tuple[np.ndarray, tuple, str]] = []
+    if p is not None and t is not None:
+        layers = [(p & t, AGREE, "predicted and true (agreement)"), (p & ~t, FALSE_POS, "predicted only (false positive)"),
+                  (~p & t, FALSE_NEG, "true only (false negative)")]
+    elif p is not None:
+        layers = [(p, PRED_ONLY_VIEW, "predicted atrium")]
+    elif t is not None:
+        layers = [(t, TRUTH_ONLY_VIEW, "true atrium (ground truth)")]
+    for m, colour, _ in layers:
+        out[m] = out[m] * (1 - alpha) + np.array(colour, np.float32) * alpha
+    return out.clip(0, 255).astype(np.uint8), [(name, colour) for _, colour, name in layers]

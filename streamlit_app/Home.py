@@ -1,0 +1,43 @@
+"""Home: what the app does and does not do, the three modules at a glance."""
+from __future__ import annotations
+
+import streamlit as st
+
+from common import DISCLAIMER, figure_line
+
+st.set_page_config(page_title="MedImg – diagnosis research app", page_icon="🩺", layout="wide")
+
+st.title("MedImg: medical image diagnosis (research)")
+st.warning(DISCLAIMER)
+st.markdown(
+    "Three independent modules, each a model trained on public data and checked on patients it did not see. "
+    "Every figure shown comes from files the training and evaluation code wrote."
+)
+
+MODULES = [
+    ("pneumonia", "pages/1_Pneumonia.py", "Pneumonia (chest X-ray)",
+     "P(pneumonia) from one frontal chest radiograph (PNG, JPEG, DICOM), with a Grad-CAM heatmap."),
+    ("cardiac", "pages/2_Cardiac.py", "Cardiac disease (cine MRI)",
+     "Normal vs disease (DCM, HCM, previous MI, abnormal RV) from the ED and ES frames of a short-axis cine study."),
+    ("atrium", "pages/3_Atrium_segmentation.py", "Left-atrium segmentation (3D MRI)",
+     "Left-atrium mask of a 3D MRI volume, its volume in mL, and Dice/HD95 against a ground-truth mask."),
+]
+for task, page, title, desc in MODULES:
+    with st.container(border=True):
+        st.subheader(title)
+        st.write(desc)
+        st.caption(figure_line(task))
+        st.page_link(page, label=f"Open {title}", icon="➡️")
+
+st.page_link("pages/4_Training_and_metrics.py", label="Training curves and metric tables", icon="📈")
+
+st.subheader("Where the models and data came from")
+st.markdown(
+    "- **Chest X-rays**: Kermany et al., Cell 2018 (Guangzhou paediatric radiographs, CC BY 4.0). "
+    "Children aged 1-5: performance on adults is unknown.\n"
+    "- **Cine MRI**: ACDC, Bernard et al., IEEE TMI 2018 (research, non-commercial use).\n"
+    "- **Left atrium**: Medical Segmentation Decathlon Task02_Heart, King's College London (CC BY-SA 4.0).\n\n"
+    "Models are small CNNs and U-Nets trained from scratch (no pretrained weights). Validation splits are by "
+    "patient; the official test sets were not available, so these are validation figures, not test figures. "
+    "Uploaded files are processed in memory and never stored."
+)

@@ -1,0 +1,104 @@
+"""Shared app plumbing: cached models (the one place st.cache_resource is used), error display,
+and small rendering helpers. No preprocessing or model code lives here."""
+from __future__ import annotations
+
+import hashlib
+import logging
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import streamlit as st
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from core.config import data_root  # noqa: E402
+from core.errors import MedImgError, MissingWeightsError  # noqa: E402
+from core.inference import LoadedModel, load_model  # noqa: E402
+from core.samples import HOW_TO_GET, list_samples  # noqa: E402
+from core.tasks import TASKS  # noqa: E402
+
+log = logging.getLogger("medimg.app")
+
+DISCLAIMER = ("Research software, not a medical device: not validated for clinical use; "
+              "do not base clinical decisions on it.")
+
+
+@st.cache_resource(show_spinner="Loading the model…")
+def get_model(task: str) -> LoadedModel:
+    """One model per task per server process, shared by all sessions (inference is lock-protected)."""
+    return load_model(task)
+
+
+def model_or_stop(task: str) -> LoadedModel:
+    try:
+        return get_model(task)
+    except MissingWeightsError as exc:
+        st.error(f"The {TASKS[task].title} model is not available. {exc}")
+        st.stop()
+
+
+def run_safely(fn: Callable[[], Any], what: str) -> Any | None:
+    """Run a core call; show its error as a clear message (never a stack trace) and return None."""
+    try:
+        return fn()
+    except MedImgError as exc:
+        st.error(f"{what}: {exc}")
+    except Exception as exc:  # noqa: BLE001 - the page must stay usable whatever happens
+        log.error("unexpected %s during %s", type(exc).__name__, what)
+        st.error(f"{what}: the file could not be processed ({type(exc).__name__}). "
+                 "Check that it is the expected kind of image.")
+    return None
+
+
+def file_key(*parts: bytes) -> str:
+    """A short digest identifying an upload (or a set of them), to cache results per upload."""
+    h = hashlib.sha256()
+    for p in parts:
+        h.update(hashlib.sha256(p).digest())
+    return h.hexdigest()[:16]
+
+
+def samples_or_note(task: str):
+    samples = list_samples(task, data_root())
+    if not samples:
+        st.info(f"No sample cases available: the data root {data_root()} holds no {task} dataset. "
+                f"{HOW_TO_GET[task]}, then set MEDIMG_DATA_ROOT.")
+    return samples
+
+
+def reset_namespace(ns: str, keep: tuple[str, ...] = ()) -> None:
+    """Clear this page's results (keys 'ns.*') when a new input arrives."""
+    for k in [k for k in st.session_state if str(k).startswith(f"{ns}.") and k not in keep]:
+        del st.session_state[k]
+
+
+def legend(entries: list[tuple[str, tuple]]) -> None:
+    html = " ".join(
+        f"<span style='display:inline-block;width:0.9em;height:0.9em;background:rgb{c};margin:0 0.3em 0 0.8em;"
+        f"border:1px solid #333'></span>{name}" for name, c in entries)
+    st.markdown(html or "_no overlay shown_", unsafe_allow_html=True)
+
+
+def figure_line(task: str) -> str:
+    """One-line validation figures of a task from its card."""
+    from core.checkpoint import read_card
+
+    try:
+        card = read_card(task)
+    except MissingWeightsError:
+        return "not trained yet"
+    v = card["validation"]
+    if TASKS[task].kind == "binary":
+        lo, hi = v["ci95"]["auc"]
+        txt = f"validation AUC {v['auc']:.3f} ({lo:.3f}-{hi:.3f}), accuracy {v['accuracy']:.3f}, n = {v['n']}"
+        cv = card.get("cross_validation")
+        if cv:
+            o = cv["pooled_out_of_fold"]
+            txt += f"; 5-fold CV pooled AUC {o['auc']:.3f}, accuracy {o['accuracy']:.3f}"
+        return txt
+    lo, hi = v["dice_ci95"]
+    return f"validation 3D Dice {v['dice_mean']:.3f} ({lo:.3f}-{hi:.3f}), n = {v['n']} volumes"

@@ -1,0 +1,75 @@
+"""Pneumonia from a frontal chest X-ray: upload or sample -> P(pneumonia) + Grad-CAM."""
+from __future__ import annotations
+
+import streamlit as st
+
+from common import DISCLAIMER, file_key, model_or_stop, reset_namespace, run_safely, samples_or_note
+from core.inference import predict_xray
+from core.io import read_image_2d
+from core.visualize import grey_rgb, heatmap_overlay
+
+NS = "pneu"
+st.set_page_config(page_title="Pneumonia – chest X-ray", page_icon="🫁", layout="wide")
+st.title("Pneumonia from a chest X-ray")
+st.caption(DISCLAIMER)
+lm = model_or_stop("pneumonia")
+
+left, right = st.columns(2)
+with left:
+    upload = st.file_uploader("Upload a frontal chest X-ray (PNG, JPEG or DICOM)",
+                              type=["png", "jpg", "jpeg", "dcm", "dicom"], key=f"{NS}.upload")
+with right:
+    samples = samples_or_note("pneumonia")
+    choice = st.selectbox("…or pick a sample case", ["—"] + [s.name for s in samples], key=f"{NS}.sample",
+                          disabled=not samples)
+
+data, name = None, ""
+if upload is not None:
+    data, name = upload.getvalue(), upload.name
+elif choice != "—":
+    sample = next(s for s in samples if s.name == choice)
+    data, name = sample.files["image"].read_bytes(), sample.files["image"].name
+    st.caption(f"Sample: {sample.name} — {sample.note}")
+
+if data is None:
+    st.info("Upload a radiograph or pick a sample to get a prediction.")
+    st.stop()
+
+key = file_key(data)
+if st.session_state.get(f"{NS}.key") != key:
+    reset_namespace(NS, keep=(f"{NS}.upload", f"{NS}.sample", f"{NS}.alpha"))
+    image = run_safely(lambda: read_image_2d(data, name), "This file cannot be used")
+    if image is None:
+        st.stop()
+    with st.spinner("Predicting and computing the Grad-CAM heatmap…"):
+        result = run_safely(lambda: predict_xray(lm, image), "Prediction failed")
+    if result is None:
+        st.stop()
+    st.session_state[f"{NS}.key"] = key
+    st.session_state[f"{NS}.image"] = image
+    st.session_state[f"{NS}.result"] = result
+
+image = st.session_state[f"{NS}.image"]
+res = st.session_state[f"{NS}.result"]
+if image.colour:
+    st.warning("This image has colour: chest radiographs are grey-scale. Check that it is an X-ray.")
+
+verdict = "suggests **pneumonia**" if res.positive else "does **not** suggest pneumonia"
+box = st.error if res.positive else st.success
+box(f"The model {verdict}: P(pneumonia) = **{res.probability:.1%}** "
+    f"(decision threshold {res.threshold:.1%}, chosen on validation data).")
+st.metric("P(pneumonia)", f"{res.probability:.1%}", help="Model output after the sigmoid, not a calibrated risk.")
+
+alpha = st.slider("Heatmap opacity", 0.0, 1.0, 0.4, 0.05, key=f"{NS}.alpha")
+c1, c2 = st.columns(2)
+with c1:
+    st.image(grey_rgb(image.pixels), caption="Original image", width="stretch")
+with c2:
+    st.image(heatmap_overlay(res.display, res.heatmap, alpha), width="stretch",
+             caption=f"Grad-CAM for the '{'pneumonia' if res.positive else 'normal'}' decision "
+                     "(red = regions that most raised it; shown on the model's square input)")
+if image.info:
+    with st.expander("Image information (no identifying fields are shown)"):
+        st.json(image.info)
+st.caption("Trained on paediatric radiographs (Kermany et al.); Grad-CAM shows where the model looked, "
+           "not a lesion segmentation.")

@@ -1,0 +1,94 @@
+"""Every page with streamlit.testing.v1.AppTest: loads without exception; a sample case gives a result."""
+from __future__ import annotations
+
+import pytest
+from streamlit.testing.v1 import AppTest
+
+from core.config import PROJECT_ROOT
+
+APP = PROJECT_ROOT / "streamlit_app"
+TIMEOUT = 120
+
+
+def _page(name: str) -> AppTest:
+    at = AppTest.from_file(str(APP / name), default_timeout=TIMEOUT)
+    return at.run()
+
+
+def _text(at: AppTest) -> str:
+    parts = [m.value for m in at.markdown] + [e.value for e in at.error] + [s.value for s in at.success]
+    parts += [f"{m.label} {m.value}" for m in at.metric] + [c.value for c in at.caption] + [i.value for i in at.info]
+    return "\n".join(parts)
+
+
+def _images(at: AppTest) -> int:
+    return len(at.get("image"))
+
+
+@pytest.mark.parametrize("page", ["Home.py", "pages/1_Pneumonia.py", "pages/2_Cardiac.py",
+                                  "pages/3_Atrium_segmentation.py", "pages/4_Training_and_metrics.py"])
+def test_page_loads(page):
+    at = _page(page)
+    assert not at.exception, at.exception
+
+
+def test_home_shows_figures_and_disclaimer():
+    at = _page("Home.py")
+    text = "\n".join(w.value for w in at.warning) + _text(at)
+    assert "not a medical device" in text
+    assert "validation AUC" in text and "3D Dice" in text
+
+
+def test_pneumonia_sample_prediction(xray_root):
+    at = _page("pages/1_Pneumonia.py")
+    sample = next(o for o in at.selectbox(key="pneu.sample").options if "bacterial" in o)
+    at.selectbox(key="pneu.sample").select(sample).run()
+    assert not at.exception
+    text = _text(at)
+    assert "P(pneumonia)" in text and "%" in text
+    assert _images(at) >= 2  # original + Grad-CAM overlay
+    at.slider(key="pneu.alpha").set_value(0.8).run()
+    assert not at.exception and _images(at) >= 2
+
+
+def test_cardiac_sample_prediction(acdc_root):
+    at = _page("pages/2_Cardiac.py")
+    at.selectbox(key="card.sample").select_index(1).run()
+    assert not at.exception
+    assert "P(disease)" in _text(at)
+    assert _images(at) >= 10  # 5 ED + 5 ES slices with Grad-CAM
+
+
+def test_atrium_sample_segmentation_and_slider(heart_root):
+    at = _page("pages/3_Atrium_segmentation.py")
+    at.selectbox(key="atr.sample").select_index(1).run()
+    assert not at.exception
+    text = _text(at)
+    assert "mL" in text and "3D Dice" in text and "Slice Dice" in text
+    z0 = at.slider(key="atr.z").value
+    at.button(key="atr.next").click().run()
+    assert at.slider(key="atr.z").value == z0 + 1
+    at.button(key="atr.worst").click().run()
+    assert not at.exception
+    at.toggle(key="atr.show_gt").set_value(False).run()
+    assert "predicted atrium" in _text(at)
+
+
+def test_metrics_page_each_task():
+    at = _page("pages/4_Training_and_metrics.py")
+    for task in ("pneumonia", "cardiac", "atrium"):
+        at.radio(key="metrics.task").set_value(task).run()
+        assert not at.exception
+        assert len(at.get("plotly_chart")) >= 2
+        assert len(at.dataframe) >= 1
+
+
+def test_missing_weights_message(monkeypatch, tmp_path):
+    import streamlit as st
+
+    monkeypatch.setenv("MEDIMG_WEIGHTS_DIR", str(tmp_path))
+    st.cache_resource.clear()  # models are cached per process; start from none
+    at = _page("pages/1_Pneumonia.py")
+    st.cache_resource.clear()
+    assert not at.exception
+    assert any("train_all.py --tasks pneumonia" in e.value for e in at.error)
