@@ -68,7 +68,8 @@ if st.session_state.get(f"{NS}.key") != key:
     st.session_state[f"{NS}.metrics"] = M.segmentation_metrics(res.mask, gt, vol.spacing) if gt is not None else None
     st.session_state[f"{NS}.download"] = nifti_to_bytes(res.mask, vol.affine)
     zs = np.nonzero(res.mask.any(axis=(0, 1)))[0]
-    st.session_state[f"{NS}.z"] = int(zs[len(zs) // 2]) if len(zs) else vol.data.shape[2] // 2
+    # the slider counts slices from 1, as a viewer does
+    st.session_state[f"{NS}.z"] = int(zs[len(zs) // 2]) + 1 if len(zs) else vol.data.shape[2] // 2 + 1
 
 vol = st.session_state[f"{NS}.vol"]
 gt = st.session_state[f"{NS}.gt"]
@@ -90,12 +91,12 @@ else:
 
 
 def _step(delta: int) -> None:
-    st.session_state[f"{NS}.z"] = int(np.clip(st.session_state[f"{NS}.z"] + delta, 0, nz - 1))
+    st.session_state[f"{NS}.z"] = int(np.clip(st.session_state[f"{NS}.z"] + delta, 1, nz))
 
 
 def _worst() -> None:
     ps = np.where(np.isnan(per_slice), np.inf, per_slice)
-    st.session_state[f"{NS}.z"] = int(np.argmin(ps))
+    st.session_state[f"{NS}.z"] = int(np.argmin(ps)) + 1
 
 
 b1, b2, b3, _ = st.columns([1, 1, 2, 4])
@@ -103,7 +104,7 @@ b1.button("◀ Previous", on_click=_step, args=(-1,), key=f"{NS}.prev")
 b2.button("Next ▶", on_click=_step, args=(1,), key=f"{NS}.next")
 if per_slice is not None and np.isfinite(per_slice).any():
     b3.button("Jump to worst slice", on_click=_worst, key=f"{NS}.worst")
-z = st.slider("Slice", 0, nz - 1, key=f"{NS}.z")
+z = st.slider("Slice", 1, nz, key=f"{NS}.z") - 1
 
 t1, t2 = st.columns(2)
 show_pred = t1.toggle("Show predicted mask", value=True, key=f"{NS}.show_pred")

@@ -1,0 +1,192 @@
+"""End-to-end in a real browser: Playwright drives Debian's chromium against `streamlit run` on localhost.
+
+For each module a real file is uploaded through the page's file input and the result is checked;
+the atrium slice slider is moved. Screenshots go to test-artifacts/screenshots/ (not committed).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from conftest import IN_CI
+from core.config import PROJECT_ROOT
+
+CHROMIUM = os.environ.get("MEDIMG_CHROMIUM", "/usr/bin/chromium")
+SHOTS = PROJECT_ROOT / "test-artifacts" / "screenshots"
+TIMEOUT_MS = 120_000
+
+
+def _need_browser() -> None:
+    missing = []
+    if not Path(CHROMIUM).exists() and not shutil.which("chromium"):
+        missing.append(f"chromium not found at {CHROMIUM} (apt-get install -y chromium)")
+    try:
+        import playwright.sync_api  # noqa: F401
+    except ImportError:
+        missing.append("the pip package playwright is not installed")
+    if missing:
+        if IN_CI:
+            pytest.fail("; ".join(missing))
+        pytest.skip("; ".join(missing))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    _need_browser()
+    port = _free_port()
+    log = tmp_path_factory.mktemp("server") / "streamlit.log"
+    t0 = time.time()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "streamlit", "run", str(PROJECT_ROOT / "streamlit_app" / "Home.py"),
+         "--server.port", str(port), "--server.address", "127.0.0.1", "--server.headless", "true",
+         "--browser.gatherUsageStats", "false"],
+        cwd=PROJECT_ROOT, stdout=open(log, "wb"), stderr=subprocess.STDOUT, env={**os.environ},
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(120):
+            try:
+                if urllib.request.urlopen(f"{url}/_stcore/health", timeout=1).read() == b"ok":
+                    break
+            except OSError:
+                time.sleep(0.5)
+        else:
+            pytest.fail(f"streamlit did not start: {log.read_text()[-2000:]}")
+        yield {"url": url, "t0": t0, "log": log}
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+@pytest.fixture(scope="module")
+def browser(server):
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(
+            executable_path=CHROMIUM if Path(CHROMIUM).exists() else shutil.which("chromium"),
+            args=["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync"],
+        )
+        yield b
+        b.close()
+
+
+def _page(browser, url: str):
+    page = browser.new_page(viewport={"width": 1400, "height": 1100})
+    page.set_default_timeout(TIMEOUT_MS)
+    page.goto(url)
+    return page
+
+
+def _wait_idle(page) -> None:
+    """Wait until Streamlit is not running the script any more."""
+    page.wait_for_timeout(300)
+    page.wait_for_function("() => !document.querySelector('[data-testid=\"stStatusWidget\"]')", timeout=TIMEOUT_MS)
+
+
+def _images(page, at_least: int) -> int:
+    """Wait until the page shows at least ``at_least`` images; return how many it shows."""
+    imgs = page.locator("[data-testid=stImageContainer] img")
+    imgs.nth(at_least - 1).wait_for()
+    return imgs.count()
+
+
+def _shot(page, name: str) -> None:
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(SHOTS / f"{name}.png"), full_page=True)
+
+
+def test_home_cold_start(server, browser):
+    page = _page(browser, server["url"])
+    page.get_by_text("not a medical device").first.wait_for()
+    page.get_by_text("validation AUC").first.wait_for()
+    first_render_s = time.time() - server["t0"]
+    (PROJECT_ROOT / "test-artifacts").mkdir(exist_ok=True)
+    (PROJECT_ROOT / "test-artifacts" / "e2e_timings.json").write_text(
+        json.dumps({"cold_start_to_first_render_s": round(first_render_s, 2)}))
+    _shot(page, "0_home")
+    page.close()
+
+
+def test_pneumonia_upload(server, browser, xray_root):
+    f = xray_root / "chest_xray" / "train" / "PNEUMONIA" / "person996_bacteria_2924.jpeg"
+    page = _page(browser, f"{server['url']}/Pneumonia")
+    page.locator("input[type=file]").first.set_input_files(str(f))
+    page.get_by_text("P(pneumonia) =").first.wait_for()
+    _wait_idle(page)
+    assert _images(page, 2) >= 2
+    assert "Grad-CAM" in page.inner_text("body")
+    _shot(page, "1_pneumonia")
+    page.close()
+
+
+def test_cardiac_upload(server, browser, acdc_root):
+    pdir = acdc_root / "ACDC" / "training" / "patient006"
+    page = _page(browser, f"{server['url']}/Cardiac")
+    inputs = page.locator("input[type=file]")
+    inputs.nth(0).set_input_files(str(pdir / "patient006_frame01.nii.gz"))
+    page.wait_for_timeout(500)
+    inputs.nth(1).set_input_files(str(pdir / "patient006_frame02.nii.gz"))
+    page.get_by_text("P(disease) =").first.wait_for()
+    _wait_idle(page)
+    assert _images(page, 10) >= 10
+    _shot(page, "2_cardiac")
+    page.close()
+
+
+def test_atrium_upload_and_slider(server, browser, heart_root):
+    base = heart_root / "Task02_Heart"
+    page = _page(browser, f"{server['url']}/Atrium_segmentation")
+    inputs = page.locator("input[type=file]")
+    inputs.nth(0).set_input_files(str(base / "imagesTr" / "la_021.nii.gz"))
+    page.wait_for_timeout(500)
+    inputs.nth(1).set_input_files(str(base / "labelsTr" / "la_021.nii.gz"))
+    page.get_by_text("Slice Dice").first.wait_for()
+    _wait_idle(page)
+    assert _images(page, 1) >= 1
+    assert "3D Dice" in page.inner_text("body") and "mL" in page.inner_text("body")
+
+    def caption() -> str:
+        return page.locator("[data-testid=stImage]").first.inner_text()
+
+    before = caption()
+    thumb = page.get_by_role("slider").first
+    thumb.focus()
+    for _ in range(3):
+        thumb.press("ArrowRight")
+    page.wait_for_function(f"() => !document.body.innerText.includes({json.dumps(before)})", timeout=TIMEOUT_MS)
+    _wait_idle(page)
+    after = caption()
+    assert after != before and after.startswith("Slice")
+    page.get_by_role("button", name="Next ▶").click()
+    page.wait_for_function(f"() => !document.body.innerText.includes({json.dumps(after)})", timeout=TIMEOUT_MS)
+    _shot(page, "3_atrium")
+    page.close()
+
+
+def test_metrics_page(server, browser):
+    page = _page(browser, f"{server['url']}/Training_and_metrics")
+    page.get_by_text("Training curves").first.wait_for()
+    page.locator(".js-plotly-plot").first.wait_for()
+    _wait_idle(page)
+    _shot(page, "4_metrics")
+    page.close()
