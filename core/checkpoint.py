@@ -21,6 +21,9 @@ def sha256_bytes(data: bytes) -> str:
 
 
 def git_commit() -> str:
+    """The commit trained from ($MEDIMG_GIT_COMMIT when the tree travels without .git, e.g. to a GPU host)."""
+    if os.environ.get("MEDIMG_GIT_COMMIT"):
+        return os.environ["MEDIMG_GIT_COMMIT"]
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=PROJECT_ROOT, capture_output=True, text=True,
                              timeout=5)
