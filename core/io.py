@@ -139,9 +139,29 @@ SAFE_DICOM_TAGS = (
 )
 
 
+def _quiet_pydicom() -> None:
+    """pydicom logs and warns with the offending values, which can be identifying tags of a patient;
+    nothing of an upload may reach a log, so validation is off and its logger silent."""
+    import logging
+
+    import pydicom
+
+    pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
+    logging.getLogger("pydicom").setLevel(logging.CRITICAL + 1)
+    logging.getLogger("pydicom").propagate = False
+
+
 def _read_dicom(data: bytes) -> Image2D:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return _read_dicom_quiet(data)
+
+
+def _read_dicom_quiet(data: bytes) -> Image2D:
     import pydicom
     from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
+    _quiet_pydicom()
 
     try:
         ds = pydicom.dcmread(io.BytesIO(data), force=True)
@@ -179,6 +199,27 @@ def _read_dicom(data: bytes) -> Image2D:
     return Image2D(pixels=pixels, source_format="dicom", info=info, colour=colour)
 
 
+def _guarded(what: str):
+    """Turn any unexpected exception of a reader into InvalidInputError (the app never shows a trace)."""
+
+    def deco(fn):
+        def wrapper(*args, **kwargs):
+            try:
+                return fn(*args, **kwargs)
+            except InvalidInputError:
+                raise
+            except MemoryError as exc:
+                raise InvalidInputError(f"The {what} is too large to open.") from exc
+            except Exception as exc:  # noqa: BLE001 - malformed files raise anything
+                raise InvalidInputError(f"The {what} could not be read: it looks corrupt.") from exc
+
+        wrapper.__name__, wrapper.__doc__, wrapper.__wrapped__ = fn.__name__, fn.__doc__, fn
+        return wrapper
+
+    return deco
+
+
+@_guarded("image file")
 def read_image_2d(data: bytes, filename: str = "") -> Image2D:
     """Read a PNG, JPEG or DICOM radiograph from bytes, by content rather than by extension."""
     if not isinstance(data, (bytes, bytearray)) or len(data) == 0:
@@ -207,6 +248,7 @@ def _gunzip_limited(data: bytes) -> bytes:
     return out
 
 
+@_guarded("NIfTI file")
 def read_nifti(data: bytes, name: str = "", expect_3d: bool = True) -> Volume:
     """Read a NIfTI-1/2 volume (.nii or .nii.gz) from bytes, keeping affine and spacing.
 
@@ -231,6 +273,9 @@ def read_nifti(data: bytes, name: str = "", expect_3d: bool = True) -> Volume:
         n_vox = int(np.prod(shape)) if shape else 0
         if n_vox > MAX_VOXELS:
             raise InvalidInputError(f"The volume is implausibly large ({' x '.join(map(str, shape))} voxels).")
+        needed = int(img.header.get_data_offset()) + n_vox * np.dtype(img.get_data_dtype()).itemsize
+        if needed > len(raw):
+            raise InvalidInputError("The NIfTI file is truncated: it holds fewer voxels than its header says.")
         arr = np.asanyarray(img.dataobj)
         affine = np.asarray(img.affine, dtype=np.float64)
         zooms = tuple(float(z) for z in img.header.get_zooms()[:3])
@@ -269,6 +314,7 @@ def read_image_volume(data: bytes, name: str = "") -> Volume:
     return vol
 
 
+@_guarded("mask file")
 def read_mask(data: bytes, image: Volume, name: str = "") -> np.ndarray:
     """Read a binary ground-truth mask and check it matches ``image`` (shape, affine, values).
 
@@ -278,6 +324,8 @@ def read_mask(data: bytes, image: Volume, name: str = "") -> np.ndarray:
         mask = read_nifti(data, name)
     except InvalidInputError as exc:
         raise MaskMismatchError(f"The mask could not be used: {exc}") from exc
+    if float(mask.data.max()) > 1e6 or float(mask.data.min()) < -1e6:
+        raise MaskMismatchError("The mask is not binary (it holds values other than 0 and 1); upload a left-atrium mask.")
     if mask.data.shape != image.data.shape:
         raise MaskMismatchError(
             f"The mask's size ({' x '.join(map(str, mask.data.shape))}) does not match the image's "

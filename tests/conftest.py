@@ -29,17 +29,17 @@ def _require(sub: str) -> Path:
     return root
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def xray_root() -> Path:
     return _require("chest_xray")
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def acdc_root() -> Path:
     return _require("ACDC")
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def heart_root() -> Path:
     return _require("Task02_Heart")
 
