@@ -48,6 +48,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[{task}] not trained: {exc}", file=sys.stderr)
             failed = True
             continue
+        if TASKS[task].kind == "binary":
+            from core.ood import build_guard
+
+            g = build_guard(task, root, out)
+            print(f"[{task}] input check fitted on {g['n_fit']} training cases; validation false-refusal rate "
+                  f"{g['val_false_refusal_rate']:.3f}")
         v = card["validation"]
         summary = {k: v[k] for k in ("auc", "accuracy", "dice_mean") if k in v}
         print(f"[{task}] done in {time.time() - t0:.0f} s, best epoch {card['best_epoch']}/{card['epochs_run']}: "

@@ -60,21 +60,59 @@ def _atomic_write(path: Path, data: bytes) -> None:
         raise
 
 
-def save_checkpoint(state_dict: dict, card: dict, task: str, out_dir: str | Path | None = None) -> Path:
-    """Write weights then card, each atomically; the card records the weights' sha256.
+def _partials(out: Path, task: str) -> tuple[Path, Path]:
+    return out / f".{task}.pt.partial", out / f".{task}.json.partial"
 
-    The card is written last, so an interrupted run leaves either the old pair or a new .pt whose
-    checksum no card vouches for (refused at load time), never a half-written file.
+
+def recover(task: str, out_dir: str | Path | None = None) -> None:
+    """Finish or discard a save that was interrupted.
+
+    A save writes both files completely as ``.partial`` first, then renames the weights, then the
+    card. If it stopped between the two renames, the new card is still complete and vouches for the
+    new weights by checksum: it is put in place. Any other leftover is deleted.
     """
     out = weights_dir(out_dir)
+    pt_tmp, js_tmp = _partials(out, task)
+    pt = out / f"{task}.pt"
+    try:
+        if js_tmp.is_file() and not pt_tmp.exists() and pt.is_file():
+            pending = json.loads(js_tmp.read_text())
+            if pending.get("weights_sha256") == sha256_bytes(pt.read_bytes()):
+                os.replace(js_tmp, out / f"{task}.json")
+        for leftover in (pt_tmp, js_tmp):
+            if leftover.exists():
+                leftover.unlink()
+    except (OSError, ValueError):
+        pass  # a read-only weights folder: loading then refuses a mismatched pair by checksum
+
+
+def _write_full(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def save_checkpoint(state_dict: dict, card: dict, task: str, out_dir: str | Path | None = None) -> Path:
+    """Write ``<task>.pt`` and ``<task>.json`` as a pair; the card records the weights' sha256.
+
+    Both are written in full beside their targets, then renamed (weights first). An interruption at
+    any point leaves the old pair, or a state that :func:`recover` completes; never a half-written file.
+    """
+    out = weights_dir(out_dir)
+    recover(task, out)
     buf = io.BytesIO()
     torch.save({k: v.detach().cpu() for k, v in state_dict.items()}, buf)
     data = buf.getvalue()
     card = dict(card)
     card["weights_sha256"] = sha256_bytes(data)
     card["weights_bytes"] = len(data)
-    _atomic_write(out / f"{task}.pt", data)
-    _atomic_write(out / f"{task}.json", (json.dumps(_clean(card), indent=1) + "\n").encode())
+    pt_tmp, js_tmp = _partials(out, task)
+    _write_full(pt_tmp, data)
+    _write_full(js_tmp, (json.dumps(_clean(card), indent=1) + "\n").encode())
+    os.replace(pt_tmp, out / f"{task}.pt")
+    os.replace(js_tmp, out / f"{task}.json")
     return out / f"{task}.pt"
 
 
@@ -94,6 +132,7 @@ def read_card(task: str, wdir: str | Path | None = None) -> dict:
 
 def load_state_dict(task: str, wdir: str | Path | None = None) -> tuple[dict, dict]:
     """Load (state_dict, card) after checking the weights' sha256 against the card."""
+    recover(task, wdir)
     card = read_card(task, wdir)
     path = weights_dir(wdir) / f"{task}.pt"
     if not path.is_file():

@@ -39,13 +39,15 @@ def evaluate_pneumonia(root: Path, wdir=None, batch_size: int = 32) -> dict:
     lm = load_model("pneumonia", wdir)
     cases = mio.find_xray_cases(root)
     ys, ps, failed = [], [], []
+    refused = [0]
     buf: list[tuple[int, np.ndarray]] = []
 
     def flush() -> None:
         if buf:
-            probs = predict_xray_batch(lm, [b[1] for b in buf])
+            probs, flags = predict_xray_batch(lm, [b[1] for b in buf])
             ys.extend(b[0] for b in buf)
             ps.extend(float(x) for x in probs)
+            refused[0] += int(flags.sum())
             buf.clear()
 
     for c in cases:
@@ -58,7 +60,9 @@ def evaluate_pneumonia(root: Path, wdir=None, batch_size: int = 32) -> dict:
         if len(buf) >= batch_size:
             flush()
     flush()
-    return _classifier_summary(ys, ps, lm.threshold, failed)
+    out = _classifier_summary(ys, ps, lm.threshold, failed)
+    out["n_refused_by_input_check"] = refused[0]
+    return out
 
 
 def evaluate_cardiac(root: Path, wdir=None) -> dict:
@@ -66,14 +70,17 @@ def evaluate_cardiac(root: Path, wdir=None) -> dict:
     ys, ps, failed, per_case = [], [], [], {}
     for c in mio.find_cardiac_cases(root):
         try:
-            r = predict_cardiac(lm, mio.load_nifti_path(c.ed_path), mio.load_nifti_path(c.es_path), explain=False)
+            r = predict_cardiac(lm, mio.load_nifti_path(c.ed_path), mio.load_nifti_path(c.es_path), explain=False,
+                                guard=False)
         except (MedImgError, OSError) as exc:
             failed.append({"case": c.patient_id, "error": str(exc)})
             continue
         ys.append(c.label)
         ps.append(r.probability)
-        per_case[c.patient_id] = {"group": c.group, "probability": r.probability}
+        per_case[c.patient_id] = {"group": c.group, "probability": r.probability,
+                                  "input_check_refused": bool(r.ood_score > lm.guard.threshold)}
     out = _classifier_summary(ys, ps, lm.threshold, failed)
+    out["n_refused_by_input_check"] = sum(r["input_check_refused"] for r in per_case.values())
     out["per_case"] = per_case
     return out
 

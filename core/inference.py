@@ -16,6 +16,7 @@ from core.io import Image2D, Volume
 from core.metrics import volume_ml
 from core.preprocess import largest_component
 from core.models import build_model
+from core.ood import OODGuard, encoder_features, load_guard
 from core.tasks import TaskSpec, get_task
 
 
@@ -26,21 +27,33 @@ class LoadedModel:
     spec: TaskSpec
     model: nn.Module
     card: dict
+    guard: OODGuard | None = None  # out-of-distribution check (classifiers)
 
     @property
     def threshold(self) -> float:
         return float(self.card.get("threshold", self.spec.default_threshold))
 
 
-def load_model(task: str, wdir=None) -> LoadedModel:
-    """Build the task's architecture from its card and load checksum-verified weights (CPU, eval mode)."""
+def load_model(task: str, wdir=None, with_guard: bool = True) -> LoadedModel:
+    """Build the task's architecture from its card and load checksum-verified weights (CPU, eval mode).
+
+    Classifiers also load their input check (``<task>.ood.json``) unless ``with_guard`` is False.
+    """
     spec = get_task(task)
     state, card = load_state_dict(task, wdir)
     arch = card.get("architecture", {})
     model = build_model(arch.get("name", spec.architecture), **arch.get("kwargs", spec.model_kwargs))
     model.load_state_dict(state)
     model.eval()
-    return LoadedModel(spec, model, card)
+    guard = load_guard(task, wdir) if spec.kind == "binary" and with_guard else None
+    return LoadedModel(spec, model, card, guard)
+
+
+def _ood(lm: LoadedModel, x: torch.Tensor) -> float:
+    """Out-of-distribution score of one model input (above lm.guard.threshold: withhold)."""
+    with model_lock(lm.model):
+        f = encoder_features(lm.model, x).numpy().astype(np.float64)
+    return float(lm.guard.score(f)[0]) if lm.guard is not None else 0.0
 
 
 def _prob(model: nn.Module, x: torch.Tensor) -> np.ndarray:
@@ -53,27 +66,46 @@ def _prob(model: nn.Module, x: torch.Tensor) -> np.ndarray:
 
 @dataclass
 class XRayResult:
-    probability: float  # P(pneumonia)
+    probability: float | None  # P(pneumonia); None when withheld
     threshold: float
-    positive: bool
+    positive: bool | None
     display: np.ndarray  # (H, W) in [0, 1], the image as the model saw it (stretched to a square)
     heatmap: np.ndarray | None  # (H, W) in [0, 1] on the same grid as ``display``
+    ood_score: float = 0.0
+    withheld: str | None = None  # why no diagnosis is given, in words for the user
+
+
+WITHHELD_XRAY = ("This image does not look like the frontal chest radiographs the model was trained on, so no "
+                 "diagnosis is given. Check that it is a frontal chest X-ray.")
 
 
 def predict_xray(lm: LoadedModel, image: Image2D, explain: bool = True) -> XRayResult:
-    """P(pneumonia) for one radiograph, the decision at the card's threshold, and Grad-CAM."""
+    """P(pneumonia) for one radiograph, the decision at the card's threshold, and Grad-CAM.
+
+    The diagnosis is withheld (``withheld`` set, probability None) for colour images and for inputs
+    whose encoder features lie outside the training distribution.
+    """
     x = pp.preprocess_xray(image.pixels, lm.spec.input_spec["size"])[None]
+    display = (x[0, 0].numpy() * 0.25 + 0.5).clip(0, 1)
+    score = _ood(lm, x)
+    if image.colour:
+        return XRayResult(None, lm.threshold, None, display, None, score,
+                          "This is a colour image; chest radiographs are grey-scale, so no diagnosis is given.")
+    if lm.guard is not None and score > lm.guard.threshold:
+        return XRayResult(None, lm.threshold, None, display, None, score, WITHHELD_XRAY)
     prob = float(_prob(lm.model, x)[0])
     positive = prob >= lm.threshold
     heat = gradcam(lm.model, lm.model.gradcam_layer(), x, positive=positive) if explain else None
-    display = (x[0, 0].numpy() * 0.25 + 0.5).clip(0, 1)
-    return XRayResult(prob, lm.threshold, positive, display, heat)
+    return XRayResult(prob, lm.threshold, positive, display, heat, score)
 
 
-def predict_xray_batch(lm: LoadedModel, pixels: list[np.ndarray]) -> np.ndarray:
-    """P(pneumonia) for several (H, W) images, without Grad-CAM."""
+def predict_xray_batch(lm: LoadedModel, pixels: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """(P(pneumonia), input-check refusal flags) for several (H, W) images, without Grad-CAM or withholding."""
     x = torch.stack([pp.preprocess_xray(p, lm.spec.input_spec["size"]) for p in pixels])
-    return _prob(lm.model, x)
+    with model_lock(lm.model):
+        f = encoder_features(lm.model, x).numpy().astype(np.float64)
+    refused = lm.guard.score(f) > lm.guard.threshold if lm.guard is not None else np.zeros(len(x), bool)
+    return _prob(lm.model, x), refused
 
 
 # --------------------------------------------------------------------------- cardiac
@@ -81,15 +113,22 @@ def predict_xray_batch(lm: LoadedModel, pixels: list[np.ndarray]) -> np.ndarray:
 
 @dataclass
 class CardiacResult:
-    probability: float  # P(disease)
+    probability: float | None  # P(disease); None when withheld
     threshold: float
-    positive: bool
+    positive: bool | None
     slices: np.ndarray  # (2k, H, W) in [0, 1]: the ED then ES slices the model used
     slice_labels: list[str]
     heatmap: np.ndarray | None  # (H, W) in [0, 1], shared by all the slices (they are input channels)
+    ood_score: float = 0.0
+    withheld: str | None = None
 
 
-def predict_cardiac(lm: LoadedModel, ed: Volume, es: Volume, explain: bool = True) -> CardiacResult:
+WITHHELD_CARDIAC = ("These frames do not look like the short-axis cine MRI the model was trained on, so no "
+                    "diagnosis is given. Check that they are the ED and ES frames of a short-axis cine series.")
+
+
+def predict_cardiac(lm: LoadedModel, ed: Volume, es: Volume, explain: bool = True,
+                    guard: bool = True) -> CardiacResult:
     """P(disease) (normal vs DCM/HCM/MINF/RV) from the ED and ES frames of one cine study."""
     if ed.data.shape != es.data.shape:
         raise InvalidInputError(
@@ -101,13 +140,16 @@ def predict_cardiac(lm: LoadedModel, ed: Volume, es: Volume, explain: bool = Tru
             raise InvalidInputError(f"The {which} frame is blank: every voxel has the same value.")
     size = lm.spec.input_spec["size"]
     x = pp.preprocess_cardiac(ed.data, es.data, size)[None]
-    prob = float(_prob(lm.model, x)[0])
-    positive = prob >= lm.threshold
-    heat = gradcam(lm.model, lm.model.gradcam_layer(), x, positive=positive) if explain else None
     idx = pp.cardiac_slice_indices(ed.data.shape[2])
     labels = [f"ED slice {i + 1}/{ed.data.shape[2]}" for i in idx] + [f"ES slice {i + 1}/{es.data.shape[2]}" for i in idx]
     slices = (x[0].numpy() * 0.25 + 0.5).clip(0, 1)
-    return CardiacResult(prob, lm.threshold, positive, slices, labels, heat)
+    score = _ood(lm, x)
+    if guard and lm.guard is not None and score > lm.guard.threshold:
+        return CardiacResult(None, lm.threshold, None, slices, labels, None, score, WITHHELD_CARDIAC)
+    prob = float(_prob(lm.model, x)[0])
+    positive = prob >= lm.threshold
+    heat = gradcam(lm.model, lm.model.gradcam_layer(), x, positive=positive) if explain else None
+    return CardiacResult(prob, lm.threshold, positive, slices, labels, heat, score)
 
 
 # --------------------------------------------------------------------------- atrium

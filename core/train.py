@@ -307,6 +307,7 @@ def train_pneumonia(root: Path, cfg: TrainConfig, device: torch.device, smoke: b
                      f"{cfg.seed}: {len(tr)} train / {len(va)} validation images",
             "n_train": len(tr), "n_val": len(va),
             "n_train_patients": len({groups[i] for i in tr}), "n_val_patients": len({groups[i] for i in va}),
+            "train_cases": [str(cases[i].path.relative_to(root)) for i in tr],
             "val_cases": [str(cases[i].path.relative_to(root)) for i in va],
         },
         "history": res.history, "best_epoch": res.best_epoch, "epochs_run": res.epochs_run,
@@ -437,6 +438,7 @@ def train_cardiac(root: Path, cfg: TrainConfig, device: torch.device, smoke: boo
             "split": f"{n_splits}-fold cross-validation stratified by ACDC group, by patient, seed {cfg.seed}; "
                      f"committed model = fold 1 ({len(tr)} train / {len(va)} validation patients)",
             "n_train": len(tr), "n_val": len(va),
+            "train_cases": [cases[i].patient_id for i in tr],
             "val_cases": [cases[i].patient_id for i in va],
             "note": "The shared ACDC copy has no true voxel spacing; no mm or mL are derived from it.",
         },

@@ -51,8 +51,10 @@ if st.session_state.get(f"{NS}.key") != key:
 
 image = st.session_state[f"{NS}.image"]
 res = st.session_state[f"{NS}.result"]
-if image.colour:
-    st.warning("This image has colour: chest radiographs are grey-scale. Check that it is an X-ray.")
+if res.withheld:
+    st.warning(f"**No diagnosis.** {res.withheld}")
+    st.image(grey_rgb(image.pixels), caption="Uploaded image", width=480)
+    st.stop()
 
 verdict = "suggests **pneumonia**" if res.positive else "does **not** suggest pneumonia"
 box = st.error if res.positive else st.success

@@ -54,6 +54,12 @@ if st.session_state.get(f"{NS}.key") != key:
     st.session_state[f"{NS}.result"] = result
 
 res = st.session_state[f"{NS}.result"]
+if res.withheld:
+    st.warning(f"**No diagnosis.** {res.withheld}")
+    cols = st.columns(len(res.slices) // 2)
+    for j, c in enumerate(cols):
+        c.image(np.rot90(res.slices[j]), caption=res.slice_labels[j], width="stretch", clamp=True)
+    st.stop()
 verdict = "suggests **cardiac disease**" if res.positive else "looks **normal**"
 box = st.error if res.positive else st.success
 box(f"The model {verdict}: P(disease) = **{res.probability:.1%}** (threshold {res.threshold:.1%}). "

@@ -1,0 +1,188 @@
+"""Out-of-distribution guard: is an input like what the model was trained on?
+
+Features from the model's own encoder are compared with those of the training cases: a Mahalanobis
+distance in the top principal components plus the residual energy outside them, each scaled to
+about 1 on training data. An input scoring above the threshold (a fixed multiple of a high training
+quantile, set on training cases only) gets no diagnosis.
+
+    python -m core.ood --task {pneumonia,cardiac} [--data-root DIR] [--weights DIR]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from core.checkpoint import _atomic_write, _clean, read_card
+from core.config import data_root, weights_dir
+from core.errors import MissingWeightsError
+
+QUANTILE = 0.995
+MARGIN = 1.2  # fixed a priori, not tuned on validation or OOD data
+
+
+def encoder_features(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """(N, C, H, W) model input -> (N, D): mean and standard deviation of every encoder block's
+    activations. Early blocks carry texture statistics, which tell an MRI slice or noise from a
+    radiograph far better than the last block alone."""
+    outs = []
+    with torch.inference_mode():
+        if hasattr(model, "unet"):  # CardiacNet: the U-Net encoder
+            h = x
+            for block in model.unet.down:
+                h = block(h)
+                outs.append(h)
+                h = model.unet.pool(h)
+            outs.append(model.unet.bottleneck(h))
+        else:  # SmallCNN
+            h = x
+            for layer in model.features:
+                h = layer(h)
+                if isinstance(layer, nn.Sequential):
+                    outs.append(h)
+    return torch.cat([torch.cat([o.mean(dim=(2, 3)), o.std(dim=(2, 3))], dim=1) for o in outs], dim=1)
+
+
+@dataclass
+class OODGuard:
+    mean: np.ndarray
+    components: np.ndarray  # (k, D)
+    variances: np.ndarray  # (k,)
+    resid_scale: float
+    threshold: float
+
+    def score(self, feats: np.ndarray) -> np.ndarray:
+        """(N, D) -> (N,) scores, ~1 on training data."""
+        d = np.atleast_2d(feats) - self.mean
+        z = d @ self.components.T
+        maha = (z**2 / self.variances).mean(axis=1)
+        resid = ((d - z @ self.components) ** 2).sum(axis=1) / self.resid_scale
+        return 0.5 * (maha + resid)
+
+    def to_json(self) -> dict:
+        return {"mean": self.mean.tolist(), "components": self.components.tolist(),
+                "variances": self.variances.tolist(), "resid_scale": self.resid_scale, "threshold": self.threshold}
+
+    @classmethod
+    def from_json(cls, d: dict) -> OODGuard:
+        return cls(np.asarray(d["mean"]), np.asarray(d["components"]), np.asarray(d["variances"]),
+                   float(d["resid_scale"]), float(d["threshold"]))
+
+
+def fit_guard(feats: np.ndarray, k: int = 32) -> tuple[OODGuard, np.ndarray]:
+    """Fit on (N, D) training features; returns the guard and the training scores."""
+    g = fit_guard_core(feats, k)
+    scores = g.score(feats)
+    if len(feats) < 500:
+        # Few cases: in-sample scores are optimistic, so the threshold comes from 5-fold held-out
+        # scores of the training cases themselves.
+        rng = np.random.default_rng(0)
+        folds = np.array_split(rng.permutation(len(feats)), 5)
+        held = np.concatenate([fit_guard_core(np.delete(feats, f, axis=0), k).score(feats[f]) for f in folds])
+        g.threshold = float(np.quantile(held, QUANTILE) * MARGIN)
+    else:
+        g.threshold = float(np.quantile(scores, QUANTILE) * MARGIN)
+    return g, scores
+
+
+def fit_guard_core(feats: np.ndarray, k: int) -> OODGuard:
+    """The guard's statistics without a threshold (used for held-out scoring)."""
+    mean = feats.mean(axis=0)
+    d = feats - mean
+    k = int(min(k, len(feats) // 3, feats.shape[1]))
+    _, s, vt = np.linalg.svd(d, full_matrices=False)
+    comps = vt[:k]
+    var = np.maximum((s[:k] ** 2) / max(1, len(feats) - 1), 1e-8)
+    resid = ((d - (d @ comps.T) @ comps) ** 2).sum(axis=1)
+    return OODGuard(mean, comps, var, float(max(resid.mean(), 1e-8)), 0.0)
+
+
+def guard_path(task: str, wdir=None) -> Path:
+    return weights_dir(wdir) / f"{task}.ood.json"
+
+
+def load_guard(task: str, wdir=None) -> OODGuard:
+    p = guard_path(task, wdir)
+    if not p.is_file():
+        raise MissingWeightsError(f"The {task} input check {p} is missing; create it with "
+                                  f"`python -m core.ood --task {task}`.")
+    return OODGuard.from_json(json.loads(p.read_text())["guard"])
+
+
+def _training_inputs(task: str, root: Path, card: dict) -> tuple[list, list]:
+    """Model inputs of the training and the validation cases of the committed model's split."""
+    from core import io as mio
+    from core import preprocess as pp
+
+    val = set(card["data"]["val_cases"])
+    listed = card["data"].get("train_cases")
+    trn = set(listed) if listed is not None else None  # older cards: every case not in validation
+    train, valid = [], []
+
+    def side(key: str) -> list | None:
+        if key in val:
+            return valid
+        return train if trn is None or key in trn else None
+
+    if task == "pneumonia":
+        for c in mio.find_xray_cases(root):
+            dest = side(str(c.path.relative_to(root)))
+            if dest is not None:
+                img = mio.read_image_2d(c.path.read_bytes(), c.path.name)
+                dest.append(pp.preprocess_xray(img.pixels, card["input_spec"]["size"]))
+    else:
+        for c in mio.find_cardiac_cases(root):
+            dest = side(c.patient_id)
+            if dest is not None:
+                dest.append(pp.preprocess_cardiac(mio.load_nifti_path(c.ed_path).data,
+                                                  mio.load_nifti_path(c.es_path).data, card["input_spec"]["size"]))
+    return train, valid
+
+
+def build_guard(task: str, root=None, wdir=None) -> dict:
+    """Fit the guard on the committed model's training cases; measure false refusals on its validation cases."""
+    from core.inference import load_model
+
+    lm = load_model(task, wdir, with_guard=False)
+    root = data_root(root)
+    train, valid = _training_inputs(task, root, lm.card)
+
+    def feats(xs: list) -> np.ndarray:
+        out = [encoder_features(lm.model, torch.stack(xs[i : i + 64])) for i in range(0, len(xs), 64)]
+        return torch.cat(out).numpy().astype(np.float64)
+
+    guard, train_scores = fit_guard(feats(train), k=32 if task == "pneumonia" else 12)
+    val_scores = guard.score(feats(valid))
+    report = {
+        "task": task,
+        "method": f"PCA-Mahalanobis + residual on per-block mean/std of encoder activations; threshold = {MARGIN} x the "
+                  f"{QUANTILE:.1%} quantile of training-case scores (5-fold held-out scores below 500 cases)",
+        "n_fit": len(train), "n_val": len(valid),
+        "val_false_refusal_rate": float((val_scores > guard.threshold).mean()),
+        "train_refusal_rate": float((train_scores > guard.threshold).mean()),
+        "guard": guard.to_json(),
+    }
+    _atomic_write(guard_path(task, wdir), (json.dumps(_clean(report)) + "\n").encode())
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m core.ood", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--task", required=True, choices=["pneumonia", "cardiac"])
+    ap.add_argument("--data-root", default=None)
+    ap.add_argument("--weights", default=None)
+    args = ap.parse_args(argv)
+    rep = build_guard(args.task, args.data_root, args.weights)
+    print(json.dumps({k: v for k, v in rep.items() if k != "guard"}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
