@@ -15,7 +15,7 @@ from core.explain import gradcam, model_lock
 from core.io import Image2D, Volume
 from core.metrics import volume_ml
 from core.preprocess import largest_component
-from core.models import build_model
+from core.models import build_model, optimize_for_inference
 from core.ood import OODGuard, encoder_features, load_guard
 from core.tasks import TaskSpec, get_task
 
@@ -34,7 +34,7 @@ class LoadedModel:
         return float(self.card.get("threshold", self.spec.default_threshold))
 
 
-def load_model(task: str, wdir=None, with_guard: bool = True) -> LoadedModel:
+def load_model(task: str, wdir=None, with_guard: bool = True, optimize: bool = True) -> LoadedModel:
     """Build the task's architecture from its card and load checksum-verified weights (CPU, eval mode).
 
     Classifiers also load their input check (``<task>.ood.json``) unless ``with_guard`` is False.
@@ -45,6 +45,8 @@ def load_model(task: str, wdir=None, with_guard: bool = True) -> LoadedModel:
     model = build_model(arch.get("name", spec.architecture), **arch.get("kwargs", spec.model_kwargs))
     model.load_state_dict(state)
     model.eval()
+    if optimize:
+        optimize_for_inference(model)
     guard = load_guard(task, wdir) if spec.kind == "binary" and with_guard else None
     return LoadedModel(spec, model, card, guard)
 
@@ -163,7 +165,7 @@ class AtriumResult:
     spacing: tuple[float, float, float]
 
 
-def segment_atrium(lm: LoadedModel, volume: Volume, batch_size: int = 8,
+def segment_atrium(lm: LoadedModel, volume: Volume, batch_size: int = 1,
                    progress: Callable[[float], None] | None = None) -> AtriumResult:
     """Segment the left atrium slice by slice (2.5D U-Net) and return a mask on the input's grid."""
     stack, geom = pp.atrium_slices(volume.data, volume.spacing)

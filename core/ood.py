@@ -149,7 +149,7 @@ def build_guard(task: str, root=None, wdir=None) -> dict:
     """Fit the guard on the committed model's training cases; measure false refusals on its validation cases."""
     from core.inference import load_model
 
-    lm = load_model(task, wdir, with_guard=False)
+    lm = load_model(task, wdir, with_guard=False, optimize=False)
     root = data_root(root)
     train, valid = _training_inputs(task, root, lm.card)
 

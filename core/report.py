@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -74,7 +75,33 @@ def markdown(wdir=None) -> str:
         lines += ["", "| model | split | volumes | 3D Dice (95 % CI of mean) | IoU | HD95 (mm) | volume error (%) | "
                       "Dice per case |", "|---|---|---|---|---|---|---|---|", *seg]
     lines += ["", *meta]
+    lines += perf_markdown()
     return "\n".join(lines)
+
+
+BENCH_FILE = "benchmarks/cpu-2core.json"
+
+
+def perf_markdown() -> list[str]:
+    """The performance table, from the file `python -m core.bench --json benchmarks/cpu-2core.json` wrote."""
+    from core.config import PROJECT_ROOT
+
+    path = PROJECT_ROOT / BENCH_FILE
+    if not path.is_file():
+        return []
+    b = json.loads(path.read_text())
+    rows = ["", f"Performance ({BENCH_FILE}: {b['machine']}, torch {b['torch']}, {b['threads']} CPU threads, "
+                f"no GPU; baseline = {b['baseline']}):", "",
+            "| step | median (s) | p95 (s) | baseline median (s) | speed-up |", "|---|---|---|---|---|"]
+    for name, f in b["figures"].items():
+        rows.append(f"| {name} | {f['optimised']['median_s']:.3f} | {f['optimised']['p95_s']:.3f} | "
+                    f"{f['baseline']['median_s']:.3f} | x{f['speedup']:.2f} |")
+    oc = b["optimisation_output_change"]
+    rows.append("")
+    rows.append(f"Peak memory of the benchmark process (both model variants loaded): {b['peak_memory_mb']:.0f} MB. "
+                f"Output change from the optimisations: X-ray probability {oc['xray_probability_abs_diff']}, "
+                f"atrium mask voxels differing {oc['atrium_mask_voxels_differing']} of {oc['atrium_mask_voxels']}.")
+    return rows
 
 
 def write_readme(path: Path, wdir=None) -> None:

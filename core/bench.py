@@ -1,0 +1,140 @@
+"""Benchmark of what a clinician feels (a benchmark, not a timed test).
+
+    python -m core.bench [--json OUT] [--repeats N] [--data-root DIR]
+
+After warm-up, median and p95 over repeated runs of: model load; chest X-ray preprocess + predict +
+Grad-CAM; cardiac study predict + Grad-CAM; atrium segmentation of one 256x256x130 volume; batch
+throughput; peak memory. Each figure is compared in the same run with a named plain baseline: the
+same models without our inference optimisations (batch norm folded into convolutions, channels-last
+memory, slice batch size 1 on CPU), as a ratio baseline / optimised.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from core import io as mio
+from core.config import data_root
+from core.inference import load_model, predict_cardiac, predict_xray, predict_xray_batch, segment_atrium
+
+BASELINE = "same weights without conv-BN folding and channels-last; atrium slices in batches of 8"
+
+
+def _timeit(fn: Callable[[], object], repeats: int, warmup: int = 2) -> dict:
+    for _ in range(warmup):
+        fn()
+    t = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        t.append(time.perf_counter() - t0)
+    return {"median_s": float(np.median(t)), "p95_s": float(np.percentile(t, 95)), "n": repeats}
+
+
+def _inputs(root: Path) -> dict:
+    """Real inputs from the data root when present, else synthetic ones of the same shapes."""
+    rng = np.random.default_rng(0)
+    out: dict = {"source": {}}
+    xr = root / "chest_xray" / "train" / "PNEUMONIA" / "person996_bacteria_2924.jpeg"
+    if xr.is_file():
+        out["xray"] = mio.read_image_2d(xr.read_bytes())
+        out["source"]["xray"] = str(xr.relative_to(root))
+        out["xray_batch"] = [mio.read_image_2d(c.path.read_bytes()).pixels for c in mio.find_xray_cases(root)[:64]]
+    else:
+        out["xray"] = mio.Image2D(rng.random((224, 224)).astype(np.float32), "png")
+        out["source"]["xray"] = "synthetic 224x224"
+        out["xray_batch"] = [rng.random((224, 224)).astype(np.float32) for _ in range(64)]
+    p = root / "ACDC" / "training" / "patient006"
+    if p.is_dir():
+        out["ed"] = mio.load_nifti_path(p / "patient006_frame01.nii.gz")
+        out["es"] = mio.load_nifti_path(p / "patient006_frame02.nii.gz")
+        out["source"]["cardiac"] = "ACDC patient006"
+    else:
+        v = rng.random((216, 256, 10)).astype(np.float32)
+        out["ed"] = out["es"] = mio.Volume(v, np.eye(4), (1.0, 1.0, 1.0))
+        out["source"]["cardiac"] = "synthetic 216x256x10"
+    la = root / "Task02_Heart" / "imagesTr" / "la_003.nii.gz"
+    if la.is_file() and mio.load_nifti_path(la).data.shape == (256, 256, 130):
+        out["volume"] = mio.load_nifti_path(la)
+        out["source"]["atrium"] = "MSD la_003 (256x256x130)"
+    else:
+        out["volume"] = mio.Volume(rng.random((256, 256, 130)).astype(np.float32), np.diag([1.25, 1.25, 1.37, 1]),
+                                   (1.25, 1.25, 1.37))
+        out["source"]["atrium"] = "synthetic 256x256x130"
+    return out
+
+
+def run(repeats: int = 10, root=None) -> dict:
+    inp = _inputs(data_root(root))
+    res: dict = {
+        "torch": torch.__version__, "threads": torch.get_num_threads(), "device": "cpu",
+        "machine": f"{platform.machine()} {platform.processor() or ''}".strip(), "python": platform.python_version(),
+        "baseline": BASELINE, "inputs": inp["source"], "figures": {},
+    }
+    opt = {t: load_model(t) for t in ("pneumonia", "cardiac", "atrium")}
+    base = {t: load_model(t, optimize=False) for t in ("pneumonia", "cardiac", "atrium")}
+    figs = res["figures"]
+
+    def pair(name: str, f_opt: Callable, f_base: Callable, reps: int) -> None:
+        o, b = _timeit(f_opt, reps), _timeit(f_base, reps)
+        figs[name] = {"optimised": o, "baseline": b, "speedup": b["median_s"] / o["median_s"]}
+
+    pair("model_load_all_three", lambda: [load_model(t) for t in opt],
+         lambda: [load_model(t, optimize=False) for t in opt], repeats)
+    pair("xray_predict_gradcam", lambda: predict_xray(opt["pneumonia"], inp["xray"]),
+         lambda: predict_xray(base["pneumonia"], inp["xray"]), repeats)
+    pair("cardiac_predict_gradcam", lambda: predict_cardiac(opt["cardiac"], inp["ed"], inp["es"]),
+         lambda: predict_cardiac(base["cardiac"], inp["ed"], inp["es"]), repeats)
+    r_at = max(3, repeats // 3)
+    pair("atrium_volume_256x256x130", lambda: segment_atrium(opt["atrium"], inp["volume"], batch_size=1),
+         lambda: segment_atrium(base["atrium"], inp["volume"], batch_size=8), r_at)
+    pair("xray_batch_64", lambda: predict_xray_batch(opt["pneumonia"], inp["xray_batch"]),
+         lambda: predict_xray_batch(base["pneumonia"], inp["xray_batch"]), max(3, repeats // 3))
+    n = len(inp["xray_batch"])
+    figs["xray_batch_64"]["images_per_s"] = n / figs["xray_batch_64"]["optimised"]["median_s"]
+    figs["xray_batch_64"]["images_per_s_baseline"] = n / figs["xray_batch_64"]["baseline"]["median_s"]
+    z = inp["volume"].data.shape[2]
+    figs["atrium_volume_256x256x130"]["slices_per_s"] = z / figs["atrium_volume_256x256x130"]["optimised"]["median_s"]
+    # accuracy check of the optimisation: same outputs on the same inputs
+    po = predict_xray(opt["pneumonia"], inp["xray"]).probability
+    pb = predict_xray(base["pneumonia"], inp["xray"]).probability
+    mo = segment_atrium(opt["atrium"], inp["volume"]).mask
+    mb = segment_atrium(base["atrium"], inp["volume"]).mask
+    res["optimisation_output_change"] = {
+        "xray_probability_abs_diff": abs(po - pb) if po is not None and pb is not None else None,
+        "atrium_mask_voxels_differing": int((mo != mb).sum()), "atrium_mask_voxels": int(mb.sum()),
+    }
+    res["peak_memory_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return res
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m core.bench", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--repeats", type=int, default=10)
+    ap.add_argument("--data-root", default=None)
+    args = ap.parse_args(argv)
+    res = run(args.repeats, args.data_root)
+    print(f"torch {res['torch']} | {res['threads']} threads | device {res['device']} | baseline: {res['baseline']}")
+    for name, f in res["figures"].items():
+        print(f"{name:28s} median {f['optimised']['median_s']:.3f} s  p95 {f['optimised']['p95_s']:.3f} s  "
+              f"baseline {f['baseline']['median_s']:.3f} s  speed-up x{f['speedup']:.2f}")
+    print(f"peak memory {res['peak_memory_mb']:.0f} MB; output change {res['optimisation_output_change']}")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(res, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
