@@ -34,6 +34,16 @@ def main(argv: list[str] | None = None) -> int:
 
     from core.train import pick_device, train_task
 
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # started by torchrun: one process per GPU (or CPU slot)
+        import torch.distributed as dist
+
+        use_cuda = torch.cuda.is_available() and args.device != "cpu"
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+        if use_cuda:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+            args.device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
     root = data_root(args.data_root)
     out = Path(args.weights_dir) if args.weights_dir else (
         PROJECT_ROOT / "artifacts" / "smoke-weights" if args.smoke else None)
@@ -48,6 +58,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[{task}] not trained: {exc}", file=sys.stderr)
             failed = True
             continue
+        from core.train import dist_info
+
+        if dist_info()[0] != 0:
+            continue  # rank 0 alone fits the input check and reports
         if TASKS[task].kind == "binary":
             from core.ood import build_guard
 
@@ -58,6 +72,10 @@ def main(argv: list[str] | None = None) -> int:
         summary = {k: v[k] for k in ("auc", "accuracy", "dice_mean") if k in v}
         print(f"[{task}] done in {time.time() - t0:.0f} s, best epoch {card['best_epoch']}/{card['epochs_run']}: "
               f"{json.dumps(summary)}")
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
     return 1 if failed else 0
 
 

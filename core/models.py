@@ -167,8 +167,11 @@ class CardiacNet(nn.Module):
         feats = self.shape_features(seg.detach() if detach_features else seg)
         return self.head(feats), seg
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_all(x)[0]
+    def forward(self, x: torch.Tensor, with_seg: bool = False, detach_features: bool = False):
+        """Logit (N, 1); with ``with_seg`` also the segmentation logits (training goes through forward
+        so that DistributedDataParallel sees it)."""
+        logit, seg = self.forward_all(x, detach_features)
+        return (logit, seg) if with_seg else logit
 
     def gradcam_layer(self) -> nn.Module:
         return self.unet.down[-1]

@@ -65,6 +65,44 @@ def pick_device(name: str | None = None) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+# --------------------------------------------------------------------------- distributed (torchrun)
+
+
+def dist_info() -> tuple[int, int]:
+    """(rank, world size); (0, 1) unless running under torchrun with a process group."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def state_sha256(state: dict) -> str:
+    """sha256 of a state dict as torch.save writes it (what the card records)."""
+    import hashlib
+    import io as _io
+
+    buf = _io.BytesIO()
+    torch.save({k: v.detach().cpu() for k, v in state.items()}, buf)
+    return hashlib.sha256(buf.getvalue()).hexdigest()
+
+
+def save_trained(model: nn.Module, card: dict, task: str, out_dir: Path | None) -> None:
+    """Save weights + card; under DDP every rank reports its weights' checksum and rank 0 writes."""
+    import torch.distributed as dist
+
+    rank, world = dist_info()
+    state = model.state_dict()
+    if world > 1:
+        shas: list = [None] * world
+        dist.all_gather_object(shas, state_sha256(state))
+        card = {**card, "ddp": {"world_size": world, "backend": dist.get_backend(), "rank_weights_sha256": shas}}
+    if rank == 0:
+        save_checkpoint(state, card, task, out_dir)
+    if world > 1:
+        dist.barrier()
+
+
 # --------------------------------------------------------------------------- the loop
 
 
@@ -93,9 +131,15 @@ def fit(
     validate(model) returns a dict with "loss" and ``monitor``.
     """
     set_seed(cfg.seed)
+    plain = model
+    if dist_info()[1] > 1:  # DistributedDataParallel: gradients are averaged across processes
+        from torch.nn.parallel import DistributedDataParallel
+
+        dev = next(plain.parameters()).device
+        model = DistributedDataParallel(plain, device_ids=[dev.index] if dev.type == "cuda" else None)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs, eta_min=cfg.lr * 0.02)
-    best_value, best_epoch, best_state = -math.inf, 0, copy.deepcopy(model.state_dict())
+    best_value, best_epoch, best_state = -math.inf, 0, copy.deepcopy(plain.state_dict())
     history: list[dict] = []
     t0 = time.time()
     bar = tqdm(range(1, cfg.epochs + 1), desc=desc, leave=False, mininterval=2)
@@ -112,9 +156,15 @@ def fit(
             mets.append(met * n)
             weights.append(n)
         sched.step()
+        if dist_info()[1] > 1:
+            # batch-norm statistics were updated on each process's own batches: take rank 0's everywhere
+            import torch.distributed as dist
+
+            for buf in plain.buffers():
+                dist.broadcast(buf, 0)
         model.eval()
         with torch.no_grad():
-            val = validate(model)
+            val = validate(plain)  # every process validates the same cases, so all keep the same best
         rec = {
             "epoch": epoch,
             "train_loss": sum(losses) / max(1, sum(weights)),
@@ -128,14 +178,14 @@ def fit(
         value = val[monitor] if np.isfinite(val[monitor]) else -math.inf
         if value > best_value:
             best_value, best_epoch = value, epoch
-            best_state = copy.deepcopy(model.state_dict())
+            best_state = copy.deepcopy(plain.state_dict())
         bar.set_postfix(loss=f"{rec['train_loss']:.3f}", val=f"{val[monitor]:.3f}", best=f"{best_value:.3f}")
         log.info("%s epoch %d: train_loss %.4f train_%s %.4f val_loss %.4f val_%s %.4f", desc, epoch,
                  rec["train_loss"], monitor, rec[f"train_{monitor}"], val["loss"], monitor, val[monitor])
         if epoch - best_epoch >= cfg.patience:
             log.info("%s: early stop at epoch %d (best %d)", desc, epoch, best_epoch)
             break
-    model.load_state_dict(best_state)
+    plain.load_state_dict(best_state)
     return FitResult(best_state, history, best_epoch, best_value, len(history), time.time() - t0)
 
 
@@ -175,7 +225,12 @@ def intensity_jitter(x: torch.Tensor, amount: float = 0.1) -> torch.Tensor:
 
 
 def batches(n: int, batch_size: int, seed: int, epoch: int, shuffle: bool = True) -> Iterator[np.ndarray]:
+    """Index batches of one epoch; under DDP each process takes its own equal share."""
     order = np.random.default_rng(seed * 1000 + epoch).permutation(n) if shuffle else np.arange(n)
+    rank, world = dist_info()
+    if world > 1:
+        order = order[: len(order) - len(order) % world][rank::world]
+        n = len(order)
     for i in range(0, n, batch_size):
         if shuffle and n - i < 2 <= n:
             break  # a one-sample batch breaks batch norm in training
@@ -314,7 +369,7 @@ def train_pneumonia(root: Path, cfg: TrainConfig, device: torch.device, smoke: b
         "train_time_s": round(res.seconds, 1),
         "validation": classifier_report(yv, p, thr, cfg.seed),
     })
-    save_checkpoint(model.state_dict(), card, spec.name, out_dir)
+    save_trained(model, card, spec.name, out_dir)
     return card
 
 
@@ -357,15 +412,16 @@ def _fit_cardiac(x: torch.Tensor, m: torch.Tensor, y: torch.Tensor, tr: np.ndarr
         xb, mb, yb = batch
         xb, mb = random_affine(xb, mb, rot_deg=15, scale=0.1, shift=0.05)
         xb = intensity_jitter(xb)
-        logit, seg = model.forward_all(xb, detach_features=state["epoch"] <= warmup)
+        logit, seg = model(xb, with_seg=True, detach_features=state["epoch"] <= warmup)
         logit = logit.flatten()
         cls = F.binary_cross_entropy_with_logits(logit, yb, pos_weight=pos_weight)
         # The perceptron also sees descriptors of the true masks, so its decision boundary is learnt
         # from clean shapes as well as from the (noisier) predicted ones.
         has_gt = (mb >= 0).all(dim=(1, 2, 3))
         if has_gt.any():
-            onehot = F.one_hot(mb[has_gt].clamp(min=0), model.n_seg_classes).permute(0, 1, 4, 2, 3).float()
-            gt_logit = model.head(model.shape_features(onehot * 20.0)).flatten()
+            net = getattr(model, "module", model)  # the CardiacNet inside a DDP wrapper
+            onehot = F.one_hot(mb[has_gt].clamp(min=0), net.n_seg_classes).permute(0, 1, 4, 2, 3).float()
+            gt_logit = net.head(net.shape_features(onehot * 20.0)).flatten()
             cls = cls + F.binary_cross_entropy_with_logits(gt_logit, yb[has_gt], pos_weight=pos_weight)
         segl = F.cross_entropy(seg.permute(0, 2, 1, 3, 4), mb, ignore_index=-100)
         acc = float(((logit > 0).float() == yb).float().mean())
@@ -453,7 +509,7 @@ def train_cardiac(root: Path, cfg: TrainConfig, device: torch.device, smoke: boo
                     "another; per-fold figures rank each model on its own held-out patients.",
         },
     })
-    save_checkpoint(model.state_dict(), card, spec.name, out_dir)
+    save_trained(model, card, spec.name, out_dir)
     return card
 
 
@@ -592,7 +648,7 @@ def train_atrium(root: Path, cfg: TrainConfig, device: torch.device, smoke: bool
             "per_case": per_case,
         },
     })
-    save_checkpoint(model.state_dict(), card, spec.name, out_dir)
+    save_trained(model, card, spec.name, out_dir)
     return card
 
 
