@@ -131,6 +131,10 @@ def test_uploads_leave_nothing_on_disk_or_in_logs(xray_root, tmp_path):
     corrupt = tmp_path / "src" / f"{marker}-broken.nii.gz"
     corrupt.write_bytes(b"\x1f\x8b" + secrets.token_bytes(300))
 
+    warm_dcm = tmp_path / "src" / "warmup.dcm"
+    warm_dcm.write_bytes(dicom_bytes((arr[::-1] * 4000).astype(np.uint16)))
+    warm_bad = tmp_path / "src" / "warmup-broken.nii.gz"
+    warm_bad.write_bytes(b"\x1f\x8b" + secrets.token_bytes(300))
     since = time.time()
     proc, url, log = _start(tmp_path, {"HOME": str(home), "TMPDIR": str(tmpdir)})
     try:
@@ -138,13 +142,15 @@ def test_uploads_leave_nothing_on_disk_or_in_logs(xray_root, tmp_path):
             b = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
             page = b.new_page()
             page.set_default_timeout(120_000)
-            # warm-up with another file, so first-use caches (fonts, compiled modules) are not counted
+            # warm-up through the same code paths with other files, so that first-use caches (fonts,
+            # compiled modules) are not counted as written by the measured uploads
             page.goto(f"{url}/Pneumonia")
-            page.locator("input[type=file]").first.set_input_files(
-                str(xray_root / "chest_xray/train/PNEUMONIA/person996_virus_1677.jpeg"))
+            page.locator("input[type=file]").first.set_input_files(str(warm_dcm))
             page.get_by_text("P(pneumonia) =").first.wait_for()
+            page.get_by_text("Image information").first.click()
             page.goto(f"{url}/Atrium_segmentation")
-            page.get_by_text("Upload a 3D MRI volume").first.wait_for()
+            page.locator("input[type=file]").first.set_input_files(str(warm_bad))
+            page.get_by_text("cannot be used").first.wait_for()
             page.wait_for_timeout(1000)
             io_before = _io_write_bytes(proc.pid)
             page.goto(f"{url}/Pneumonia")
