@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -32,9 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stdout)
     import torch
 
-    from core.train import pick_device, train_task
-
-    import os
+    from core.train import dist_info, pick_device, train_task
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # started by torchrun: one process per GPU (or CPU slot)
         import torch.distributed as dist
@@ -58,8 +57,6 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[{task}] not trained: {exc}", file=sys.stderr)
             failed = True
             continue
-        from core.train import dist_info
-
         if dist_info()[0] != 0:
             continue  # rank 0 alone fits the input check and reports
         if TASKS[task].kind == "binary":
