@@ -5,6 +5,7 @@ into :class:`core.errors.InvalidInputError` with a message a clinician understan
 """
 from __future__ import annotations
 
+import functools
 import gzip
 import io
 import json
@@ -203,6 +204,7 @@ def _guarded(what: str):
     """Turn any unexpected exception of a reader into InvalidInputError (the app never shows a trace)."""
 
     def deco(fn):
+        @functools.wraps(fn)
         def wrapper(*args, **kwargs):
             try:
                 return fn(*args, **kwargs)
@@ -213,7 +215,6 @@ def _guarded(what: str):
             except Exception as exc:  # noqa: BLE001 - malformed files raise anything
                 raise InvalidInputError(f"The {what} could not be read: it looks corrupt.") from exc
 
-        wrapper.__name__, wrapper.__doc__, wrapper.__wrapped__ = fn.__name__, fn.__doc__, fn
         return wrapper
 
     return deco
@@ -285,15 +286,11 @@ def read_nifti(data: bytes, name: str = "", expect_3d: bool = True) -> Volume:
         raise InvalidInputError("The NIfTI file could not be read: it looks truncated or corrupt.") from exc
     while arr.ndim > 3 and arr.shape[-1] == 1:
         arr = arr[..., 0]
-    if arr.ndim == 4:
-        raise InvalidInputError(
-            f"The file is 4D ({' x '.join(map(str, arr.shape))}); upload a single 3D volume (one time frame)."
-        )
+    dims = " x ".join(map(str, arr.shape))
+    if arr.ndim >= 4:
+        raise InvalidInputError(f"The file is {arr.ndim}D ({dims}); upload a single 3D volume (one time frame).")
     if arr.ndim != 3 or (expect_3d and min(arr.shape) < 2):
-        raise InvalidInputError(
-            f"The file is {min(arr.ndim, 2) if arr.ndim < 3 or min(arr.shape) < 2 else arr.ndim}D "
-            f"({' x '.join(map(str, arr.shape))}); a 3D volume with several slices is needed."
-        )
+        raise InvalidInputError(f"The file is 2D ({dims}); a 3D volume with several slices is needed.")
     if min(arr.shape[:2]) < MIN_SIDE or max(arr.shape) > 2048:
         raise InvalidInputError(f"The volume has an implausible size ({' x '.join(map(str, arr.shape))}).")
     if not np.issubdtype(arr.dtype, np.number) or np.iscomplexobj(arr):

@@ -62,12 +62,17 @@ def file_key(*parts: bytes) -> str:
     return h.hexdigest()[:16]
 
 
-def samples_or_note(task: str):
+def pick_sample(task: str, ns: str, label: str = "…or pick a sample case"):
+    """A sample-case picker (key '<ns>.sample'); returns the chosen Sample, or None.
+
+    Without a dataset under the data root, the page says how to get one instead.
+    """
     samples = list_samples(task, data_root())
     if not samples:
         st.info(f"No sample cases available: the data root {data_root()} holds no {task} dataset. "
                 f"{HOW_TO_GET[task]}, then set MEDIMG_DATA_ROOT.")
-    return samples
+    choice = st.selectbox(label, ["—"] + [s.name for s in samples], key=f"{ns}.sample", disabled=not samples)
+    return next((s for s in samples if s.name == choice), None)
 
 
 def reset_namespace(ns: str, keep: tuple[str, ...] = ()) -> None:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import streamlit as st
 
-from common import DISCLAIMER, file_key, model_or_stop, reset_namespace, run_safely, samples_or_note
+from common import DISCLAIMER, file_key, model_or_stop, reset_namespace, run_safely, pick_sample
 from core.inference import predict_xray
 from core.io import read_image_2d
 from core.visualize import grey_rgb, heatmap_overlay
@@ -19,15 +19,12 @@ with left:
     upload = st.file_uploader("Upload a frontal chest X-ray (PNG, JPEG or DICOM)",
                               type=["png", "jpg", "jpeg", "dcm", "dicom"], key=f"{NS}.upload")
 with right:
-    samples = samples_or_note("pneumonia")
-    choice = st.selectbox("…or pick a sample case", ["—"] + [s.name for s in samples], key=f"{NS}.sample",
-                          disabled=not samples)
+    sample = pick_sample("pneumonia", NS)
 
 data, name = None, ""
 if upload is not None:
     data, name = upload.getvalue(), upload.name
-elif choice != "—":
-    sample = next(s for s in samples if s.name == choice)
+elif sample is not None:
     data, name = sample.files["image"].read_bytes(), sample.files["image"].name
     st.caption(f"Sample: {sample.name} — {sample.note}")
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import streamlit as st
 
-from common import DISCLAIMER, file_key, model_or_stop, reset_namespace, run_safely, samples_or_note
+from common import DISCLAIMER, file_key, model_or_stop, reset_namespace, run_safely, pick_sample
 from core.inference import predict_cardiac
 from core.io import read_image_volume
 from core.visualize import heatmap_overlay
@@ -21,9 +21,7 @@ with c1:
 with c2:
     up_es = st.file_uploader("End-systole (ES) frame, NIfTI", type=["nii", "gz"], key=f"{NS}.es")
 with c3:
-    samples = samples_or_note("cardiac")
-    choice = st.selectbox("…or pick a sample patient", ["—"] + [s.name for s in samples], key=f"{NS}.sample",
-                          disabled=not samples)
+    sample = pick_sample("cardiac", NS, "…or pick a sample patient")
 
 ed_bytes = es_bytes = None
 if up_ed is not None or up_es is not None:
@@ -31,8 +29,7 @@ if up_ed is not None or up_es is not None:
         st.info("Upload both frames (ED and ES) of the same cine series.")
         st.stop()
     ed_bytes, es_bytes = up_ed.getvalue(), up_es.getvalue()
-elif choice != "—":
-    sample = next(s for s in samples if s.name == choice)
+elif sample is not None:
     ed_bytes, es_bytes = sample.files["ED"].read_bytes(), sample.files["ES"].read_bytes()
     st.caption(f"Sample: {sample.name} — {sample.note}")
 else:

@@ -5,7 +5,7 @@ import numpy as np
 import streamlit as st
 
 from common import (DISCLAIMER, file_key, legend, model_or_stop, reset_namespace, run_safely,
-                    samples_or_note)
+                    pick_sample)
 from core import metrics as M
 from core.inference import segment_atrium
 from core.io import nifti_to_bytes, read_image_volume, read_mask
@@ -24,16 +24,13 @@ with c2:
     up_mask = st.file_uploader("Optional: its ground-truth left-atrium mask (NIfTI)", type=["nii", "gz"],
                                key=f"{NS}.mask")
 with c3:
-    samples = samples_or_note("atrium")
-    choice = st.selectbox("…or pick a sample case", ["—"] + [s.name for s in samples], key=f"{NS}.sample",
-                          disabled=not samples)
+    sample = pick_sample("atrium", NS)
 
 img_bytes = mask_bytes = None
 if up_img is not None:
     img_bytes = up_img.getvalue()
     mask_bytes = up_mask.getvalue() if up_mask is not None else None
-elif choice != "—":
-    sample = next(s for s in samples if s.name == choice)
+elif sample is not None:
     img_bytes = sample.files["image"].read_bytes()
     mask_bytes = sample.files["mask"].read_bytes() if "mask" in sample.files else None
 elif up_mask is not None:
