@@ -22,7 +22,9 @@ def gradcam(model: nn.Module, layer: nn.Module, x: torch.Tensor, positive: bool 
     """Grad-CAM heatmap for a binary classifier.
 
     x: (1, C, H, W) input. Explains the positive class when ``positive``, else the negative one.
-    Returns (H, W) float32 in [0, 1].
+    Returns (H, W) float32 in [0, 1]; for a model whose target layer sees each input channel as its
+    own image (CardiacNet: one U-Net pass per slice) one map per channel, (C, H, W), each scaled to
+    [0, 1] on its own by the package.
     """
     # imported here so that training (which needs no explanations) does not depend on grad-cam
     from pytorch_grad_cam import GradCAM
@@ -35,8 +37,9 @@ def gradcam(model: nn.Module, layer: nn.Module, x: torch.Tensor, positive: bool 
         was_training = model.training
         model.eval()
         with GradCAM(model=model, target_layers=[layer]) as cam:
-            heat = cam(input_tensor=x, targets=target)[0]
+            heat = cam(input_tensor=x, targets=target)
+        heat = heat[0] if heat.shape[0] == 1 else heat
         model.train(was_training)
     heat = np.nan_to_num(heat.astype(np.float32))
-    hi = float(heat.max())
-    return heat / hi if hi > 0 else heat
+    hi = heat.max(axis=(-2, -1), keepdims=True)
+    return np.where(hi > 0, heat / np.where(hi > 0, hi, 1), heat).astype(np.float32)

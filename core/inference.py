@@ -120,7 +120,7 @@ class CardiacResult:
     positive: bool | None
     slices: np.ndarray  # (2k, H, W) in [0, 1]: the ED then ES slices the model used
     slice_labels: list[str]
-    heatmap: np.ndarray | None  # (H, W) in [0, 1], shared by all the slices (they are input channels)
+    heatmap: np.ndarray | None  # (2k, H, W) in [0, 1], one Grad-CAM map per slice
     ood_score: float = 0.0
     withheld: str | None = None
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -113,41 +114,53 @@ class UNet2D(nn.Module):
 
 
 class CardiacNet(nn.Module):
-    """Multi-task CNN for cine MRI: segmentation of RV, myocardium and LV cavity on every input
-    slice, and a normal-vs-disease logit computed from shape descriptors of that segmentation.
+    """CNN for cine MRI: one 2D U-Net segments RV, myocardium and LV cavity on every input slice
+    (the same weights for every slice), and a normal-vs-disease logit is computed from shape
+    descriptors of that segmentation.
 
-    Input (N, 2k, H, W): k ED slices then k ES slices. ``forward`` returns the logit (N, 1), so the
-    model is a plain binary classifier for Grad-CAM and inference; ``forward_all`` also returns
-    segmentation logits (N, 2k, n_seg_classes, H, W).
+    Input (N, 2k, H, W): k ED slices then k ES slices spread from base to apex. ``forward`` returns
+    the logit (N, 1), so the model is a plain binary classifier for Grad-CAM and inference;
+    ``forward_all`` also returns segmentation logits (N, 2k, n_seg_classes, H, W).
 
-    The descriptors (soft areas summed over the slices, as ratios and logs: an ejection-fraction
-    proxy for each ventricle, myocardium-to-cavity and RV-to-LV ratios, sizes) are scale-free where
-    possible, because the training copy of ACDC has no true voxel spacing. A linear layer on them
-    keeps the classifier small enough for 80 patients: a one-hidden-layer perceptron on nine
-    numbers, because "normal" lies between the diseases (low EF in DCM/MINF, thick walls in HCM,
-    a large RV in RV), which no linear rule separates.
+    The descriptors (areas summed over the slices, as ratios and logs: an ejection-fraction proxy
+    for each ventricle, myocardium-to-cavity and RV-to-LV ratios, sizes) are scale-free where
+    possible, because the training copy of ACDC has no true voxel spacing. The head is a
+    one-hidden-layer perceptron on these nine numbers, because "normal" lies between the diseases
+    (low EF in DCM/MINF, thick walls in HCM, a large RV in RV), which no linear rule separates.
     """
 
     N_FEATURES = 9
 
-    def __init__(self, in_channels: int = 10, base: int = 16, depth: int = 4, n_seg_classes: int = 4,
+    def __init__(self, in_channels: int = 16, base: int = 16, depth: int = 4, n_seg_classes: int = 4,
                  dropout: float = 0.3) -> None:
         super().__init__()
         _check_positive(in_channels=in_channels, base=base, depth=depth, n_seg_classes=n_seg_classes)
         if in_channels % 2 or n_seg_classes != 4:
             raise ValueError("CardiacNet needs an even number of slices (ED then ES) and 4 ACDC classes")
+        if not 0 <= dropout < 1:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
         self.n_slices = in_channels
         self.n_seg_classes = n_seg_classes
-        self.unet = UNet2D(in_channels, in_channels * n_seg_classes, base, depth)
+        self.unet = UNet2D(1, n_seg_classes, base, depth)
         self.head = nn.Sequential(
             nn.BatchNorm1d(self.N_FEATURES), nn.Linear(self.N_FEATURES, 16), nn.ReLU(inplace=True),
             nn.Dropout(dropout), nn.Linear(16, 1),
         )
 
+    def _check(self, x: torch.Tensor) -> None:
+        if x.ndim != 4 or x.shape[1] != self.n_slices:
+            raise ValueError(f"CardiacNet expects (N, {self.n_slices}, H, W), got {tuple(x.shape)}")
+
+    def segment(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, 2k, H, W) slices -> (N, 2k, n_seg_classes, H, W) segmentation logits."""
+        self._check(x)
+        n, s, h, w = x.shape
+        return self.unet(x.reshape(n * s, 1, h, w)).view(n, s, self.n_seg_classes, h, w)
+
     def shape_features(self, seg_logits: torch.Tensor) -> torch.Tensor:
         """(N, 2k, 4, H, W) logits -> (N, 9) descriptors."""
         prob = torch.softmax(seg_logits, dim=2).mean(dim=(-2, -1))  # (N, 2k, 4) area fractions
-        k = self.n_slices // 2
+        k = seg_logits.shape[1] // 2
         ed, es = prob[:, :k].sum(1), prob[:, k:].sum(1)  # (N, 4): bg, RV, myo, LV
         eps = 1e-3
         rv_ed, my_ed, lv_ed = ed[:, 1] + eps, ed[:, 2] + eps, ed[:, 3] + eps
@@ -158,20 +171,18 @@ class CardiacNet(nn.Module):
         ]
         return torch.stack(feats, dim=1).clamp(-10, 10)
 
-    def forward_all(self, x: torch.Tensor, detach_features: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        """``detach_features`` stops the classification loss from reaching the segmentation (warm-up)."""
-        z, skips = self.unet.encode(x)
-        seg = self.unet.decode(z, skips)
-        n, _, h, w = seg.shape
-        seg = seg.view(n, self.n_slices, self.n_seg_classes, h, w)
-        feats = self.shape_features(seg.detach() if detach_features else seg)
-        return self.head(feats), seg
+    @staticmethod
+    def mask_logits(masks: torch.Tensor, n_classes: int = 4) -> torch.Tensor:
+        """(N, 2k, H, W) label maps -> confident logits (N, 2k, n_classes, H, W), for descriptors of true masks."""
+        return F.one_hot(masks.clamp(min=0), n_classes).permute(0, 1, 4, 2, 3).float() * 20.0
 
-    def forward(self, x: torch.Tensor, with_seg: bool = False, detach_features: bool = False):
-        """Logit (N, 1); with ``with_seg`` also the segmentation logits (training goes through forward
-        so that DistributedDataParallel sees it)."""
-        logit, seg = self.forward_all(x, detach_features)
-        return (logit, seg) if with_seg else logit
+    def forward_all(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        seg = self.segment(x)
+        return self.head(self.shape_features(seg)), seg
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, 2k, H, W) -> logit (N, 1)."""
+        return self.forward_all(x)[0]
 
     def gradcam_layer(self) -> nn.Module:
         return self.unet.down[-1]

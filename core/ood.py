@@ -25,6 +25,7 @@ from core.errors import MissingWeightsError
 
 QUANTILE = 0.995
 MARGIN = 1.2  # fixed a priori, not tuned on validation or OOD data
+CARDIAC_AUGMENTED_COPIES = 4
 
 
 def encoder_features(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -33,13 +34,17 @@ def encoder_features(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     radiograph far better than the last block alone."""
     outs = []
     with torch.inference_mode():
-        if hasattr(model, "unet"):  # CardiacNet: the U-Net encoder
-            h = x
+        if hasattr(model, "unet"):  # CardiacNet: the U-Net encoder, run on each slice
+            n, s = x.shape[:2]
+            h = x.reshape(n * s, 1, *x.shape[2:])
             for block in model.unet.down:
                 h = block(h)
                 outs.append(h)
                 h = model.unet.pool(h)
             outs.append(model.unet.bottleneck(h))
+            # per-slice statistics, averaged over the slices of each study
+            return torch.cat([torch.cat([o.mean(dim=(2, 3)), o.std(dim=(2, 3))], dim=1).view(n, s, -1).mean(1)
+                              for o in outs], dim=1)
         else:  # SmallCNN
             h = x
             for layer in model.features:
@@ -75,20 +80,30 @@ class OODGuard:
                    float(d["resid_scale"]), float(d["threshold"]))
 
 
-def fit_guard(feats: np.ndarray, k: int = 32) -> tuple[OODGuard, np.ndarray]:
-    """Fit on (N, D) training features; returns the guard and the training scores."""
+def fit_guard(feats: np.ndarray, k: int = 32, groups: np.ndarray | None = None,
+              scored: np.ndarray | None = None) -> tuple[OODGuard, np.ndarray]:
+    """Fit on (N, D) training features; returns the guard and the training scores.
+
+    ``groups`` (N,) keeps the rows of one case (e.g. its augmented copies) in one held-out fold;
+    ``scored`` (N,) bool marks the rows whose held-out scores set the threshold (default: all).
+    """
     g = fit_guard_core(feats, k)
     scores = g.score(feats)
-    if len(feats) < 500:
+    groups = np.arange(len(feats)) if groups is None else np.asarray(groups)
+    scored = np.ones(len(feats), bool) if scored is None else np.asarray(scored, bool)
+    uniq = np.unique(groups)
+    if len(uniq) < 500:
         # Few cases: in-sample scores are optimistic, so the threshold comes from 5-fold held-out
         # scores of the training cases themselves.
         rng = np.random.default_rng(0)
-        folds = np.array_split(rng.permutation(len(feats)), 5)
-        held = np.concatenate([fit_guard_core(np.delete(feats, f, axis=0), k).score(feats[f]) for f in folds])
-        g.threshold = float(np.quantile(held, QUANTILE) * MARGIN)
+        held = []
+        for fold in np.array_split(rng.permutation(uniq), 5):
+            out = np.isin(groups, fold)
+            held.append(fit_guard_core(feats[~out], k).score(feats[out & scored]))
+        g.threshold = float(np.quantile(np.concatenate(held), QUANTILE) * MARGIN)
     else:
-        g.threshold = float(np.quantile(scores, QUANTILE) * MARGIN)
-    return g, scores
+        g.threshold = float(np.quantile(scores[scored], QUANTILE) * MARGIN)
+    return g, scores[scored]
 
 
 def fit_guard_core(feats: np.ndarray, k: int) -> OODGuard:
@@ -157,13 +172,28 @@ def build_guard(task: str, root=None, wdir=None) -> dict:
         out = [encoder_features(lm.model, torch.stack(xs[i : i + 64])) for i in range(0, len(xs), 64)]
         return torch.cat(out).numpy().astype(np.float64)
 
-    guard, train_scores = fit_guard(feats(train), k=32 if task == "pneumonia" else 12)
+    groups = np.arange(len(train))
+    if task == "cardiac":
+        # 63 studies are few: the guard also learns from the variation the model was trained to accept
+        # (the training augmentations: rotation, scale, shift, intensity), 4 copies per study.
+        from core.train import intensity_jitter, random_affine
+
+        torch.manual_seed(0)
+        x = torch.stack(train)
+        copies = [intensity_jitter(random_affine(x, None, rot_deg=15, scale=0.15, shift=0.05)[0])
+                  for _ in range(CARDIAC_AUGMENTED_COPIES)]
+        train = train + [c for a in copies for c in a]
+        groups = np.tile(groups, CARDIAC_AUGMENTED_COPIES + 1)
+    scored = np.arange(len(train)) < len(groups) // (CARDIAC_AUGMENTED_COPIES + 1 if task == "cardiac" else 1)
+    guard, train_scores = fit_guard(feats(train), k=32 if task == "pneumonia" else 8, groups=groups, scored=scored)
     val_scores = guard.score(feats(valid))
     report = {
         "task": task,
         "method": f"PCA-Mahalanobis + residual on per-block mean/std of encoder activations; threshold = {MARGIN} x the "
-                  f"{QUANTILE:.1%} quantile of training-case scores (5-fold held-out scores below 500 cases)",
-        "n_fit": len(train), "n_val": len(valid),
+                  f"{QUANTILE:.1%} quantile of training-case scores (5-fold held-out scores below 500 cases)"
+                  + (f"; fitted on the training studies plus {CARDIAC_AUGMENTED_COPIES} augmented copies of each "
+                     "(training augmentations), 8 principal components" if task == "cardiac" else ""),
+        "n_fit": int(scored.sum()), "n_fit_rows_with_augmented_copies": len(train), "n_val": len(valid),
         "val_false_refusal_rate": float((val_scores > guard.threshold).mean()),
         "train_refusal_rate": float((train_scores > guard.threshold).mean()),
         "guard": guard.to_json(),

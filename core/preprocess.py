@@ -17,9 +17,11 @@ XRAY_SIZE = 160
 # Cardiac: the shared ACDC copy has no true voxel spacing, so the field of view is normalised by a
 # centred crop (the heart sits near the centre of short-axis cine planning) instead of by resampling.
 CARDIAC_SIZE = 112
-CARDIAC_SLICES = 5
+# Eight slices spread over the whole stack (base to apex): areas summed over them track each
+# ventricle's volume, which the diagnosis rests on (ejection fraction, wall-to-cavity ratio).
+CARDIAC_SLICES = 8
 CARDIAC_CROP_FRACTION = 0.6
-CARDIAC_SLICE_RANGE = (0.15, 0.85)
+CARDIAC_SLICE_RANGE = (0.0, 1.0)
 
 # Atrium: the MSD data has true spacing; inputs are resampled in-plane to the training spacing.
 ATRIUM_SPACING_MM = 1.25
@@ -62,14 +64,18 @@ def _centre_crop_box(shape_xy: tuple[int, int]) -> tuple[int, int, int, int]:
     return x0, x0 + side, y0, y0 + side
 
 
-def cardiac_frame(volume: np.ndarray, size: int = CARDIAC_SIZE, mask: bool = False) -> torch.Tensor:
-    """(X, Y, Z) cine frame (or its label map) -> (k, size, size): chosen slices, centre-cropped."""
+def cardiac_frame(volume: np.ndarray, size: int = CARDIAC_SIZE, mask: bool = False,
+                  all_slices: bool = False) -> torch.Tensor:
+    """(X, Y, Z) cine frame (or its label map) -> (k, size, size): chosen slices, centre-cropped.
+
+    ``all_slices`` returns every slice (Z, size, size) instead, for training the segmentation.
+    """
     if volume.ndim != 3 or volume.shape[2] < 3:
         raise InvalidInputError(
             "A short-axis cine frame needs at least 3 slices; this file holds "
             f"{volume.shape[2] if volume.ndim == 3 else 'no'} slices."
         )
-    idx = cardiac_slice_indices(volume.shape[2])
+    idx = np.arange(volume.shape[2]) if all_slices else cardiac_slice_indices(volume.shape[2])
     x0, x1, y0, y1 = _centre_crop_box(volume.shape[:2])
     sl = np.ascontiguousarray(np.moveaxis(volume[x0:x1, y0:y1, idx], 2, 0), dtype=np.float32)
     t = torch.from_numpy(sl)[None]

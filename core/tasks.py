@@ -65,7 +65,7 @@ TASKS: dict[str, TaskSpec] = {
         accepted_inputs=("nifti",),
         monitor="auc",
         dataset="ACDC (Bernard et al. 2018), ED and ES frames (ACDC/)",
-        train_defaults={"epochs": 100, "batch_size": 16, "lr": 1e-3, "patience": 100},
+        train_defaults={"epochs": 40, "batch_size": 16, "lr": 1e-3, "patience": 40},
     ),
     "atrium": TaskSpec(
         name="atrium",

@@ -376,69 +376,123 @@ def train_pneumonia(root: Path, cfg: TrainConfig, device: torch.device, smoke: b
 # --------------------------------------------------------------------------- cardiac
 
 
-def _load_cardiac(cases: list[mio.CardiacCase], size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    xs, ms = [], []
+@dataclass
+class _CardiacData:
+    x: torch.Tensor  # (P, 2k, S, S) model inputs
+    m: torch.Tensor  # (P, 2k, S, S) true labels of those slices (-100 where a patient has none)
+    slices: list[torch.Tensor]  # per patient: every ED and ES slice (Z_ed + Z_es, S, S)
+    slice_masks: list[torch.Tensor | None]
+
+
+def _load_cardiac(cases: list[mio.CardiacCase], size: int) -> _CardiacData:
+    xs, ms, alls, allm = [], [], [], []
     for c in tqdm(cases, desc="read ACDC", leave=False, mininterval=2):
-        ed, es = mio.load_nifti_path(c.ed_path), mio.load_nifti_path(c.es_path)
-        xs.append(pp.preprocess_cardiac(ed.data, es.data, size))
+        ed, es = mio.load_nifti_path(c.ed_path).data, mio.load_nifti_path(c.es_path).data
+        xs.append(pp.preprocess_cardiac(ed, es, size))
+        alls.append(torch.cat([pp.cardiac_frame(v, size, all_slices=True) for v in (ed, es)]).half())
         if c.ed_gt is not None and c.es_gt is not None:
-            m = torch.cat([pp.cardiac_frame(mio.load_nifti_path(g).data, size, mask=True) for g in (c.ed_gt, c.es_gt)])
+            gts = [mio.load_nifti_path(g).data for g in (c.ed_gt, c.es_gt)]
+            ms.append(torch.cat([pp.cardiac_frame(g, size, mask=True) for g in gts]))
+            allm.append(torch.cat([pp.cardiac_frame(g, size, mask=True, all_slices=True) for g in gts]).to(torch.int8))
         else:
-            m = torch.full((2 * pp.CARDIAC_SLICES, size, size), -100, dtype=torch.long)  # ignored by CE
-        ms.append(m)
-    return torch.stack(xs), torch.stack(ms)
+            ms.append(torch.full((2 * pp.CARDIAC_SLICES, size, size), -100, dtype=torch.long))
+            allm.append(None)
+    return _CardiacData(torch.stack(xs), torch.stack(ms), alls, allm)
 
 
-def _fit_cardiac(x: torch.Tensor, m: torch.Tensor, y: torch.Tensor, tr: np.ndarray, va: np.ndarray,
-                 cfg: TrainConfig, device: torch.device, desc: str) -> tuple[nn.Module, FitResult, np.ndarray]:
+def soft_dice_multiclass(logits: torch.Tensor, target: torch.Tensor, eps: float = 1.0) -> torch.Tensor:
+    """1 - mean foreground soft Dice. logits (N, C, H, W), target (N, H, W) in [0, C)."""
+    prob = torch.softmax(logits, dim=1)[:, 1:]
+    onehot = F.one_hot(target.long(), logits.shape[1]).permute(0, 3, 1, 2).float()[:, 1:]
+    inter = (prob * onehot).sum(dim=(0, 2, 3))
+    denom = prob.sum(dim=(0, 2, 3)) + onehot.sum(dim=(0, 2, 3))
+    return 1 - ((2 * inter + eps) / (denom + eps)).mean()
+
+
+HEAD_STEPS = 2000
+
+
+def _fit_cardiac_head(model: nn.Module, d: _CardiacData, y: torch.Tensor, tr: np.ndarray, cfg: TrainConfig,
+                      device: torch.device) -> dict:
+    """Second stage: the perceptron on shape descriptors, with the segmentation frozen.
+
+    It learns from the descriptors of the predicted segmentation of the training patients and from
+    those of their true masks (clean shapes), full batch, BCE-with-logits with class weighting.
+    """
+    set_seed(cfg.seed)
+    net = model
+    net.eval()
+    with torch.no_grad():
+        feats = [net.shape_features(net.segment(d.x[tr[i : i + 8]].to(device).float())) for i in range(0, len(tr), 8)]
+        f_pred = torch.cat(feats)
+        has_gt = (d.m[tr] >= 0).all(dim=(1, 2, 3))
+        f_gt = net.shape_features(net.mask_logits(d.m[tr][has_gt].to(device)))
+    f = torch.cat([f_pred, f_gt])
+    t = torch.cat([y[tr], y[tr][has_gt]]).to(device)
+    n_pos = float(t.sum())
+    pos_weight = torch.tensor((len(t) - n_pos) / max(n_pos, 1.0), device=device)
+    for p in net.unet.parameters():
+        p.requires_grad_(False)
+    opt = torch.optim.Adam(net.head.parameters(), lr=cfg.lr, weight_decay=1e-3)
+    net.head.train()
+    losses = []
+    for _ in range(HEAD_STEPS):
+        opt.zero_grad(set_to_none=True)
+        loss = F.binary_cross_entropy_with_logits(net.head(f).flatten(), t, pos_weight=pos_weight)
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    for p in net.unet.parameters():
+        p.requires_grad_(True)
+    net.eval()
+    with torch.no_grad():
+        p_tr = torch.sigmoid(net.head(f_pred)).flatten().cpu().numpy()
+    return {"steps": HEAD_STEPS, "samples": int(len(t)), "first_loss": losses[0], "final_loss": losses[-1],
+            "train_auc_predicted_shapes": _auc_or_nan(y[tr].numpy(), p_tr)}
+
+
+def _fit_cardiac(d: _CardiacData, y: torch.Tensor, tr: np.ndarray, va: np.ndarray, cfg: TrainConfig,
+                 device: torch.device, desc: str) -> tuple[nn.Module, FitResult, dict, np.ndarray]:
+    """Stage 1: the U-Net segments every ED and ES slice of the training patients (best epoch by the
+    validation patients' mean foreground Dice). Stage 2: the head on shape descriptors."""
     spec = get_task("cardiac")
     set_seed(cfg.seed)
     model = build_model(spec.architecture, **spec.model_kwargs).to(device)
-    x_tr, m_tr, y_tr = x[tr].to(device), m[tr].to(device), y[tr].to(device)
-    x_va, y_va = x[va].to(device), y[va]
-    n_pos = float(y_tr.sum())
-    pos_weight = torch.tensor((len(tr) - n_pos) / max(n_pos, 1.0), device=device)
-
-    # The segmentation learns alone for the first epochs: its shape descriptors are noise until then.
-    warmup = max(1, cfg.epochs // 5)
-    state = {"epoch": 0}
+    tr_l = [i for i in tr if d.slice_masks[i] is not None]
+    va_l = [i for i in va if d.slice_masks[i] is not None]
+    x_tr = torch.cat([d.slices[i] for i in tr_l])[:, None].to(device)
+    m_tr = torch.cat([d.slice_masks[i] for i in tr_l]).to(device)
+    x_va = torch.cat([d.slices[i] for i in va_l])[:, None] if va_l else None
+    m_va = torch.cat([d.slice_masks[i] for i in va_l]).long() if va_l else None
+    unet = model.unet
 
     def train_batches(epoch: int):
-        state["epoch"] = epoch
-        for idx in batches(len(tr), cfg.batch_size, cfg.seed, epoch):
-            yield x_tr[idx], m_tr[idx], y_tr[idx]
+        for idx in batches(len(x_tr), cfg.batch_size, cfg.seed, epoch):
+            yield x_tr[idx].float(), m_tr[idx].long()
 
-    def step(model: nn.Module, batch: tuple) -> tuple[torch.Tensor, float]:
-        xb, mb, yb = batch
-        xb, mb = random_affine(xb, mb, rot_deg=15, scale=0.1, shift=0.05)
+    def step(net: nn.Module, batch: tuple) -> tuple[torch.Tensor, float]:
+        xb, mb = batch
+        xb, mb = random_affine(xb, mb, rot_deg=15, scale=0.15, shift=0.05)
         xb = intensity_jitter(xb)
-        logit, seg = model(xb, with_seg=True, detach_features=state["epoch"] <= warmup)
-        logit = logit.flatten()
-        cls = F.binary_cross_entropy_with_logits(logit, yb, pos_weight=pos_weight)
-        # The perceptron also sees descriptors of the true masks, so its decision boundary is learnt
-        # from clean shapes as well as from the (noisier) predicted ones.
-        has_gt = (mb >= 0).all(dim=(1, 2, 3))
-        if has_gt.any():
-            net = getattr(model, "module", model)  # the CardiacNet inside a DDP wrapper
-            onehot = F.one_hot(mb[has_gt].clamp(min=0), net.n_seg_classes).permute(0, 1, 4, 2, 3).float()
-            gt_logit = net.head(net.shape_features(onehot * 20.0)).flatten()
-            cls = cls + F.binary_cross_entropy_with_logits(gt_logit, yb[has_gt], pos_weight=pos_weight)
-        segl = F.cross_entropy(seg.permute(0, 2, 1, 3, 4), mb, ignore_index=-100)
-        acc = float(((logit > 0).float() == yb).float().mean())
-        return cls + segl, acc
+        logits = net(xb)
+        loss = F.cross_entropy(logits, mb) + soft_dice_multiclass(logits, mb)
+        return loss, 1.0 - float(soft_dice_multiclass(logits.detach(), mb, eps=1e-6))
 
-    def validate(model: nn.Module) -> dict:
-        logits = _predict_logits(model, x_va, device).cpu()
-        loss = float(F.binary_cross_entropy_with_logits(logits, y_va, pos_weight=pos_weight.cpu()))
-        return {"loss": loss, "auc": _auc_or_nan(y_va.numpy(), torch.sigmoid(logits).numpy())}
+    def validate(net: nn.Module) -> dict:
+        if x_va is None:
+            return {"loss": float("nan"), "dice": float("nan")}
+        logits = torch.cat([net(x_va[i : i + 64].to(device).float()).cpu() for i in range(0, len(x_va), 64)])
+        loss = float(F.cross_entropy(logits, m_va) + soft_dice_multiclass(logits, m_va))
+        pred = logits.argmax(1)
+        dices = [M.dice((pred == c).numpy(), (m_va == c).numpy()) for c in (1, 2, 3)]
+        return {"loss": loss, "dice": float(np.mean(dices))}
 
-    res = fit(model, train_batches, step, validate, cfg, "auc", desc=desc)
-    for h in res.history:
-        h["train_accuracy"] = h.pop("train_auc")
+    res = fit(unet, train_batches, step, validate, cfg, "dice", desc=desc)
+    head = _fit_cardiac_head(model, d, y, tr, cfg, device)
     model.eval()
     with torch.no_grad():
-        p = torch.sigmoid(_predict_logits(model, x_va, device)).cpu().numpy()
-    return model, res, p
+        p = torch.sigmoid(_predict_logits(model, d.x[va], device, bs=8)).cpu().numpy()
+    return model, res, head, p
 
 
 def train_cardiac(root: Path, cfg: TrainConfig, device: torch.device, smoke: bool = False,
@@ -453,7 +507,7 @@ def train_cardiac(root: Path, cfg: TrainConfig, device: torch.device, smoke: boo
         folds = 1
     labels = np.array([c.label for c in cases])
     groups_strat = [c.group for c in cases]
-    x, m = _load_cardiac(cases, spec.input_spec["size"])
+    data = _load_cardiac(cases, spec.input_spec["size"])
     y = torch.tensor(labels, dtype=torch.float32)
     n_splits = 5
     sgkf = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=cfg.seed)
@@ -464,29 +518,33 @@ def train_cardiac(root: Path, cfg: TrainConfig, device: torch.device, smoke: boo
     committed = None
     for k in range(folds):
         tr, va = splits[k]
-        model, res, p = _fit_cardiac(x, m, y, tr, va, cfg, device, desc=f"cardiac fold {k + 1}")
+        model, res, head, p = _fit_cardiac(data, y, tr, va, cfg, device, desc=f"cardiac fold {k + 1}")
         oof[va] = p
         at_half = M.classification_metrics(labels[va], p, 0.5)
         fold_reports.append({"fold": k + 1, "n_val": len(va), "best_epoch": res.best_epoch,
+                             "val_seg_dice": res.best_value,
                              "val_auc": _auc_or_nan(labels[va], p), "val_accuracy_at_0.5": at_half["accuracy"],
                              "val_sensitivity_at_0.5": at_half["sensitivity"],
                              "val_specificity_at_0.5": at_half["specificity"], "seconds": round(res.seconds, 1)})
         if k == 0:
-            committed = (model, res, tr, va, p)
-    model, res, tr, va, p = committed
+            committed = (model, res, head, tr, va, p)
+    model, res, head, tr, va, p = committed
     done = ~np.isnan(oof)
     # Threshold from the pooled out-of-fold predictions of all folds run, so it is not tuned on
     # the committed model's own validation patients alone.
     thr = M.youden_threshold(labels[done], oof[done]) if len(np.unique(labels[done])) == 2 else 0.5
     card = _card_base(spec, cfg, device, smoke)
+    card["training"]["monitor"] = "dice"  # stage 1 keeps the epoch with the best segmentation Dice
     card.update({
         "threshold": thr,
         "threshold_rule": f"Youden's J on pooled out-of-fold predictions of {folds}-fold cross-validation",
         "class_weighting": "BCE pos_weight = n_normal / n_disease per fold",
-        "auxiliary_task": "segmentation of RV, myocardium and LV cavity on the input slices (ACDC masks), "
-                          "weight 1.0; the classifier is a small perceptron on shape descriptors of this segmentation, "
-                          "trained on detached descriptors for the first fifth of the epochs, and also on descriptors "
-                          "of the true masks",
+        "auxiliary_task": "two stages. 1: a 2D U-Net segments RV, myocardium and LV cavity on every ED and ES "
+                          "slice of the training patients (ACDC masks; cross-entropy + soft Dice; the epoch kept is "
+                          "the one with the best mean foreground Dice on the fold's validation patients). 2: with the "
+                          "U-Net frozen, a small perceptron on 9 shape descriptors of the segmentation of 8 slices "
+                          "per frame learns P(disease) from the training patients' predicted and true masks",
+        "head_training": head,
         "data": {
             "dataset": spec.dataset,
             "n_patients": len(cases),
@@ -505,8 +563,8 @@ def train_cardiac(root: Path, cfg: TrainConfig, device: torch.device, smoke: boo
             "folds": fold_reports,
             "pooled_out_of_fold": classifier_report(labels[done].astype(int), oof[done], thr, cfg.seed),
             "out_of_fold_probability": {cases[i].patient_id: float(oof[i]) for i in np.nonzero(done)[0]},
-            "note": "Pooled out-of-fold figures mix five models whose probabilities are not calibrated to one "
-                    "another; per-fold figures rank each model on its own held-out patients.",
+            "note": "Each patient's out-of-fold probability comes from the fold model that did not see them; "
+                    "pooled figures use the one threshold of the committed model.",
         },
     })
     save_trained(model, card, spec.name, out_dir)

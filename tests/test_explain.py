@@ -30,8 +30,10 @@ def test_gradcam_shape_range_and_hooks_released():
 
 def test_gradcam_cardiac_net():
     net = build_model("CardiacNet").eval()
-    heat = gradcam(net, net.gradcam_layer(), torch.randn(1, 10, 112, 112), positive=False)
-    assert heat.shape == (112, 112)
+    heat = gradcam(net, net.gradcam_layer(), torch.randn(1, 16, 112, 112), positive=False)
+    assert heat.shape == (16, 112, 112)  # one map per slice: the U-Net runs on each slice
+    assert heat.min() >= 0 and heat.max() <= 1
+    assert _hooks(net) == 0
 
 
 def test_gradcam_threads_agree_with_serial():

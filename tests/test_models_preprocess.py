@@ -18,7 +18,8 @@ def test_xray_preprocess_stretches_to_square():
 
 
 def test_cardiac_slices_and_crop():
-    assert list(pp.cardiac_slice_indices(10)) == [1, 3, 4, 6, 8]
+    assert list(pp.cardiac_slice_indices(10)) == [0, 1, 3, 4, 5, 6, 8, 9]  # round(linspace(0, 9, 8))
+    assert list(pp.cardiac_slice_indices(6)) == [0, 1, 1, 2, 3, 4, 4, 5]
     ed = np.random.default_rng(0).random((216, 256, 10)).astype(np.float32)
     x = pp.preprocess_cardiac(ed, ed.copy())
     assert x.shape == (2 * pp.CARDIAC_SLICES, pp.CARDIAC_SIZE, pp.CARDIAC_SIZE)
@@ -74,8 +75,31 @@ def test_model_output_shapes(task):
 def test_cardiac_forward_all_shapes():
     net = build_model("CardiacNet").eval()
     with torch.no_grad():
-        logit, seg = net.forward_all(torch.zeros(2, 10, 112, 112))
-    assert logit.shape == (2, 1) and seg.shape == (2, 10, 4, 112, 112)
+        logit, seg = net.forward_all(torch.zeros(2, 16, 112, 112))
+    assert logit.shape == (2, 1) and seg.shape == (2, 16, 4, 112, 112)
+    with pytest.raises(ValueError, match=r"\(N, 16, H, W\)"):
+        net(torch.zeros(1, 10, 112, 112))
+
+
+def test_cardiac_shape_features_known_values():
+    """Descriptors of hand-made masks: ED LV 400 px, ES LV 100 px -> LV ES/ED = 0.25, and so on."""
+    net = build_model("CardiacNet", in_channels=2).eval()
+    m = torch.zeros(1, 2, 40, 40, dtype=torch.long)
+    m[0, 0, :20, :20] = 3  # ED LV cavity 400 px
+    m[0, 0, 20:30, :20] = 2  # ED myocardium 200 px
+    m[0, 0, 30:40, :10] = 1  # ED RV 100 px
+    m[0, 1, :10, :10] = 3  # ES LV 100 px
+    m[0, 1, 20:30, :20] = 2  # ES myocardium 200 px
+    m[0, 1, 30:40, :5] = 1  # ES RV 50 px
+    f = net.shape_features(net.mask_logits(m))[0].numpy()
+    e = 1e-3  # the model adds this to every area fraction before dividing
+    lv_ed, my_ed, rv_ed = 400 / 1600 + e, 200 / 1600 + e, 100 / 1600 + e  # of the 40 x 40 slice
+    lv_es, rv_es = 100 / 1600 + e, 50 / 1600 + e
+    np.testing.assert_allclose(f[0], lv_es / lv_ed, rtol=1e-4)  # about 0.25: LV ES / ED
+    np.testing.assert_allclose(f[1], rv_es / rv_ed, rtol=1e-4)  # about 0.5
+    np.testing.assert_allclose(f[2], my_ed / lv_ed, rtol=1e-4)
+    np.testing.assert_allclose(f[3], rv_ed / lv_ed, rtol=1e-4)
+    np.testing.assert_allclose(f[5], np.log(lv_ed), rtol=1e-4)
 
 
 def test_model_arguments_are_validated():

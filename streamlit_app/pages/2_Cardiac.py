@@ -65,14 +65,15 @@ box(f"The model {verdict}: P(disease) = **{res.probability:.1%}** (threshold {re
 st.metric("P(disease)", f"{res.probability:.1%}")
 
 alpha = st.slider("Heatmap opacity", 0.0, 1.0, 0.4, 0.05, key=f"{NS}.alpha")
-st.markdown("**Slices the model used** (centred crop, base to apex), with Grad-CAM over each:")
+st.markdown("**Slices the model used** (centred crop, base to apex), each with its own Grad-CAM map "
+            "(scaled to its own maximum, so compare where, not how strongly, across slices):")
 k = len(res.slices) // 2
 for row, title in ((0, "End-diastole"), (1, "End-systole")):
     st.markdown(f"*{title}*")
     cols = st.columns(k)
     for j in range(k):
         i = row * k + j
-        img = heatmap_overlay(res.slices[i], res.heatmap, alpha)
+        img = heatmap_overlay(res.slices[i], res.heatmap[i], alpha)
         cols[j].image(np.rot90(img), caption=res.slice_labels[i], width="stretch")
 st.caption("The cardiac model was trained on ACDC (80 patients) and is the weakest of the three modules; "
            "see Training & metrics for its cross-validated figures.")

@@ -23,7 +23,7 @@ except MissingWeightsError as exc:
     st.stop()
 spec = TASKS[task]
 hist = pd.DataFrame(card["history"])
-metric = spec.monitor
+metric = card.get("training", {}).get("monitor", spec.monitor)
 train_metric = "train_accuracy" if "train_accuracy" in hist else f"train_{metric}"
 
 st.subheader("Training curves")
@@ -43,7 +43,8 @@ with c2:
     fig.update_layout(title="Metric per epoch", xaxis_title="epoch", height=340)
     st.plotly_chart(fig, key=f"{NS}.metric")
 if task == "cardiac":
-    st.caption("Curves of the committed model (cross-validation fold 1).")
+    st.caption("Curves of the committed model (cross-validation fold 1): its segmentation stage, kept at "
+               "the epoch with the best validation Dice (RV, myocardium, LV cavity).")
 
 v = card["validation"]
 st.subheader("Validation metrics")
