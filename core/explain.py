@@ -36,8 +36,20 @@ def gradcam(model: nn.Module, layer: nn.Module, x: torch.Tensor, positive: bool 
     with model_lock(model):
         was_training = model.training
         model.eval()
-        with GradCAM(model=model, target_layers=[layer]) as cam:
-            heat = cam(input_tensor=x, targets=target)
+        # Only the target layer's parameters need gradients: the heatmap needs d(score)/d(activation)
+        # and nothing upstream, so autograd then keeps far fewer activations (the cardiac model runs its
+        # U-Net on 16 slices; this about halves that request's peak memory). Restored afterwards.
+        flags = {p: p.requires_grad for p in model.parameters()}
+        own = {id(p) for p in layer.parameters()}
+        try:
+            for p in model.parameters():
+                p.requires_grad_(id(p) in own)
+            with GradCAM(model=model, target_layers=[layer]) as cam:
+                heat = cam(input_tensor=x, targets=target)
+        finally:
+            for p, flag in flags.items():
+                p.requires_grad_(flag)
+                p.grad = None
         heat = heat[0] if heat.shape[0] == 1 else heat
         model.train(was_training)
     heat = np.nan_to_num(heat.astype(np.float32))

@@ -1,6 +1,7 @@
 """Inference for the three tasks on in-memory inputs, using the committed weights and their cards."""
 from __future__ import annotations
 
+import ctypes
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -51,6 +52,15 @@ def load_model(task: str, wdir=None, with_guard: bool = True, optimize: bool = T
     return LoadedModel(spec, model, card, guard)
 
 
+def release_memory() -> None:
+    """Hand freed heap memory back to the operating system (glibc keeps it otherwise, so one large
+    request would keep the app server's memory high for good). A no-op where glibc is absent."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def _ood(lm: LoadedModel, x: torch.Tensor) -> float:
     """Out-of-distribution score of one model input (above lm.guard.threshold: withhold)."""
     with model_lock(lm.model):
@@ -98,6 +108,7 @@ def predict_xray(lm: LoadedModel, image: Image2D, explain: bool = True) -> XRayR
     prob = float(_prob(lm.model, x)[0])
     positive = prob >= lm.threshold
     heat = gradcam(lm.model, lm.model.gradcam_layer(), x, positive=positive) if explain else None
+    release_memory()
     return XRayResult(prob, lm.threshold, positive, display, heat, score)
 
 
@@ -151,6 +162,7 @@ def predict_cardiac(lm: LoadedModel, ed: Volume, es: Volume, explain: bool = Tru
     prob = float(_prob(lm.model, x)[0])
     positive = prob >= lm.threshold
     heat = gradcam(lm.model, lm.model.gradcam_layer(), x, positive=positive) if explain else None
+    release_memory()
     return CardiacResult(prob, lm.threshold, positive, slices, labels, heat, score)
 
 
@@ -160,22 +172,27 @@ def predict_cardiac(lm: LoadedModel, ed: Volume, es: Volume, explain: bool = Tru
 @dataclass
 class AtriumResult:
     mask: np.ndarray  # (X, Y, Z) uint8 on the input grid
-    probability: np.ndarray  # (X, Y, Z) float32
     volume_ml: float
     spacing: tuple[float, float, float]
 
 
 def segment_atrium(lm: LoadedModel, volume: Volume, batch_size: int = 1,
                    progress: Callable[[float], None] | None = None) -> AtriumResult:
-    """Segment the left atrium slice by slice (2.5D U-Net) and return a mask on the input's grid."""
-    stack, geom = pp.atrium_slices(volume.data, volume.spacing)
-    probs = []
-    n = stack.shape[0]
+    """Segment the left atrium slice by slice (2.5D U-Net) and return a mask on the input's grid.
+
+    Each slice's 2.5D input is cut from the padded volume when it is needed rather than all at once,
+    which keeps a 256x256x130 volume's peak memory about 100 MB lower.
+    """
+    padded, geom = pp.atrium_padded(volume.data, volume.spacing)
+    n = volume.data.shape[2]
+    prob = torch.empty(n, *padded.shape[1:])
     with model_lock(lm.model), torch.inference_mode():
         for i in range(0, n, batch_size):
-            probs.append(torch.sigmoid(lm.model(stack[i : i + batch_size]))[:, 0])
+            j = min(n, i + batch_size)
+            prob[i:j] = torch.sigmoid(lm.model(pp.atrium_window(padded, i, j)))[:, 0]
             if progress:
-                progress(min(1.0, (i + batch_size) / n))
-    prob = pp.atrium_restore(torch.cat(probs), geom)
-    mask = largest_component(prob >= lm.threshold)
-    return AtriumResult(mask, prob, volume_ml(mask, volume.spacing), volume.spacing)
+                progress(j / n)
+    del padded
+    mask = largest_component(pp.atrium_restore(prob, geom) >= lm.threshold)
+    release_memory()
+    return AtriumResult(mask, volume_ml(mask, volume.spacing), volume.spacing)

@@ -1,6 +1,7 @@
 """Preprocessing, defined once per task and shared by training, evaluation and inference."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -103,8 +104,12 @@ def normalise_volume(data: np.ndarray) -> np.ndarray:
     """Clip to the 0.5-99.5 percentiles and z-score (float32, same shape)."""
     sub = data[:: max(1, data.shape[0] // 64), :: max(1, data.shape[1] // 64), :]
     lo, hi = np.percentile(sub, [0.5, 99.5])
-    x = np.clip(data, lo, hi).astype(np.float32)
-    return (x - x.mean()) / max(float(x.std()), 1e-6)
+    x = np.clip(data, lo, hi).astype(np.float32, copy=False)
+    # in place: a 256x256x130 volume is 34 MB per copy, and the app's memory goal is tight
+    mean, std = float(x.mean()), max(float(x.std()), 1e-6)
+    x -= mean
+    x /= std
+    return x
 
 
 @dataclass(frozen=True)
@@ -116,21 +121,43 @@ class SliceGeometry:
     padded_xy: tuple[int, int]
 
 
-def atrium_slices(data: np.ndarray, spacing: tuple[float, float, float]) -> tuple[torch.Tensor, SliceGeometry]:
-    """(X, Y, Z) volume -> (Z, 1 + 2*context, H, W) 2.5D slice stack at the training spacing."""
-    norm = torch.from_numpy(normalise_volume(data)).permute(2, 0, 1).contiguous()  # (Z, X, Y)
-    X, Y = data.shape[:2]
+def atrium_padded(data: np.ndarray, spacing: tuple[float, float, float]) -> tuple[torch.Tensor, SliceGeometry]:
+    """(X, Y, Z) volume -> (Z + 2*context, H, W) normalised slices at the training spacing, padded to the
+    U-Net's multiple and with the end slices repeated; window i..i+2*context is slice i's 2.5D input."""
+    X, Y, Z = data.shape
     rx = max(UNET_MULTIPLE, int(round(X * spacing[0] / ATRIUM_SPACING_MM)))
     ry = max(UNET_MULTIPLE, int(round(Y * spacing[1] / ATRIUM_SPACING_MM)))
-    if (rx, ry) != (X, Y):
-        norm = _resize(norm[:, None], (rx, ry))[:, 0]
     px = -(-rx // UNET_MULTIPLE) * UNET_MULTIPLE
     py = -(-ry // UNET_MULTIPLE) * UNET_MULTIPLE
-    norm = F.pad(norm, (0, py - ry, 0, px - rx), value=float(norm.min()))
     c = ATRIUM_CONTEXT
-    padded = torch.cat([norm[:1].repeat(c, 1, 1), norm, norm[-1:].repeat(c, 1, 1)], dim=0)
-    stack = torch.stack([padded[i : i + data.shape[2]] for i in range(2 * c + 1)], dim=1)
-    return stack, SliceGeometry((X, Y), (rx, ry), (px, py))
+    norm = torch.from_numpy(normalise_volume(data)).permute(2, 0, 1)  # (Z, X, Y) view, no copy
+    # One preallocated buffer, filled slice by slice: no full-volume temporaries for the resampling,
+    # padding and end-slice repeats.
+    padded = torch.empty(Z + 2 * c, px, py)
+    low = math.inf
+    for z in range(Z):
+        sl = norm[z]
+        if (rx, ry) != (X, Y):
+            sl = _resize(sl[None, None].contiguous(), (rx, ry))[0, 0]
+        padded[z + c, :rx, :ry] = sl
+        low = min(low, float(sl.min()))
+    padded[:, rx:, :] = low  # the pad takes the (resampled) volume's minimum
+    padded[:, :, ry:] = low
+    padded[:c] = padded[c]
+    padded[Z + c :] = padded[Z + c - 1]
+    return padded, SliceGeometry((X, Y), (rx, ry), (px, py))
+
+
+def atrium_window(padded: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+    """Slices start..stop-1 as (stop - start, 1 + 2*context, H, W) 2.5D inputs, built on demand."""
+    w = 2 * ATRIUM_CONTEXT + 1
+    return torch.stack([padded[i : i + w] for i in range(start, stop)])
+
+
+def atrium_slices(data: np.ndarray, spacing: tuple[float, float, float]) -> tuple[torch.Tensor, SliceGeometry]:
+    """(X, Y, Z) volume -> (Z, 1 + 2*context, H, W) 2.5D slice stack at the training spacing."""
+    padded, geom = atrium_padded(data, spacing)
+    return atrium_window(padded, 0, data.shape[2]), geom
 
 
 def atrium_restore(prob: torch.Tensor, geom: SliceGeometry) -> np.ndarray:
@@ -139,7 +166,7 @@ def atrium_restore(prob: torch.Tensor, geom: SliceGeometry) -> np.ndarray:
     p = prob[:, :rx, :ry]
     if geom.resampled_xy != geom.original_xy:
         p = F.interpolate(p[:, None], size=geom.original_xy, mode="bilinear", align_corners=False)[:, 0]
-    return p.permute(1, 2, 0).contiguous().numpy().astype(np.float32)
+    return p.permute(1, 2, 0).contiguous().numpy().astype(np.float32, copy=False)
 
 
 def atrium_label_slices(label: np.ndarray, geom: SliceGeometry) -> torch.Tensor:

@@ -52,3 +52,20 @@ def test_gradcam_rejects_batches():
     net = build_model("SmallCNN").eval()
     with pytest.raises(ValueError):
         gradcam(net, net.gradcam_layer(), torch.randn(2, 1, 64, 64))
+
+
+def test_gradcam_with_only_target_layer_grads_equals_package_output():
+    """explain.gradcam turns off gradients upstream of the target layer to save memory; the maps must
+    equal those of pytorch-grad-cam on the unchanged model, and the flags must be restored."""
+    from pytorch_grad_cam import GradCAM
+    from pytorch_grad_cam.utils.model_targets import BinaryClassifierOutputTarget
+
+    torch.manual_seed(0)
+    net = build_model("CardiacNet", in_channels=4).eval()
+    x = torch.randn(1, 4, 64, 64)
+    ours = gradcam(net, net.gradcam_layer(), x)
+    assert all(p.requires_grad for p in net.parameters()) and all(p.grad is None for p in net.parameters())
+    with GradCAM(model=net, target_layers=[net.gradcam_layer()]) as cam:
+        ref = cam(input_tensor=x, targets=[BinaryClassifierOutputTarget(1)])
+    ref = ref / np.maximum(ref.max(axis=(-2, -1), keepdims=True), 1e-12)
+    np.testing.assert_allclose(ours, ref, atol=1e-6)
