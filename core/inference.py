@@ -34,6 +34,11 @@ class LoadedModel:
     def threshold(self) -> float:
         return float(self.card.get("threshold", self.spec.default_threshold))
 
+    @property
+    def input_size(self) -> int:
+        """The input side the weights were trained at, from their card (the registry's if absent)."""
+        return int(self.card.get("input_spec", {}).get("size", self.spec.input_spec.get("size", 0)))
+
 
 def load_model(task: str, wdir=None, with_guard: bool = True, optimize: bool = True) -> LoadedModel:
     """Build the task's architecture from its card and load checksum-verified weights (CPU, eval mode).
@@ -97,7 +102,7 @@ def predict_xray(lm: LoadedModel, image: Image2D, explain: bool = True) -> XRayR
     The diagnosis is withheld (``withheld`` set, probability None) for colour images and for inputs
     whose encoder features lie outside the training distribution.
     """
-    x = pp.preprocess_xray(image.pixels, lm.spec.input_spec["size"])[None]
+    x = pp.preprocess_xray(image.pixels, lm.input_size)[None]
     display = (x[0, 0].numpy() * 0.25 + 0.5).clip(0, 1)
     score = _ood(lm, x)
     if image.colour:
@@ -114,7 +119,7 @@ def predict_xray(lm: LoadedModel, image: Image2D, explain: bool = True) -> XRayR
 
 def predict_xray_batch(lm: LoadedModel, pixels: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     """(P(pneumonia), input-check refusal flags) for several (H, W) images, without Grad-CAM or withholding."""
-    x = torch.stack([pp.preprocess_xray(p, lm.spec.input_spec["size"]) for p in pixels])
+    x = torch.stack([pp.preprocess_xray(p, lm.input_size) for p in pixels])
     with model_lock(lm.model):
         f = encoder_features(lm.model, x).numpy().astype(np.float64)
     refused = lm.guard.score(f) > lm.guard.threshold if lm.guard is not None else np.zeros(len(x), bool)
@@ -151,8 +156,7 @@ def predict_cardiac(lm: LoadedModel, ed: Volume, es: Volume, explain: bool = Tru
     for v, which in ((ed, "ED"), (es, "ES")):
         if float(v.data.max() - v.data.min()) <= 0:
             raise InvalidInputError(f"The {which} frame is blank: every voxel has the same value.")
-    size = lm.spec.input_spec["size"]
-    x = pp.preprocess_cardiac(ed.data, es.data, size)[None]
+    x = pp.preprocess_cardiac(ed.data, es.data, lm.input_size)[None]
     idx = pp.cardiac_slice_indices(ed.data.shape[2])
     labels = [f"ED slice {i + 1}/{ed.data.shape[2]}" for i in idx] + [f"ES slice {i + 1}/{es.data.shape[2]}" for i in idx]
     slices = (x[0].numpy() * 0.25 + 0.5).clip(0, 1)

@@ -13,7 +13,7 @@ from core.errors import InvalidInputError
 
 # Pneumonia: the shared Kermany copy was stretched to 224x224 (aspect not kept), so every input is
 # stretched the same way, then down-sampled to the model's size.
-XRAY_SIZE = 160
+XRAY_SIZE = 128
 
 # Cardiac: the shared ACDC copy has no true voxel spacing, so the field of view is normalised by a
 # centred crop (the heart sits near the centre of short-axis cine planning) instead of by resampling.
