@@ -57,7 +57,7 @@ TASKS: dict[str, TaskSpec] = {
         kind="binary",
         classes=("normal", "disease"),
         architecture="CardiacNet",
-        model_kwargs={"in_channels": 2 * pp.CARDIAC_SLICES, "base": 8, "depth": 4, "n_seg_classes": 4,
+        model_kwargs={"in_channels": 2 * pp.CARDIAC_SLICES, "base": 16, "depth": 4, "n_seg_classes": 4,
                       "dropout": 0.3},
         input_spec={"size": pp.CARDIAC_SIZE, "slices_per_frame": pp.CARDIAC_SLICES,
                     "slice_range": list(pp.CARDIAC_SLICE_RANGE), "crop_fraction": pp.CARDIAC_CROP_FRACTION,
@@ -65,7 +65,7 @@ TASKS: dict[str, TaskSpec] = {
         accepted_inputs=("nifti",),
         monitor="auc",
         dataset="ACDC (Bernard et al. 2018), ED and ES frames (ACDC/)",
-        train_defaults={"epochs": 15, "batch_size": 16, "lr": 1e-3, "patience": 15},
+        train_defaults={"epochs": 40, "batch_size": 16, "lr": 1e-3, "patience": 40},
     ),
     "atrium": TaskSpec(
         name="atrium",
@@ -80,7 +80,7 @@ TASKS: dict[str, TaskSpec] = {
         accepted_inputs=("nifti",),
         monitor="dice",
         dataset="Medical Segmentation Decathlon Task02_Heart (Task02_Heart/)",
-        train_defaults={"epochs": 24, "batch_size": 16, "lr": 1e-3, "patience": 24},
+        train_defaults={"epochs": 60, "batch_size": 16, "lr": 1e-3, "patience": 15},
     ),
 }
 

@@ -626,13 +626,6 @@ def evaluate_atrium_volumes(model: nn.Module, vols: list[_AtriumVolume], device:
     return per_case
 
 
-# The U-Net is fully convolutional, so it trains on crops and segments whole slices: crops cut the
-# cost per epoch on 2 CPU cores about sixfold, and sampling near the atrium spends it where it counts.
-ATRIUM_CROP = 128
-ATRIUM_CROPS_PER_EPOCH = 1200
-ATRIUM_FOREGROUND_FRACTION = 2 / 3
-
-
 def train_atrium(root: Path, cfg: TrainConfig, device: torch.device, smoke: bool = False,
                  out_dir: Path | None = None) -> dict:
     spec = get_task("atrium")
@@ -648,35 +641,12 @@ def train_atrium(root: Path, cfg: TrainConfig, device: torch.device, smoke: bool
     va_vols = [vols[i] for i in va_idx]
     x_tr = torch.cat([v.stack for v in tr_vols]).to(device)
     y_tr = torch.cat([v.label for v in tr_vols]).to(device)
-    fg_slices = torch.nonzero(y_tr.flatten(1).amax(1) > 0.5).flatten().cpu().numpy()
-    h, w = x_tr.shape[-2:]
-    ch, cw = min(ATRIUM_CROP, h), min(ATRIUM_CROP, w)
-    n_crops = 64 if smoke else ATRIUM_CROPS_PER_EPOCH
     set_seed(cfg.seed)
     model = build_model(spec.architecture, **spec.model_kwargs).to(device)
 
-    def crops(epoch: int) -> np.ndarray:
-        """(n, 3) slice index and top-left corner of each crop of one epoch, the same on every process:
-        two thirds centred near an atrium pixel, one third anywhere (so background is learnt too)."""
-        rng = np.random.default_rng(cfg.seed * 7919 + epoch)
-        out = np.zeros((n_crops, 3), dtype=np.int64)
-        for k in range(n_crops):
-            if len(fg_slices) and rng.random() < ATRIUM_FOREGROUND_FRACTION:
-                z = int(rng.choice(fg_slices))
-                pts = torch.nonzero(y_tr[z] > 0.5).cpu().numpy()
-                cy, cx = pts[rng.integers(len(pts))] + rng.integers(-ch // 4, ch // 4 + 1, size=2)
-                y0, x0 = int(np.clip(cy - ch // 2, 0, h - ch)), int(np.clip(cx - cw // 2, 0, w - cw))
-            else:
-                z, y0, x0 = int(rng.integers(len(x_tr))), int(rng.integers(h - ch + 1)), int(rng.integers(w - cw + 1))
-            out[k] = (z, y0, x0)
-        return out
-
     def train_batches(epoch: int):
-        c = crops(epoch)
-        for idx in batches(len(c), cfg.batch_size, cfg.seed, epoch):
-            xb = torch.stack([x_tr[z, :, y0 : y0 + ch, x0 : x0 + cw] for z, y0, x0 in c[idx]])
-            yb = torch.stack([y_tr[z, y0 : y0 + ch, x0 : x0 + cw] for z, y0, x0 in c[idx]])
-            yield xb, yb
+        for idx in batches(len(x_tr), cfg.batch_size, cfg.seed, epoch):
+            yield x_tr[idx], y_tr[idx]
 
     def step(model: nn.Module, batch: tuple) -> tuple[torch.Tensor, float]:
         xb, yb = batch
@@ -690,24 +660,15 @@ def train_atrium(root: Path, cfg: TrainConfig, device: torch.device, smoke: bool
             d = float(2 * (pred & (yb > 0.5)).sum() / max(1.0, float(pred.sum() + (yb > 0.5).sum())))
         return loss, d
 
-    # Per-epoch validation covers the slab from 8 slices below to 8 above each validation atrium, at
-    # full slice size: a third of the cost of whole volumes on a CPU. The figures in the card come
-    # from whole volumes after post-processing.
-    slabs = []
-    for v in va_vols:
-        zs = torch.nonzero(v.label.flatten(1).amax(1) > 0.5).flatten()
-        z0, z1 = (int(zs.min()) - 8, int(zs.max()) + 9) if len(zs) else (0, len(v.label))
-        slabs.append(slice(max(0, z0), min(len(v.label), z1)))
-
     def validate(model: nn.Module) -> dict:
-        losses, dices = [], []
-        for v, sl in zip(va_vols, slabs):
-            st = v.stack[sl].to(device).float()
-            lab = v.label[sl].to(device).float()
-            lg = torch.cat([model(st[i : i + 16])[:, 0] for i in range(0, len(st), 16)])
+        losses = []
+        for v in va_vols:
+            st = v.stack.to(device).float()
+            lab = v.label.to(device).float()
+            lg = torch.cat([model(st[i : i + 32])[:, 0] for i in range(0, len(st), 32)])
             losses.append(float(F.binary_cross_entropy_with_logits(lg, lab) + soft_dice_loss(lg, lab)))
-            dices.append(M.dice((lg > 0).cpu().numpy(), (lab > 0.5).cpu().numpy()))
-        return {"loss": float(np.mean(losses)), "dice": float(np.mean(dices))}
+        pc = evaluate_atrium_volumes(model, va_vols, device, full=False)
+        return {"loss": float(np.mean(losses)), "dice": float(np.mean([r["dice"] for r in pc.values()]))}
 
     res = fit(model, train_batches, step, validate, cfg, "dice", desc="atrium")
     model.eval()
@@ -724,9 +685,6 @@ def train_atrium(root: Path, cfg: TrainConfig, device: torch.device, smoke: bool
         "threshold": 0.5,
         "threshold_rule": "fixed 0.5 on the sigmoid output, then the largest 3D connected component",
         "loss": "BCE + soft Dice",
-        "sampling": f"{n_crops} random {ch}x{cw} crops per epoch, "
-                    f"{ATRIUM_FOREGROUND_FRACTION:.0%} of them centred near the atrium; validation each epoch on "
-                    "the atrium's slab +-8 slices, final figures on whole volumes",
         "data": {
             "dataset": spec.dataset,
             "n_volumes": len(cases),
