@@ -1,6 +1,7 @@
 """Evaluate committed weights on every labelled case found under a data root (official layouts).
 
     python -m core.evaluate --task {pneumonia,cardiac,atrium} --data-root DIR [--weights DIR] [--json OUT]
+                            [--only-validation]
 
 Prints (and optionally writes) JSON. A case that cannot be read is named under "failed" and
 counted in "n_failed"; it is never skipped silently.
@@ -35,9 +36,9 @@ def _classifier_summary(y: list[int], p: list[float], threshold: float, failed: 
     return out
 
 
-def evaluate_pneumonia(root: Path, wdir=None, batch_size: int = 32) -> dict:
+def evaluate_pneumonia(root: Path, wdir=None, only: set[str] | None = None, batch_size: int = 32) -> dict:
     lm = load_model("pneumonia", wdir)
-    cases = mio.find_xray_cases(root)
+    cases = [c for c in mio.find_xray_cases(root) if only is None or str(c.path.relative_to(root)) in only]
     ys, ps, failed = [], [], []
     refused = [0]
     buf: list[tuple[int, np.ndarray]] = []
@@ -65,30 +66,44 @@ def evaluate_pneumonia(root: Path, wdir=None, batch_size: int = 32) -> dict:
     return out
 
 
-def evaluate_cardiac(root: Path, wdir=None) -> dict:
+def evaluate_cardiac(root: Path, wdir=None, only: set[str] | None = None) -> dict:
     lm = load_model("cardiac", wdir)
     ys, ps, failed, per_case = [], [], [], {}
     for c in mio.find_cardiac_cases(root):
+        if only is not None and c.patient_id not in only:
+            continue
         try:
             r = predict_cardiac(lm, mio.load_nifti_path(c.ed_path), mio.load_nifti_path(c.es_path), explain=False,
                                 guard=False)
+            expert = (M.cardiac_indices(mio.load_nifti_path(c.ed_gt).data, mio.load_nifti_path(c.es_gt).data)
+                      if c.ed_gt is not None and c.es_gt is not None else None)
         except (MedImgError, OSError) as exc:
             failed.append({"case": c.patient_id, "error": str(exc)})
             continue
         ys.append(c.label)
         ps.append(r.probability)
         per_case[c.patient_id] = {"group": c.group, "probability": r.probability,
-                                  "input_check_refused": bool(r.ood_score > lm.guard.threshold)}
+                                  "input_check_refused": bool(r.ood_score > lm.guard.threshold),
+                                  "shape_estimate": r.shape, "shape_expert_masks_all_slices": expert}
     out = _classifier_summary(ys, ps, lm.threshold, failed)
     out["n_refused_by_input_check"] = sum(r["input_check_refused"] for r in per_case.values())
+    with_gt = [r for r in per_case.values() if r["shape_expert_masks_all_slices"] is not None]
+    # How the model's estimates (its segmentation of 8 slices per frame) compare with the same ratios
+    # from the expert masks over every slice.
+    out["shape_agreement"] = {
+        k: M.agreement([r["shape_estimate"][k] for r in with_gt], [r["shape_expert_masks_all_slices"][k] for r in with_gt])
+        for k in ("lv_ef", "rv_ef", "myo_to_lv_ed", "rv_to_lv_ed")
+    }
     out["per_case"] = per_case
     return out
 
 
-def evaluate_atrium(root: Path, wdir=None) -> dict:
+def evaluate_atrium(root: Path, wdir=None, only: set[str] | None = None) -> dict:
     lm = load_model("atrium", wdir)
     per_case, failed = {}, []
     for c in mio.find_atrium_cases(root):
+        if only is not None and c.case_id not in only:
+            continue
         try:
             vol = mio.load_nifti_path(c.image_path)
             gt = mio.read_mask(c.label_path.read_bytes(), vol, c.label_path.name)
@@ -120,10 +135,18 @@ def evaluate_atrium(root: Path, wdir=None) -> dict:
 EVALUATORS = {"pneumonia": evaluate_pneumonia, "cardiac": evaluate_cardiac, "atrium": evaluate_atrium}
 
 
-def evaluate(task: str, root, wdir=None) -> dict:
-    """Evaluate one task's weights on every labelled case under ``root``; JSON-safe dict."""
-    res = EVALUATORS[task](Path(root), wdir)
-    res = {"task": task, "data_root": str(root), **res}
+def evaluate(task: str, root, wdir=None, only_validation: bool = False) -> dict:
+    """Evaluate one task's weights on every labelled case under ``root``; JSON-safe dict.
+
+    ``only_validation`` keeps the cases the weights' card lists as held out from their training.
+    """
+    only = None
+    if only_validation:
+        from core.checkpoint import read_card
+
+        only = set(read_card(task, wdir)["data"]["val_cases"])
+    res = EVALUATORS[task](Path(root), wdir, only)
+    res = {"task": task, "data_root": str(root), **({"cases": "validation cases of the card"} if only else {}), **res}
     return _clean(res)
 
 
@@ -134,9 +157,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--data-root", default=None, help="dataset root (else $MEDIMG_DATA_ROOT, else ./data)")
     ap.add_argument("--weights", default=None, help="weights folder (default weights/)")
     ap.add_argument("--json", default=None, help="also write the JSON here")
+    ap.add_argument("--only-validation", action="store_true",
+                    help="only the cases the weights' card lists as validation (held out from training)")
     args = ap.parse_args(argv)
     try:
-        res = evaluate(args.task, data_root(args.data_root), args.weights)
+        res = evaluate(args.task, data_root(args.data_root), args.weights, args.only_validation)
     except MedImgError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

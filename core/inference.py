@@ -139,6 +139,8 @@ class CardiacResult:
     heatmap: np.ndarray | None  # (2k, H, W) in [0, 1], one Grad-CAM map per slice
     ood_score: float = 0.0
     withheld: str | None = None
+    segmentation: np.ndarray | None = None  # (2k, H, W) uint8: 0 background, 1 RV, 2 myocardium, 3 LV cavity
+    shape: dict[str, float] | None = None  # estimates from the segmentation, see cardiac_shape_summary
 
 
 WITHHELD_CARDIAC = ("These frames do not look like the short-axis cine MRI the model was trained on, so no "
@@ -163,11 +165,29 @@ def predict_cardiac(lm: LoadedModel, ed: Volume, es: Volume, explain: bool = Tru
     score = _ood(lm, x)
     if guard and lm.guard is not None and score > lm.guard.threshold:
         return CardiacResult(None, lm.threshold, None, slices, labels, None, score, WITHHELD_CARDIAC)
-    prob = float(_prob(lm.model, x)[0])
+    with model_lock(lm.model), torch.inference_mode():
+        logit, seg = lm.model.forward_all(x)
+        feats = lm.model.shape_features(seg)[0].numpy()
+    prob = float(torch.sigmoid(logit).flatten()[0])
     positive = prob >= lm.threshold
     heat = gradcam(lm.model, lm.model.gradcam_layer(), x, positive=positive) if explain else None
+    seg_labels = seg[0].argmax(dim=1).to(torch.uint8).numpy()
     release_memory()
-    return CardiacResult(prob, lm.threshold, positive, slices, labels, heat, score)
+    return CardiacResult(prob, lm.threshold, positive, slices, labels, heat, score, None, seg_labels,
+                         cardiac_shape_summary(feats))
+
+
+def cardiac_shape_summary(features: np.ndarray) -> dict[str, float]:
+    """Readable estimates from CardiacNet's 9 shape descriptors (areas summed over the same 8 slices of
+    ED and ES, so slice thickness and pixel size cancel in these ratios):
+
+    - ``lv_ef`` / ``rv_ef``: ejection-fraction estimates, 1 - ES area / ED area of each cavity;
+    - ``myo_to_lv_ed``: myocardium-to-LV-cavity area ratio at ED (high in hypertrophy);
+    - ``rv_to_lv_ed``: RV-to-LV cavity area ratio at ED (high in RV dilatation).
+    """
+    f = np.asarray(features, dtype=np.float64)
+    return {"lv_ef": float(1 - f[0]), "rv_ef": float(1 - f[1]), "myo_to_lv_ed": float(f[2]),
+            "rv_to_lv_ed": float(f[3])}
 
 
 # --------------------------------------------------------------------------- atrium

@@ -139,3 +139,28 @@ def mean_ci(values, n_boot: int = 1000, seed: int = 0) -> list[float]:
     rng = np.random.default_rng(seed)
     means = v[rng.integers(0, len(v), (n_boot, len(v)))].mean(1)
     return [float(np.quantile(means, 0.025)), float(np.quantile(means, 0.975))]
+
+
+def cardiac_indices(ed_labels: np.ndarray, es_labels: np.ndarray) -> dict[str, float]:
+    """Ratios from ACDC label maps (0 bg, 1 RV, 2 myocardium, 3 LV cavity) of one study's ED and ES
+    frames, counted over all slices: ejection fractions 1 - ES/ED cavity size, myocardium-to-LV and
+    RV-to-LV cavity ratios at ED. Voxel size cancels, so they hold without true spacing."""
+    ed, es = np.asarray(ed_labels), np.asarray(es_labels)
+    n = {f"{k}_{f}": float((a == v).sum()) for f, a in (("ed", ed), ("es", es)) for k, v in (("rv", 1), ("my", 2), ("lv", 3))}
+    return {
+        "lv_ef": 1 - _safe_div(n["lv_es"], n["lv_ed"]) if n["lv_ed"] else float("nan"),
+        "rv_ef": 1 - _safe_div(n["rv_es"], n["rv_ed"]) if n["rv_ed"] else float("nan"),
+        "myo_to_lv_ed": _safe_div(n["my_ed"], n["lv_ed"]) if n["lv_ed"] else float("nan"),
+        "rv_to_lv_ed": _safe_div(n["rv_ed"], n["lv_ed"]) if n["lv_ed"] else float("nan"),
+    }
+
+
+def agreement(estimate, reference) -> dict[str, float]:
+    """Mean absolute difference, mean difference (estimate - reference) and Pearson r over paired values."""
+    a, b = np.asarray(estimate, dtype=float), np.asarray(reference, dtype=float)
+    ok = np.isfinite(a) & np.isfinite(b)
+    a, b = a[ok], b[ok]
+    if len(a) == 0:
+        return {"n": 0, "mae": float("nan"), "bias": float("nan"), "pearson_r": float("nan")}
+    r = float(np.corrcoef(a, b)[0, 1]) if len(a) > 1 and a.std() > 0 and b.std() > 0 else float("nan")
+    return {"n": int(len(a)), "mae": float(np.abs(a - b).mean()), "bias": float((a - b).mean()), "pearson_r": r}

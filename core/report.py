@@ -75,11 +75,36 @@ def markdown(wdir=None) -> str:
         lines += ["", "| model | split | volumes | 3D Dice (95 % CI of mean) | IoU | HD95 (mm) | volume error (%) | "
                       "Dice per case |", "|---|---|---|---|---|---|---|---|", *seg]
     lines += ["", *meta]
+    lines += shape_markdown(wdir)
     lines += perf_markdown()
     return "\n".join(lines)
 
 
 BENCH_FILE = "benchmarks/cpu-2core.json"
+SHAPE_NAMES = {"lv_ef": "LV ejection fraction", "rv_ef": "RV ejection fraction",
+               "myo_to_lv_ed": "myocardium / LV cavity at ED", "rv_to_lv_ed": "RV / LV cavity at ED"}
+
+
+def read_validation_eval(task: str, wdir=None) -> dict | None:
+    """What `python -m core.evaluate --task T --only-validation --json weights/T.validation-eval.json` wrote."""
+    from core.config import weights_dir
+
+    path = weights_dir(wdir) / f"{task}.validation-eval.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def shape_markdown(wdir=None) -> list[str]:
+    """How the cardiac model's shape estimates agree with the expert masks on its validation patients."""
+    ev = read_validation_eval("cardiac", wdir)
+    if not ev or "shape_agreement" not in ev:
+        return []
+    rows = ["", f"Cardiac estimates from the model's segmentation (8 slices per frame) against the same ratios from "
+                f"the expert masks over every slice, on the committed model's {ev['n']} validation patients "
+                "(weights/cardiac.validation-eval.json):", "",
+            "| quantity | mean absolute difference | mean difference | Pearson r |", "|---|---|---|---|"]
+    for k, a in ev["shape_agreement"].items():
+        rows.append(f"| {SHAPE_NAMES.get(k, k)} | {a['mae']:.3f} | {a['bias']:+.3f} | {a['pearson_r']:.2f} |")
+    return rows
 
 
 def perf_markdown() -> list[str]:

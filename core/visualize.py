@@ -51,3 +51,20 @@ def mask_overlay(gray: np.ndarray, pred: np.ndarray | None, truth: np.ndarray | 
     for m, colour, _ in layers:
         out[m] = out[m] * (1 - alpha) + np.array(colour, np.float32) * alpha
     return out.clip(0, 255).astype(np.uint8), [(name, colour) for _, colour, name in layers]
+
+
+# ACDC structures, coloured by hue: right ventricle, myocardium, left-ventricle cavity.
+CARDIAC_COLOURS = {1: ((40, 120, 255), "right ventricle"), 2: ((0, 200, 0), "myocardium"),
+                   3: ((230, 40, 40), "left-ventricle cavity")}
+
+
+def label_overlay(gray: np.ndarray, labels: np.ndarray, colours: dict[int, tuple[tuple, str]] = CARDIAC_COLOURS,
+                  alpha: float = 0.45) -> tuple[np.ndarray, list[tuple[str, tuple]]]:
+    """Colour each labelled structure of a (H, W) label map over a grey slice. Returns (RGB uint8, legend)."""
+    if gray.shape != labels.shape:
+        raise ValueError(f"image {gray.shape} and labels {labels.shape} differ in shape")
+    out = grey_rgb(gray).astype(np.float32)
+    for value, (colour, _) in colours.items():
+        m = labels == value
+        out[m] = out[m] * (1 - alpha) + np.array(colour, np.float32) * alpha
+    return out.clip(0, 255).astype(np.uint8), [(name, colour) for colour, name in colours.values()]

@@ -57,6 +57,9 @@ def test_cardiac_sample_prediction(acdc_root):
     assert not at.exception
     assert "P(disease)" in _text(at)
     assert _images(at) >= 16  # 8 ED + 8 ES slices with Grad-CAM
+    assert "LV ejection fraction (estimate)" in _text(at)
+    at.radio(key="card.view").set_value("Segmentation (RV, myocardium, LV cavity)").run()
+    assert not at.exception and "left-ventricle cavity" in _text(at) and _images(at) >= 16
 
 
 def test_atrium_sample_segmentation_and_slider(heart_root):

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from core.checkpoint import read_card
+from core.report import read_validation_eval
 from core.evaluate import main as evaluate_main
 
 
@@ -69,6 +70,12 @@ def test_cardiac_reproduces_recorded_validation(acdc_root, tmp_path):
     # the held-out figures measured now on CPU equal those recorded by training on GPU
     assert res["auc"] == pytest.approx(card["validation"]["auc"], abs=0.03)
     assert res["accuracy"] == pytest.approx(card["validation"]["accuracy"], abs=0.07)
+    # the shape estimates shown on the page, against the expert masks; the committed figures file agrees
+    lv = res["shape_agreement"]["lv_ef"]
+    assert lv["n"] == len(pids) and lv["mae"] < 0.10 and lv["pearson_r"] > 0.8
+    recorded = read_validation_eval("cardiac")
+    assert recorded is not None and recorded["n"] == len(pids)
+    assert lv["mae"] == pytest.approx(recorded["shape_agreement"]["lv_ef"]["mae"], abs=0.01)
 
 
 def test_cardiac_floor_cross_validated():

@@ -79,3 +79,27 @@ def test_volume_and_per_slice():
 def test_mean_ci():
     lo, hi = M.mean_ci([0.8, 0.9, 1.0])
     assert 0.8 <= lo <= 0.9 <= hi <= 1.0
+
+
+def test_cardiac_indices_known_values():
+    ed = np.zeros((10, 10, 2), dtype=np.uint8)
+    es = np.zeros_like(ed)
+    ed[:5, :4, :] = 3  # LV cavity 20 px x 2 slices = 40
+    ed[5:7, :5, :] = 2  # myocardium 10 x 2 = 20
+    ed[7:, :, 0] = 1  # RV 30 px on one slice
+    es[:2, :5, :] = 3  # LV 10 x 2 = 20
+    es[7:, :4, 0] = 1  # RV 12
+    r = M.cardiac_indices(ed, es)
+    assert r["lv_ef"] == pytest.approx(1 - 20 / 40)
+    assert r["rv_ef"] == pytest.approx(1 - 12 / 30)
+    assert r["myo_to_lv_ed"] == pytest.approx(20 / 40)
+    assert r["rv_to_lv_ed"] == pytest.approx(30 / 40)
+    assert np.isnan(M.cardiac_indices(np.zeros((4, 4, 1)), np.zeros((4, 4, 1)))["lv_ef"])
+
+
+def test_agreement_known_values():
+    a = M.agreement([0.5, 0.6, 0.9, float("nan")], [0.4, 0.7, 0.7, 0.1])
+    assert a["n"] == 3
+    assert a["mae"] == pytest.approx((0.1 + 0.1 + 0.2) / 3)
+    assert a["bias"] == pytest.approx((0.1 - 0.1 + 0.2) / 3)
+    assert a["pearson_r"] == pytest.approx(np.corrcoef([0.5, 0.6, 0.9], [0.4, 0.7, 0.7])[0, 1])

@@ -4,10 +4,10 @@ from __future__ import annotations
 import numpy as np
 import streamlit as st
 
-from common import DISCLAIMER, file_key, model_or_stop, reset_namespace, run_safely, pick_sample
+from common import DISCLAIMER, file_key, legend, model_or_stop, pick_sample, reset_namespace, run_safely
 from core.inference import predict_cardiac
 from core.io import read_image_volume
-from core.visualize import heatmap_overlay
+from core.visualize import heatmap_overlay, label_overlay
 
 NS = "card"
 st.set_page_config(page_title="Cardiac disease – cine MRI", page_icon="🫀", layout="wide")
@@ -38,7 +38,7 @@ else:
 
 key = file_key(ed_bytes, es_bytes)
 if st.session_state.get(f"{NS}.key") != key:
-    reset_namespace(NS, keep=(f"{NS}.ed", f"{NS}.es", f"{NS}.sample", f"{NS}.alpha"))
+    reset_namespace(NS, keep=(f"{NS}.ed", f"{NS}.es", f"{NS}.sample", f"{NS}.alpha", f"{NS}.view"))
     ed = run_safely(lambda: read_image_volume(ed_bytes, "ED"), "The ED frame cannot be used")
     es = run_safely(lambda: read_image_volume(es_bytes, "ES"), "The ES frame cannot be used") if ed else None
     if ed is None or es is None:
@@ -62,18 +62,37 @@ box = st.error if res.positive else st.success
 box(f"The model {verdict}: P(disease) = **{res.probability:.1%}** (threshold {res.threshold:.1%}). "
     "Disease here means any of DCM, HCM, previous myocardial infarction or abnormal right ventricle; "
     "the model does not say which.")
-st.metric("P(disease)", f"{res.probability:.1%}")
+m1, m2, m3, m4, m5 = st.columns(5)
+m1.metric("P(disease)", f"{res.probability:.1%}")
+if res.shape is not None:
+    sh = res.shape
+    m2.metric("LV ejection fraction (estimate)", f"{sh['lv_ef']:.0%}")
+    m3.metric("RV ejection fraction (estimate)", f"{sh['rv_ef']:.0%}")
+    m4.metric("Myocardium / LV cavity at ED", f"{sh['myo_to_lv_ed']:.2f}")
+    m5.metric("RV / LV cavity at ED", f"{sh['rv_to_lv_ed']:.2f}")
+    st.caption("Estimates from the model's own segmentation of the 8 ED and 8 ES slices shown below (areas summed "
+               "over the same slices, so ratios need no voxel size). They are what the decision rests on, not "
+               "clinical measurements; the RV estimates agree less well with expert masks than the LV ones (see "
+               "Training & metrics).")
 
-alpha = st.slider("Heatmap opacity", 0.0, 1.0, 0.4, 0.05, key=f"{NS}.alpha")
-st.markdown("**Slices the model used** (centred crop, base to apex), each with its own Grad-CAM map "
-            "(scaled to its own maximum, so compare where, not how strongly, across slices):")
+alpha = st.slider("Overlay opacity", 0.0, 1.0, 0.4, 0.05, key=f"{NS}.alpha")
+view = st.radio("Overlay", ["Grad-CAM", "Segmentation (RV, myocardium, LV cavity)"], horizontal=True,
+                key=f"{NS}.view")
+show_seg = view.startswith("Segmentation") and res.segmentation is not None
+st.markdown("**Slices the model used** (centred crop, base to apex), with the model's segmentation or its "
+            "Grad-CAM map (each map scaled to its own maximum, so compare where, not how strongly, across slices):")
 k = len(res.slices) // 2
 for row, title in ((0, "End-diastole"), (1, "End-systole")):
     st.markdown(f"*{title}*")
     cols = st.columns(k)
     for j in range(k):
         i = row * k + j
-        img = heatmap_overlay(res.slices[i], res.heatmap[i], alpha)
+        if show_seg:
+            img, entries = label_overlay(res.slices[i], res.segmentation[i], alpha=alpha)
+        else:
+            img = heatmap_overlay(res.slices[i], res.heatmap[i], alpha)
         cols[j].image(np.rot90(img), caption=res.slice_labels[i], width="stretch")
-st.caption("The cardiac model was trained on ACDC (80 patients) and is the weakest of the three modules; "
-           "see Training & metrics for its cross-validated figures.")
+if show_seg:
+    legend(entries)
+st.caption("The cardiac model was trained on ACDC (80 patients, 16 of them normal); see Training & metrics for its "
+           "cross-validated figures.")

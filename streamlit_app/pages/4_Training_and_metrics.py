@@ -8,6 +8,7 @@ import streamlit as st
 from common import DISCLAIMER
 from core.checkpoint import read_card
 from core.errors import MissingWeightsError
+from core.report import SHAPE_NAMES, read_validation_eval
 from core.tasks import TASKS
 
 NS = "metrics"
@@ -76,6 +77,14 @@ if spec.kind == "binary":
         st.markdown("**5-fold cross-validation by patient** (all 80 patients, pooled out-of-fold predictions)")
         st.dataframe(rows(cv["pooled_out_of_fold"]), hide_index=True, key=f"{NS}.cv")
         st.dataframe(pd.DataFrame(cv["folds"]), hide_index=True, key=f"{NS}.folds")
+    ev = read_validation_eval(task)
+    if ev and "shape_agreement" in ev:
+        st.markdown(f"**Shape estimates against the expert masks** ({ev['n']} validation patients): the page's "
+                    "ejection fractions and ratios come from the model's segmentation of 8 slices per frame; here "
+                    "they are compared with the same ratios from the expert masks over every slice.")
+        st.dataframe(pd.DataFrame([{"quantity": SHAPE_NAMES.get(k, k), "mean absolute difference": a["mae"],
+                                    "mean difference": a["bias"], "Pearson r": a["pearson_r"], "n": a["n"]}
+                                   for k, a in ev["shape_agreement"].items()]), hide_index=True, key=f"{NS}.shape")
 else:
     lo, hi = v["dice_ci95"]
     st.markdown(f"**{v['n']} validation volumes**: mean 3D Dice **{v['dice_mean']:.3f}** (95 % CI {lo:.3f}-{hi:.3f}), "
