@@ -1,7 +1,10 @@
 """Train all (or some) diagnostic models from the data root and write weights/<task>.pt + .json.
 
     python train_all.py [--tasks pneumonia cardiac atrium] [--data-root DIR] [--weights-dir DIR]
-                        [--smoke] [--device cuda|cpu] [--seed 0] [--epochs N]
+                        [--smoke] [--device cuda|cpu] [--seed 0] [--epochs N] [--atrium-cv]
+
+--atrium-cv runs folds 2-5 of the atrium recipe (fold 1 is the committed model) and writes
+<weights>/atrium.cv.json, so that every atrium volume is validated once; it keeps no weights.
 """
 from __future__ import annotations
 
@@ -28,6 +31,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--epochs", type=int, default=None, help="override the registry's epoch count")
+    ap.add_argument("--atrium-cv", action="store_true",
+                    help="instead of training: cross-validation folds 2-5 of the atrium recipe -> atrium.cv.json")
     args = ap.parse_args(argv)
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stdout)
@@ -48,6 +53,14 @@ def main(argv: list[str] | None = None) -> int:
         PROJECT_ROOT / "artifacts" / "smoke-weights" if args.smoke else None)
     device = pick_device(args.device)
     print(f"data root {root} | device {device} | torch {torch.__version__} | threads {torch.get_num_threads()}")
+    if args.atrium_cv:
+        from core.train import cross_validate_atrium
+
+        rep = cross_validate_atrium(root, device, out, seed=args.seed, smoke=args.smoke)
+        dice = [r["dice"] for f in rep["folds"] for r in f["per_case"].values()]
+        print(f"[atrium cv] {len(rep['folds'])} folds, {len(dice)} volumes, mean Dice "
+              f"{sum(dice) / max(1, len(dice)):.3f}")
+        return 0
     failed = False
     for task in args.tasks:
         t0 = time.time()

@@ -6,6 +6,7 @@ metric, early stopping, per-epoch history of loss and metric on train and valida
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import math
 import platform
@@ -626,17 +627,19 @@ def evaluate_atrium_volumes(model: nn.Module, vols: list[_AtriumVolume], device:
     return per_case
 
 
-def train_atrium(root: Path, cfg: TrainConfig, device: torch.device, smoke: bool = False,
-                 out_dir: Path | None = None) -> dict:
+def _atrium_split(n: int, cfg: TrainConfig, folds: int = 5) -> list[tuple[list[int], list[int]]]:
+    """(train, validation) volume indices. Fold 1 is the committed model's split (``val_fraction`` of the
+    volumes, seeded); the other volumes are divided into folds 2..``folds`` for cross-validation."""
+    order = np.random.default_rng(cfg.seed).permutation(n)
+    n_val = max(1, int(round(n * cfg.val_fraction)))
+    parts = [order[:n_val]] + [p for p in np.array_split(order[n_val:], max(1, folds - 1)) if len(p)]
+    return [(sorted(int(i) for i in order if i not in set(p.tolist())), sorted(int(i) for i in p)) for p in parts]
+
+
+def _fit_atrium(vols: list[_AtriumVolume], tr_idx: list[int], va_idx: list[int], cfg: TrainConfig,
+                device: torch.device, desc: str = "atrium") -> tuple[nn.Module, FitResult, dict[str, dict], int]:
+    """Train the U-Net on the training volumes; per-case 3D metrics of the validation volumes."""
     spec = get_task("atrium")
-    cases = mio.find_atrium_cases(root)
-    if smoke:
-        cases = cases[:3]
-    rng = np.random.default_rng(cfg.seed)
-    order = rng.permutation(len(cases))
-    n_val = max(1, int(round(len(cases) * cfg.val_fraction)))
-    va_idx, tr_idx = sorted(order[:n_val]), sorted(order[n_val:])
-    vols = _load_atrium(cases, max_slices=12 if smoke else None)
     tr_vols = [vols[i] for i in tr_idx]
     va_vols = [vols[i] for i in va_idx]
     x_tr = torch.cat([v.stack for v in tr_vols]).to(device)
@@ -670,16 +673,28 @@ def train_atrium(root: Path, cfg: TrainConfig, device: torch.device, smoke: bool
         pc = evaluate_atrium_volumes(model, va_vols, device, full=False)
         return {"loss": float(np.mean(losses)), "dice": float(np.mean([r["dice"] for r in pc.values()]))}
 
-    res = fit(model, train_batches, step, validate, cfg, "dice", desc="atrium")
+    res = fit(model, train_batches, step, validate, cfg, "dice", desc=desc)
     model.eval()
     with torch.no_grad():
         per_case = evaluate_atrium_volumes(model, va_vols, device)
+    return model, res, per_case, int(len(x_tr))
+
+
+def _mean_finite(per_case: dict[str, dict], key: str) -> float:
+    vals = [r[key] for r in per_case.values() if np.isfinite(r[key])]
+    return float(np.mean(vals)) if vals else float("nan")
+
+
+def train_atrium(root: Path, cfg: TrainConfig, device: torch.device, smoke: bool = False,
+                 out_dir: Path | None = None) -> dict:
+    spec = get_task("atrium")
+    cases = mio.find_atrium_cases(root)
+    if smoke:
+        cases = cases[:3]
+    tr_idx, va_idx = _atrium_split(len(cases), cfg)[0]
+    vols = _load_atrium(cases, max_slices=12 if smoke else None)
+    model, res, per_case, n_slices = _fit_atrium(vols, tr_idx, va_idx, cfg, device)
     dices = [r["dice"] for r in per_case.values()]
-
-    def mean(key: str) -> float:
-        vals = [r[key] for r in per_case.values() if np.isfinite(r[key])]
-        return float(np.mean(vals)) if vals else float("nan")
-
     card = _card_base(spec, cfg, device, smoke)
     card.update({
         "threshold": 0.5,
@@ -690,7 +705,7 @@ def train_atrium(root: Path, cfg: TrainConfig, device: torch.device, smoke: bool
             "n_volumes": len(cases),
             "split": f"by volume (one patient each), seed {cfg.seed}: {len(tr_idx)} train / {len(va_idx)} validation",
             "n_train": len(tr_idx), "n_val": len(va_idx),
-            "n_train_slices": int(len(x_tr)),
+            "n_train_slices": n_slices,
             "train_cases": [cases[i].case_id for i in tr_idx],
             "val_cases": [cases[i].case_id for i in va_idx],
         },
@@ -700,14 +715,54 @@ def train_atrium(root: Path, cfg: TrainConfig, device: torch.device, smoke: bool
             "n": len(per_case),
             "dice_mean": float(np.mean(dices)),
             "dice_ci95": M.mean_ci(dices, seed=cfg.seed),
-            "iou_mean": mean("iou"),
-            "hd95_mm_mean": mean("hd95_mm"),
-            "volume_error_pct_mean": mean("volume_error_pct"),
+            "iou_mean": _mean_finite(per_case, "iou"),
+            "hd95_mm_mean": _mean_finite(per_case, "hd95_mm"),
+            "volume_error_pct_mean": _mean_finite(per_case, "volume_error_pct"),
             "per_case": per_case,
         },
     })
     save_trained(model, card, spec.name, out_dir)
     return card
+
+
+def cross_validate_atrium(root: Path, device: torch.device, out_dir: Path | None = None, folds: int = 5,
+                          seed: int = 0, smoke: bool = False) -> dict:
+    """Folds 2..``folds`` of the atrium recipe (fold 1 is the committed model, whose card holds its
+    figures): each trains on the other volumes and is scored on its own. Writes <weights>/atrium.cv.json;
+    no weights are kept."""
+    spec = get_task("atrium")
+    d = dict(spec.train_defaults)
+    if smoke:
+        d.update(epochs=1, batch_size=8, patience=1)
+    cfg = TrainConfig(seed=seed, **d)
+    cases = mio.find_atrium_cases(root)
+    if smoke:
+        cases = cases[:4]
+    splits = _atrium_split(len(cases), cfg, folds)
+    vols = _load_atrium(cases, max_slices=12 if smoke else None)
+    fold_reports = []
+    for k, (tr, va) in enumerate(splits[1:], start=2):
+        _, res, per_case, _ = _fit_atrium(vols, tr, va, cfg, device, desc=f"atrium fold {k}")
+        fold_reports.append({"fold": k, "train_cases": [cases[i].case_id for i in tr],
+                             "val_cases": [cases[i].case_id for i in va], "best_epoch": res.best_epoch,
+                             "epochs_run": res.epochs_run, "seconds": round(res.seconds, 1), "per_case": per_case})
+    report = {
+        "task": "atrium",
+        "what": f"cross-validation folds 2-{len(splits)} of the atrium training recipe; fold 1 is the committed "
+                "model (its card's validation). Every volume is validated once across the folds.",
+        "folds": fold_reports,
+        "training": asdict(cfg), "smoke": smoke, "device": _card_base(spec, cfg, device, smoke)["device"],
+        "torch_version": torch.__version__, "git_commit": git_commit(),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    if dist_info()[0] == 0:
+        from core.checkpoint import _atomic_write, _clean
+        from core.config import weights_dir
+
+        path = (Path(out_dir) if out_dir else weights_dir()) / "atrium.cv.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _atomic_write(path, (json.dumps(_clean(report), indent=1) + "\n").encode())
+    return report
 
 
 TRAINERS: dict[str, Callable[..., dict]] = {
