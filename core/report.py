@@ -71,6 +71,14 @@ def markdown(wdir=None) -> str:
             seg.append(f"| {card['title']} | {card['data']['split']} | {v['n']} | {v['dice_mean']:.3f} "
                        f"({lo:.3f}-{hi:.3f}) | {v['iou_mean']:.3f} | {v['hd95_mm_mean']:.2f} | "
                        f"{v['volume_error_pct_mean']:+.1f} | {per} |")
+            cv = atrium_cross_validation(card, wdir)
+            if cv:
+                lo, hi = cv["dice_ci95"]
+                seg.append(f"| {card['title']}: 5-fold CV, every volume validated once | fold 1 = the row above; "
+                           f"folds 2-{cv['n_folds']} from weights/atrium.cv.json | {cv['n']} | {cv['dice_mean']:.3f} "
+                           f"({lo:.3f}-{hi:.3f}) | {cv['iou_mean']:.3f} | {cv['hd95_mm_mean']:.2f} | "
+                           f"{cv['volume_error_pct_mean']:+.1f} | lowest: "
+                           + ", ".join(f"{k} {d:.3f}" for k, d in cv["lowest"]) + " |")
     if seg:
         lines += ["", "| model | split | volumes | 3D Dice (95 % CI of mean) | IoU | HD95 (mm) | volume error (%) | "
                       "Dice per case |", "|---|---|---|---|---|---|---|---|", *seg]
@@ -91,6 +99,32 @@ def read_validation_eval(task: str, wdir=None) -> dict | None:
 
     path = weights_dir(wdir) / f"{task}.validation-eval.json"
     return json.loads(path.read_text()) if path.is_file() else None
+
+
+def atrium_cross_validation(card: dict, wdir=None) -> dict | None:
+    """Per-volume figures of every atrium volume validated once: fold 1 from the card, folds 2.. from
+    atrium.cv.json (written by `python train_all.py --atrium-cv`); None when that file is absent."""
+    from core.config import weights_dir
+    from core.metrics import mean_ci
+
+    path = weights_dir(wdir) / "atrium.cv.json"
+    if not path.is_file():
+        return None
+    cv = json.loads(path.read_text())
+    per_case = dict(card["validation"]["per_case"])
+    for f in cv["folds"]:
+        per_case.update(f["per_case"])
+
+    def mean(key: str) -> float:
+        vals = [r[key] for r in per_case.values() if r.get(key) is not None and r[key] == r[key]]
+        return sum(vals) / len(vals) if vals else float("nan")
+
+    dices = [r["dice"] for r in per_case.values()]
+    return {"n": len(per_case), "n_folds": 1 + len(cv["folds"]), "dice_mean": mean("dice"),
+            "dice_ci95": mean_ci(dices), "iou_mean": mean("iou"), "hd95_mm_mean": mean("hd95_mm"),
+            "volume_error_pct_mean": mean("volume_error_pct"),
+            "lowest": sorted(((k, r["dice"]) for k, r in per_case.items()), key=lambda t: t[1])[:3],
+            "per_case": per_case}
 
 
 def shape_markdown(wdir=None) -> list[str]:

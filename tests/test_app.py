@@ -84,6 +84,10 @@ def test_metrics_page_each_task():
         assert not at.exception
         assert len(at.get("plotly_chart")) >= 2
         assert len(at.dataframe) >= 1
+        if task == "cardiac":
+            assert "Shape estimates against the expert masks" in _text(at)
+        if task == "atrium":
+            assert "5-fold cross-validation of the same recipe" in _text(at)
 
 
 def test_missing_weights_message(monkeypatch, tmp_path):
