@@ -136,7 +136,9 @@ def test_uploads_leave_nothing_on_disk_or_in_logs(xray_root, tmp_path):
     warm_bad = tmp_path / "src" / "warmup-broken.nii.gz"
     warm_bad.write_bytes(b"\x1f\x8b" + secrets.token_bytes(300))
     since = time.time()
-    proc, url, log = _start(tmp_path, {"HOME": str(home), "TMPDIR": str(tmpdir)})
+    # unbuffered, so that output produced during the warm-up is written then, not flushed (and counted)
+    # inside the measured window
+    proc, url, log = _start(tmp_path, {"HOME": str(home), "TMPDIR": str(tmpdir), "PYTHONUNBUFFERED": "1"})
     try:
         with sync_playwright() as p:
             b = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
@@ -153,6 +155,8 @@ def test_uploads_leave_nothing_on_disk_or_in_logs(xray_root, tmp_path):
             page.get_by_text("cannot be used").first.wait_for()
             page.wait_for_timeout(1000)
             io_before = _io_write_bytes(proc.pid)
+            log_before = log.stat().st_size
+            window_start = time.time()
             page.goto(f"{url}/Pneumonia")
             page.locator("input[type=file]").first.set_input_files(str(upload))
             page.get_by_text("P(pneumonia) =").first.wait_for()
@@ -185,7 +189,10 @@ def test_uploads_leave_nothing_on_disk_or_in_logs(xray_root, tmp_path):
     if io_before is not None and io_after is not None:
         written = io_after - io_before
         print(f"bytes written to storage by the server during the uploads: {written}")
-        assert written == 0
+        log_added = log.read_bytes()[log_before:].decode(errors="replace")
+        touched = [str(f) for base in (PROJECT_ROOT, home, tmpdir)
+                   for f in _files_modified_since(base, window_start, skip=upload.parent)]
+        assert written == 0, f"server log grew by: {log_added[-1500:]!r}; files modified: {touched[:20]}"
 
 
 def _io_write_bytes(pid: int) -> int | None:
