@@ -106,4 +106,11 @@ def figure_line(task: str) -> str:
             txt += f"; 5-fold CV pooled AUC {o['auc']:.3f}, accuracy {o['accuracy']:.3f}"
         return txt
     lo, hi = v["dice_ci95"]
-    return f"validation 3D Dice {v['dice_mean']:.3f} ({lo:.3f}-{hi:.3f}), n = {v['n']} volumes"
+    txt = f"validation 3D Dice {v['dice_mean']:.3f} ({lo:.3f}-{hi:.3f}), n = {v['n']} volumes"
+    from core.report import atrium_cross_validation
+
+    cv = atrium_cross_validation(card)
+    if cv:
+        lo, hi = cv["dice_ci95"]
+        txt += f"; {cv['n_folds']}-fold CV Dice {cv['dice_mean']:.3f} ({lo:.3f}-{hi:.3f}), n = {cv['n']}"
+    return txt

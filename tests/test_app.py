@@ -36,7 +36,7 @@ def test_home_shows_figures_and_disclaimer():
     at = _page("Home.py")
     text = "\n".join(w.value for w in at.warning) + _text(at)
     assert "not a medical device" in text
-    assert "validation AUC" in text and "3D Dice" in text
+    assert "validation AUC" in text and "3D Dice" in text and "5-fold CV Dice" in text
 
 
 def test_pneumonia_sample_prediction(xray_root):
