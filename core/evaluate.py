@@ -113,17 +113,13 @@ def evaluate_atrium(root: Path, wdir=None, only: set[str] | None = None) -> dict
             continue
         per_case[c.case_id] = M.segmentation_metrics(res.mask, gt, vol.spacing)
 
-    def mean(key: str) -> float:
-        v = [r[key] for r in per_case.values() if np.isfinite(r[key])]
-        return float(np.mean(v)) if v else float("nan")
-
     return {
         "n": len(per_case),
-        "dice_mean": mean("dice"),
+        "dice_mean": M.mean_finite(per_case, "dice"),
         "dice_per_case": {k: r["dice"] for k, r in per_case.items()},
-        "iou_mean": mean("iou"),
-        "hd95_mm_mean": mean("hd95_mm"),
-        "volume_error_pct_mean": mean("volume_error_pct"),
+        "iou_mean": M.mean_finite(per_case, "iou"),
+        "hd95_mm_mean": M.mean_finite(per_case, "hd95_mm"),
+        "volume_error_pct_mean": M.mean_finite(per_case, "volume_error_pct"),
         "dice_ci95": M.mean_ci([r["dice"] for r in per_case.values()]),
         "per_case": per_case,
         "threshold": lm.threshold,

@@ -131,6 +131,12 @@ def segmentation_metrics(pred: np.ndarray, gt: np.ndarray, spacing) -> dict[str,
     }
 
 
+def mean_finite(per_case: dict[str, dict], key: str) -> float:
+    """Mean of one metric over cases, skipping missing and non-finite values (nan when none is left)."""
+    vals = [r[key] for r in per_case.values() if r.get(key) is not None and np.isfinite(r[key])]
+    return float(np.mean(vals)) if vals else float("nan")
+
+
 def mean_ci(values, n_boot: int = 1000, seed: int = 0) -> list[float]:
     """Bootstrap 95 % interval of the mean of per-case values."""
     v = np.asarray([x for x in values if np.isfinite(x)], dtype=float)

@@ -172,7 +172,8 @@ def build_guard(task: str, root=None, wdir=None) -> dict:
         out = [encoder_features(lm.model, torch.stack(xs[i : i + 64])) for i in range(0, len(xs), 64)]
         return torch.cat(out).numpy().astype(np.float64)
 
-    groups = np.arange(len(train))
+    n_cases = len(train)
+    groups = np.arange(n_cases)
     if task == "cardiac":
         # 63 studies are few: the guard also learns from the variation the model was trained to accept
         # (the training augmentations: rotation, scale, shift, intensity), 4 copies per study.
@@ -184,7 +185,7 @@ def build_guard(task: str, root=None, wdir=None) -> dict:
                   for _ in range(CARDIAC_AUGMENTED_COPIES)]
         train = train + [c for a in copies for c in a]
         groups = np.tile(groups, CARDIAC_AUGMENTED_COPIES + 1)
-    scored = np.arange(len(train)) < len(groups) // (CARDIAC_AUGMENTED_COPIES + 1 if task == "cardiac" else 1)
+    scored = np.arange(len(train)) < n_cases  # thresholds come from the real studies, not their copies
     guard, train_scores = fit_guard(feats(train), k=32 if task == "pneumonia" else 8, groups=groups, scored=scored)
     val_scores = guard.score(feats(valid))
     report = {

@@ -105,7 +105,7 @@ def atrium_cross_validation(card: dict, wdir=None) -> dict | None:
     """Per-volume figures of every atrium volume validated once: fold 1 from the card, folds 2.. from
     atrium.cv.json (written by `python train_all.py --atrium-cv`); None when that file is absent."""
     from core.config import weights_dir
-    from core.metrics import mean_ci
+    from core.metrics import mean_ci, mean_finite
 
     path = weights_dir(wdir) / "atrium.cv.json"
     if not path.is_file():
@@ -115,14 +115,9 @@ def atrium_cross_validation(card: dict, wdir=None) -> dict | None:
     for f in cv["folds"]:
         per_case.update(f["per_case"])
 
-    def mean(key: str) -> float:
-        vals = [r[key] for r in per_case.values() if r.get(key) is not None and r[key] == r[key]]
-        return sum(vals) / len(vals) if vals else float("nan")
-
-    dices = [r["dice"] for r in per_case.values()]
-    return {"n": len(per_case), "n_folds": 1 + len(cv["folds"]), "dice_mean": mean("dice"),
-            "dice_ci95": mean_ci(dices), "iou_mean": mean("iou"), "hd95_mm_mean": mean("hd95_mm"),
-            "volume_error_pct_mean": mean("volume_error_pct"),
+    return {"n": len(per_case), "n_folds": 1 + len(cv["folds"]),
+            **{f"{k}_mean": mean_finite(per_case, k) for k in ("dice", "iou", "hd95_mm", "volume_error_pct")},
+            "dice_ci95": mean_ci([r["dice"] for r in per_case.values()]),
             "lowest": sorted(((k, r["dice"]) for k, r in per_case.items()), key=lambda t: t[1])[:3],
             "per_case": per_case}
 

@@ -413,7 +413,7 @@ def soft_dice_multiclass(logits: torch.Tensor, target: torch.Tensor, eps: float 
 HEAD_STEPS = 2000
 
 
-def _fit_cardiac_head(model: nn.Module, d: _CardiacData, y: torch.Tensor, tr: np.ndarray, cfg: TrainConfig,
+def _fit_cardiac_head(net: nn.Module, d: _CardiacData, y: torch.Tensor, tr: np.ndarray, cfg: TrainConfig,
                       device: torch.device) -> dict:
     """Second stage: the perceptron on shape descriptors, with the segmentation frozen.
 
@@ -421,7 +421,6 @@ def _fit_cardiac_head(model: nn.Module, d: _CardiacData, y: torch.Tensor, tr: np
     those of their true masks (clean shapes), full batch, BCE-with-logits with class weighting.
     """
     set_seed(cfg.seed)
-    net = model
     net.eval()
     with torch.no_grad():
         feats = [net.shape_features(net.segment(d.x[tr[i : i + 8]].to(device).float())) for i in range(0, len(tr), 8)]
@@ -680,11 +679,6 @@ def _fit_atrium(vols: list[_AtriumVolume], tr_idx: list[int], va_idx: list[int],
     return model, res, per_case, int(len(x_tr))
 
 
-def _mean_finite(per_case: dict[str, dict], key: str) -> float:
-    vals = [r[key] for r in per_case.values() if np.isfinite(r[key])]
-    return float(np.mean(vals)) if vals else float("nan")
-
-
 def train_atrium(root: Path, cfg: TrainConfig, device: torch.device, smoke: bool = False,
                  out_dir: Path | None = None) -> dict:
     spec = get_task("atrium")
@@ -715,9 +709,9 @@ def train_atrium(root: Path, cfg: TrainConfig, device: torch.device, smoke: bool
             "n": len(per_case),
             "dice_mean": float(np.mean(dices)),
             "dice_ci95": M.mean_ci(dices, seed=cfg.seed),
-            "iou_mean": _mean_finite(per_case, "iou"),
-            "hd95_mm_mean": _mean_finite(per_case, "hd95_mm"),
-            "volume_error_pct_mean": _mean_finite(per_case, "volume_error_pct"),
+            "iou_mean": M.mean_finite(per_case, "iou"),
+            "hd95_mm_mean": M.mean_finite(per_case, "hd95_mm"),
+            "volume_error_pct_mean": M.mean_finite(per_case, "volume_error_pct"),
             "per_case": per_case,
         },
     })
@@ -731,10 +725,7 @@ def cross_validate_atrium(root: Path, device: torch.device, out_dir: Path | None
     figures): each trains on the other volumes and is scored on its own. Writes <weights>/atrium.cv.json;
     no weights are kept."""
     spec = get_task("atrium")
-    d = dict(spec.train_defaults)
-    if smoke:
-        d.update(epochs=1, batch_size=8, patience=1)
-    cfg = TrainConfig(seed=seed, **d)
+    cfg = task_config("atrium", smoke, seed)
     cases = mio.find_atrium_cases(root)
     if smoke:
         cases = cases[:4]
@@ -772,14 +763,18 @@ TRAINERS: dict[str, Callable[..., dict]] = {
 }
 
 
-def train_task(task: str, root: Path, device: torch.device, smoke: bool = False, out_dir: Path | None = None,
-               seed: int = 0, epochs: int | None = None) -> dict:
-    """Train one task with its registry defaults (or smoke settings) and write weights + card."""
-    spec = get_task(task)
-    d = dict(spec.train_defaults)
+def task_config(task: str, smoke: bool = False, seed: int = 0, epochs: int | None = None) -> TrainConfig:
+    """The registry's training defaults for a task, or the short smoke settings; ``epochs`` overrides."""
+    d = dict(get_task(task).train_defaults)
     if smoke:
         d.update(epochs=2, batch_size=8, patience=2)
     if epochs:
         d["epochs"] = epochs
-    cfg = TrainConfig(seed=seed, **d)
+    return TrainConfig(seed=seed, **d)
+
+
+def train_task(task: str, root: Path, device: torch.device, smoke: bool = False, out_dir: Path | None = None,
+               seed: int = 0, epochs: int | None = None) -> dict:
+    """Train one task with its registry defaults (or smoke settings) and write weights + card."""
+    cfg = task_config(task, smoke, seed, epochs)
     return TRAINERS[task](Path(root), cfg, device, smoke=smoke, out_dir=out_dir)
