@@ -5,7 +5,6 @@ metric, early stopping, per-epoch history of loss and metric on train and valida
 """
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import math
@@ -46,12 +45,16 @@ class TrainConfig:
     seed: int = 0
     weight_decay: float = 1e-4
     val_fraction: float = 0.2
+    mixed_precision: bool = True  # bfloat16 autocast where the device runs it natively (see autocast_for)
+    crop: int | None = None  # segmentation: side of the square training crops; None = whole slices
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 1 or self.patience < 1:
             raise ValueError("epochs, batch_size and patience must be >= 1")
         if not (0 < self.lr < 1):
             raise ValueError(f"lr must be in (0, 1), got {self.lr}")
+        if self.crop is not None and (self.crop < 16 or self.crop % 16):
+            raise ValueError(f"crop must be a multiple of 16 (the U-Net's), got {self.crop}")
 
 
 def set_seed(seed: int) -> None:
@@ -64,6 +67,32 @@ def pick_device(name: str | None = None) -> torch.device:
     if name:
         return torch.device(name)
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def native_bf16(device: torch.device) -> bool:
+    """True where bfloat16 matrix maths runs in hardware: CUDA GPUs that support it, or CPUs with
+    AVX512-BF16 / AMX (oneDNN). Elsewhere bf16 is emulated and slower than float32."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        try:
+            return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        except (AttributeError, RuntimeError):
+            return False
+    return False
+
+
+def autocast_for(device: torch.device, enabled: bool = True):
+    """bfloat16 autocast on ``device`` when ``enabled`` and native there (weights and optimizer stay
+    float32); otherwise a no-op context. On a 2-core AVX512-BF16/AMX CPU with channels-last memory it
+    trains the U-Nets 2-4x faster (benchmarks/logs/train-throughput.log)."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled and native_bf16(device))
+
+
+def precision_label(device: torch.device, cfg: TrainConfig) -> str:
+    if cfg.mixed_precision and native_bf16(device):
+        return "bfloat16 autocast (float32 weights), channels-last"
+    return "float32, channels-last"
 
 
 # --------------------------------------------------------------------------- distributed (torchrun)
@@ -132,15 +161,15 @@ def fit(
     validate(model) returns a dict with "loss" and ``monitor``.
     """
     set_seed(cfg.seed)
-    plain = model
+    plain = model.to(memory_format=torch.channels_last)  # faster convolutions on CPU (oneDNN) and GPU
+    device = next(plain.parameters()).device
     if dist_info()[1] > 1:  # DistributedDataParallel: gradients are averaged across processes
         from torch.nn.parallel import DistributedDataParallel
 
-        dev = next(plain.parameters()).device
-        model = DistributedDataParallel(plain, device_ids=[dev.index] if dev.type == "cuda" else None)
+        model = DistributedDataParallel(plain, device_ids=[device.index] if device.type == "cuda" else None)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs, eta_min=cfg.lr * 0.02)
-    best_value, best_epoch, best_state = -math.inf, 0, copy.deepcopy(plain.state_dict())
+    best_value, best_epoch, best_state = -math.inf, 0, _contiguous_state(plain)
     history: list[dict] = []
     t0 = time.time()
     bar = tqdm(range(1, cfg.epochs + 1), desc=desc, leave=False, mininterval=2)
@@ -149,7 +178,8 @@ def fit(
         losses, mets, weights = [], [], []
         for batch in train_batches(epoch):
             opt.zero_grad(set_to_none=True)
-            loss, met = step(model, batch)
+            with autocast_for(device, cfg.mixed_precision):
+                loss, met = step(model, batch)
             loss.backward()
             opt.step()
             n = len(batch[0])
@@ -164,7 +194,7 @@ def fit(
             for buf in plain.buffers():
                 dist.broadcast(buf, 0)
         model.eval()
-        with torch.no_grad():
+        with torch.no_grad(), autocast_for(device, cfg.mixed_precision):
             val = validate(plain)  # every process validates the same cases, so all keep the same best
         rec = {
             "epoch": epoch,
@@ -179,15 +209,21 @@ def fit(
         value = val[monitor] if np.isfinite(val[monitor]) else -math.inf
         if value > best_value:
             best_value, best_epoch = value, epoch
-            best_state = copy.deepcopy(plain.state_dict())
+            best_state = _contiguous_state(plain)
         bar.set_postfix(loss=f"{rec['train_loss']:.3f}", val=f"{val[monitor]:.3f}", best=f"{best_value:.3f}")
         log.info("%s epoch %d: train_loss %.4f train_%s %.4f val_loss %.4f val_%s %.4f", desc, epoch,
                  rec["train_loss"], monitor, rec[f"train_{monitor}"], val["loss"], monitor, val[monitor])
         if epoch - best_epoch >= cfg.patience:
             log.info("%s: early stop at epoch %d (best %d)", desc, epoch, best_epoch)
             break
+    plain.to(memory_format=torch.contiguous_format)  # saved weights and later inference use the plain layout
     plain.load_state_dict(best_state)
     return FitResult(best_state, history, best_epoch, best_value, len(history), time.time() - t0)
+
+
+def _contiguous_state(model: nn.Module) -> dict:
+    """A detached copy of the state dict in the plain (contiguous) memory layout."""
+    return {k: v.detach().clone(memory_format=torch.contiguous_format) for k, v in model.state_dict().items()}
 
 
 # --------------------------------------------------------------------------- shared helpers
@@ -267,7 +303,8 @@ def _card_base(spec: TaskSpec, cfg: TrainConfig, device: torch.device, smoke: bo
         "classes": list(spec.classes),
         "architecture": {"name": spec.architecture, "kwargs": spec.model_kwargs},
         "input_spec": spec.input_spec,
-        "training": {**asdict(cfg), "optimizer": "Adam + cosine LR", "monitor": spec.monitor},
+        "training": {**asdict(cfg), "optimizer": "Adam + cosine LR", "monitor": spec.monitor,
+                     "precision": precision_label(device, cfg)},
         "smoke": smoke,
         "device": str(device) + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else
                                  f" ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"),
@@ -305,7 +342,7 @@ def _binary_step(pos_weight: torch.Tensor, device: torch.device, aug: dict):
         xb, yb = batch
         xb = intensity_jitter(random_affine(xb.to(device).float(), **aug)[0])
         yb = yb.to(device).float()
-        logit = model(xb).flatten()
+        logit = model(xb).flatten().float()
         loss = F.binary_cross_entropy_with_logits(logit, yb, pos_weight=pos_weight)
         acc = float(((logit > 0).float() == yb).float().mean())
         return loss, acc
@@ -474,14 +511,14 @@ def _fit_cardiac(d: _CardiacData, y: torch.Tensor, tr: np.ndarray, va: np.ndarra
         xb, mb = batch
         xb, mb = random_affine(xb, mb, rot_deg=15, scale=0.15, shift=0.05)
         xb = intensity_jitter(xb)
-        logits = net(xb)
+        logits = net(xb).float()
         loss = F.cross_entropy(logits, mb) + soft_dice_multiclass(logits, mb)
         return loss, 1.0 - float(soft_dice_multiclass(logits.detach(), mb, eps=1e-6))
 
     def validate(net: nn.Module) -> dict:
         if x_va is None:
             return {"loss": float("nan"), "dice": float("nan")}
-        logits = torch.cat([net(x_va[i : i + 64].to(device).float()).cpu() for i in range(0, len(x_va), 64)])
+        logits = torch.cat([net(x_va[i : i + 64].to(device).float()).float().cpu() for i in range(0, len(x_va), 64)])
         loss = float(F.cross_entropy(logits, m_va) + soft_dice_multiclass(logits, m_va))
         pred = logits.argmax(1)
         dices = [M.dice((pred == c).numpy(), (m_va == c).numpy()) for c in (1, 2, 3)]
@@ -610,7 +647,7 @@ def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, eps: float = 1.0)
 def _segment_stack(model: nn.Module, stack: torch.Tensor, device: torch.device, bs: int = 32) -> torch.Tensor:
     out = []
     for i in range(0, len(stack), bs):
-        out.append(torch.sigmoid(model(stack[i : i + bs].to(device).float())[:, 0]).float().cpu())
+        out.append(torch.sigmoid(model(stack[i : i + bs].to(device).float())[:, 0].float()).cpu())
     return torch.cat(out)
 
 
@@ -624,6 +661,40 @@ def evaluate_atrium_volumes(model: nn.Module, vols: list[_AtriumVolume], device:
         per_case[v.case_id] = (M.segmentation_metrics(pred, v.label_xyz, v.spacing) if full
                                else {"dice": M.dice(pred, v.label_xyz)})
     return per_case
+
+
+def atrium_crop_centres(labels: list[torch.Tensor]) -> torch.Tensor:
+    """Per slice, where training crops are centred: the atrium's centroid (row, col) on slices that
+    show it, else the mean centroid of that volume (the image centre if it has none).
+    labels: per volume (Z, H, W) -> (sum Z, 2) float."""
+    out = []
+    for lab in labels:
+        lab = lab.float()
+        h, w = lab.shape[-2:]
+        area = lab.sum(dim=(1, 2))
+        r = (lab.sum(2) * torch.arange(h, dtype=torch.float32, device=lab.device)).sum(1) / area.clamp(min=1)
+        c = (lab.sum(1) * torch.arange(w, dtype=torch.float32, device=lab.device)).sum(1) / area.clamp(min=1)
+        rc = torch.stack([r, c], dim=1)
+        pos = area > 0
+        vol_centre = rc[pos].mean(0) if pos.any() else torch.tensor([h / 2, w / 2], device=lab.device)
+        out.append(torch.where(pos[:, None], rc, vol_centre))
+    return torch.cat(out)
+
+
+def random_crops(x: torch.Tensor, y: torch.Tensor, centres: torch.Tensor, crop: int,
+                 jitter: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Square crops of side ``crop`` around ``centres`` moved by up to +-``jitter`` pixels, kept inside
+    the image. x (N, C, H, W), y (N, H, W), centres (N, 2) -> (N, C, crop, crop), (N, crop, crop).
+
+    The U-Net is fully convolutional, so it trains on crops and segments whole slices; a crop of
+    160 x 160 at 1.25 mm (20 cm) still shows the atrium with the heart around it, and trains 3.4x faster than whole 256 x 256 slices."""
+    n, _, h, w = x.shape
+    off = (torch.rand(n, 2, device=centres.device) * 2 - 1) * jitter
+    top = (centres[:, 0] + off[:, 0] - crop / 2).round().clamp(0, h - crop).long().tolist()
+    left = (centres[:, 1] + off[:, 1] - crop / 2).round().clamp(0, w - crop).long().tolist()
+    xs = torch.stack([x[i, :, t : t + crop, l : l + crop] for i, (t, l) in enumerate(zip(top, left))])
+    ys = torch.stack([y[i, t : t + crop, l : l + crop] for i, (t, l) in enumerate(zip(top, left))])
+    return xs, ys
 
 
 def _atrium_split(n: int, cfg: TrainConfig, folds: int = 5) -> list[tuple[list[int], list[int]]]:
@@ -643,19 +714,24 @@ def _fit_atrium(vols: list[_AtriumVolume], tr_idx: list[int], va_idx: list[int],
     va_vols = [vols[i] for i in va_idx]
     x_tr = torch.cat([v.stack for v in tr_vols]).to(device)
     y_tr = torch.cat([v.label for v in tr_vols]).to(device)
+    centres = atrium_crop_centres([v.label for v in tr_vols]).to(device)
+    crop = cfg.crop if cfg.crop and cfg.crop < min(x_tr.shape[-2:]) else None
     set_seed(cfg.seed)
     model = build_model(spec.architecture, **spec.model_kwargs).to(device)
 
     def train_batches(epoch: int):
         for idx in batches(len(x_tr), cfg.batch_size, cfg.seed, epoch):
-            yield x_tr[idx], y_tr[idx]
+            if crop:
+                yield random_crops(x_tr[idx], y_tr[idx], centres[idx], crop, jitter=crop / 3)
+            else:
+                yield x_tr[idx], y_tr[idx]
 
     def step(model: nn.Module, batch: tuple) -> tuple[torch.Tensor, float]:
         xb, yb = batch
         xb, yb = random_affine(xb.float(), yb.float()[:, None], rot_deg=15, scale=0.15, shift=0.05)
         xb = intensity_jitter(xb)
         yb = yb[:, 0]
-        logits = model(xb)[:, 0]
+        logits = model(xb)[:, 0].float()
         loss = F.binary_cross_entropy_with_logits(logits, yb) + soft_dice_loss(logits, yb)
         with torch.no_grad():
             pred = logits > 0
@@ -663,14 +739,16 @@ def _fit_atrium(vols: list[_AtriumVolume], tr_idx: list[int], va_idx: list[int],
         return loss, d
 
     def validate(model: nn.Module) -> dict:
-        losses = []
+        # whole validation volumes, one forward pass each: slice loss and 3D Dice after post-processing
+        losses, dices = [], []
         for v in va_vols:
-            st = v.stack.to(device).float()
+            st = v.stack.to(device)
             lab = v.label.to(device).float()
-            lg = torch.cat([model(st[i : i + 32])[:, 0] for i in range(0, len(st), 32)])
+            lg = torch.cat([model(st[i : i + 32].float())[:, 0].float() for i in range(0, len(st), 32)])
             losses.append(float(F.binary_cross_entropy_with_logits(lg, lab) + soft_dice_loss(lg, lab)))
-        pc = evaluate_atrium_volumes(model, va_vols, device, full=False)
-        return {"loss": float(np.mean(losses)), "dice": float(np.mean([r["dice"] for r in pc.values()]))}
+            pred = largest_component(pp.atrium_restore(torch.sigmoid(lg).cpu(), v.geom) >= 0.5)
+            dices.append(M.dice(pred, v.label_xyz))
+        return {"loss": float(np.mean(losses)), "dice": float(np.mean(dices))}
 
     res = fit(model, train_batches, step, validate, cfg, "dice", desc=desc)
     model.eval()
