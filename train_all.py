@@ -5,6 +5,9 @@
 
 --atrium-cv runs folds 2-5 of the atrium recipe (fold 1 is the committed model) and writes
 <weights>/atrium.cv.json, so that every atrium volume is validated once; it keeps no weights.
+
+Every run also writes <weights>/train_all.run.json: wall-clock seconds per task (reading the data,
+training, validation and fitting the input check) and in all, with the machine it ran on.
 """
 from __future__ import annotations
 
@@ -62,6 +65,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{sum(dice) / max(1, len(dice)):.3f}")
         return 0
     failed = False
+    t_start = time.time()
+    timings: dict[str, float] = {}
     for task in args.tasks:
         t0 = time.time()
         try:
@@ -80,13 +85,41 @@ def main(argv: list[str] | None = None) -> int:
                   f"{g['val_false_refusal_rate']:.3f}")
         v = card["validation"]
         summary = {k: v[k] for k in ("auc", "accuracy", "dice_mean") if k in v}
+        timings[task] = round(time.time() - t0, 1)
         print(f"[{task}] done in {time.time() - t0:.0f} s, best epoch {card['best_epoch']}/{card['epochs_run']}: "
               f"{json.dumps(summary)}")
+    if dist_info()[0] == 0 and timings:
+        _write_run_record(out, args, argv, device, timings, time.time() - t_start)
     import torch.distributed as dist
 
     if dist.is_initialized():
         dist.destroy_process_group()
     return 1 if failed else 0
+
+
+def _write_run_record(out: Path | None, args: argparse.Namespace, argv: list[str] | None, device, timings: dict,
+                      total_s: float) -> None:
+    """<weights>/train_all.run.json: how long this run took, per task and in all, and where."""
+    import platform
+
+    import torch
+
+    from core.checkpoint import _atomic_write, git_commit
+    from core.config import weights_dir
+
+    rec = {
+        "command": " ".join(["python train_all.py", *(sys.argv[1:] if argv is None else argv)]),
+        "tasks": list(timings), "seconds_per_task": timings, "total_s": round(total_s, 1),
+        "smoke": args.smoke, "epochs_override": args.epochs, "seed": args.seed,
+        "device": str(device), "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
+        "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
+        "torch": torch.__version__, "git_commit": git_commit(),
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    path = (Path(out) if out else weights_dir()) / "train_all.run.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _atomic_write(path, (json.dumps(rec, indent=1) + "\n").encode())
+    print(f"train_all: {len(timings)} task(s) in {total_s / 60:.1f} min -> {path}")
 
 
 if __name__ == "__main__":

@@ -1,12 +1,16 @@
 """Benchmark of what a clinician feels (a benchmark, not a timed test).
 
-    python -m core.bench [--json OUT] [--repeats N] [--data-root DIR]
+    python -m core.bench [--json OUT] [--repeats N] [--data-root DIR] [--no-train]
 
 After warm-up, median and p95 over repeated runs of: model load; chest X-ray preprocess + predict +
 Grad-CAM; cardiac study predict + Grad-CAM; atrium segmentation of one 256x256x130 volume; batch
 throughput; peak memory. Each figure is compared in the same run with a named plain baseline: the
 same models without our inference optimisations (batch norm folded into convolutions, channels-last
 memory, slice batch size 1 on CPU), as a ratio baseline / optimised.
+
+Training throughput (images per second through one optimizer step of each task's model, at the
+registry's batch size and training input size, on random tensors) is compared with float32 and the
+default memory layout; ``--no-train`` skips it.
 """
 from __future__ import annotations
 
@@ -27,6 +31,69 @@ from core.config import data_root
 from core.inference import load_model, predict_cardiac, predict_xray, predict_xray_batch, segment_atrium
 
 BASELINE = "same weights without conv-BN folding and channels-last; atrium slices in batches of 8"
+TRAIN_BASELINE = "float32, default (contiguous) memory layout, same model, batch and input size"
+
+
+def _train_inputs() -> dict[str, tuple]:
+    """Per task: (model, input batch, target batch, loss) at the registry's training sizes."""
+    from core.models import build_model
+    from core.tasks import get_task
+    from core.train import task_config
+
+    out = {}
+    for task in ("pneumonia", "cardiac", "atrium"):
+        spec, cfg = get_task(task), task_config(task)
+        g = torch.Generator().manual_seed(0)
+        model = build_model(spec.architecture, **spec.model_kwargs)
+        n = cfg.batch_size
+        if task == "pneumonia":
+            s = spec.input_spec["size"]
+            x, y = torch.randn(n, 1, s, s, generator=g), torch.randint(0, 2, (n, 1), generator=g).float()
+            loss = torch.nn.functional.binary_cross_entropy_with_logits
+        elif task == "cardiac":  # stage 1: the U-Net on single slices
+            s = spec.input_spec["size"]
+            model = model.unet
+            x, y = torch.randn(n, 1, s, s, generator=g), torch.randint(0, 4, (n, s, s), generator=g)
+            loss = torch.nn.functional.cross_entropy
+        else:
+            s = cfg.crop or 256
+            x = torch.randn(n, spec.model_kwargs["in_channels"], s, s, generator=g)
+            y = torch.randint(0, 2, (n, 1, s, s), generator=g).float()
+            loss = torch.nn.functional.binary_cross_entropy_with_logits
+        out[task] = (model, x, y, loss)
+    return out
+
+
+def train_throughput(repeats: int = 6) -> dict:
+    """Images per second through forward + backward + Adam step, optimised (bf16 autocast where
+    native, channels-last: what ``core.train.fit`` does) against ``TRAIN_BASELINE``."""
+    import copy
+
+    from core.train import autocast_for
+
+    dev = torch.device("cpu")
+    res = {}
+    for task, (model, x, y, loss_fn) in _train_inputs().items():
+        row = {"batch": int(x.shape[0]), "input": list(x.shape[1:])}
+        for variant in ("optimised", "baseline"):
+            m = copy.deepcopy(model).train()
+            xb = x
+            if variant == "optimised":
+                m, xb = m.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
+            opt = torch.optim.Adam(m.parameters(), 1e-3)
+
+            def one_step() -> None:
+                opt.zero_grad(set_to_none=True)
+                with autocast_for(dev, enabled=variant == "optimised"):
+                    out = m(xb)
+                loss_fn(out.float(), y).backward()
+                opt.step()
+
+            t = _timeit(one_step, repeats, warmup=2)
+            row[variant] = {**t, "images_per_s": x.shape[0] / t["median_s"]}
+        row["speedup"] = row["baseline"]["median_s"] / row["optimised"]["median_s"]
+        res[task] = row
+    return res
 
 
 def _timeit(fn: Callable[[], object], repeats: int, warmup: int = 2) -> dict:
@@ -73,7 +140,7 @@ def _inputs(root: Path) -> dict:
     return out
 
 
-def run(repeats: int = 10, root=None) -> dict:
+def run(repeats: int = 10, root=None, train: bool = True) -> dict:
     inp = _inputs(data_root(root))
     res: dict = {
         "torch": torch.__version__, "threads": torch.get_num_threads(), "device": "cpu",
@@ -114,6 +181,12 @@ def run(repeats: int = 10, root=None) -> dict:
         "atrium_mask_voxels_differing": int((mo != mb).sum()), "atrium_mask_voxels": int(mb.sum()),
     }
     res["peak_memory_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if train:
+        from core.train import precision_label, task_config
+
+        res["training"] = {"baseline": TRAIN_BASELINE,
+                           "optimised": precision_label(torch.device("cpu"), task_config("atrium")),
+                           "throughput": train_throughput(max(4, repeats // 2))}
     return res
 
 
@@ -123,13 +196,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", default=None)
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--data-root", default=None)
+    ap.add_argument("--no-train", action="store_true", help="skip the training-throughput figures")
     args = ap.parse_args(argv)
-    res = run(args.repeats, args.data_root)
+    res = run(args.repeats, args.data_root, train=not args.no_train)
     print(f"torch {res['torch']} | {res['threads']} threads | device {res['device']} | baseline: {res['baseline']}")
     for name, f in res["figures"].items():
         print(f"{name:28s} median {f['optimised']['median_s']:.3f} s  p95 {f['optimised']['p95_s']:.3f} s  "
               f"baseline {f['baseline']['median_s']:.3f} s  speed-up x{f['speedup']:.2f}")
     print(f"peak memory {res['peak_memory_mb']:.0f} MB; output change {res['optimisation_output_change']}")
+    if "training" in res:
+        print(f"training ({res['training']['optimised']}) vs baseline ({res['training']['baseline']}):")
+        for task, r in res["training"]["throughput"].items():
+            print(f"  {task:10s} batch {r['batch']} x {r['input']}: {r['optimised']['images_per_s']:.1f} img/s, "
+                  f"baseline {r['baseline']['images_per_s']:.1f} img/s, speed-up x{r['speedup']:.2f}")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(res, indent=1) + "\n")

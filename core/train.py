@@ -85,7 +85,7 @@ def native_bf16(device: torch.device) -> bool:
 def autocast_for(device: torch.device, enabled: bool = True):
     """bfloat16 autocast on ``device`` when ``enabled`` and native there (weights and optimizer stay
     float32); otherwise a no-op context. On a 2-core AVX512-BF16/AMX CPU with channels-last memory it
-    trains the U-Nets 2-4x faster (benchmarks/logs/train-throughput.log)."""
+    trains the U-Nets 2-4x faster (`python -m core.bench`, "training")."""
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled and native_bf16(device))
 
 

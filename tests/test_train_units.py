@@ -1,0 +1,79 @@
+"""Training helpers with known values: crop centres and crops, mixed precision, config checks."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from core.models import UNet2D
+from core.train import (TrainConfig, atrium_crop_centres, autocast_for, fit, native_bf16, precision_label,
+                        random_crops)
+
+
+def test_crop_centres_are_atrium_centroids_else_the_volume_mean():
+    lab = torch.zeros(3, 10, 12)
+    lab[0, 2:5, 5:8] = 1  # centroid (3, 6)
+    lab[2, 6:8, 2:4] = 1  # centroid (6.5, 2.5)
+    empty = torch.zeros(2, 8, 8)
+    c = atrium_crop_centres([lab, empty])
+    assert c.shape == (5, 2)
+    assert c[0].tolist() == [3.0, 6.0]
+    assert c[2].tolist() == [6.5, 2.5]
+    assert c[1].tolist() == [4.75, 4.25]  # slice without atrium: mean of the volume's centroids
+    assert c[3].tolist() == c[4].tolist() == [4.0, 4.0]  # no atrium at all: the image centre
+
+
+def test_random_crops_without_jitter_cut_around_the_centre_and_stay_inside():
+    x = torch.arange(2 * 3 * 32 * 32, dtype=torch.float32).reshape(2, 3, 32, 32)
+    y = (x[:, 0] % 2).clone()
+    centres = torch.tensor([[16.0, 16.0], [1.0, 30.0]])
+    xc, yc = random_crops(x, y, centres, 16, jitter=0)
+    assert xc.shape == (2, 3, 16, 16) and yc.shape == (2, 16, 16)
+    assert torch.equal(xc[0], x[0, :, 8:24, 8:24]) and torch.equal(yc[0], y[0, 8:24, 8:24])
+    assert torch.equal(xc[1], x[1, :, 0:16, 16:32])  # clamped at the top and right borders
+    torch.manual_seed(0)
+    xj, _ = random_crops(x, y, centres, 16, jitter=100)  # any jitter: crops stay inside the image
+    assert xj.shape == (2, 3, 16, 16)
+
+
+def test_config_checks_the_crop():
+    with pytest.raises(ValueError, match="multiple of 16"):
+        TrainConfig(epochs=1, batch_size=2, crop=100)
+    assert TrainConfig(epochs=1, batch_size=2, crop=160).crop == 160
+
+
+def test_autocast_only_where_native_and_enabled():
+    cpu = torch.device("cpu")
+    with autocast_for(cpu, enabled=False):
+        assert not torch.is_autocast_enabled("cpu")
+    with autocast_for(cpu, enabled=True):
+        assert torch.is_autocast_enabled("cpu") == native_bf16(cpu)
+    assert not native_bf16(torch.device("meta"))
+    label = precision_label(cpu, TrainConfig(epochs=1, batch_size=2))
+    assert label.startswith("bfloat16") == native_bf16(cpu)
+    assert precision_label(cpu, TrainConfig(epochs=1, batch_size=2, mixed_precision=False)).startswith("float32")
+
+
+@pytest.mark.parametrize("mixed", [True, False])
+def test_fit_returns_plain_layout_weights_and_learns(mixed):
+    torch.manual_seed(0)
+    x = torch.randn(16, 1, 16, 16)
+    y = (x[:, 0] > 0).float()
+    model = UNet2D(1, 1, base=4, depth=2)
+
+    def train_batches(epoch):
+        for i in range(0, 16, 8):
+            yield x[i : i + 8], y[i : i + 8]
+
+    def step(m, batch):
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(m(batch[0])[:, 0].float(), batch[1])
+        return loss, 0.0
+
+    def validate(m):
+        loss = float(torch.nn.functional.binary_cross_entropy_with_logits(m(x)[:, 0].float(), y))
+        return {"loss": loss, "score": -loss}
+
+    res = fit(model, train_batches, step, validate, TrainConfig(epochs=6, batch_size=8, lr=0.01,
+                                                                mixed_precision=mixed), "score")
+    assert all(v.is_contiguous() for v in res.best_state.values())
+    assert all(p.is_contiguous() for p in model.parameters())
+    assert res.history[-1]["train_loss"] < res.history[0]["train_loss"]
