@@ -56,9 +56,13 @@ def bootstrap_ci(y_true, y_prob, threshold: float = 0.5, n_boot: int = 1000, see
 
 
 def youden_threshold(y_true, y_prob) -> float:
-    """Threshold maximising sensitivity + specificity - 1 on the given (validation) data."""
+    """Threshold maximising sensitivity + specificity - 1 on the given (validation) data.
+
+    Where several thresholds tie on J, the most sensitive of them is taken: a missed disease costs a
+    patient more than a second look at a healthy one."""
     fpr, tpr, thr = roc_curve(np.asarray(y_true).astype(int), np.asarray(y_prob, dtype=float))
-    i = int(np.argmax(tpr - fpr))
+    j = tpr - fpr
+    i = int(np.flatnonzero(j >= j.max() - 1e-12)[-1])  # thresholds fall along the curve: last = most sensitive
     return float(np.clip(thr[i], 1e-6, 1 - 1e-6))
 
 

@@ -83,6 +83,7 @@ def markdown(wdir=None) -> str:
         lines += ["", "| model | split | volumes | 3D Dice (95 % CI of mean) | IoU | HD95 (mm) | volume error (%) | "
                       "Dice per case |", "|---|---|---|---|---|---|---|---|", *seg]
     lines += ["", *meta]
+    lines += run_markdown(wdir)
     lines += shape_markdown(wdir)
     lines += perf_markdown()
     return "\n".join(lines)
@@ -122,6 +123,23 @@ def atrium_cross_validation(card: dict, wdir=None) -> dict | None:
             "per_case": per_case}
 
 
+def run_markdown(wdir=None) -> list[str]:
+    """How long the run of `python train_all.py` that wrote these weights took (weights/train_all.run.json)."""
+    from core.config import weights_dir
+
+    path = weights_dir(wdir) / "train_all.run.json"
+    if not path.is_file():
+        return []
+    r = json.loads(path.read_text())
+    if r.get("smoke"):
+        return []
+    parts = ", ".join(f"{t} {s / 60:.1f} min" for t, s in r["seconds_per_task"].items())
+    return ["", f"`{r['command']}` took **{r['total_s'] / 60:.1f} min** for {len(r['tasks'])} task(s) "
+                f"on {r['machine']} ({r['cpu_count']} cores, {r['threads']} threads, device {r['device']}, "
+                f"torch {r['torch']}): {parts}, each with reading its data, validation every epoch and fitting "
+                "the input check (weights/train_all.run.json)."]
+
+
 def shape_markdown(wdir=None) -> list[str]:
     """How the cardiac model's shape estimates agree with the expert masks on its validation patients."""
     ev = read_validation_eval("cardiac", wdir)
@@ -155,6 +173,15 @@ def perf_markdown() -> list[str]:
     rows.append(f"Peak memory of the benchmark process (both model variants loaded): {b['peak_memory_mb']:.0f} MB. "
                 f"Output change from the optimisations: X-ray probability {oc['xray_probability_abs_diff']}, "
                 f"atrium mask voxels differing {oc['atrium_mask_voxels_differing']} of {oc['atrium_mask_voxels']}.")
+    if "training" in b:
+        t = b["training"]
+        rows += ["", f"Training throughput (same file; one forward + backward + Adam step on random tensors at the "
+                     f"training batch and input size; optimised = {t['optimised']}; baseline = {t['baseline']}):", "",
+                 "| model | batch x input | images/s | baseline images/s | speed-up |", "|---|---|---|---|---|"]
+        for task, r in t["throughput"].items():
+            rows.append(f"| {task} | {r['batch']} x {'x'.join(str(d) for d in r['input'])} | "
+                        f"{r['optimised']['images_per_s']:.1f} | {r['baseline']['images_per_s']:.1f} | "
+                        f"x{r['speedup']:.2f} |")
     return rows
 
 

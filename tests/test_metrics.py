@@ -42,6 +42,16 @@ def test_youden_threshold_separates():
     assert 0.3 < t <= 0.7
 
 
+def test_youden_ties_go_to_the_more_sensitive_threshold():
+    # at 0.7: sensitivity 3/4, specificity 1 (J 0.75); at 0.5: sensitivity 1, specificity 3/4 (J 0.75)
+    y = [0, 0, 0, 0, 1, 1, 1, 1]
+    p = [0.1, 0.2, 0.3, 0.6, 0.5, 0.7, 0.8, 0.9]
+    t = M.youden_threshold(y, p)
+    assert t == 0.5
+    m = M.classification_metrics(y, p, t)
+    assert m["sensitivity"] == 1.0 and m["specificity"] == 0.75
+
+
 def test_dice_iou_hand_computed():
     a = np.zeros((4, 4), bool)
     b = np.zeros((4, 4), bool)

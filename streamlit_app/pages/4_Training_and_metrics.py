@@ -103,6 +103,7 @@ st.subheader("Data and split")
 d = card["data"]
 st.markdown(f"- Dataset: {d['dataset']}\n- Split: {d['split']}\n"
             f"- Training: {card['train_time_s']:.0f} s on {card['device']}, best epoch {card['best_epoch']} "
-            f"of {card['epochs_run']}, seed {card['training']['seed']}, torch {card['torch_version']}")
+            f"of {card['epochs_run']}, seed {card['training']['seed']}, "
+            f"{card['training'].get('precision', 'float32')}, torch {card['torch_version']}")
 with st.expander("Full model card (JSON)"):
     st.json({k: v for k, v in card.items() if k not in ("history",)}, expanded=False)
