@@ -80,7 +80,7 @@ TASKS: dict[str, TaskSpec] = {
         accepted_inputs=("nifti",),
         monitor="dice",
         dataset="Medical Segmentation Decathlon Task02_Heart (Task02_Heart/)",
-        train_defaults={"epochs": 24, "batch_size": 16, "lr": 1e-3, "patience": 24, "crop": 160},
+        train_defaults={"epochs": 60, "batch_size": 16, "lr": 1e-3, "patience": 15},
     ),
 }
 

@@ -798,12 +798,13 @@ def train_atrium(root: Path, cfg: TrainConfig, device: torch.device, smoke: bool
 
 
 def cross_validate_atrium(root: Path, device: torch.device, out_dir: Path | None = None, folds: int = 5,
-                          seed: int = 0, smoke: bool = False) -> dict:
+                          seed: int = 0, smoke: bool = False, epochs: int | None = None,
+                          crop: int | None = None) -> dict:
     """Folds 2..``folds`` of the atrium recipe (fold 1 is the committed model, whose card holds its
     figures): each trains on the other volumes and is scored on its own. Writes <weights>/atrium.cv.json;
     no weights are kept."""
     spec = get_task("atrium")
-    cfg = task_config("atrium", smoke, seed)
+    cfg = task_config("atrium", smoke, seed, epochs, crop)
     cases = mio.find_atrium_cases(root)
     if smoke:
         cases = cases[:4]
@@ -841,18 +842,24 @@ TRAINERS: dict[str, Callable[..., dict]] = {
 }
 
 
-def task_config(task: str, smoke: bool = False, seed: int = 0, epochs: int | None = None) -> TrainConfig:
-    """The registry's training defaults for a task, or the short smoke settings; ``epochs`` overrides."""
+def task_config(task: str, smoke: bool = False, seed: int = 0, epochs: int | None = None,
+                crop: int | None = None) -> TrainConfig:
+    """The registry's training defaults for a task, or the short smoke settings; ``epochs`` overrides;
+    ``crop`` sets the segmentation training crop."""
     d = dict(get_task(task).train_defaults)
     if smoke:
         d.update(epochs=2, batch_size=8, patience=2)
     if epochs:
         d["epochs"] = epochs
+    if crop:
+        if get_task(task).kind != "segmentation":
+            raise ValueError(f"crop applies to segmentation tasks only, not {task!r}")
+        d["crop"] = crop
     return TrainConfig(seed=seed, **d)
 
 
 def train_task(task: str, root: Path, device: torch.device, smoke: bool = False, out_dir: Path | None = None,
-               seed: int = 0, epochs: int | None = None) -> dict:
+               seed: int = 0, epochs: int | None = None, crop: int | None = None) -> dict:
     """Train one task with its registry defaults (or smoke settings) and write weights + card."""
-    cfg = task_config(task, smoke, seed, epochs)
+    cfg = task_config(task, smoke, seed, epochs, crop)
     return TRAINERS[task](Path(root), cfg, device, smoke=smoke, out_dir=out_dir)

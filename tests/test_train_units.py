@@ -77,3 +77,29 @@ def test_fit_returns_plain_layout_weights_and_learns(mixed):
     assert all(v.is_contiguous() for v in res.best_state.values())
     assert all(p.is_contiguous() for p in model.parameters())
     assert res.history[-1]["train_loss"] < res.history[0]["train_loss"]
+
+
+def test_task_config_overrides():
+    from core.train import task_config
+
+    cfg = task_config("atrium", epochs=24, crop=160)
+    assert (cfg.epochs, cfg.crop) == (24, 160)
+    assert task_config("atrium").crop is None  # the committed recipe trains on whole slices
+    with pytest.raises(ValueError, match="segmentation tasks only"):
+        task_config("pneumonia", crop=160)
+
+
+def test_report_states_the_run_record(tmp_path):
+    import json
+
+    from core.report import run_markdown
+
+    assert run_markdown(tmp_path) == []
+    rec = {"command": "python train_all.py", "tasks": ["pneumonia", "cardiac"], "total_s": 600.0,
+           "seconds_per_task": {"pneumonia": 240.0, "cardiac": 360.0}, "machine": "x86_64", "cpu_count": 2,
+           "threads": 2, "device": "cpu", "torch": "2.x", "smoke": False}
+    (tmp_path / "train_all.run.json").write_text(json.dumps(rec))
+    text = "\n".join(run_markdown(tmp_path))
+    assert "**10.0 min** for 2 task(s)" in text and "pneumonia 4.0 min, cardiac 6.0 min" in text
+    (tmp_path / "train_all.run.json").write_text(json.dumps({**rec, "smoke": True}))
+    assert run_markdown(tmp_path) == []  # smoke runs say nothing about training time
