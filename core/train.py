@@ -651,13 +651,17 @@ def _segment_stack(model: nn.Module, stack: torch.Tensor, device: torch.device, 
     return torch.cat(out)
 
 
+def _atrium_mask(prob: torch.Tensor, geom: pp.SliceGeometry, threshold: float = 0.5) -> np.ndarray:
+    """(Z, H, W) slice probabilities -> (X, Y, Z) uint8 mask after post-processing, on the input grid."""
+    return largest_component(pp.atrium_restore(prob, geom) >= threshold)
+
+
 def evaluate_atrium_volumes(model: nn.Module, vols: list[_AtriumVolume], device: torch.device,
                             threshold: float = 0.5, full: bool = True) -> dict[str, dict]:
     """Per-volume 3D metrics after post-processing; ``full=False`` computes Dice only (per epoch)."""
     per_case = {}
     for v in vols:
-        prob = pp.atrium_restore(_segment_stack(model, v.stack, device), v.geom)
-        pred = largest_component(prob >= threshold)
+        pred = _atrium_mask(_segment_stack(model, v.stack, device), v.geom, threshold)
         per_case[v.case_id] = (M.segmentation_metrics(pred, v.label_xyz, v.spacing) if full
                                else {"dice": M.dice(pred, v.label_xyz)})
     return per_case
@@ -687,7 +691,8 @@ def random_crops(x: torch.Tensor, y: torch.Tensor, centres: torch.Tensor, crop: 
     the image. x (N, C, H, W), y (N, H, W), centres (N, 2) -> (N, C, crop, crop), (N, crop, crop).
 
     The U-Net is fully convolutional, so it trains on crops and segments whole slices; a crop of
-    160 x 160 at 1.25 mm (20 cm) still shows the atrium with the heart around it, and trains 3.4x faster than whole 256 x 256 slices."""
+    160 x 160 at 1.25 mm (20 cm) still shows the atrium with the heart around it, and trains 3.4x
+    faster than whole 256 x 256 slices."""
     n, _, h, w = x.shape
     off = (torch.rand(n, 2, device=centres.device) * 2 - 1) * jitter
     top = (centres[:, 0] + off[:, 0] - crop / 2).round().clamp(0, h - crop).long().tolist()
@@ -746,8 +751,7 @@ def _fit_atrium(vols: list[_AtriumVolume], tr_idx: list[int], va_idx: list[int],
             lab = v.label.to(device).float()
             lg = torch.cat([model(st[i : i + 32].float())[:, 0].float() for i in range(0, len(st), 32)])
             losses.append(float(F.binary_cross_entropy_with_logits(lg, lab) + soft_dice_loss(lg, lab)))
-            pred = largest_component(pp.atrium_restore(torch.sigmoid(lg).cpu(), v.geom) >= 0.5)
-            dices.append(M.dice(pred, v.label_xyz))
+            dices.append(M.dice(_atrium_mask(torch.sigmoid(lg).cpu(), v.geom), v.label_xyz))
         return {"loss": float(np.mean(losses)), "dice": float(np.mean(dices))}
 
     res = fit(model, train_batches, step, validate, cfg, "dice", desc=desc)
