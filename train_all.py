@@ -36,7 +36,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--epochs", type=int, default=None, help="override the registry's epoch count")
     ap.add_argument("--crop", type=int, default=None,
                     help="atrium: train on N x N crops around the atrium instead of whole slices (multiple of 16; "
-                         "`--crop 160 --epochs 24` trains 3x faster on a CPU, see the README's known gaps)")
+                         "`--crop 160 --epochs 24` trains 3x faster on a CPU, see the README's known gaps); 0: whole slices")
+    ap.add_argument("--ema", type=float, default=None,
+                    help="validate and keep an exponential moving average of the weights with this decay (e.g. 0.998)")
     ap.add_argument("--atrium-cv", action="store_true",
                     help="instead of training: cross-validation folds 2-5 of the atrium recipe -> atrium.cv.json")
     args = ap.parse_args(argv)
@@ -75,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.time()
         try:
             card = train_task(task, root, device, smoke=args.smoke, out_dir=out, seed=args.seed, epochs=args.epochs,
-                              crop=args.crop if TASKS[task].kind == "segmentation" else None)
+                              crop=args.crop if TASKS[task].kind == "segmentation" else None, ema=args.ema)
         except MedImgError as exc:
             print(f"[{task}] not trained: {exc}", file=sys.stderr)
             failed = True
@@ -115,7 +117,7 @@ def _write_run_record(out: Path | None, args: argparse.Namespace, argv: list[str
     rec = {
         "command": " ".join(["python train_all.py", *(sys.argv[1:] if argv is None else argv)]),
         "tasks": list(timings), "seconds_per_task": timings, "total_s": round(total_s, 1),
-        "smoke": args.smoke, "epochs_override": args.epochs, "crop_override": args.crop, "seed": args.seed,
+        "smoke": args.smoke, "epochs_override": args.epochs, "crop_override": args.crop, "ema_override": args.ema, "seed": args.seed,
         "device": str(device), "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
         "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
         "torch": torch.__version__, "git_commit": git_commit(),

@@ -79,12 +79,55 @@ def test_fit_returns_plain_layout_weights_and_learns(mixed):
     assert res.history[-1]["train_loss"] < res.history[0]["train_loss"]
 
 
+def test_fit_with_ema_validates_and_keeps_the_moving_average_of_the_weights():
+    torch.manual_seed(0)
+    x, y = torch.randn(8, 3), torch.randn(8, 1)
+    model = torch.nn.Linear(3, 1)
+    raw, seen = [], []  # raw weights after each optimiser step; weights of the model validated
+
+    def train_batches(epoch):
+        yield x, y
+
+    def step(m, batch):
+        return torch.nn.functional.mse_loss(m(batch[0]), batch[1]), 0.0
+
+    def validate(m):
+        assert m is not model
+        raw.append(model.weight.detach().clone())
+        seen.append(m.weight.detach().clone())
+        return {"loss": 0.0, "score": float(len(seen))}  # later is better: the last epoch is kept
+
+    decay = 0.6
+    res = fit(model, train_batches, step, validate, TrainConfig(epochs=4, batch_size=8, lr=0.1, ema=decay,
+                                                                mixed_precision=False), "score")
+    expected = raw[0]  # the average starts as the weights after the first step
+    assert torch.allclose(seen[0], expected)
+    for n, (w, got) in enumerate(zip(raw[1:], seen[1:]), start=1):
+        d = min(decay, (1 + n) / (10 + n))  # warm-up: 2/11, 3/12, 4/13 here, all under 0.6
+        expected = d * expected + (1 - d) * w
+        assert torch.allclose(got, expected, atol=1e-6)
+    assert not torch.allclose(expected, raw[-1])
+    assert res.best_epoch == 4 and torch.allclose(model.weight, expected, atol=1e-6)
+    with pytest.raises(ValueError, match="ema"):
+        TrainConfig(epochs=1, batch_size=1, ema=1.0)
+
+
+def test_ema_decay_warms_up_to_its_ceiling():
+    from core.train import ema_decay
+
+    assert ema_decay(0.998, 0) == pytest.approx(0.1)
+    assert ema_decay(0.998, 90) == pytest.approx(0.91)
+    assert ema_decay(0.998, 10_000) == 0.998
+
+
 def test_task_config_overrides():
     from core.train import task_config
 
     cfg = task_config("atrium", epochs=24, crop=160)
     assert (cfg.epochs, cfg.crop) == (24, 160)
-    assert task_config("atrium").crop is None  # the committed recipe trains on whole slices
+    assert task_config("atrium", crop=0).crop is None  # 0: whole slices
+    assert task_config("atrium", ema=0.998).ema == 0.998 and task_config("atrium").ema is None
+    assert task_config("atrium", crop=None).crop == task_config("atrium").crop  # None: the registry's
     with pytest.raises(ValueError, match="segmentation tasks only"):
         task_config("pneumonia", crop=160)
 
