@@ -36,7 +36,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--epochs", type=int, default=None, help="override the registry's epoch count")
     ap.add_argument("--crop", type=int, default=None,
                     help="atrium: train on N x N crops around the atrium instead of whole slices (multiple of 16; "
-                         "`--crop 160 --epochs 24` trains 3x faster on a CPU, see the README's known gaps); 0: whole slices")
+                         "`--crop 160 --epochs 24` trains 3x faster on a CPU, see the README's known gaps); "
+                         "0: whole slices")
     ap.add_argument("--ema", type=float, default=None,
                     help="validate and keep an exponential moving average of the weights with this decay (e.g. 0.998)")
     ap.add_argument("--atrium-cv", action="store_true",
@@ -65,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         from core.train import cross_validate_atrium
 
         rep = cross_validate_atrium(root, device, out, seed=args.seed, smoke=args.smoke, epochs=args.epochs,
-                                    crop=args.crop)
+                                    crop=args.crop, ema=args.ema)
         dice = [r["dice"] for f in rep["folds"] for r in f["per_case"].values()]
         print(f"[atrium cv] {len(rep['folds'])} folds, {len(dice)} volumes, mean Dice "
               f"{sum(dice) / max(1, len(dice)):.3f}")
@@ -117,7 +118,8 @@ def _write_run_record(out: Path | None, args: argparse.Namespace, argv: list[str
     rec = {
         "command": " ".join(["python train_all.py", *(sys.argv[1:] if argv is None else argv)]),
         "tasks": list(timings), "seconds_per_task": timings, "total_s": round(total_s, 1),
-        "smoke": args.smoke, "epochs_override": args.epochs, "crop_override": args.crop, "ema_override": args.ema, "seed": args.seed,
+        "smoke": args.smoke, "epochs_override": args.epochs, "crop_override": args.crop, "ema_override": args.ema,
+        "seed": args.seed,
         "device": str(device), "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
         "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
         "torch": torch.__version__, "git_commit": git_commit(),

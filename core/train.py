@@ -840,12 +840,12 @@ def train_atrium(root: Path, cfg: TrainConfig, device: torch.device, smoke: bool
 
 def cross_validate_atrium(root: Path, device: torch.device, out_dir: Path | None = None, folds: int = 5,
                           seed: int = 0, smoke: bool = False, epochs: int | None = None,
-                          crop: int | None = None) -> dict:
+                          crop: int | None = None, ema: float | None = None) -> dict:
     """Folds 2..``folds`` of the atrium recipe (fold 1 is the committed model, whose card holds its
     figures): each trains on the other volumes and is scored on its own. Writes <weights>/atrium.cv.json;
     no weights are kept."""
     spec = get_task("atrium")
-    cfg = task_config("atrium", smoke, seed, epochs, crop)
+    cfg = task_config("atrium", smoke, seed, epochs, crop, ema)
     cases = mio.find_atrium_cases(root)
     if smoke:
         cases = cases[:4]
