@@ -40,6 +40,9 @@ def main(argv: list[str] | None = None) -> int:
                          "0: whole slices")
     ap.add_argument("--ema", type=float, default=None,
                     help="validate and keep an exponential moving average of the weights with this decay (e.g. 0.998)")
+    ap.add_argument("--spacing", type=float, default=None,
+                    help="atrium: the in-plane grid in mm to train (and later segment) at, instead of the "
+                         "registry's 1.25 mm; recorded in the card's input_spec")
     ap.add_argument("--atrium-cv", action="store_true",
                     help="instead of training: cross-validation folds 2-5 of the atrium recipe -> atrium.cv.json")
     args = ap.parse_args(argv)
@@ -66,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         from core.train import cross_validate_atrium
 
         rep = cross_validate_atrium(root, device, out, seed=args.seed, smoke=args.smoke, epochs=args.epochs,
-                                    crop=args.crop, ema=args.ema)
+                                    crop=args.crop, ema=args.ema, spacing_mm=args.spacing)
         dice = [r["dice"] for f in rep["folds"] for r in f["per_case"].values()]
         print(f"[atrium cv] {len(rep['folds'])} folds, {len(dice)} volumes, mean Dice "
               f"{sum(dice) / max(1, len(dice)):.3f}")
@@ -78,7 +81,8 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.time()
         try:
             card = train_task(task, root, device, smoke=args.smoke, out_dir=out, seed=args.seed, epochs=args.epochs,
-                              crop=args.crop if TASKS[task].kind == "segmentation" else None, ema=args.ema)
+                              crop=args.crop if TASKS[task].kind == "segmentation" else None, ema=args.ema,
+                              spacing_mm=args.spacing if TASKS[task].kind == "segmentation" else None)
         except MedImgError as exc:
             print(f"[{task}] not trained: {exc}", file=sys.stderr)
             failed = True
@@ -119,6 +123,7 @@ def _write_run_record(out: Path | None, args: argparse.Namespace, argv: list[str
         "command": " ".join(["python train_all.py", *(sys.argv[1:] if argv is None else argv)]),
         "tasks": list(timings), "seconds_per_task": timings, "total_s": round(total_s, 1),
         "smoke": args.smoke, "epochs_override": args.epochs, "crop_override": args.crop, "ema_override": args.ema,
+        "spacing_override": args.spacing,
         "seed": args.seed,
         "device": str(device), "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
         "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),

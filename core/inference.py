@@ -39,6 +39,11 @@ class LoadedModel:
         """The input side the weights were trained at, from their card (the registry's if absent)."""
         return int(self.card.get("input_spec", {}).get("size", self.spec.input_spec.get("size", 0)))
 
+    @property
+    def grid_mm(self) -> float:
+        """Segmentation: the in-plane spacing (mm) the weights were trained at, from their card."""
+        return float(self.card.get("input_spec", {}).get("spacing_mm", self.spec.input_spec.get("spacing_mm", 0)))
+
 
 def load_model(task: str, wdir=None, with_guard: bool = True, optimize: bool = True) -> LoadedModel:
     """Build the task's architecture from its card and load checksum-verified weights (CPU, eval mode).
@@ -207,7 +212,7 @@ def segment_atrium(lm: LoadedModel, volume: Volume, batch_size: int = 1,
     Each slice's 2.5D input is cut from the padded volume when it is needed rather than all at once,
     which keeps a 256x256x130 volume's peak memory about 100 MB lower.
     """
-    padded, geom = pp.atrium_padded(volume.data, volume.spacing)
+    padded, geom = pp.atrium_padded(volume.data, volume.spacing, lm.grid_mm)
     n = volume.data.shape[2]
     prob = torch.empty(n, *padded.shape[1:])
     with model_lock(lm.model), torch.inference_mode():

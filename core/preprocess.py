@@ -121,12 +121,16 @@ class SliceGeometry:
     padded_xy: tuple[int, int]
 
 
-def atrium_padded(data: np.ndarray, spacing: tuple[float, float, float]) -> tuple[torch.Tensor, SliceGeometry]:
-    """(X, Y, Z) volume -> (Z + 2*context, H, W) normalised slices at the training spacing, padded to the
-    U-Net's multiple and with the end slices repeated; window i..i+2*context is slice i's 2.5D input."""
+def atrium_padded(data: np.ndarray, spacing: tuple[float, float, float],
+                  grid_mm: float = ATRIUM_SPACING_MM) -> tuple[torch.Tensor, SliceGeometry]:
+    """(X, Y, Z) volume -> (Z + 2*context, H, W) normalised slices resampled in-plane to ``grid_mm`` (the
+    spacing the model was trained at, from its card), padded to the U-Net's multiple and with the end
+    slices repeated; window i..i+2*context is slice i's 2.5D input."""
+    if not 0.1 <= grid_mm <= 10:
+        raise ValueError(f"the in-plane grid must be 0.1-10 mm, got {grid_mm}")
     X, Y, Z = data.shape
-    rx = max(UNET_MULTIPLE, int(round(X * spacing[0] / ATRIUM_SPACING_MM)))
-    ry = max(UNET_MULTIPLE, int(round(Y * spacing[1] / ATRIUM_SPACING_MM)))
+    rx = max(UNET_MULTIPLE, int(round(X * spacing[0] / grid_mm)))
+    ry = max(UNET_MULTIPLE, int(round(Y * spacing[1] / grid_mm)))
     px = -(-rx // UNET_MULTIPLE) * UNET_MULTIPLE
     py = -(-ry // UNET_MULTIPLE) * UNET_MULTIPLE
     c = ATRIUM_CONTEXT
@@ -154,9 +158,10 @@ def atrium_window(padded: torch.Tensor, start: int, stop: int) -> torch.Tensor:
     return torch.stack([padded[i : i + w] for i in range(start, stop)])
 
 
-def atrium_slices(data: np.ndarray, spacing: tuple[float, float, float]) -> tuple[torch.Tensor, SliceGeometry]:
-    """(X, Y, Z) volume -> (Z, 1 + 2*context, H, W) 2.5D slice stack at the training spacing."""
-    padded, geom = atrium_padded(data, spacing)
+def atrium_slices(data: np.ndarray, spacing: tuple[float, float, float],
+                  grid_mm: float = ATRIUM_SPACING_MM) -> tuple[torch.Tensor, SliceGeometry]:
+    """(X, Y, Z) volume -> (Z, 1 + 2*context, H, W) 2.5D slice stack on the ``grid_mm`` in-plane grid."""
+    padded, geom = atrium_padded(data, spacing, grid_mm)
     return atrium_window(padded, 0, data.shape[2]), geom
 
 

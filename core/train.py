@@ -48,6 +48,7 @@ class TrainConfig:
     mixed_precision: bool = True  # bfloat16 autocast where the device runs it natively (see autocast_for)
     crop: int | None = None  # segmentation: side of the square training crops; None = whole slices
     ema: float | None = None  # decay of an exponential moving average of the weights, validated and kept
+    spacing_mm: float | None = None  # segmentation: in-plane grid (mm) to train at; None = the registry's
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 1 or self.patience < 1:
@@ -58,6 +59,8 @@ class TrainConfig:
             raise ValueError(f"crop must be a multiple of 16 (the U-Net's), got {self.crop}")
         if self.ema is not None and not (0 < self.ema < 1):
             raise ValueError(f"ema must be a decay in (0, 1), got {self.ema}")
+        if self.spacing_mm is not None and not (0.5 <= self.spacing_mm <= 5):
+            raise ValueError(f"spacing_mm must be 0.5-5 mm, got {self.spacing_mm}")
 
 
 def set_seed(seed: int) -> None:
@@ -339,7 +342,8 @@ def _card_base(spec: TaskSpec, cfg: TrainConfig, device: torch.device, smoke: bo
         "kind": spec.kind,
         "classes": list(spec.classes),
         "architecture": {"name": spec.architecture, "kwargs": spec.model_kwargs},
-        "input_spec": spec.input_spec,
+        # the card says the grid the weights were trained at; inference reads it from here
+        "input_spec": {**spec.input_spec, **({"spacing_mm": cfg.spacing_mm} if cfg.spacing_mm else {})},
         "training": {**asdict(cfg), "optimizer": "Adam + cosine LR", "monitor": spec.monitor,
                      "precision": precision_label(device, cfg)},
         "smoke": smoke,
@@ -658,7 +662,8 @@ class _AtriumVolume:
     spacing: tuple
 
 
-def _load_atrium(cases: list[mio.AtriumCase], max_slices: int | None = None) -> list[_AtriumVolume]:
+def _load_atrium(cases: list[mio.AtriumCase], max_slices: int | None = None,
+                 grid_mm: float = pp.ATRIUM_SPACING_MM) -> list[_AtriumVolume]:
     vols = []
     for c in tqdm(cases, desc="read MSD heart", leave=False, mininterval=2):
         img = mio.load_nifti_path(c.image_path)
@@ -668,7 +673,7 @@ def _load_atrium(cases: list[mio.AtriumCase], max_slices: int | None = None) -> 
             zc = int(np.argwhere(lab)[:, 2].mean()) if lab.any() else data.shape[2] // 2
             z0 = max(0, zc - max_slices // 2)
             data, lab = data[:, :, z0 : z0 + max_slices], lab[:, :, z0 : z0 + max_slices]
-        stack, geom = pp.atrium_slices(data, img.spacing)
+        stack, geom = pp.atrium_slices(data, img.spacing, grid_mm)
         vols.append(_AtriumVolume(c.case_id, stack.half(), pp.atrium_label_slices(lab, geom).half(), geom, lab,
                                   img.spacing))
     return vols
@@ -739,6 +744,10 @@ def random_crops(x: torch.Tensor, y: torch.Tensor, centres: torch.Tensor, crop: 
     return xs, ys
 
 
+def _grid_mm(cfg: TrainConfig) -> float:
+    return cfg.spacing_mm or float(get_task("atrium").input_spec["spacing_mm"])
+
+
 def _atrium_split(n: int, cfg: TrainConfig, folds: int = 5) -> list[tuple[list[int], list[int]]]:
     """(train, validation) volume indices. Fold 1 is the committed model's split (``val_fraction`` of the
     volumes, seeded); the other volumes are divided into folds 2..``folds`` for cross-validation."""
@@ -805,7 +814,7 @@ def train_atrium(root: Path, cfg: TrainConfig, device: torch.device, smoke: bool
     if smoke:
         cases = cases[:3]
     tr_idx, va_idx = _atrium_split(len(cases), cfg)[0]
-    vols = _load_atrium(cases, max_slices=12 if smoke else None)
+    vols = _load_atrium(cases, max_slices=12 if smoke else None, grid_mm=_grid_mm(cfg))
     model, res, per_case, n_slices = _fit_atrium(vols, tr_idx, va_idx, cfg, device)
     dices = [r["dice"] for r in per_case.values()]
     card = _card_base(spec, cfg, device, smoke)
@@ -840,17 +849,18 @@ def train_atrium(root: Path, cfg: TrainConfig, device: torch.device, smoke: bool
 
 def cross_validate_atrium(root: Path, device: torch.device, out_dir: Path | None = None, folds: int = 5,
                           seed: int = 0, smoke: bool = False, epochs: int | None = None,
-                          crop: int | None = None, ema: float | None = None) -> dict:
+                          crop: int | None = None, ema: float | None = None,
+                          spacing_mm: float | None = None) -> dict:
     """Folds 2..``folds`` of the atrium recipe (fold 1 is the committed model, whose card holds its
     figures): each trains on the other volumes and is scored on its own. Writes <weights>/atrium.cv.json;
     no weights are kept."""
     spec = get_task("atrium")
-    cfg = task_config("atrium", smoke, seed, epochs, crop, ema)
+    cfg = task_config("atrium", smoke, seed, epochs, crop, ema, spacing_mm)
     cases = mio.find_atrium_cases(root)
     if smoke:
         cases = cases[:4]
     splits = _atrium_split(len(cases), cfg, folds)
-    vols = _load_atrium(cases, max_slices=12 if smoke else None)
+    vols = _load_atrium(cases, max_slices=12 if smoke else None, grid_mm=_grid_mm(cfg))
     fold_reports = []
     for k, (tr, va) in enumerate(splits[1:], start=2):
         _, res, per_case, _ = _fit_atrium(vols, tr, va, cfg, device, desc=f"atrium fold {k}")
@@ -884,9 +894,10 @@ TRAINERS: dict[str, Callable[..., dict]] = {
 
 
 def task_config(task: str, smoke: bool = False, seed: int = 0, epochs: int | None = None,
-                crop: int | None = None, ema: float | None = None) -> TrainConfig:
+                crop: int | None = None, ema: float | None = None, spacing_mm: float | None = None) -> TrainConfig:
     """The registry's training defaults for a task, or the short smoke settings; ``epochs`` overrides;
-    ``crop`` sets the segmentation training crop (0: whole slices); ``ema`` keeps a weight average."""
+    ``crop`` sets the segmentation training crop (0: whole slices); ``ema`` keeps a weight average;
+    ``spacing_mm`` sets the segmentation in-plane grid."""
     d = dict(get_task(task).train_defaults)
     if smoke:
         d.update(epochs=2, batch_size=8, patience=2)
@@ -898,12 +909,16 @@ def task_config(task: str, smoke: bool = False, seed: int = 0, epochs: int | Non
         d["crop"] = crop or None
     if ema is not None:
         d["ema"] = ema
+    if spacing_mm is not None:
+        if get_task(task).kind != "segmentation":
+            raise ValueError(f"spacing_mm applies to segmentation tasks only, not {task!r}")
+        d["spacing_mm"] = spacing_mm
     return TrainConfig(seed=seed, **d)
 
 
 def train_task(task: str, root: Path, device: torch.device, smoke: bool = False, out_dir: Path | None = None,
                seed: int = 0, epochs: int | None = None, crop: int | None = None,
-               ema: float | None = None) -> dict:
+               ema: float | None = None, spacing_mm: float | None = None) -> dict:
     """Train one task with its registry defaults (or smoke settings) and write weights + card."""
-    cfg = task_config(task, smoke, seed, epochs, crop, ema)
+    cfg = task_config(task, smoke, seed, epochs, crop, ema, spacing_mm)
     return TRAINERS[task](Path(root), cfg, device, smoke=smoke, out_dir=out_dir)

@@ -51,6 +51,17 @@ def test_atrium_slices_roundtrip(shape, spacing):
     assert (restored[..., 2] == lab[..., 2].astype(bool)).mean() > 0.99
 
 
+def test_atrium_grid_follows_the_requested_spacing():
+    vol = np.random.default_rng(0).random((256, 200, 4)).astype(np.float32)
+    stack, geom = pp.atrium_slices(vol, (1.25, 1.25, 1.37), grid_mm=2.0)
+    # 256 x 1.25 / 2.0 = 160; 200 x 1.25 / 2.0 = 125 -> padded to 128
+    assert geom.resampled_xy == (160, 125) and geom.padded_xy == (160, 128)
+    assert stack.shape == (4, 2 * pp.ATRIUM_CONTEXT + 1, 160, 128)
+    assert pp.atrium_restore(torch.zeros(4, 160, 128), geom).shape == (256, 200, 4)
+    with pytest.raises(ValueError, match="in-plane grid"):
+        pp.atrium_padded(vol, (1.25, 1.25, 1.37), grid_mm=0.0)
+
+
 def test_largest_component():
     m = np.zeros((10, 10, 10), np.uint8)
     m[1:3, 1:3, 1:3] = 1

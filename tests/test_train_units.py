@@ -130,6 +130,27 @@ def test_task_config_overrides():
     assert task_config("atrium", crop=None).crop == task_config("atrium").crop  # None: the registry's
     with pytest.raises(ValueError, match="segmentation tasks only"):
         task_config("pneumonia", crop=160)
+    assert task_config("atrium", spacing_mm=2.0).spacing_mm == 2.0 and task_config("atrium").spacing_mm is None
+    with pytest.raises(ValueError, match="segmentation tasks only"):
+        task_config("cardiac", spacing_mm=2.0)
+    with pytest.raises(ValueError, match="spacing_mm"):
+        TrainConfig(epochs=1, batch_size=1, spacing_mm=0.1)
+
+
+def test_card_and_loaded_model_carry_the_training_grid():
+    """A model trained on another in-plane grid says so in its card, and inference resamples to it."""
+    from core.inference import LoadedModel
+    from core.tasks import get_task
+    from core.train import _card_base
+
+    spec = get_task("atrium")
+    registry_mm = spec.input_spec["spacing_mm"]
+    card = _card_base(spec, TrainConfig(epochs=1, batch_size=1, spacing_mm=2.0), torch.device("cpu"), True)
+    assert card["input_spec"]["spacing_mm"] == 2.0 and card["training"]["spacing_mm"] == 2.0
+    assert spec.input_spec["spacing_mm"] == registry_mm  # the registry is not changed
+    assert _card_base(spec, TrainConfig(epochs=1, batch_size=1), torch.device("cpu"), True)["input_spec"][
+        "spacing_mm"] == registry_mm
+    assert LoadedModel(spec, torch.nn.Identity(), card).grid_mm == 2.0
 
 
 def test_report_states_the_run_record(tmp_path):
