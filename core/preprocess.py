@@ -26,6 +26,7 @@ CARDIAC_SLICE_RANGE = (0.0, 1.0)
 
 # Atrium: the MSD data has true spacing; inputs are resampled in-plane to the training spacing.
 ATRIUM_SPACING_MM = 1.25
+ATRIUM_GRID_RANGE_MM = (0.5, 5.0)  # in-plane grids a model may be trained and run at
 ATRIUM_CONTEXT = 1  # neighbouring slices each side given as extra channels (2.5D)
 UNET_MULTIPLE = 16
 
@@ -126,8 +127,9 @@ def atrium_padded(data: np.ndarray, spacing: tuple[float, float, float],
     """(X, Y, Z) volume -> (Z + 2*context, H, W) normalised slices resampled in-plane to ``grid_mm`` (the
     spacing the model was trained at, from its card), padded to the U-Net's multiple and with the end
     slices repeated; window i..i+2*context is slice i's 2.5D input."""
-    if not 0.1 <= grid_mm <= 10:
-        raise ValueError(f"the in-plane grid must be 0.1-10 mm, got {grid_mm}")
+    lo, hi = ATRIUM_GRID_RANGE_MM
+    if not lo <= grid_mm <= hi:
+        raise ValueError(f"the in-plane grid must be {lo}-{hi} mm, got {grid_mm}")
     X, Y, Z = data.shape
     rx = max(UNET_MULTIPLE, int(round(X * spacing[0] / grid_mm)))
     ry = max(UNET_MULTIPLE, int(round(Y * spacing[1] / grid_mm)))

@@ -59,8 +59,9 @@ class TrainConfig:
             raise ValueError(f"crop must be a multiple of 16 (the U-Net's), got {self.crop}")
         if self.ema is not None and not (0 < self.ema < 1):
             raise ValueError(f"ema must be a decay in (0, 1), got {self.ema}")
-        if self.spacing_mm is not None and not (0.5 <= self.spacing_mm <= 5):
-            raise ValueError(f"spacing_mm must be 0.5-5 mm, got {self.spacing_mm}")
+        lo, hi = pp.ATRIUM_GRID_RANGE_MM
+        if self.spacing_mm is not None and not (lo <= self.spacing_mm <= hi):
+            raise ValueError(f"spacing_mm must be {lo}-{hi} mm, got {self.spacing_mm}")
 
 
 def set_seed(seed: int) -> None:
