@@ -1,16 +1,22 @@
 """Benchmark of what a clinician feels (a benchmark, not a timed test).
 
-    python -m core.bench [--json OUT] [--repeats N] [--data-root DIR] [--no-train]
+    python -m core.bench [--json OUT] [--repeats N] [--data-root DIR] [--no-train] [--accuracy] [--alternatives]
 
 After warm-up, median and p95 over repeated runs of: model load; chest X-ray preprocess + predict +
 Grad-CAM; cardiac study predict + Grad-CAM; atrium segmentation of one 256x256x130 volume; batch
 throughput; peak memory. Each figure is compared in the same run with a named plain baseline: the
 same models without our inference optimisations (batch norm folded into convolutions, channels-last
-memory, slice batch size 1 on CPU), as a ratio baseline / optimised.
+memory, slice batch size 1 on CPU, and for the U-Nets bfloat16 where the CPU runs it natively), as a
+ratio baseline / optimised.
 
 Training throughput (images per second through one optimizer step of each task's model, at the
 registry's batch size and training input size, on random tensors) is compared with float32 and the
 default memory layout; ``--no-train`` skips it.
+
+``--accuracy`` also measures what the inference precision changes (core.precision): every case of the
+data root through the models in float32 and in the precision the app uses, for the tasks where those
+differ, with the validation figures of both. ``--alternatives`` times other runtimes on the atrium
+U-Net (TorchScript, torch.compile, ONNX Runtime when installed) against the eager model the app uses.
 """
 from __future__ import annotations
 
@@ -20,6 +26,7 @@ import platform
 import resource
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -30,7 +37,8 @@ from core import io as mio
 from core.config import data_root
 from core.inference import load_model, predict_cardiac, predict_xray, predict_xray_batch, segment_atrium
 
-BASELINE = "same weights without conv-BN folding and channels-last; atrium slices in batches of 8"
+BASELINE = ("same weights in float32 without conv-BN folding and channels-last (and without bfloat16 for the "
+            "U-Nets); atrium slices in batches of 8")
 TRAIN_BASELINE = "float32, default (contiguous) memory layout, same model, batch and input size"
 
 
@@ -140,8 +148,157 @@ def _inputs(root: Path) -> dict:
     return out
 
 
-def run(repeats: int = 10, root=None, train: bool = True) -> dict:
-    inp = _inputs(data_root(root))
+def precision_check(root: Path) -> dict:
+    """Per task whose app precision is not float32: the outputs of every case in both precisions
+    (cardiac: probabilities, decisions at the card's threshold; atrium: agreement of the masks), and the
+    validation figures of the card's held-out cases in each."""
+    from core import metrics as M
+    from core.checkpoint import read_card
+    from core.evaluate import evaluate
+
+    out: dict = {}
+    for task in ("pneumonia", "cardiac", "atrium"):
+        app = load_model(task).precision
+        if app == "float32":
+            out[task] = {"app_precision": app, "note": "float32 in the app: nothing changes"}
+            continue
+        val = set(read_card(task)["data"]["val_cases"])
+        row: dict = {"app_precision": app, "compared_with": "float32"}
+        if task == "cardiac":
+            ev = {p: evaluate(task, root, precision=p) for p in ("float32", app)}
+            pa, pb = (ev[p]["per_case"] for p in ("float32", app))
+            thr = load_model(task).threshold
+            dp = [abs(pa[k]["probability"] - pb[k]["probability"]) for k in pa]
+            row.update({"n_cases": len(pa), "probability_max_abs_change": max(dp),
+                        "probability_mean_abs_change": float(np.mean(dp)),
+                        "decisions_changed": sum((pa[k]["probability"] >= thr) != (pb[k]["probability"] >= thr)
+                                                 for k in pa)})
+            for p in ("float32", app):
+                ys = [int(ev[p]["per_case"][k]["group"] != "NOR") for k in val]
+                ps = [ev[p]["per_case"][k]["probability"] for k in val]
+                m = M.classification_metrics(ys, ps, thr)
+                est = [ev[p]["per_case"][k]["shape_estimate"]["lv_ef"] for k in val]
+                ref = [ev[p]["per_case"][k]["shape_expert_masks_all_slices"]["lv_ef"] for k in val]
+                row[f"validation_{p}"] = {"n": len(val), "auc": m["auc"], "accuracy": m["accuracy"],
+                                          "lv_ef_mae": M.agreement(est, ref)["mae"]}
+        else:
+            lm = {p: load_model(task, precision=p) for p in ("float32", app)}
+            agree, dice_gt = [], {p: [] for p in lm}
+            for c in mio.find_atrium_cases(root):
+                vol = mio.load_nifti_path(c.image_path)
+                masks = {p: segment_atrium(m, vol).mask for p, m in lm.items()}
+                agree.append(M.dice(masks[app], masks["float32"]))
+                if c.case_id in val:
+                    gt = mio.read_mask(c.label_path.read_bytes(), vol, c.label_path.name)
+                    for p in lm:
+                        dice_gt[p].append(M.dice(masks[p], gt))
+            row.update({"n_cases": len(agree), "mask_dice_vs_float32_min": min(agree),
+                        "mask_dice_vs_float32_mean": float(np.mean(agree))})
+            for p in lm:
+                row[f"validation_{p}"] = {"n": len(dice_gt[p]), "dice_mean": float(np.mean(dice_gt[p]))}
+        out[task] = row
+    return out
+
+
+def alternatives(volume: mio.Volume, repeats: int = 3) -> dict:
+    """Other runtimes on the atrium U-Net (BN folded, channels-last), each timed over every 2.5D slice of
+    ``volume`` one at a time after warm-up, with the largest change of a probability against eager
+    float32; and one training step (batch 16 of whole 256x256 slices, bfloat16 autocast where native)
+    eager against torch.compile. Compilation time is reported, not counted in the medians."""
+    import io
+
+    from core import preprocess as pp
+    from core.precision import autocast
+    from core.train import autocast_for, soft_dice_loss
+
+    lm = load_model("atrium", precision="float32")
+    m = lm.model
+    padded, _ = pp.atrium_padded(volume.data, volume.spacing, lm.grid_mm)
+    x = torch.cat([pp.atrium_window(padded, i, i + 1) for i in range(volume.data.shape[2])])
+    out: dict = {"what": f"atrium U-Net over {len(x)} slices of {tuple(x.shape[1:])}, batch 1", "inference": {}}
+
+    def over_slices(f: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        return torch.cat([torch.sigmoid(f(x[i : i + 1]).float()) for i in range(len(x))])
+
+    def bf16(t: torch.Tensor) -> torch.Tensor:
+        with autocast("bfloat16"):
+            return m(t)
+
+    runtimes: dict[str, Callable[[], Callable[[torch.Tensor], torch.Tensor]]] = {
+        "eager_float32": lambda: m,
+        "eager_bfloat16_autocast": lambda: bf16,
+        "torchscript_trace_freeze_float32": lambda: torch.jit.freeze(torch.jit.trace(m, x[:1])),
+        "torch_compile_float32": lambda: torch.compile(m),
+    }
+    try:
+        import onnxruntime as ort
+
+        def onnx_session() -> Callable[[torch.Tensor], torch.Tensor]:
+            buf = io.BytesIO()  # in memory: the benchmark writes nothing but its JSON
+            torch.onnx.export(m, (x[:1].contiguous(),), buf, input_names=["x"], output_names=["y"],
+                              dynamic_axes={"x": {0: "n"}, "y": {0: "n"}}, dynamo=False)
+            so = ort.SessionOptions()
+            so.intra_op_num_threads, so.inter_op_num_threads = torch.get_num_threads(), 1
+            sess = ort.InferenceSession(buf.getvalue(), so, providers=["CPUExecutionProvider"])
+            return lambda t: torch.from_numpy(sess.run(None, {"x": t.contiguous().numpy()})[0])
+
+        runtimes["onnxruntime_float32"] = onnx_session
+    except ImportError:
+        out["inference"]["onnxruntime_float32"] = {"skipped": "onnxruntime is not installed (pip install onnxruntime onnx)"}
+    ref = None
+    with torch.inference_mode(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the tracer's and exporters' deprecation and tracing notices
+        for name, make in runtimes.items():
+            t0 = time.perf_counter()
+            try:
+                f = make()
+                prob = over_slices(f)  # also the warm-up (and compilation)
+            except Exception as exc:  # an optional runtime that fails here is reported, not fatal
+                out["inference"][name] = {"failed": f"{type(exc).__name__}: {exc}"[:300]}
+                continue
+            setup = time.perf_counter() - t0
+            ref = prob if ref is None else ref
+            out["inference"][name] = {**_timeit(lambda: over_slices(f), repeats, warmup=0),
+                                      "setup_and_first_pass_s": setup,
+                                      "max_abs_prob_diff_vs_eager_float32": float((prob - ref).abs().max())}
+    base = out["inference"]["eager_float32"]["median_s"]
+    for r in out["inference"].values():
+        if "median_s" in r:
+            r["speedup_vs_eager_float32"] = base / r["median_s"]
+
+    from core.models import build_model
+    from core.tasks import get_task
+
+    spec = get_task("atrium")
+    g = torch.Generator().manual_seed(0)
+    xb = torch.randn(16, spec.model_kwargs["in_channels"], 256, 256, generator=g).contiguous(memory_format=torch.channels_last)
+    yb = (torch.rand(16, 256, 256, generator=g) > 0.9).float()
+    out["training_step"] = {"what": "one Adam step of the atrium U-Net, batch 16 x 3x256x256, channels-last, "
+                                    "bfloat16 autocast where native"}
+    for name in ("eager", "torch_compile"):
+        net = build_model(spec.architecture, **spec.model_kwargs).to(memory_format=torch.channels_last)
+        fwd = torch.compile(net) if name == "torch_compile" else net
+        opt = torch.optim.Adam(net.parameters(), 1e-3)
+
+        def step() -> None:
+            opt.zero_grad(set_to_none=True)
+            with autocast_for(torch.device("cpu")):
+                lg = fwd(xb)[:, 0].float()
+            (torch.nn.functional.binary_cross_entropy_with_logits(lg, yb) + soft_dice_loss(lg, yb)).backward()
+            opt.step()
+
+        t0 = time.perf_counter()
+        step()
+        out["training_step"][name] = {**_timeit(step, max(4, repeats), warmup=1),
+                                      "first_step_s": time.perf_counter() - t0}
+    tr = out["training_step"]
+    tr["torch_compile"]["speedup_vs_eager"] = tr["eager"]["median_s"] / tr["torch_compile"]["median_s"]
+    return out
+
+
+def run(repeats: int = 10, root=None, train: bool = True, accuracy: bool = False, alt: bool = False) -> dict:
+    root = data_root(root)
+    inp = _inputs(root)
     res: dict = {
         "torch": torch.__version__, "threads": torch.get_num_threads(), "device": "cpu",
         "machine": f"{platform.machine()} {platform.processor() or ''}".strip(), "python": platform.python_version(),
@@ -180,6 +337,7 @@ def run(repeats: int = 10, root=None, train: bool = True) -> dict:
         "xray_probability_abs_diff": abs(po - pb) if po is not None and pb is not None else None,
         "atrium_mask_voxels_differing": int((mo != mb).sum()), "atrium_mask_voxels": int(mb.sum()),
     }
+    res["precision"] = {t: m.precision for t, m in opt.items()}
     res["peak_memory_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     if train:
         from core.train import precision_label, task_config
@@ -187,6 +345,10 @@ def run(repeats: int = 10, root=None, train: bool = True) -> dict:
         res["training"] = {"baseline": TRAIN_BASELINE,
                            "optimised": precision_label(torch.device("cpu"), task_config("atrium")),
                            "throughput": train_throughput(max(4, repeats // 2))}
+    if accuracy:
+        res["precision_check"] = precision_check(root)
+    if alt:
+        res["alternatives"] = alternatives(inp["volume"])
     return res
 
 
@@ -197,18 +359,29 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--data-root", default=None)
     ap.add_argument("--no-train", action="store_true", help="skip the training-throughput figures")
+    ap.add_argument("--accuracy", action="store_true",
+                    help="also compare every case's outputs in float32 and in the app's precision (needs the data)")
+    ap.add_argument("--alternatives", action="store_true",
+                    help="also time TorchScript, torch.compile and ONNX Runtime (if installed) on the atrium U-Net")
     args = ap.parse_args(argv)
-    res = run(args.repeats, args.data_root, train=not args.no_train)
+    res = run(args.repeats, args.data_root, train=not args.no_train, accuracy=args.accuracy, alt=args.alternatives)
     print(f"torch {res['torch']} | {res['threads']} threads | device {res['device']} | baseline: {res['baseline']}")
     for name, f in res["figures"].items():
         print(f"{name:28s} median {f['optimised']['median_s']:.3f} s  p95 {f['optimised']['p95_s']:.3f} s  "
               f"baseline {f['baseline']['median_s']:.3f} s  speed-up x{f['speedup']:.2f}")
-    print(f"peak memory {res['peak_memory_mb']:.0f} MB; output change {res['optimisation_output_change']}")
+    print(f"precision {res['precision']}; peak memory {res['peak_memory_mb']:.0f} MB; "
+          f"output change {res['optimisation_output_change']}")
     if "training" in res:
         print(f"training ({res['training']['optimised']}) vs baseline ({res['training']['baseline']}):")
         for task, r in res["training"]["throughput"].items():
             print(f"  {task:10s} batch {r['batch']} x {r['input']}: {r['optimised']['images_per_s']:.1f} img/s, "
                   f"baseline {r['baseline']['images_per_s']:.1f} img/s, speed-up x{r['speedup']:.2f}")
+    for name, r in res.get("alternatives", {}).get("inference", {}).items():
+        print(f"alternative {name:34s} {json.dumps(r)}")
+    if "alternatives" in res:
+        print(f"training step eager vs torch.compile: {json.dumps(res['alternatives']['training_step'])}")
+    for task, r in res.get("precision_check", {}).items():
+        print(f"precision check {task}: {json.dumps(r)}")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(res, indent=1) + "\n")

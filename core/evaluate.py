@@ -1,7 +1,7 @@
 """Evaluate committed weights on every labelled case found under a data root (official layouts).
 
     python -m core.evaluate --task {pneumonia,cardiac,atrium} --data-root DIR [--weights DIR] [--json OUT]
-                            [--only-validation]
+                            [--only-validation] [--precision {auto,float32,bfloat16}]
 
 Prints (and optionally writes) JSON. A case that cannot be read is named under "failed" and
 counted in "n_failed"; it is never skipped silently.
@@ -21,6 +21,7 @@ from core.checkpoint import _clean
 from core.config import data_root
 from core.errors import MedImgError
 from core.inference import load_model, predict_cardiac, predict_xray_batch, segment_atrium
+from core.precision import PRECISIONS
 from core.tasks import TASKS
 
 
@@ -36,8 +37,9 @@ def _classifier_summary(y: list[int], p: list[float], threshold: float, failed: 
     return out
 
 
-def evaluate_pneumonia(root: Path, wdir=None, only: set[str] | None = None, batch_size: int = 32) -> dict:
-    lm = load_model("pneumonia", wdir)
+def evaluate_pneumonia(root: Path, wdir=None, only: set[str] | None = None, precision: str | None = None,
+                       batch_size: int = 32) -> dict:
+    lm = load_model("pneumonia", wdir, precision=precision)
     cases = [c for c in mio.find_xray_cases(root) if only is None or str(c.path.relative_to(root)) in only]
     ys, ps, failed = [], [], []
     refused = [0]
@@ -63,11 +65,12 @@ def evaluate_pneumonia(root: Path, wdir=None, only: set[str] | None = None, batc
     flush()
     out = _classifier_summary(ys, ps, lm.threshold, failed)
     out["n_refused_by_input_check"] = refused[0]
+    out["inference_precision"] = lm.precision
     return out
 
 
-def evaluate_cardiac(root: Path, wdir=None, only: set[str] | None = None) -> dict:
-    lm = load_model("cardiac", wdir)
+def evaluate_cardiac(root: Path, wdir=None, only: set[str] | None = None, precision: str | None = None) -> dict:
+    lm = load_model("cardiac", wdir, precision=precision)
     ys, ps, failed, per_case = [], [], [], {}
     for c in mio.find_cardiac_cases(root):
         if only is not None and c.patient_id not in only:
@@ -95,11 +98,12 @@ def evaluate_cardiac(root: Path, wdir=None, only: set[str] | None = None) -> dic
         for k in ("lv_ef", "rv_ef", "myo_to_lv_ed", "rv_to_lv_ed")
     }
     out["per_case"] = per_case
+    out["inference_precision"] = lm.precision
     return out
 
 
-def evaluate_atrium(root: Path, wdir=None, only: set[str] | None = None) -> dict:
-    lm = load_model("atrium", wdir)
+def evaluate_atrium(root: Path, wdir=None, only: set[str] | None = None, precision: str | None = None) -> dict:
+    lm = load_model("atrium", wdir, precision=precision)
     per_case, failed = {}, []
     for c in mio.find_atrium_cases(root):
         if only is not None and c.case_id not in only:
@@ -123,6 +127,7 @@ def evaluate_atrium(root: Path, wdir=None, only: set[str] | None = None) -> dict
         "dice_ci95": M.mean_ci([r["dice"] for r in per_case.values()]),
         "per_case": per_case,
         "threshold": lm.threshold,
+        "inference_precision": lm.precision,
         "n_failed": len(failed),
         "failed": failed,
     }
@@ -131,17 +136,18 @@ def evaluate_atrium(root: Path, wdir=None, only: set[str] | None = None) -> dict
 EVALUATORS = {"pneumonia": evaluate_pneumonia, "cardiac": evaluate_cardiac, "atrium": evaluate_atrium}
 
 
-def evaluate(task: str, root, wdir=None, only_validation: bool = False) -> dict:
+def evaluate(task: str, root, wdir=None, only_validation: bool = False, precision: str | None = None) -> dict:
     """Evaluate one task's weights on every labelled case under ``root``; JSON-safe dict.
 
-    ``only_validation`` keeps the cases the weights' card lists as held out from their training.
+    ``only_validation`` keeps the cases the weights' card lists as held out from their training;
+    ``precision`` is the inference precision (core.precision; default: what the app uses).
     """
     only = None
     if only_validation:
         from core.checkpoint import read_card
 
         only = set(read_card(task, wdir)["data"]["val_cases"])
-    res = EVALUATORS[task](Path(root), wdir, only)
+    res = EVALUATORS[task](Path(root), wdir, only, precision)
     res = {"task": task, "data_root": str(root), **({"cases": "validation cases of the card"} if only else {}), **res}
     return _clean(res)
 
@@ -155,9 +161,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", default=None, help="also write the JSON here")
     ap.add_argument("--only-validation", action="store_true",
                     help="only the cases the weights' card lists as validation (held out from training)")
+    ap.add_argument("--precision", default=None, choices=PRECISIONS,
+                    help="inference precision (default: $MEDIMG_PRECISION, else auto = what the app uses)")
     args = ap.parse_args(argv)
     try:
-        res = evaluate(args.task, data_root(args.data_root), args.weights, args.only_validation)
+        res = evaluate(args.task, data_root(args.data_root), args.weights, args.only_validation, args.precision)
     except MedImgError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

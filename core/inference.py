@@ -18,6 +18,7 @@ from core.metrics import volume_ml
 from core.preprocess import largest_component
 from core.models import build_model, optimize_for_inference
 from core.ood import OODGuard, encoder_features, load_guard
+from core.precision import autocast, inference_precision
 from core.tasks import TaskSpec, get_task
 
 
@@ -29,6 +30,7 @@ class LoadedModel:
     model: nn.Module
     card: dict
     guard: OODGuard | None = None  # out-of-distribution check (classifiers)
+    precision: str = "float32"  # of the forward passes that give probabilities and masks (core.precision)
 
     @property
     def threshold(self) -> float:
@@ -45,12 +47,18 @@ class LoadedModel:
         return float(self.card.get("input_spec", {}).get("spacing_mm", self.spec.input_spec.get("spacing_mm", 0)))
 
 
-def load_model(task: str, wdir=None, with_guard: bool = True, optimize: bool = True) -> LoadedModel:
+def load_model(task: str, wdir=None, with_guard: bool = True, optimize: bool = True,
+               precision: str | None = None) -> LoadedModel:
     """Build the task's architecture from its card and load checksum-verified weights (CPU, eval mode).
 
     Classifiers also load their input check (``<task>.ood.json``) unless ``with_guard`` is False.
+    ``optimize`` folds batch norm, uses channels-last memory and the resolved ``precision`` ("auto",
+    "float32" or "bfloat16"; else $MEDIMG_PRECISION; "auto": bfloat16 where the task's registry entry
+    allows it and the CPU runs it natively, see core.precision);
+    ``optimize=False`` is the plain float32 model (the benchmark's baseline).
     """
     spec = get_task(task)
+    prec = inference_precision(precision, bf16_allowed=spec.bf16_inference) if optimize else "float32"
     state, card = load_state_dict(task, wdir)
     arch = card.get("architecture", {})
     model = build_model(arch.get("name", spec.architecture), **arch.get("kwargs", spec.model_kwargs))
@@ -59,7 +67,7 @@ def load_model(task: str, wdir=None, with_guard: bool = True, optimize: bool = T
     if optimize:
         optimize_for_inference(model)
     guard = load_guard(task, wdir) if spec.kind == "binary" and with_guard else None
-    return LoadedModel(spec, model, card, guard)
+    return LoadedModel(spec, model, card, guard, prec)
 
 
 def release_memory() -> None:
@@ -78,9 +86,9 @@ def _ood(lm: LoadedModel, x: torch.Tensor) -> float:
     return float(lm.guard.score(f)[0]) if lm.guard is not None else 0.0
 
 
-def _prob(model: nn.Module, x: torch.Tensor) -> np.ndarray:
-    with model_lock(model), torch.inference_mode():
-        return torch.sigmoid(model(x)).flatten().numpy()
+def _prob(lm: LoadedModel, x: torch.Tensor) -> np.ndarray:
+    with model_lock(lm.model), torch.inference_mode(), autocast(lm.precision):
+        return torch.sigmoid(lm.model(x).float()).flatten().numpy()
 
 
 # --------------------------------------------------------------------------- pneumonia
@@ -115,7 +123,7 @@ def predict_xray(lm: LoadedModel, image: Image2D, explain: bool = True) -> XRayR
                           "This is a colour image; chest radiographs are grey-scale, so no diagnosis is given.")
     if lm.guard is not None and score > lm.guard.threshold:
         return XRayResult(None, lm.threshold, None, display, None, score, WITHHELD_XRAY)
-    prob = float(_prob(lm.model, x)[0])
+    prob = float(_prob(lm, x)[0])
     positive = prob >= lm.threshold
     heat = gradcam(lm.model, lm.model.gradcam_layer(), x, positive=positive) if explain else None
     release_memory()
@@ -128,7 +136,7 @@ def predict_xray_batch(lm: LoadedModel, pixels: list[np.ndarray]) -> tuple[np.nd
     with model_lock(lm.model):
         f = encoder_features(lm.model, x).numpy().astype(np.float64)
     refused = lm.guard.score(f) > lm.guard.threshold if lm.guard is not None else np.zeros(len(x), bool)
-    return _prob(lm.model, x), refused
+    return _prob(lm, x), refused
 
 
 # --------------------------------------------------------------------------- cardiac
@@ -171,8 +179,11 @@ def predict_cardiac(lm: LoadedModel, ed: Volume, es: Volume, explain: bool = Tru
     if guard and lm.guard is not None and score > lm.guard.threshold:
         return CardiacResult(None, lm.threshold, None, slices, labels, None, score, WITHHELD_CARDIAC)
     with model_lock(lm.model), torch.inference_mode():
-        logit, seg = lm.model.forward_all(x)
-        feats = lm.model.shape_features(seg)[0].numpy()
+        with autocast(lm.precision):  # the U-Net; its shape descriptors and the head stay float32
+            seg = lm.model.segment(x).float()
+        f = lm.model.shape_features(seg)
+        logit = lm.model.head(f)
+        feats = f[0].numpy()
     prob = float(torch.sigmoid(logit).flatten()[0])
     positive = prob >= lm.threshold
     heat = gradcam(lm.model, lm.model.gradcam_layer(), x, positive=positive) if explain else None
@@ -215,10 +226,10 @@ def segment_atrium(lm: LoadedModel, volume: Volume, batch_size: int = 1,
     padded, geom = pp.atrium_padded(volume.data, volume.spacing, lm.grid_mm)
     n = volume.data.shape[2]
     prob = torch.empty(n, *padded.shape[1:])
-    with model_lock(lm.model), torch.inference_mode():
+    with model_lock(lm.model), torch.inference_mode(), autocast(lm.precision):
         for i in range(0, n, batch_size):
             j = min(n, i + batch_size)
-            prob[i:j] = torch.sigmoid(lm.model(pp.atrium_window(padded, i, j)))[:, 0]
+            prob[i:j] = torch.sigmoid(lm.model(pp.atrium_window(padded, i, j)).float())[:, 0]
             if progress:
                 progress(j / n)
     del padded

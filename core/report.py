@@ -170,9 +170,14 @@ def perf_markdown() -> list[str]:
                     f"{f['baseline']['median_s']:.3f} | x{f['speedup']:.2f} |")
     oc = b["optimisation_output_change"]
     rows.append("")
+    if "precision" in b:
+        rows.append("Inference precision of the optimised models: "
+                    + ", ".join(f"{t} {p}" for t, p in b["precision"].items()) + ".")
     rows.append(f"Peak memory of the benchmark process (both model variants loaded): {b['peak_memory_mb']:.0f} MB. "
                 f"Output change from the optimisations: X-ray probability {oc['xray_probability_abs_diff']}, "
                 f"atrium mask voxels differing {oc['atrium_mask_voxels_differing']} of {oc['atrium_mask_voxels']}.")
+    rows += precision_markdown(b.get("precision_check"))
+    rows += alternatives_markdown(b.get("alternatives"))
     if "training" in b:
         t = b["training"]
         rows += ["", f"Training throughput (same file; one forward + backward + Adam step on random tensors at the "
@@ -182,6 +187,53 @@ def perf_markdown() -> list[str]:
             rows.append(f"| {task} | {r['batch']} x {'x'.join(str(d) for d in r['input'])} | "
                         f"{r['optimised']['images_per_s']:.1f} | {r['baseline']['images_per_s']:.1f} | "
                         f"x{r['speedup']:.2f} |")
+    return rows
+
+
+def precision_markdown(pc: dict | None) -> list[str]:
+    """What the app's inference precision changes against float32 (`python -m core.bench --accuracy`)."""
+    if not pc:
+        return []
+    rows = ["", "What bfloat16 inference changes against float32 (same file, `--accuracy`; every case of the "
+                "shared data through both precisions, and the card's validation cases scored in each):", ""]
+    for task, r in pc.items():
+        if r.get("app_precision") == "float32":
+            rows.append(f"- {task}: float32 in the app, nothing changes.")
+            continue
+        v32, v16 = r["validation_float32"], r[f"validation_{r['app_precision']}"]
+        if "probability_max_abs_change" in r:
+            rows.append(f"- {task} ({r['n_cases']} studies): P(disease) changes by at most "
+                        f"{r['probability_max_abs_change']:.4f} (mean {r['probability_mean_abs_change']:.5f}); "
+                        f"decisions changed at the card's threshold: {r['decisions_changed']}. Validation "
+                        f"({v32['n']} patients) float32 / bfloat16: AUC {v32['auc']:.3f} / {v16['auc']:.3f}, "
+                        f"accuracy {v32['accuracy']:.3f} / {v16['accuracy']:.3f}, LV EF mean absolute difference "
+                        f"{v32['lv_ef_mae']:.4f} / {v16['lv_ef_mae']:.4f}.")
+        else:
+            rows.append(f"- {task} ({r['n_cases']} volumes): Dice between the bfloat16 and float32 masks "
+                        f"{r['mask_dice_vs_float32_min']:.4f} at worst (mean {r['mask_dice_vs_float32_mean']:.4f}). "
+                        f"Validation ({v32['n']} volumes) 3D Dice float32 / bfloat16: {v32['dice_mean']:.4f} / "
+                        f"{v16['dice_mean']:.4f}.")
+    return rows
+
+
+def alternatives_markdown(alt: dict | None) -> list[str]:
+    """Other runtimes timed on the atrium U-Net (`python -m core.bench --alternatives`)."""
+    if not alt:
+        return []
+    rows = ["", f"Other runtimes (same file, `--alternatives`; {alt['what']}; median over repeats after warm-up; "
+                "none but bfloat16 autocast is used by the app):", "",
+            "| runtime | median (s) | speed-up over eager float32 | largest probability change |", "|---|---|---|---|"]
+    for name, r in alt["inference"].items():
+        if "median_s" in r:
+            rows.append(f"| {name} | {r['median_s']:.3f} | x{r['speedup_vs_eager_float32']:.2f} | "
+                        f"{r['max_abs_prob_diff_vs_eager_float32']:.2g} |")
+        else:
+            rows.append(f"| {name} | {r.get('skipped') or r.get('failed')} | | |")
+    t = alt.get("training_step")
+    if t:
+        rows += ["", f"Training ({t['what']}): eager {t['eager']['median_s']:.3f} s per step, torch.compile "
+                     f"{t['torch_compile']['median_s']:.3f} s (x{t['torch_compile']['speedup_vs_eager']:.2f}, after "
+                     f"{t['torch_compile']['first_step_s']:.0f} s compiling its first step)."]
     return rows
 
 

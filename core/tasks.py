@@ -22,6 +22,9 @@ class TaskSpec:
     dataset: str
     default_threshold: float = 0.5
     train_defaults: dict = field(default_factory=dict)
+    # inference may use bfloat16 where the hardware runs it natively ("auto" precision): only where it
+    # pays and the outputs hold (python -m core.bench --accuracy); the X-ray CNN gains nothing from it
+    bf16_inference: bool = False
 
     def __post_init__(self) -> None:
         if self.kind not in ("binary", "segmentation"):
@@ -66,6 +69,7 @@ TASKS: dict[str, TaskSpec] = {
         monitor="auc",
         dataset="ACDC (Bernard et al. 2018), ED and ES frames (ACDC/)",
         train_defaults={"epochs": 20, "batch_size": 16, "lr": 1e-3, "patience": 20},
+        bf16_inference=True,
     ),
     "atrium": TaskSpec(
         name="atrium",
@@ -81,6 +85,7 @@ TASKS: dict[str, TaskSpec] = {
         monitor="dice",
         dataset="Medical Segmentation Decathlon Task02_Heart (Task02_Heart/)",
         train_defaults={"epochs": 60, "batch_size": 16, "lr": 1e-3, "patience": 15},
+        bf16_inference=True,
     ),
 }
 

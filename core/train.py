@@ -27,6 +27,7 @@ from core import io as mio
 from core import metrics as M
 from core import preprocess as pp
 from core.checkpoint import git_commit, save_checkpoint
+from core.precision import native_bf16
 from core.preprocess import largest_component
 from core.models import build_model
 from core.tasks import TaskSpec, get_task
@@ -74,19 +75,6 @@ def pick_device(name: str | None = None) -> torch.device:
     if name:
         return torch.device(name)
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def native_bf16(device: torch.device) -> bool:
-    """True where bfloat16 matrix maths runs in hardware: CUDA GPUs that support it, or CPUs with
-    AVX512-BF16 / AMX (oneDNN). Elsewhere bf16 is emulated and slower than float32."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    if device.type == "cpu":
-        try:
-            return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
-        except (AttributeError, RuntimeError):
-            return False
-    return False
 
 
 def autocast_for(device: torch.device, enabled: bool = True):

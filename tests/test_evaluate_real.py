@@ -28,9 +28,10 @@ def _xray_subset(root: Path, dst: Path, rel_paths: list[str]) -> Path:
     return dst
 
 
-def _run(task: str, root: Path, tmp: Path) -> dict:
-    out = tmp / f"{task}.json"
-    assert evaluate_main(["--task", task, "--data-root", str(root), "--json", str(out)]) == 0
+def _run(task: str, root: Path, tmp: Path, precision: str | None = None) -> dict:
+    out = tmp / f"{task}-{precision}.json"
+    extra = ["--precision", precision] if precision else []
+    assert evaluate_main(["--task", task, "--data-root", str(root), "--json", str(out), *extra]) == 0
     return json.loads(out.read_text())
 
 
@@ -102,6 +103,11 @@ def test_atrium_evaluate_and_floor(heart_root, tmp_path):
     assert res["dice_mean"] >= 0.88
     assert res["dice_mean"] == pytest.approx(card["validation"]["per_case"][case]["dice"], abs=0.01)
     assert np.isfinite(res["hd95_mm_mean"])
+    # the app's precision (bfloat16 where native) against float32 on the same volume
+    f32 = _run("atrium", tmp_path / "d", tmp_path, "float32")
+    assert f32["inference_precision"] == "float32" and res["inference_precision"] in ("float32", "bfloat16")
+    assert res["dice_mean"] == pytest.approx(f32["dice_mean"], abs=0.005)
+    assert res["volume_error_pct_mean"] == pytest.approx(f32["volume_error_pct_mean"], abs=0.5)
 
 
 def test_evaluate_reports_missing_data(tmp_path, capsys):

@@ -9,3 +9,31 @@ def test_readme_figures_match_cards():
     text = (PROJECT_ROOT / "README.md").read_text()
     block = text.split(START, 1)[1].split(END, 1)[0].strip()
     assert block == markdown().strip(), "README figures are stale: run `python -m core.report --write README.md`"
+
+
+def test_precision_and_runtime_lines_from_known_values():
+    from core.report import alternatives_markdown, precision_markdown
+
+    pc = {"pneumonia": {"app_precision": "float32"},
+          "cardiac": {"app_precision": "bfloat16", "n_cases": 80, "probability_max_abs_change": 0.0111,
+                      "probability_mean_abs_change": 0.00037, "decisions_changed": 1,
+                      "validation_float32": {"n": 17, "auc": 1.0, "accuracy": 16 / 17, "lv_ef_mae": 0.0398},
+                      "validation_bfloat16": {"n": 17, "auc": 1.0, "accuracy": 1.0, "lv_ef_mae": 0.0397}},
+          "atrium": {"app_precision": "bfloat16", "n_cases": 16, "mask_dice_vs_float32_min": 0.99893,
+                     "mask_dice_vs_float32_mean": 0.99946, "validation_float32": {"n": 3, "dice_mean": 0.89082},
+                     "validation_bfloat16": {"n": 3, "dice_mean": 0.89073}}}
+    text = "\n".join(precision_markdown(pc))
+    assert "- pneumonia: float32 in the app, nothing changes." in text
+    assert "at most 0.0111 (mean 0.00037); decisions changed at the card's threshold: 1" in text
+    assert "accuracy 0.941 / 1.000" in text
+    assert "0.9989 at worst (mean 0.9995)" in text and "0.8908 / 0.8907" in text
+    assert precision_markdown(None) == [] and alternatives_markdown(None) == []
+    alt = {"what": "atrium U-Net", "inference": {
+        "eager_float32": {"median_s": 2.0, "speedup_vs_eager_float32": 1.0, "max_abs_prob_diff_vs_eager_float32": 0.0},
+        "onnxruntime_float32": {"skipped": "onnxruntime is not installed"}},
+        "training_step": {"what": "one step", "eager": {"median_s": 0.8},
+                          "torch_compile": {"median_s": 0.4, "speedup_vs_eager": 2.0, "first_step_s": 25.2}}}
+    lines = alternatives_markdown(alt)
+    assert "| eager_float32 | 2.000 | x1.00 | 0 |" in lines
+    assert "| onnxruntime_float32 | onnxruntime is not installed | | |" in lines
+    assert lines[-1].endswith("torch.compile 0.400 s (x2.00, after 25 s compiling its first step).")

@@ -1,0 +1,63 @@
+"""Numeric precision: where bfloat16 runs natively, and which precision inference uses.
+
+The models are trained with bfloat16 autocast where the hardware runs it (see ``core.train.fit``).
+The U-Nets (cardiac, atrium) also infer with bfloat16 autocast on such hardware (the atrium U-Net's
+forward passes about 2.7x faster on a 2-core CPU with AMX), and in float32 elsewhere, where bfloat16
+would be emulated and slower. The X-ray CNN gains nothing from it and stays float32 (registry:
+``TaskSpec.bf16_inference``). Grad-CAM and the out-of-distribution check always run in float32: their
+maps and thresholds were made that way. ``MEDIMG_PRECISION=float32`` turns bfloat16 off everywhere.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+
+from core.errors import MedImgError
+
+PRECISION_ENV = "MEDIMG_PRECISION"
+PRECISIONS = ("auto", "float32", "bfloat16")
+
+
+class PrecisionError(MedImgError, ValueError):
+    """An unknown precision was asked for (argument or environment)."""
+
+
+def native_bf16(device: torch.device) -> bool:
+    """True where bfloat16 matrix maths runs in hardware: CUDA GPUs that support it, or CPUs with
+    AVX512-BF16 / AMX (oneDNN). Elsewhere bf16 is emulated and slower than float32."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        try:
+            return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        except (AttributeError, RuntimeError):
+            return False
+    return False
+
+
+def inference_precision(requested: str | None = None, device: torch.device | None = None,
+                        bf16_allowed: bool = True) -> str:
+    """Resolve the inference precision: ``requested``, else $MEDIMG_PRECISION, else "auto".
+
+    "auto" means "bfloat16" where the task allows it (``bf16_allowed``, from the registry) and
+    ``device`` (default CPU) runs it natively, else "float32". An explicit "float32" or "bfloat16" is
+    used as asked. Returns "float32" or "bfloat16".
+    """
+    source = "the precision argument" if requested else f"${PRECISION_ENV}"
+    choice = (requested or os.environ.get(PRECISION_ENV) or "auto").strip().lower()
+    if choice not in PRECISIONS:
+        raise PrecisionError(f"{source} is {choice!r}; use one of: {', '.join(PRECISIONS)}.")
+    if choice == "auto":
+        return "bfloat16" if bf16_allowed and native_bf16(device or torch.device("cpu")) else "float32"
+    return choice
+
+
+def autocast(precision: str, device: torch.device | None = None) -> contextlib.AbstractContextManager:
+    """bfloat16 autocast for ``precision == "bfloat16"``, else a no-op context (float32)."""
+    if precision == "bfloat16":
+        return torch.autocast((device or torch.device("cpu")).type, dtype=torch.bfloat16)
+    if precision == "float32":
+        return contextlib.nullcontext()
+    raise PrecisionError(f"precision must be 'float32' or 'bfloat16', got {precision!r}")

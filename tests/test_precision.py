@@ -1,0 +1,81 @@
+"""Inference precision: how it is chosen (registry, hardware, $MEDIMG_PRECISION) and that bfloat16
+changes the U-Nets' outputs only a little (real-data checks in test_evaluate_real.py)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from core.errors import MedImgError
+from core.inference import load_model, predict_cardiac, segment_atrium
+from core.io import Volume
+from core.precision import PRECISION_ENV, PrecisionError, autocast, inference_precision, native_bf16
+
+CPU = torch.device("cpu")
+AUTO_CPU = "bfloat16" if native_bf16(CPU) else "float32"
+
+
+def test_explicit_precisions_are_kept(monkeypatch):
+    monkeypatch.delenv(PRECISION_ENV, raising=False)
+    assert inference_precision("float32") == "float32"
+    assert inference_precision("bfloat16") == "bfloat16"
+    assert inference_precision("bfloat16", bf16_allowed=False) == "bfloat16"  # asked for explicitly
+    assert inference_precision(" Float32 ") == "float32"
+
+
+def test_auto_follows_hardware_and_registry(monkeypatch):
+    monkeypatch.delenv(PRECISION_ENV, raising=False)
+    assert inference_precision() == AUTO_CPU
+    assert inference_precision("auto") == AUTO_CPU
+    assert inference_precision(bf16_allowed=False) == "float32"
+    assert inference_precision("auto", device=torch.device("meta")) == "float32"  # no native bf16 there
+
+
+def test_environment_overrides_auto_and_bad_values_say_what_to_use(monkeypatch):
+    monkeypatch.setenv(PRECISION_ENV, "float32")
+    assert inference_precision() == "float32"
+    assert inference_precision("bfloat16") == "bfloat16"  # an argument wins over the environment
+    monkeypatch.setenv(PRECISION_ENV, "half")
+    with pytest.raises(PrecisionError, match=r"\$MEDIMG_PRECISION is 'half'; use one of: auto, float32, bfloat16"):
+        inference_precision()
+    with pytest.raises(MedImgError, match="the precision argument is 'fp8'"):
+        inference_precision("fp8")
+
+
+def test_autocast_context():
+    with autocast("float32"):
+        assert not torch.is_autocast_enabled("cpu")
+    with autocast("bfloat16"):
+        assert torch.is_autocast_enabled("cpu")
+        assert torch.get_autocast_dtype("cpu") == torch.bfloat16
+    with pytest.raises(PrecisionError):
+        autocast("auto")
+
+
+def test_loaded_models_carry_their_precision(monkeypatch):
+    monkeypatch.delenv(PRECISION_ENV, raising=False)
+    assert load_model("pneumonia").precision == "float32"  # the registry keeps the X-ray CNN in float32
+    assert load_model("atrium").precision == AUTO_CPU
+    assert load_model("cardiac", precision="float32").precision == "float32"
+    assert load_model("atrium", optimize=False).precision == "float32"  # the plain baseline
+    monkeypatch.setenv(PRECISION_ENV, "float32")
+    assert load_model("atrium").precision == "float32"
+
+
+def test_bfloat16_outputs_stay_close_to_float32():
+    """Synthetic inputs (the real-data agreement is in test_evaluate_real.py): a blob the U-Net
+    segments, and two cardiac frames; bfloat16 is asked for explicitly so this runs on any CPU."""
+    zz, yy, xx = np.meshgrid(np.arange(24), np.arange(96), np.arange(96), indexing="ij")
+    blob = ((xx - 48) ** 2 + (yy - 40) ** 2 + 4 * (zz - 12) ** 2 < 15**2).astype(np.float32)
+    rng = np.random.default_rng(0)
+    data = (blob * 3 + rng.normal(0, 0.3, blob.shape)).transpose(2, 1, 0).astype(np.float32)  # (X, Y, Z)
+    vol = Volume(data, np.diag([1.25, 1.25, 1.37, 1.0]), (1.25, 1.25, 1.37))
+    f32, b16 = (segment_atrium(load_model("atrium", precision=p), vol) for p in ("float32", "bfloat16"))
+    assert f32.mask.shape == b16.mask.shape == data.shape
+    assert int((f32.mask != b16.mask).sum()) <= max(50, 0.02 * int(f32.mask.sum()))
+    ed = Volume(rng.random((120, 120, 10)).astype(np.float32), np.eye(4), (1.0, 1.0, 1.0))
+    es = Volume(rng.random((120, 120, 10)).astype(np.float32), np.eye(4), (1.0, 1.0, 1.0))
+    p32, p16 = (predict_cardiac(load_model("cardiac", precision=p), ed, es, explain=False, guard=False)
+                for p in ("float32", "bfloat16"))
+    assert abs(p32.probability - p16.probability) < 0.05
+    assert p16.segmentation.shape == p32.segmentation.shape
