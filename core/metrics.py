@@ -59,11 +59,20 @@ def youden_threshold(y_true, y_prob) -> float:
     """Threshold maximising sensitivity + specificity - 1 on the given (validation) data.
 
     Where several thresholds tie on J, the most sensitive of them is taken: a missed disease costs a
-    patient more than a second look at a healthy one."""
-    fpr, tpr, thr = roc_curve(np.asarray(y_true).astype(int), np.asarray(y_prob, dtype=float))
+    patient more than a second look at a healthy one. The threshold returned lies halfway between the
+    lowest probability called positive and the next lower one, not on a case's own probability: there,
+    that case's decision would turn on rounding (float32 vs bfloat16, batch-norm folding). The cases are
+    split the same way, so every figure at the threshold is unchanged."""
+    y = np.asarray(y_true).astype(int)
+    p = np.asarray(y_prob, dtype=float)
+    fpr, tpr, thr = roc_curve(y, p)
     j = tpr - fpr
     i = int(np.flatnonzero(j >= j.max() - 1e-12)[-1])  # thresholds fall along the curve: last = most sensitive
-    return float(np.clip(thr[i], 1e-6, 1 - 1e-6))
+    t = float(thr[i])
+    below = p[p < t]
+    if np.isfinite(t) and below.size:
+        t = (t + float(below.max())) / 2
+    return float(np.clip(t, 1e-6, 1 - 1e-6))
 
 
 def roc_points(y_true, y_prob) -> dict[str, list[float]]:

@@ -421,7 +421,8 @@ def train_pneumonia(root: Path, cfg: TrainConfig, device: torch.device, smoke: b
     card = _card_base(spec, cfg, device, smoke)
     card.update({
         "threshold": thr,
-        "threshold_rule": "Youden's J on the validation split (figures at this threshold are slightly optimistic)",
+        "threshold_rule": "Youden's J on the validation split, halfway between the two probabilities it separates "
+                          "(figures at this threshold are slightly optimistic)",
         "class_weighting": f"BCE pos_weight = n_normal / n_pneumonia = {float(pos_weight):.3f}",
         "data": {
             "dataset": spec.dataset,
@@ -604,7 +605,8 @@ def train_cardiac(root: Path, cfg: TrainConfig, device: torch.device, smoke: boo
     card["training"]["monitor"] = "dice"  # stage 1 keeps the epoch with the best segmentation Dice
     card.update({
         "threshold": thr,
-        "threshold_rule": f"Youden's J on pooled out-of-fold predictions of {folds}-fold cross-validation",
+        "threshold_rule": f"Youden's J on pooled out-of-fold predictions of {folds}-fold cross-validation, "
+                          "halfway between the two probabilities it separates",
         "class_weighting": "BCE pos_weight = n_normal / n_disease per fold",
         "auxiliary_task": "two stages. 1: a 2D U-Net segments RV, myocardium and LV cavity on every ED and ES "
                           "slice of the training patients (ACDC masks; cross-entropy + soft Dice; the epoch kept is "

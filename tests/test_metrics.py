@@ -47,9 +47,23 @@ def test_youden_ties_go_to_the_more_sensitive_threshold():
     y = [0, 0, 0, 0, 1, 1, 1, 1]
     p = [0.1, 0.2, 0.3, 0.6, 0.5, 0.7, 0.8, 0.9]
     t = M.youden_threshold(y, p)
-    assert t == 0.5
+    assert t == pytest.approx(0.4)  # halfway between 0.5 (lowest called positive) and 0.3 (next lower)
     m = M.classification_metrics(y, p, t)
     assert m["sensitivity"] == 1.0 and m["specificity"] == 0.75
+
+
+def test_youden_threshold_lies_between_cases_not_on_one():
+    y = [0, 0, 1, 0, 1, 1]
+    p = [0.10, 0.25, 0.56078, 0.3, 0.8, 0.9]
+    t = M.youden_threshold(y, p)
+    assert t == pytest.approx((0.56078 + 0.3) / 2)
+    assert t not in p
+    # a rounding-sized change of the borderline case's probability no longer changes its decision
+    for eps in (-1e-6, 0.0, 1e-6):
+        q = list(p)
+        q[2] += eps
+        assert M.classification_metrics(y, q, t)["sensitivity"] == 1.0
+    assert M.youden_threshold([1, 0], [0.2, 0.9]) == pytest.approx(0.2)  # nothing lower: its own value
 
 
 def test_dice_iou_hand_computed():
