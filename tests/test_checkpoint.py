@@ -47,3 +47,20 @@ def test_committed_weights_and_cards(task):
     assert card["history"] and "val_loss" in card["history"][0]
     assert 0 < lm.threshold < 1
     json.dumps(card)
+
+
+def test_atomic_writes_get_the_usual_file_mode(tmp_path):
+    """Cards, run records and input checks are readable like any file the account writes (not mkstemp's
+    0600), so an app server under another account can read what training wrote."""
+    import os
+    import stat
+
+    from core.checkpoint import FILE_MODE, _atomic_write
+
+    umask = os.umask(0)
+    os.umask(umask)
+    assert FILE_MODE == 0o666 & ~umask
+    target = tmp_path / "x.json"
+    _atomic_write(target, b"{}")
+    assert stat.S_IMODE(target.stat().st_mode) == FILE_MODE
+    assert target.read_bytes() == b"{}" and [p.name for p in tmp_path.iterdir()] == ["x.json"]
