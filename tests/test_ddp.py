@@ -6,11 +6,14 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from core.checkpoint import load_state_dict
 from core.config import PROJECT_ROOT
 
 
-def test_torchrun_two_processes_agree(xray_root, tmp_path):
+@pytest.mark.parametrize("extra", [[], ["--ema", "0.9"]], ids=["plain", "weight-average"])
+def test_torchrun_two_processes_agree(xray_root, tmp_path, extra):
     import socket
 
     with socket.socket() as sock:
@@ -20,7 +23,7 @@ def test_torchrun_two_processes_agree(xray_root, tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
            f"--master_port={port}",
            str(PROJECT_ROOT / "train_all.py"), "--smoke", "--tasks", "pneumonia", "--device", "cpu",
-           "--data-root", str(xray_root), "--weights-dir", str(out)]
+           "--data-root", str(xray_root), "--weights-dir", str(out), *extra]
     r = subprocess.run(cmd, cwd=PROJECT_ROOT, env={**os.environ, "TQDM_DISABLE": "1"}, capture_output=True,
                        text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
@@ -29,4 +32,5 @@ def test_torchrun_two_processes_agree(xray_root, tmp_path):
     assert ddp["world_size"] == 2 and ddp["backend"] == "gloo"
     assert len(set(ddp["rank_weights_sha256"])) == 1, ddp
     assert ddp["rank_weights_sha256"][0] == card["weights_sha256"]
+    assert card["training"]["ema"] == (0.9 if extra else None)
     load_state_dict("pneumonia", out)
