@@ -39,6 +39,9 @@ def model_or_stop(task: str) -> LoadedModel:
     except MissingWeightsError as exc:
         st.error(f"The {TASKS[task].title} model is not available. {exc}")
         st.stop()
+    except MedImgError as exc:  # e.g. an unknown $MEDIMG_PRECISION: a setting of the server, not of the upload
+        st.error(f"The {TASKS[task].title} model cannot be started: {exc}")
+        st.stop()
 
 
 def run_safely(fn: Callable[[], Any], what: str) -> Any | None:

@@ -88,6 +88,24 @@ def test_metrics_page_each_task():
             assert "Shape estimates against the expert masks" in _text(at)
         if task == "atrium":
             assert "5-fold cross-validation of the same recipe" in _text(at)
+        if task == "pneumonia":
+            assert "Inference in this app: float32" in _text(at)  # the registry keeps the X-ray CNN in float32
+        else:
+            assert "Inference in this app: " in _text(at)
+
+
+def test_metrics_page_names_a_bad_precision_setting(monkeypatch):
+    monkeypatch.setenv("MEDIMG_PRECISION", "fp16")
+    at = _page("pages/4_Training_and_metrics.py")
+    assert not at.exception
+    assert any("$MEDIMG_PRECISION is 'fp16'; use one of: auto, float32, bfloat16" in e.value for e in at.error)
+    import streamlit as st
+
+    st.cache_resource.clear()  # models are cached per process; start from none
+    at = _page("pages/3_Atrium_segmentation.py")  # the model is not loaded: the page says why, no stack trace
+    st.cache_resource.clear()
+    assert not at.exception
+    assert any("cannot be started" in e.value and "MEDIMG_PRECISION" in e.value for e in at.error)
 
 
 def test_missing_weights_message(monkeypatch, tmp_path):

@@ -8,6 +8,7 @@ import streamlit as st
 from common import DISCLAIMER
 from core.checkpoint import read_card
 from core.errors import MissingWeightsError
+from core.precision import PrecisionError, inference_precision
 from core.report import SHAPE_NAMES, atrium_cross_validation, read_validation_eval
 from core.tasks import TASKS
 
@@ -105,5 +106,12 @@ st.markdown(f"- Dataset: {d['dataset']}\n- Split: {d['split']}\n"
             f"- Training: {card['train_time_s']:.0f} s on {card['device']}, best epoch {card['best_epoch']} "
             f"of {card['epochs_run']}, seed {card['training']['seed']}, "
             f"{card['training'].get('precision', 'float32')}, torch {card['torch_version']}")
+try:
+    prec = inference_precision(bf16_allowed=spec.bf16_inference)
+    st.markdown(f"- Inference in this app: {prec}" + (
+        " autocast (this CPU runs bfloat16 natively; what it changes against float32 is measured in the "
+        "README's Speed section; `MEDIMG_PRECISION=float32` turns it off)" if prec == "bfloat16" else ""))
+except PrecisionError as exc:
+    st.error(str(exc))
 with st.expander("Full model card (JSON)"):
     st.json({k: v for k, v in card.items() if k not in ("history",)}, expanded=False)
