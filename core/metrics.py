@@ -99,12 +99,28 @@ def _surface(mask: np.ndarray) -> np.ndarray:
                                           border_value=0)
 
 
+def _union_box(a: np.ndarray, b: np.ndarray, margin: int = 0) -> tuple[slice, ...]:
+    """Slices of the bounding box of ``a | b`` (both boolean, not both empty), widened by ``margin``
+    voxels and clipped to the array."""
+    u = a | b
+    box = []
+    for ax in range(u.ndim):
+        hit = np.flatnonzero(u.any(axis=tuple(i for i in range(u.ndim) if i != ax)))
+        box.append(slice(max(int(hit[0]) - margin, 0), min(int(hit[-1]) + 1 + margin, u.shape[ax])))
+    return tuple(box)
+
+
 def hd95(pred: np.ndarray, gt: np.ndarray, spacing=None) -> float:
     """95th percentile symmetric surface distance in the units of ``spacing`` (mm); NaN if a mask is empty."""
     p, g = np.asarray(pred) > 0, np.asarray(gt) > 0
     if not p.any() or not g.any():
         return float("nan")
     spacing = tuple(spacing) if spacing is not None else (1.0,) * p.ndim
+    # Every surface voxel lies in the box around both masks, so the distance transforms need only that box
+    # (one voxel wider, so that the erosion sees the same neighbours): same result, and a 256x256x130
+    # volume's distance maps shrink from about 200 MB to a few MB in the app server.
+    box = _union_box(p, g, margin=1)
+    p, g = p[box], g[box]
     sp, sg = _surface(p), _surface(g)
     dt_g = ndimage.distance_transform_edt(~sg, sampling=spacing)
     dt_p = ndimage.distance_transform_edt(~sp, sampling=spacing)
