@@ -77,7 +77,7 @@ def train_throughput(repeats: int = 6) -> dict:
     native, channels-last: what ``core.train.fit`` does) against ``TRAIN_BASELINE``."""
     import copy
 
-    from core.train import autocast_for
+    from core.precision import autocast_for
 
     dev = torch.device("cpu")
     res = {}
@@ -175,8 +175,9 @@ def precision_check(root: Path) -> dict:
                         "probability_mean_abs_change": float(np.mean(dp)),
                         "decisions_changed": sum((pa[k]["probability"] >= thr) != (pb[k]["probability"] >= thr)
                                                  for k in pa)})
+            label = {c.patient_id: c.label for c in mio.find_cardiac_cases(root)}
             for p in ("float32", app):
-                ys = [int(ev[p]["per_case"][k]["group"] != "NOR") for k in val]
+                ys = [label[k] for k in val]
                 ps = [ev[p]["per_case"][k]["probability"] for k in val]
                 m = M.classification_metrics(ys, ps, thr)
                 est = [ev[p]["per_case"][k]["shape_estimate"]["lv_ef"] for k in val]
@@ -210,8 +211,8 @@ def alternatives(volume: mio.Volume, repeats: int = 3, train_step: bool = True) 
     import io
 
     from core import preprocess as pp
-    from core.precision import autocast
-    from core.train import autocast_for, soft_dice_loss
+    from core.precision import autocast, autocast_for
+    from core.train import soft_dice_loss
 
     lm = load_model("atrium", precision="float32")
     m = lm.model

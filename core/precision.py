@@ -6,6 +6,7 @@ forward passes about 2.7x faster on a 2-core CPU with AMX), and in float32 elsew
 would be emulated and slower. The X-ray CNN gains nothing from it and stays float32 (registry:
 ``TaskSpec.bf16_inference``). Grad-CAM and the out-of-distribution check always run in float32: their
 maps and thresholds were made that way. ``MEDIMG_PRECISION=float32`` turns bfloat16 off everywhere.
+Training's autocast is :func:`autocast_for`; inference's is :func:`autocast`.
 """
 from __future__ import annotations
 
@@ -61,3 +62,10 @@ def autocast(precision: str, device: torch.device | None = None) -> contextlib.A
     if precision == "float32":
         return contextlib.nullcontext()
     raise PrecisionError(f"precision must be 'float32' or 'bfloat16', got {precision!r}")
+
+
+def autocast_for(device: torch.device, enabled: bool = True):
+    """bfloat16 autocast on ``device`` when ``enabled`` and native there (weights and optimizer stay
+    float32); otherwise a no-op context. On a 2-core AVX512-BF16/AMX CPU with channels-last memory it
+    trains the U-Nets 2-4x faster (`python -m core.bench`, "training")."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled and native_bf16(device))

@@ -27,7 +27,7 @@ from core import io as mio
 from core import metrics as M
 from core import preprocess as pp
 from core.checkpoint import git_commit, save_checkpoint
-from core.precision import native_bf16
+from core.precision import autocast_for, native_bf16
 from core.preprocess import largest_component
 from core.models import build_model
 from core.tasks import TaskSpec, get_task
@@ -75,13 +75,6 @@ def pick_device(name: str | None = None) -> torch.device:
     if name:
         return torch.device(name)
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def autocast_for(device: torch.device, enabled: bool = True):
-    """bfloat16 autocast on ``device`` when ``enabled`` and native there (weights and optimizer stay
-    float32); otherwise a no-op context. On a 2-core AVX512-BF16/AMX CPU with channels-last memory it
-    trains the U-Nets 2-4x faster (`python -m core.bench`, "training")."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled and native_bf16(device))
 
 
 def precision_label(device: torch.device, cfg: TrainConfig) -> str:
