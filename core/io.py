@@ -374,6 +374,7 @@ class AtriumCase:
     case_id: str
     image_path: Path
     label_path: Path
+    dataset: str = "Task02_Heart"  # the folder under the data root: Task02_Heart (bSSFP) or LA2018 (LGE)
 
 
 _XRAY_CLASSES = {"NORMAL": 0, "PNEUMONIA": 1}
@@ -456,30 +457,36 @@ def find_cardiac_cases(root: Path) -> list[CardiacCase]:
     return cases
 
 
-def find_atrium_cases(root: Path) -> list[AtriumCase]:
-    """Every labelled MSD Task02_Heart volume under ``root/Task02_Heart``."""
-    base = Path(root) / "Task02_Heart"
+ATRIUM_DATASETS = ("Task02_Heart", "LA2018")  # MSD bSSFP; 2018 LA challenge LGE-MRI (MSD-style layout)
+
+
+def find_atrium_cases(root: Path, datasets: tuple[str, ...] = ATRIUM_DATASETS) -> list[AtriumCase]:
+    """Every labelled left-atrium volume under ``root/<dataset>/{imagesTr,labelsTr}`` for each of
+    ``datasets`` (MSD layout, ``dataset.json`` when present), dataset by dataset."""
     cases: list[AtriumCase] = []
-    ds_json = base / "dataset.json"
-    pairs: list[tuple[Path, Path]] = []
-    if ds_json.is_file():
-        try:
-            meta = json.loads(ds_json.read_text())
-            for item in meta.get("training", []):
-                pairs.append((base / item["image"], base / item["label"]))
-        except (ValueError, KeyError, TypeError):
-            pairs = []
-    if not pairs:
-        for img in sorted((base / "imagesTr").glob("*.nii*")):
-            pairs.append((img, base / "labelsTr" / img.name))
-    for img, lab in pairs:
-        img, lab = img.resolve(), lab.resolve()
-        if img.is_file() and lab.is_file():
-            cases.append(AtriumCase(img.name.split(".")[0], img, lab))
+    for ds in datasets:
+        base = Path(root) / ds
+        ds_json = base / "dataset.json"
+        pairs: list[tuple[Path, Path]] = []
+        if ds_json.is_file():
+            try:
+                meta = json.loads(ds_json.read_text())
+                for item in meta.get("training", []):
+                    pairs.append((base / item["image"], base / item["label"]))
+            except (ValueError, KeyError, TypeError):
+                pairs = []
+        if not pairs:
+            for img in sorted((base / "imagesTr").glob("*.nii*")):
+                pairs.append((img, base / "labelsTr" / img.name))
+        for img, lab in pairs:
+            img, lab = img.resolve(), lab.resolve()
+            if img.is_file() and lab.is_file():
+                cases.append(AtriumCase(img.name.split(".")[0], img, lab, ds))
     if not cases:
         raise DatasetNotFoundError(
-            f"No labelled left-atrium volumes found under {base}. Expected Task02_Heart/imagesTr/la_NNN.nii.gz "
-            "and labelsTr/la_NNN.nii.gz (MSD layout); set --data-root or MEDIMG_DATA_ROOT."
+            f"No labelled left-atrium volumes found under {Path(root)}. Expected Task02_Heart/imagesTr/la_NNN.nii.gz "
+            "with labelsTr/la_NNN.nii.gz (MSD layout), or LA2018/imagesTr + labelsTr; set --data-root or "
+            "MEDIMG_DATA_ROOT."
         )
     return cases
 

@@ -84,7 +84,8 @@ TASKS: dict[str, TaskSpec] = {
         accepted_inputs=("nifti",),
         monitor="dice",
         dataset="Medical Segmentation Decathlon Task02_Heart (Task02_Heart/)",
-        train_defaults={"epochs": 60, "batch_size": 16, "lr": 1e-3, "patience": 15},
+        train_defaults={"epochs": 36, "batch_size": 32, "lr": 2e-3, "patience": 36, "crop": 128,
+                        "samples_per_epoch": 4000},
         bf16_inference=True,
     ),
 }

@@ -50,6 +50,7 @@ class TrainConfig:
     crop: int | None = None  # segmentation: side of the square training crops; None = whole slices
     ema: float | None = None  # decay of an exponential moving average of the weights, validated and kept
     spacing_mm: float | None = None  # segmentation: in-plane grid (mm) to train at; None = the registry's
+    samples_per_epoch: int | None = None  # sampled training crops per epoch (atrium); None = every slice once
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 1 or self.patience < 1:
@@ -870,10 +871,16 @@ def cross_validate_atrium(root: Path, device: torch.device, out_dir: Path | None
     return report
 
 
+def _train_atrium_both(*args, **kwargs) -> dict:
+    from core.atrium import train_atrium as train_both
+
+    return train_both(*args, **kwargs)
+
+
 TRAINERS: dict[str, Callable[..., dict]] = {
     "pneumonia": train_pneumonia,
     "cardiac": train_cardiac,
-    "atrium": train_atrium,
+    "atrium": _train_atrium_both,
 }
 
 
@@ -885,6 +892,8 @@ def task_config(task: str, smoke: bool = False, seed: int = 0, epochs: int | Non
     d = dict(get_task(task).train_defaults)
     if smoke:
         d.update(epochs=2, batch_size=8, patience=2)
+        if "samples_per_epoch" in d:
+            d["samples_per_epoch"] = 64
     if epochs:
         d["epochs"] = epochs
     if crop is not None:
