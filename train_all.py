@@ -95,6 +95,13 @@ def main(argv: list[str] | None = None) -> int:
             g = build_guard(task, root, out)
             print(f"[{task}] input check fitted on {g['n_fit']} training cases; validation false-refusal rate "
                   f"{g['val_false_refusal_rate']:.3f}")
+        if task == "pneumonia":
+            from core.pneumonia import train_population_gate
+
+            pc = train_population_gate(root, device, card, smoke=args.smoke, out_dir=out, seed=args.seed)
+            print(f"[{task}] population check: held-out outside images refused "
+                  f"{json.dumps(pc['validation']['held_out_refusal_rate'])}; in-population validation refused "
+                  f"{pc['validation']['in_population_refusal_clean']:.3f}")
         v = card["validation"]
         summary = {k: v[k] for k in ("auc", "accuracy", "dice_mean") if k in v}
         timings[task] = round(time.time() - t0, 1)

@@ -97,14 +97,15 @@ class AtriumPrediction:
 
 def segment_view(model: nn.Module, data: np.ndarray, spacing: tuple[float, float, float], axis: int,
                  grid_mm: float, batch_size: int = 1, autocast_ctx=None, progress=None) -> np.ndarray:
-    """Probabilities (X, Y, Z) of one pass of the 2.5D U-Net along ``axis`` of a canonical volume."""
+    """Probabilities (X, Y, Z) of one pass of the 2.5D U-Net along ``axis`` of a canonical volume.
+    ``autocast_ctx``: a callable giving a fresh precision context (or None for float32)."""
     import contextlib
 
     v = view(data, axis)
     padded, geom = pp.atrium_padded(v, view_spacing(spacing, axis), grid_mm)
     n = v.shape[2]
     prob = torch.empty(n, *padded.shape[1:])
-    with torch.inference_mode(), (autocast_ctx or contextlib.nullcontext()):
+    with torch.inference_mode(), (autocast_ctx() if autocast_ctx else contextlib.nullcontext()):
         for i in range(0, n, batch_size):
             j = min(n, i + batch_size)
             prob[i:j] = torch.sigmoid(model(pp.atrium_window(padded, i, j)).float())[:, 0]
@@ -415,7 +416,7 @@ def predict_case(model: nn.Module, c: CanonicalCase, views: tuple[int, ...], gri
     from core.precision import autocast_for
 
     return segment_canonical(model, c.data, c.spacing, views, grid_mm, batch_size=32,
-                             autocast_ctx=autocast_for(device, bf16))
+                             autocast_ctx=lambda: autocast_for(device, bf16))
 
 
 def fit_atrium(vols: list[CanonicalCase], tr: list[int], va: list[int], cfg, device: torch.device,
@@ -523,6 +524,7 @@ def train_atrium(root, cfg, device: torch.device, smoke: bool = False, out_dir=N
     axial pass and with the three views fused, fit the quality check on the training volumes, and save
     weights + card."""
     from core import io as mio
+    from core import metrics as M
     from core.tasks import get_task
     from core.train import _card_base, save_trained
 
@@ -542,6 +544,7 @@ def train_atrium(root, cfg, device: torch.device, smoke: bool = False, out_dir=N
     s_single, s_fused = summarise(single, cfg.seed), summarise(fused, cfg.seed)
     views = list(VIEWS_ALL) if s_fused["all"]["dice_mean"] >= s_single["all"]["dice_mean"] else [2]
     per_case = fused if len(views) == 3 else single
+    chosen = s_fused if len(views) == 3 else s_single
     _, train_quality = score_cases(model, vols, tr, VIEWS_ALL, grid, device)
     limits = fit_quality_limits(train_quality)
     rule = QualityRule(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in limits.items()})
@@ -573,8 +576,12 @@ def train_atrium(root, cfg, device: torch.device, smoke: bool = False, out_dir=N
         "validation": {
             "n": len(per_case),
             "views": views,
-            "dice_mean": s_fused["all"]["dice_mean"] if len(views) == 3 else s_single["all"]["dice_mean"],
-            "per_dataset": s_fused if len(views) == 3 else s_single,
+            "dice_mean": chosen["all"]["dice_mean"],
+            "dice_ci95": chosen["all"]["dice_ci95"],
+            "iou_mean": M.mean_finite(per_case, "iou"),
+            "hd95_mm_mean": chosen["all"]["hd95_mm_mean"],
+            "volume_error_pct_mean": chosen["all"]["volume_error_pct_mean"],
+            "per_dataset": chosen,
             "single_axial_view": s_single,
             "three_views_fused": s_fused,
             "views_rule": "three views fused if their mean validation Dice is at least the single view's (a choice "

@@ -42,7 +42,7 @@ def evaluate_pneumonia(root: Path, wdir=None, only: set[str] | None = None, prec
     lm = load_model("pneumonia", wdir, precision=precision)
     cases = [c for c in mio.find_xray_cases(root) if only is None or str(c.path.relative_to(root)) in only]
     ys, ps, failed = [], [], []
-    refused = [0]
+    refused_flags: list[bool] = []
     buf: list[tuple[int, np.ndarray]] = []
 
     def flush() -> None:
@@ -50,7 +50,7 @@ def evaluate_pneumonia(root: Path, wdir=None, only: set[str] | None = None, prec
             probs, flags = predict_xray_batch(lm, [b[1] for b in buf])
             ys.extend(b[0] for b in buf)
             ps.extend(float(x) for x in probs)
-            refused[0] += int(flags.sum())
+            refused_flags.extend(bool(f) for f in flags)
             buf.clear()
 
     for c in cases:
@@ -64,7 +64,12 @@ def evaluate_pneumonia(root: Path, wdir=None, only: set[str] | None = None, prec
             flush()
     flush()
     out = _classifier_summary(ys, ps, lm.threshold, failed)
-    out["n_refused_by_input_check"] = refused[0]
+    out["n_refused_by_input_check"] = int(sum(refused_flags))
+    out["refused_fraction"] = float(np.mean(refused_flags)) if refused_flags else float("nan")
+    acc = [i for i, f in enumerate(refused_flags) if not f]
+    if acc and len({ys[i] for i in acc}) == 2:
+        m = M.classification_metrics([ys[i] for i in acc], [ps[i] for i in acc], lm.threshold)
+        out["on_images_not_withheld"] = {"n": len(acc), **{k: m[k] for k in M.CLASSIFICATION_METRICS}}
     out["inference_precision"] = lm.precision
     return out
 
@@ -115,10 +120,18 @@ def evaluate_atrium(root: Path, wdir=None, only: set[str] | None = None, precisi
         except (MedImgError, OSError) as exc:
             failed.append({"case": c.case_id, "error": str(exc)})
             continue
-        per_case[c.case_id] = M.segmentation_metrics(res.mask, gt, vol.spacing)
+        per_case[c.case_id] = {**M.segmentation_metrics(res.mask, gt, vol.spacing), "dataset": c.dataset,
+                               "quality_check_passed": res.reliable,
+                               "quality_reasons": list(res.quality.reasons) if res.quality is not None else []}
 
+    from core.atrium import summarise
+
+    confident_bad = [k for k, r in per_case.items() if r["quality_check_passed"] and r["dice"] < 0.5]
     return {
         "n": len(per_case),
+        "per_dataset": summarise(per_case) if per_case else {},
+        "quality_check_fired": sum(not r["quality_check_passed"] for r in per_case.values()),
+        "reported_with_dice_under_0.5": confident_bad,
         "dice_mean": M.mean_finite(per_case, "dice"),
         "dice_per_case": {k: r["dice"] for k, r in per_case.items()},
         "iou_mean": M.mean_finite(per_case, "iou"),
@@ -136,19 +149,35 @@ def evaluate_atrium(root: Path, wdir=None, only: set[str] | None = None, precisi
 EVALUATORS = {"pneumonia": evaluate_pneumonia, "cardiac": evaluate_cardiac, "atrium": evaluate_atrium}
 
 
-def evaluate(task: str, root, wdir=None, only_validation: bool = False, precision: str | None = None) -> dict:
+def evaluate(task: str, root, wdir=None, only_validation: bool = False, precision: str | None = None,
+             split: str | None = None, data_label: str | None = None) -> dict:
     """Evaluate one task's weights on every labelled case under ``root``; JSON-safe dict.
 
     ``only_validation`` keeps the cases the weights' card lists as held out from their training;
-    ``precision`` is the inference precision (core.precision; default: what the app uses).
+    ``split`` keeps the X-rays of one official split folder (train, val or test);
+    ``precision`` is the inference precision (core.precision; default: what the app uses). The result
+    records the sha256 of the weights scored (the app shows an evaluation only beside those weights),
+    when it ran and, in ``data_label``, what data it ran on.
     """
+    from datetime import datetime, timezone
+
+    from core.checkpoint import read_card
+
+    card = read_card(task, wdir)
     only = None
     if only_validation:
-        from core.checkpoint import read_card
-
-        only = set(read_card(task, wdir)["data"]["val_cases"])
+        only = set(card["data"]["val_cases"])
+    if split is not None:
+        if task != "pneumonia":
+            raise MedImgError("--split applies to the chest X-ray folders (train, val, test) only")
+        only_split = {str(c.path.relative_to(root)) for c in mio.find_xray_cases(Path(root)) if c.split == split}
+        only = only_split if only is None else only & only_split
     res = EVALUATORS[task](Path(root), wdir, only, precision)
-    res = {"task": task, "data_root": str(root), **({"cases": "validation cases of the card"} if only else {}), **res}
+    res = {"task": task, "data_root": str(root), "data_label": data_label or str(root),
+           **({"split": split} if split else {}),
+           **({"cases": "validation cases of the card"} if only_validation else {}),
+           "weights_sha256": card.get("weights_sha256"),
+           "evaluated": datetime.now(timezone.utc).isoformat(timespec="seconds"), **res}
     return _clean(res)
 
 
@@ -161,11 +190,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", default=None, help="also write the JSON here")
     ap.add_argument("--only-validation", action="store_true",
                     help="only the cases the weights' card lists as validation (held out from training)")
+    ap.add_argument("--split", default=None, choices=["train", "val", "test"],
+                    help="pneumonia: only the images of this official split folder")
+    ap.add_argument("--label", default=None,
+                    help="what the data is, in words (shown with the figures), e.g. 'Kermany official test split'")
     ap.add_argument("--precision", default=None, choices=PRECISIONS,
                     help="inference precision (default: $MEDIMG_PRECISION, else auto = what the app uses)")
     args = ap.parse_args(argv)
     try:
-        res = evaluate(args.task, data_root(args.data_root), args.weights, args.only_validation, args.precision)
+        res = evaluate(args.task, data_root(args.data_root), args.weights, args.only_validation, args.precision,
+                       args.split, args.label)
     except MedImgError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

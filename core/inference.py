@@ -30,6 +30,7 @@ class LoadedModel:
     model: nn.Module
     card: dict
     guard: OODGuard | None = None  # out-of-distribution check (classifiers)
+    population: tuple[nn.Module, dict] | None = None  # pneumonia: the population check's CNN and its card
     precision: str = "float32"  # of the forward passes that give probabilities and masks (core.precision)
 
     @property
@@ -40,6 +41,11 @@ class LoadedModel:
     def input_size(self) -> int:
         """The input side the weights were trained at, from their card (the registry's if absent)."""
         return int(self.card.get("input_spec", {}).get("size", self.spec.input_spec.get("size", 0)))
+
+    @property
+    def equalize(self) -> bool:
+        """X-ray: whether the weights were trained on histogram-equalised images (their card says)."""
+        return bool(self.card.get("input_spec", {}).get("equalize", False))
 
     @property
     def grid_mm(self) -> float:
@@ -67,7 +73,30 @@ def load_model(task: str, wdir=None, with_guard: bool = True, optimize: bool = T
     if optimize:
         optimize_for_inference(model)
     guard = load_guard(task, wdir) if spec.kind == "binary" and with_guard else None
-    return LoadedModel(spec, model, card, guard, prec)
+    population = _load_population(wdir) if task == "pneumonia" and with_guard else None
+    return LoadedModel(spec, model, card, guard=guard, precision=prec, population=population)
+
+
+def _load_population(wdir=None) -> tuple[nn.Module, dict]:
+    """The pneumonia population check (``pneumonia_population.pt`` + card), checksum-verified."""
+    from core.pneumonia import POPULATION_TASK
+
+    state, card = load_state_dict(POPULATION_TASK, wdir)
+    net = build_model(card["architecture"]["name"], **card["architecture"]["kwargs"])
+    net.load_state_dict(state)
+    net.eval()
+    return net, card
+
+
+def population_score(lm: LoadedModel, x01: torch.Tensor) -> np.ndarray:
+    """P(outside the population) for [0, 1] images (N, 1, S, S); zeros without a population check."""
+    if lm.population is None:
+        return np.zeros(len(x01))
+    from core.pneumonia import gate_score
+
+    net, _ = lm.population
+    with model_lock(net):
+        return gate_score(net, x01)
 
 
 def release_memory() -> None:
@@ -103,10 +132,14 @@ class XRayResult:
     heatmap: np.ndarray | None  # (H, W) in [0, 1] on the same grid as ``display``
     ood_score: float = 0.0
     withheld: str | None = None  # why no diagnosis is given, in words for the user
+    population_score: float = 0.0  # P(outside the model's population) from the population check
 
 
 WITHHELD_XRAY = ("This image does not look like the frontal chest radiographs the model was trained on, so no "
                  "diagnosis is given. Check that it is a frontal chest X-ray.")
+WITHHELD_POPULATION = ("This image does not look like a frontal chest radiograph of a young child (about 1-5 years), "
+                       "the only population the model was trained and validated on; it may be an adult's radiograph, "
+                       "a lateral view, another body part or modality. No diagnosis is given.")
 
 
 def predict_xray(lm: LoadedModel, image: Image2D, explain: bool = True) -> XRayResult:
@@ -115,14 +148,18 @@ def predict_xray(lm: LoadedModel, image: Image2D, explain: bool = True) -> XRayR
     The diagnosis is withheld (``withheld`` set, probability None) for colour images and for inputs
     whose encoder features lie outside the training distribution.
     """
-    x = pp.preprocess_xray(image.pixels, lm.input_size)[None]
-    display = (x[0, 0].numpy() * 0.25 + 0.5).clip(0, 1)
+    x01 = (pp.preprocess_xray(image.pixels, lm.input_size) * 0.25 + 0.5).clamp(0, 1)[None]
+    x = pp.preprocess_xray(image.pixels, lm.input_size, lm.equalize)[None]
+    display = x01[0, 0].numpy()
     score = _ood(lm, x)
     if image.colour:
         return XRayResult(None, lm.threshold, None, display, None, score,
                           "This is a colour image; chest radiographs are grey-scale, so no diagnosis is given.")
     if lm.guard is not None and score > lm.guard.threshold:
         return XRayResult(None, lm.threshold, None, display, None, score, WITHHELD_XRAY)
+    pop = float(population_score(lm, x01)[0])
+    if lm.population is not None and pop > float(lm.population[1]["threshold"]):
+        return XRayResult(None, lm.threshold, None, display, None, score, WITHHELD_POPULATION, pop)
     prob = float(_prob(lm, x)[0])
     positive = prob >= lm.threshold
     heat = gradcam(lm.model, lm.model.gradcam_layer(), x, positive=positive) if explain else None
@@ -132,10 +169,14 @@ def predict_xray(lm: LoadedModel, image: Image2D, explain: bool = True) -> XRayR
 
 def predict_xray_batch(lm: LoadedModel, pixels: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     """(P(pneumonia), input-check refusal flags) for several (H, W) images, without Grad-CAM or withholding."""
-    x = torch.stack([pp.preprocess_xray(p, lm.input_size) for p in pixels])
+    x01 = torch.stack([(pp.preprocess_xray(p, lm.input_size) * 0.25 + 0.5).clamp(0, 1) for p in pixels])
+    x = pp.equalize_histogram(x01) if lm.equalize else x01
+    x = (x - 0.5) / 0.25
     with model_lock(lm.model):
         f = encoder_features(lm.model, x).numpy().astype(np.float64)
     refused = lm.guard.score(f) > lm.guard.threshold if lm.guard is not None else np.zeros(len(x), bool)
+    if lm.population is not None:
+        refused = refused | (population_score(lm, x01) > float(lm.population[1]["threshold"]))
     return _prob(lm, x), refused
 
 
@@ -214,25 +255,34 @@ class AtriumResult:
     mask: np.ndarray  # (X, Y, Z) uint8 on the input grid
     volume_ml: float
     spacing: tuple[float, float, float]
+    prob: np.ndarray | None = None  # (X, Y, Z) float16 mean probability of the views, on the input grid
+    quality: object | None = None  # core.atrium.QualityReport: whether the mask may be reported, and why not
+    views: tuple[int, ...] = (2,)  # axes of the canonical orientation segmented and fused
+
+    @property
+    def reliable(self) -> bool:
+        return self.quality is None or bool(self.quality.reliable)
 
 
-def segment_atrium(lm: LoadedModel, volume: Volume, batch_size: int = 1,
+def segment_atrium(lm: LoadedModel, volume: Volume, batch_size: int = 8,
                    progress: Callable[[float], None] | None = None) -> AtriumResult:
-    """Segment the left atrium slice by slice (2.5D U-Net) and return a mask on the input's grid.
+    """Segment the left atrium and return a mask on the input's grid, with a quality verdict.
 
-    Each slice's 2.5D input is cut from the padded volume when it is needed rather than all at once,
-    which keeps a 256x256x130 volume's peak memory about 100 MB lower.
+    The volume is brought to the closest RAS orientation by its affine, segmented slice by slice (2.5D
+    U-Net) along each view the card lists, the views' probabilities averaged, the largest component
+    kept, and everything put back in the input's voxel order. The quality check (core.atrium.judge)
+    says whether the mask may be reported.
     """
-    padded, geom = pp.atrium_padded(volume.data, volume.spacing, lm.grid_mm)
-    n = volume.data.shape[2]
-    prob = torch.empty(n, *padded.shape[1:])
-    with model_lock(lm.model), torch.inference_mode(), autocast(lm.precision):
-        for i in range(0, n, batch_size):
-            j = min(n, i + batch_size)
-            prob[i:j] = torch.sigmoid(lm.model(pp.atrium_window(padded, i, j)).float())[:, 0]
-            if progress:
-                progress(j / n)
-    del padded
-    mask = largest_component(pp.atrium_restore(prob, geom) >= lm.threshold)
+    from core import atrium as A
+
+    data_c, sp_c, orient = A.to_canonical(volume.data, volume.affine, volume.spacing)
+    views = tuple(int(v) for v in lm.card.get("input_spec", {}).get("views", [2]))
+    with model_lock(lm.model):
+        pred = A.segment_canonical(lm.model, data_c, sp_c, views, lm.grid_mm, lm.threshold, batch_size,
+                                   lambda: autocast(lm.precision), progress)
+    quality = A.judge(A.quality_measures(pred, sp_c), A.QualityRule.from_card(lm.card))
+    mask = A.from_canonical(pred.mask, orient)
+    prob = A.from_canonical(pred.prob, orient)
+    del pred, data_c
     release_memory()
-    return AtriumResult(mask, volume_ml(mask, volume.spacing), volume.spacing)
+    return AtriumResult(mask, volume_ml(mask, volume.spacing), volume.spacing, prob, quality, views)

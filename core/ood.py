@@ -147,10 +147,13 @@ def _training_inputs(task: str, root: Path, card: dict) -> tuple[list, list]:
 
     if task == "pneumonia":
         for c in mio.find_xray_cases(root):
+            if c.split != "train":
+                continue  # only the training split's images are the model's; test images stay unseen
             dest = side(str(c.path.relative_to(root)))
             if dest is not None:
                 img = mio.read_image_2d(c.path.read_bytes(), c.path.name)
-                dest.append(pp.preprocess_xray(img.pixels, card["input_spec"]["size"]))
+                dest.append(pp.preprocess_xray(img.pixels, card["input_spec"]["size"],
+                                               bool(card["input_spec"].get("equalize", False))))
     else:
         for c in mio.find_cardiac_cases(root):
             dest = side(c.patient_id)

@@ -41,12 +41,28 @@ def _resize(x: torch.Tensor, size: tuple[int, int], mode: str = "bilinear") -> t
 # --------------------------------------------------------------------------- pneumonia
 
 
-def preprocess_xray(pixels: np.ndarray, size: int = XRAY_SIZE) -> torch.Tensor:
-    """(H, W) float image in [0, 1] -> (1, size, size) normalised tensor."""
+def equalize_histogram(x01: torch.Tensor, levels: int = 1024) -> torch.Tensor:
+    """Histogram equalisation per image: (N, C, H, W) in [0, 1] -> mid-rank CDF in [0, 1] (on ``levels``
+    grey levels). Any monotone change of the grey scale (gamma, window, exposure, contrast) leaves the
+    result unchanged, which is why the pneumonia model sees radiographs this way."""
+    n = x01.shape[0]
+    q = (x01.reshape(n, -1).float().clamp(0, 1) * (levels - 1)).round().long()
+    counts = torch.bincount((q + levels * torch.arange(n).view(n, 1)).flatten(), minlength=n * levels)
+    counts = counts.view(n, levels).float()
+    cdf = counts.cumsum(1)
+    mid = (cdf - counts / 2) / q.shape[1]  # tied pixels share their mid rank
+    return torch.gather(mid, 1, q).reshape(x01.shape)
+
+
+def preprocess_xray(pixels: np.ndarray, size: int = XRAY_SIZE, equalize: bool = False) -> torch.Tensor:
+    """(H, W) float image in [0, 1] -> (1, size, size) normalised tensor; ``equalize`` (from the model's
+    card) equalises the histogram after resizing."""
     x = torch.from_numpy(np.ascontiguousarray(pixels, dtype=np.float32))[None, None]
     lo, hi = torch.quantile(x.flatten()[:: max(1, x.numel() // 200_000)], torch.tensor([0.005, 0.995]))
     x = ((x - lo) / torch.clamp(hi - lo, min=1e-6)).clamp(0, 1)
-    x = _resize(x, (size, size))
+    x = _resize(x, (size, size)).clamp(0, 1)
+    if equalize:
+        x = equalize_histogram(x)
     return ((x - 0.5) / 0.25)[0]
 
 

@@ -877,8 +877,14 @@ def _train_atrium_both(*args, **kwargs) -> dict:
     return train_both(*args, **kwargs)
 
 
+def _train_pneumonia_shift(*args, **kwargs) -> dict:
+    from core.pneumonia import train_pneumonia as train_shift
+
+    return train_shift(*args, **kwargs)
+
+
 TRAINERS: dict[str, Callable[..., dict]] = {
-    "pneumonia": train_pneumonia,
+    "pneumonia": _train_pneumonia_shift,
     "cardiac": train_cardiac,
     "atrium": _train_atrium_both,
 }

@@ -17,6 +17,31 @@ def to_display(img2d: np.ndarray) -> np.ndarray:
     return np.rot90(np.asarray(img2d))
 
 
+def radiological_axial(slice_ras: np.ndarray) -> np.ndarray:
+    """Axial slice (X, Y) of a canonical RAS volume -> image (rows, cols) in the radiological convention:
+    anterior at the top, the patient's right on the image's left."""
+    return np.ascontiguousarray(np.asarray(slice_ras)[::-1, ::-1].T)
+
+
+def with_orientation_markers(rgb: np.ndarray, markers: tuple[str, str, str, str] = ("A", "P", "R", "L"),
+                             min_side: int = 320) -> np.ndarray:
+    """Upscale (nearest) an RGB image to at least ``min_side`` pixels and write orientation letters at the
+    top, bottom, left and right edges (yellow on a dark box, readable on any slice)."""
+    from PIL import Image, ImageDraw
+
+    h, w = rgb.shape[:2]
+    k = max(1, int(np.ceil(min_side / max(1, min(h, w)))))
+    im = Image.fromarray(np.repeat(np.repeat(rgb, k, axis=0), k, axis=1))
+    d = ImageDraw.Draw(im)
+    W, H = im.size
+    top, bottom, left, right = markers
+    for text, (x, y) in ((top, (W // 2 - 4, 2)), (bottom, (W // 2 - 4, H - 14)), (left, (3, H // 2 - 6)),
+                         (right, (W - 11, H // 2 - 6))):
+        d.rectangle([x - 2, y - 1, x + 9, y + 12], fill=(0, 0, 0))
+        d.text((x, y), text, fill=(255, 230, 0))
+    return np.asarray(im)
+
+
 def grey_rgb(gray: np.ndarray) -> np.ndarray:
     """(H, W) any range -> (H, W, 3) uint8, min-max scaled."""
     g = np.asarray(gray, dtype=np.float32)

@@ -65,7 +65,7 @@ def file_key(*parts: bytes) -> str:
     return h.hexdigest()[:16]
 
 
-def pick_sample(task: str, ns: str, label: str = "…or pick a sample case"):
+def pick_sample(task: str, ns: str, label: str = "…or pick a sample case", disabled: bool = False):
     """A sample-case picker (key '<ns>.sample'); returns the chosen Sample, or None.
 
     Without a dataset under the data root, the page says how to get one instead.
@@ -74,7 +74,9 @@ def pick_sample(task: str, ns: str, label: str = "…or pick a sample case"):
     if not samples:
         st.info(f"No sample cases available: the data root {data_root()} holds no {task} dataset. "
                 f"{HOW_TO_GET[task]}, then set MEDIMG_DATA_ROOT.")
-    choice = st.selectbox(label, ["—"] + [s.name for s in samples], key=f"{ns}.sample", disabled=not samples)
+    choice = st.selectbox(label, ["—"] + [s.name for s in samples], key=f"{ns}.sample",
+                          disabled=disabled or not samples,
+                          help="Remove the uploaded file to use a sample case." if disabled else None)
     return next((s for s in samples if s.name == choice), None)
 
 

@@ -107,3 +107,13 @@ def dicom_bytes(arr: np.ndarray, slope: float = 1.0, intercept: float = 0.0, win
     buf = io.BytesIO()
     ds.save_as(buf, enforce_file_format=True)
     return buf.getvalue()
+
+
+@pytest.fixture(scope="session")
+def lge_root() -> Path:
+    return _require("LA2018")
+
+
+@pytest.fixture(scope="session")
+def outside_root() -> Path:
+    return _require("outside_population")

@@ -1,4 +1,5 @@
-"""Left-atrium segmentation of a 3D MRI: slice viewer with predicted/true overlays, Dice, volume."""
+"""Left-atrium segmentation of a 3D MRI: slice viewer in radiological orientation with predicted/true
+overlays, a per-slice Dice and uncertainty strip, the quality verdict, and the volume when it holds."""
 from __future__ import annotations
 
 import numpy as np
@@ -6,16 +7,20 @@ import streamlit as st
 
 from common import (DISCLAIMER, file_key, legend, model_or_stop, reset_namespace, run_safely,
                     pick_sample)
+from core import atrium as A
 from core import metrics as M
 from core.inference import segment_atrium
 from core.io import nifti_to_bytes, read_image_volume, read_mask
-from core.visualize import mask_overlay, to_display
+from core.visualize import mask_overlay, radiological_axial
 
 NS = "atr"
 st.set_page_config(page_title="Left-atrium segmentation", page_icon="🫀", layout="wide")
 st.title("Left-atrium segmentation (3D MRI)")
 st.caption(DISCLAIMER)
 lm = model_or_stop("atrium")
+st.caption("Trained on bSSFP MRI (MSD Task02_Heart, King's College London) and LGE-MRI (2018 Atrial Segmentation "
+           "Challenge, Utah) of adults. Other sequences and centres are untested; a quality check withholds the "
+           "volume when the mask is implausible or the model is unsure.")
 
 c1, c2, c3 = st.columns(3)
 with c1:
@@ -24,14 +29,16 @@ with c2:
     up_mask = st.file_uploader("Optional: its ground-truth left-atrium mask (NIfTI)", type=["nii", "gz"],
                                key=f"{NS}.mask")
 with c3:
-    sample = pick_sample("atrium", NS)
+    sample = pick_sample("atrium", NS, disabled=up_img is not None)
 
 img_bytes = mask_bytes = None
 if up_img is not None:
-    img_bytes = up_img.getvalue()
+    img_bytes, name = up_img.getvalue(), up_img.name
     mask_bytes = up_mask.getvalue() if up_mask is not None else None
+    if sample is not None:
+        st.caption("The uploaded file is used; the sample selection is ignored while an upload is present.")
 elif sample is not None:
-    img_bytes = sample.files["image"].read_bytes()
+    img_bytes, name = sample.files["image"].read_bytes(), f"sample {sample.name}"
     mask_bytes = sample.files["mask"].read_bytes() if "mask" in sample.files else None
 elif up_mask is not None:
     st.info("Upload the image volume too: the mask alone cannot be segmented.")
@@ -40,43 +47,64 @@ else:
     st.info("Upload a 3D MRI volume (and optionally its mask), or pick a sample case.")
     st.stop()
 
-key = file_key(img_bytes, mask_bytes or b"")
-if st.session_state.get(f"{NS}.key") != key:
-    reset_namespace(NS, keep=(f"{NS}.img", f"{NS}.mask", f"{NS}.sample", f"{NS}.show_pred", f"{NS}.show_gt"))
+# Segmentation depends on the image only: adding or changing the mask recomputes the metrics, not the mask.
+seg_key = file_key(img_bytes)
+if st.session_state.get(f"{NS}.key") != seg_key:
+    reset_namespace(NS, keep=(f"{NS}.img", f"{NS}.mask", f"{NS}.sample"))
     vol = run_safely(lambda: read_image_volume(img_bytes, "image"), "The volume cannot be used")
     if vol is None:
         st.stop()
-    gt = None
-    if mask_bytes is not None:
-        gt = run_safely(lambda: read_mask(mask_bytes, vol, "mask"), "The mask was refused")
-        if gt is None:
-            st.stop()
     bar = st.progress(0.0, text="Segmenting slices…")
     res = run_safely(lambda: segment_atrium(lm, vol, progress=lambda f: bar.progress(f, text=f"Segmenting slices… {f:.0%}")),
-                     "Segmentation failed")
+                     "The volume could not be segmented")
     bar.empty()
     if res is None:
         st.stop()
-    st.session_state[f"{NS}.key"] = key
-    st.session_state[f"{NS}.vol"] = vol
-    st.session_state[f"{NS}.gt"] = gt
-    st.session_state[f"{NS}.res"] = res
-    st.session_state[f"{NS}.per_slice"] = M.per_slice_dice(res.mask, gt) if gt is not None else None
-    st.session_state[f"{NS}.metrics"] = M.segmentation_metrics(res.mask, gt, vol.spacing) if gt is not None else None
-    st.session_state[f"{NS}.download"] = nifti_to_bytes(res.mask, vol.affine)
-    zs = np.nonzero(res.mask.any(axis=(0, 1)))[0]
+    data_c, sp_c, orient = A.to_canonical(vol.data, vol.affine, vol.spacing)
+    st.session_state.update({
+        f"{NS}.key": seg_key, f"{NS}.vol": vol, f"{NS}.res": res, f"{NS}.name": name,
+        f"{NS}.canon": (data_c, sp_c, A.to_canonical(res.mask, vol.affine, vol.spacing)[0],
+                        A.to_canonical(res.prob, vol.affine, vol.spacing)[0]),
+        f"{NS}.download": nifti_to_bytes(res.mask, vol.affine),
+    })
+    zs = np.nonzero(st.session_state[f"{NS}.canon"][2].any(axis=(0, 1)))[0]
+    nz0 = data_c.shape[2]
     # the slider counts slices from 1, as a viewer does
-    st.session_state[f"{NS}.z"] = int(zs[len(zs) // 2]) + 1 if len(zs) else vol.data.shape[2] // 2 + 1
+    st.session_state[f"{NS}.z"] = int(zs[len(zs) // 2]) + 1 if len(zs) else nz0 // 2 + 1
 
 vol = st.session_state[f"{NS}.vol"]
-gt = st.session_state[f"{NS}.gt"]
 res = st.session_state[f"{NS}.res"]
-per_slice = st.session_state[f"{NS}.per_slice"]
-mets = st.session_state[f"{NS}.metrics"]
-nz = vol.data.shape[2]
+name = st.session_state[f"{NS}.name"]
+data_c, sp_c, mask_c, prob_c = st.session_state[f"{NS}.canon"]
+nz = data_c.shape[2]
+px_cm2 = sp_c[0] * sp_c[1] / 100
 
+mask_key = file_key(mask_bytes) if mask_bytes is not None else None
+if st.session_state.get(f"{NS}.mask_key", "none") != mask_key:
+    gt = gt_c = mets = per_slice = disagree = None
+    if mask_bytes is not None:
+        gt = run_safely(lambda: read_mask(mask_bytes, vol, "mask"), "The mask was refused")
+        if gt is not None:
+            gt_c = A.to_canonical(gt, vol.affine, vol.spacing)[0]
+            mets = M.segmentation_metrics(res.mask, gt, vol.spacing)
+            per_slice = M.per_slice_dice(mask_c, gt_c)
+            disagree = (mask_c.astype(bool) != gt_c.astype(bool)).sum(axis=(0, 1)) * px_cm2
+    st.session_state.update({f"{NS}.mask_key": mask_key, f"{NS}.gt_c": gt_c, f"{NS}.metrics": mets,
+                             f"{NS}.per_slice": per_slice, f"{NS}.disagree": disagree})
+gt_c = st.session_state[f"{NS}.gt_c"]
+mets = st.session_state[f"{NS}.metrics"]
+per_slice = st.session_state[f"{NS}.per_slice"]
+disagree = st.session_state[f"{NS}.disagree"]
+
+st.markdown(f"**Result for: {name}**")
+q = res.quality
+if res.reliable:
+    st.success(f"Left-atrium volume (predicted): **{res.volume_ml:.1f} mL** — quality check passed.")
+else:
+    st.warning("**No reliable segmentation was found**, so no volume is reported: "
+               + "; ".join(q.reasons) + ". The model's mask is still shown below for inspection only.")
 m1, m2, m3, m4 = st.columns(4)
-m1.metric("Left-atrium volume (predicted)", f"{res.volume_ml:.1f} mL",
+m1.metric("Left-atrium volume (predicted)", f"{res.volume_ml:.1f} mL" if res.reliable else "withheld",
           help=f"voxel size {res.spacing[0]:.2f} x {res.spacing[1]:.2f} x {res.spacing[2]:.2f} mm from the header")
 if mets:
     m2.metric("3D Dice", f"{mets['dice']:.3f}")
@@ -92,40 +120,70 @@ def _step(delta: int) -> None:
 
 
 def _worst() -> None:
-    ps = np.where(np.isnan(per_slice), np.inf, per_slice)
-    st.session_state[f"{NS}.z"] = int(np.argmin(ps)) + 1
+    # the slice with the largest area of disagreement (false positive + false negative), not the lowest
+    # slice Dice: an edge slice with a few stray pixels has Dice 0 but matters little
+    st.session_state[f"{NS}.z"] = int(np.argmax(disagree)) + 1
 
 
 b1, b2, b3, _ = st.columns([1, 1, 2, 4])
 b1.button("◀ Previous", on_click=_step, args=(-1,), key=f"{NS}.prev")
 b2.button("Next ▶", on_click=_step, args=(1,), key=f"{NS}.next")
-if per_slice is not None and np.isfinite(per_slice).any():
-    b3.button("Jump to worst slice", on_click=_worst, key=f"{NS}.worst")
-z = st.slider("Slice", 1, nz, key=f"{NS}.z") - 1
+if disagree is not None and disagree.max() > 0:
+    b3.button("Jump to largest disagreement", on_click=_worst, key=f"{NS}.worst")
+z = st.slider("Axial slice (inferior → superior, from the file's header)", 1, nz, key=f"{NS}.z") - 1
 
 t1, t2 = st.columns(2)
 show_pred = t1.toggle("Show predicted mask", value=True, key=f"{NS}.show_pred")
-show_gt = t2.toggle("Show ground-truth mask", value=True, key=f"{NS}.show_gt", disabled=gt is None)
+show_gt = t2.toggle("Show ground-truth mask", value=gt_c is not None, key=f"{NS}.show_gt", disabled=gt_c is None)
+show_gt = show_gt and gt_c is not None
 
-img, entries = mask_overlay(to_display(vol.data[:, :, z]), to_display(res.mask[:, :, z]),
-                            to_display(gt[:, :, z]) if gt is not None else None, show_pred, show_gt)
+img, entries = mask_overlay(radiological_axial(data_c[:, :, z]), radiological_axial(mask_c[:, :, z]),
+                            radiological_axial(gt_c[:, :, z]) if gt_c is not None else None, show_pred, show_gt)
 left, right = st.columns([3, 2])
 with left:
-    st.image(img, caption=f"Slice {z + 1} of {nz}", width="stretch")
+    from core.visualize import with_orientation_markers
+
+    st.image(with_orientation_markers(img), caption=f"{name} — axial slice {z + 1} of {nz}, radiological view "
+             "(patient's right on the left of the image; R/L/A/P from the header)", width="stretch")
     legend(entries)
 with right:
-    area = res.mask[:, :, z].sum() * res.spacing[0] * res.spacing[1] / 100
-    st.markdown(f"**Slice {z + 1}/{nz}**: predicted atrium area {area:.1f} cm²")
+    area = mask_c[:, :, z].sum() * px_cm2
+    unsure = A.slice_uncertainty_cm2(prob_c.astype(np.float32), sp_c)
+    st.markdown(f"**Slice {z + 1}/{nz}**: predicted atrium area {area:.1f} cm²; uncertain area {unsure[z]:.1f} cm²")
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    rows = 2 if per_slice is not None else 1
+    fig = make_subplots(rows=rows, cols=1, shared_xaxes=True, vertical_spacing=0.12,
+                        subplot_titles=(["Dice per slice"] if per_slice is not None else [])
+                        + ["Uncertain area per slice (cm², probability 0.2-0.8)"])
     if per_slice is not None:
         d = per_slice[z]
         st.markdown(f"Slice Dice: **{d:.3f}**" if np.isfinite(d) else "Slice Dice: n/a (no atrium in either mask)")
-        import plotly.graph_objects as go
+        fig.add_trace(go.Scatter(x=np.arange(1, nz + 1), y=per_slice, mode="lines", name="Dice"), row=1, col=1)
+        fig.update_yaxes(range=[0, 1.05], row=1, col=1)
+    fig.add_trace(go.Bar(x=np.arange(1, nz + 1), y=unsure, name="uncertain cm²", marker_color="orange"),
+                  row=rows, col=1)
+    fig.add_vline(x=z + 1, line_color="red")
+    fig.update_layout(height=200 * rows + 60, margin=dict(l=10, r=10, t=30, b=10), showlegend=False)
+    fig.update_xaxes(title_text="axial slice", row=rows, col=1)
+    st.plotly_chart(fig, key=f"{NS}.dice_plot")
 
-        fig = go.Figure(go.Scatter(x=np.arange(1, nz + 1), y=per_slice, mode="lines+markers", name="Dice"))
-        fig.add_vline(x=z + 1, line_color="red")
-        fig.update_layout(height=260, margin=dict(l=10, r=10, t=30, b=10), title="Dice per slice",
-                          xaxis_title="slice", yaxis_range=[0, 1.05])
-        st.plotly_chart(fig, key=f"{NS}.dice_plot")
+with st.expander("Quality check: the measures behind the verdict"):
+    r = A.QualityRule.from_card(lm.card)
+    mm = q.measures
+    st.table({"measure": ["volume (mL)", "share of the raw mask in the largest piece", "uncertain voxels / mask voxels",
+                          "agreement between slice directions (Dice)", "smallest field of view (mm)"],
+              "value": [f"{mm['volume_ml']:.1f}", f"{mm['kept_fraction']:.2f}", f"{mm['uncertain_ratio']:.2f}",
+                        f"{mm['view_agreement']:.2f}", f"{mm['min_extent_mm']:.0f}"],
+              "accepted": [f"{r.volume_range_ml[0]:.0f}-{r.volume_range_ml[1]:.0f}", f">= {r.min_kept_fraction:.2f}",
+                           f"<= {r.max_uncertain_ratio:.2f}", f">= {r.min_view_agreement:.2f}",
+                           f">= {r.min_extent_mm:.0f}"]})
 
-st.download_button("Download predicted mask (NIfTI, input's affine)", data=st.session_state[f"{NS}.download"],
-                   file_name="left_atrium_mask.nii.gz", mime="application/gzip", key=f"{NS}.download_btn")
+stem = name.removeprefix("sample ").split("/")[-1]
+for ext in (".nii.gz", ".nii", ".gz"):
+    if stem.endswith(ext):
+        stem = stem[: -len(ext)]
+        break
+st.download_button("Download predicted mask (NIfTI, input's grid and affine)", data=st.session_state[f"{NS}.download"],
+                   file_name=f"{stem}_left_atrium_mask.nii.gz", mime="application/gzip", key=f"{NS}.download_btn")

@@ -1,0 +1,169 @@
+"""The atrium task: orientation round trips, the quality check (hand values and real inputs), readers."""
+from __future__ import annotations
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from core import atrium as A
+from core import io as mio
+from core.inference import load_model, segment_atrium
+
+
+# --------------------------------------------------------------------------- orientation (pure)
+
+AFFINES = [
+    np.diag([1.25, 1.25, 1.37, 1.0]),
+    np.array([[0, 0, -2.0, 10], [1.0, 0, 0, 0], [0, -1.5, 0, 3], [0, 0, 0, 1]]),  # axes permuted and flipped
+    np.array([[-1.0, 0, 0, 0], [0, 0, 1.2, 0], [0, 1.1, 0, 0], [0, 0, 0, 1]]),
+]
+
+
+@pytest.mark.parametrize("affine", AFFINES)
+def test_canonical_round_trip_is_exact(affine):
+    data = np.random.default_rng(0).random((5, 6, 7)).astype(np.float32)
+    zooms = tuple(float(np.linalg.norm(affine[:3, i])) for i in range(3))
+    c, sp, orient = A.to_canonical(data, affine, zooms)
+    assert nib.aff2axcodes(nib.orientations.inv_ornt_aff(orient.ornt, data.shape) @ np.eye(4)) is not None
+    assert np.array_equal(A.from_canonical(c, orient), data)
+    assert sorted(sp) == sorted(zooms) and c.size == data.size
+
+
+def test_canonical_of_permuted_affine_matches_known_order():
+    data = np.arange(2 * 3 * 4).reshape(2, 3, 4)
+    # axis 0 points anterior, axis 1 inferior, axis 2 left -> canonical (R, A, S) = (-axis2, axis0, -axis1)
+    aff = np.array([[0, 0, -1.0, 0], [1.0, 0, 0, 0], [0, -1.0, 0, 0], [0, 0, 0, 1]])
+    c, sp, _ = A.to_canonical(data, aff, (1, 1, 1))
+    expected = np.transpose(data, (2, 0, 1))[::-1, :, ::-1]
+    assert np.array_equal(c, expected)
+
+
+def test_view_spacing():
+    assert A.view_spacing((1.0, 2.0, 3.0), 0) == (2.0, 3.0, 1.0)
+    assert A.view_spacing((1.0, 2.0, 3.0), 2) == (1.0, 2.0, 3.0)
+
+
+# --------------------------------------------------------------------------- quality check (hand values)
+
+
+def _m(**kw) -> dict:
+    base = {"volume_ml": 80.0, "kept_fraction": 0.95, "uncertain_ratio": 0.2, "view_agreement": 0.9,
+            "min_extent_mm": 90.0}
+    return {**base, **kw}
+
+
+def test_quality_rule_passes_a_plausible_mask():
+    assert A.judge(_m(), A.QualityRule()).reliable
+
+
+@pytest.mark.parametrize("kw, word", [({"volume_ml": 0.0}, "no atrium"), ({"volume_ml": 3.0}, "outside the range"),
+                                      ({"volume_ml": 400.0}, "outside the range"),
+                                      ({"kept_fraction": 0.3}, "fragmented"), ({"uncertain_ratio": 2.0}, "unsure"),
+                                      ({"view_agreement": 0.3}, "disagree"), ({"min_extent_mm": 10.0}, "covers only")])
+def test_quality_rule_names_each_failure(kw, word):
+    q = A.judge(_m(**kw), A.QualityRule())
+    assert not q.reliable and any(word in r for r in q.reasons), q.reasons
+
+
+def test_quality_measures_on_a_hand_made_prediction():
+    prob = np.zeros((10, 10, 10), np.float32)
+    prob[2:6, 2:6, 2:6] = 0.9  # 64 voxels sure
+    prob[7, 7, 7] = 0.6  # one stray, unsure voxel
+    raw = prob >= 0.5
+    pred = A.AtriumPrediction(prob, [raw, raw], A.pp.largest_component(raw))
+    m = A.quality_measures(pred, (2.0, 2.0, 2.0))
+    assert m["volume_ml"] == pytest.approx(64 * 8 / 1000)
+    assert m["kept_fraction"] == pytest.approx(64 / 65)
+    assert m["uncertain_ratio"] == pytest.approx(1 / 64)
+    assert m["view_agreement"] == 1.0 and m["min_extent_mm"] == 20.0
+
+
+def test_slice_uncertainty_area():
+    prob = np.zeros((4, 4, 3), np.float32)
+    prob[0, :2, 1] = 0.5
+    out = A.slice_uncertainty_cm2(prob, (10.0, 10.0, 1.0))
+    assert out.tolist() == [0.0, 2.0, 0.0]
+
+
+def test_rule_from_card_reads_fitted_limits():
+    card = {"quality_check": {"limits": {"max_uncertain_ratio": 0.9, "volume_range_ml": [5, 300]}}}
+    r = A.QualityRule.from_card(card)
+    assert r.max_uncertain_ratio == 0.9 and r.volume_range_ml == (5, 300)
+
+
+# --------------------------------------------------------------------------- real data
+
+
+def test_readers_find_both_atrium_datasets(heart_root, lge_root):
+    cases = mio.find_atrium_cases(heart_root)
+    by = {d: [c for c in cases if c.dataset == d] for d in mio.ATRIUM_DATASETS}
+    assert len(by["Task02_Heart"]) >= 10 and len(by["LA2018"]) >= 40
+    v = mio.load_nifti_path(by["LA2018"][0].image_path)
+    lab = mio.load_nifti_path(by["LA2018"][0].label_path)
+    assert v.data.shape == lab.data.shape and v.spacing[2] == pytest.approx(0.625, abs=1e-3)
+    assert set(np.unique(lab.data)) <= {0, 1}
+
+
+def _lge_case(root):
+    val = set(load_model("atrium", with_guard=False).card["data"]["val_cases"])
+    cases = [c for c in mio.find_atrium_cases(root) if c.dataset == "LA2018"]
+    held = [c for c in cases if c.case_id in val]
+    return (held or cases)[0]
+
+
+def _reoriented(vol: mio.Volume, perm: tuple[int, int, int], flips: tuple[bool, bool, bool]) -> mio.Volume:
+    """The same voxels in another array order, with the affine that keeps their world positions."""
+    data = np.transpose(vol.data, perm)
+    aff = vol.affine.copy()
+    aff[:, :3] = vol.affine[:, list(perm)]
+    for ax, f in enumerate(flips):
+        if f:
+            data = np.flip(data, ax)
+            aff[:3, 3] += aff[:3, ax] * (data.shape[ax] - 1)
+            aff[:3, ax] = -aff[:3, ax]
+    return mio.Volume(np.ascontiguousarray(data), aff, tuple(vol.spacing[i] for i in perm), "reoriented")
+
+
+@pytest.mark.parametrize("perm, flips", [((2, 0, 1), (False, True, False)), ((1, 2, 0), (True, False, True))])
+def test_rotated_copy_of_a_real_volume_gives_the_same_mask(lge_root, perm, flips):
+    lm = load_model("atrium")
+    c = _lge_case(lge_root)
+    vol = mio.load_nifti_path(c.image_path)
+    ref = segment_atrium(lm, vol)
+    rot = _reoriented(vol, perm, flips)
+    out = segment_atrium(lm, rot)
+    # map the reference mask through the same reorientation: it must be the mask that came back
+    expect = _reoriented(mio.Volume(ref.mask, vol.affine, vol.spacing, "m"), perm, flips).data
+    assert out.mask.shape == rot.data.shape
+    assert np.array_equal(out.mask, expect)
+    assert out.volume_ml == pytest.approx(ref.volume_ml)
+
+
+def test_quality_check_passes_on_a_validation_volume(lge_root):
+    lm = load_model("atrium")
+    c = _lge_case(lge_root)
+    res = segment_atrium(lm, mio.load_nifti_path(c.image_path))
+    gt = mio.load_nifti_path(c.label_path).data > 0.5
+    from core.metrics import dice
+
+    assert dice(res.mask, gt) > 0.5
+    assert res.reliable, res.quality.reasons
+
+
+def test_quality_check_fires_on_inputs_that_are_not_atrial_mri(acdc_root, xray_root):
+    lm = load_model("atrium")
+    rng = np.random.default_rng(0)
+    eye = np.diag([1.25, 1.25, 1.25, 1.0])
+    acdc = mio.find_cardiac_cases(acdc_root)[0]
+    cine = mio.load_nifti_path(acdc.ed_path)
+    xr = [mio.read_image_2d(c.path.read_bytes(), c.path.name).pixels for c in mio.find_xray_cases(xray_root)[:40]]
+    side = min(min(p.shape) for p in xr)
+    stack = np.stack([p[:side, :side] for p in xr], axis=2).astype(np.float32)
+    inputs = {
+        "ACDC cine frame": cine,
+        "chest X-rays stacked as a volume": mio.Volume(stack, eye, (1.25, 1.25, 1.25), "xr"),
+        "noise": mio.Volume(rng.random((96, 96, 80)).astype(np.float32), eye, (1.25, 1.25, 1.25), "noise"),
+    }
+    for what, vol in inputs.items():
+        res = segment_atrium(lm, vol)
+        assert not res.reliable, f"{what}: quality check did not fire ({res.quality.measures})"
