@@ -170,6 +170,7 @@ def _read_dicom_quiet(data: bytes) -> Image2D:
         raise InvalidInputError("The DICOM file could not be read: it looks truncated or corrupt.") from exc
     if "PixelData" not in ds:
         raise InvalidInputError("The DICOM file holds no image (no pixel data).")
+    _ensure_transfer_syntax(ds)
     rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
     frames = int(ds.get("NumberOfFrames", 1) or 1)
     if rows * cols * frames > MAX_2D_PIXELS:
@@ -198,6 +199,39 @@ def _read_dicom_quiet(data: bytes) -> Image2D:
     pixels = _check_2d(arr, "DICOM image")
     info = {k: str(ds.get(k)) for k in SAFE_DICOM_TAGS if ds.get(k) is not None}
     return Image2D(pixels=pixels, source_format="dicom", info=info, colour=colour)
+
+
+def _ensure_transfer_syntax(ds) -> None:
+    """Files written without a Part-10 header (no preamble, no file meta) do not name their transfer
+    syntax; pydicom has already found how the dataset is encoded, so name that (uncompressed) one."""
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+    meta = getattr(ds, "file_meta", None)
+    if meta is not None and "TransferSyntaxUID" in meta:
+        return
+    implicit, little = getattr(ds, "original_encoding", (None, None))
+    if implicit is None:
+        implicit, little = True, True
+    if meta is None:
+        ds.file_meta = meta = FileMetaDataset()
+    meta.TransferSyntaxUID = (ImplicitVRLittleEndian if implicit else
+                              ExplicitVRLittleEndian if little else ExplicitVRBigEndian)
+
+
+def _dicom_without_preamble(data: bytes) -> bool:
+    """A DICOM dataset written without the 128-byte preamble and 'DICM' (older or raw exports): pydicom
+    parses it (forced) into a dataset with pixel data."""
+    import pydicom
+
+    _quiet_pydicom()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ds = pydicom.dcmread(io.BytesIO(data), force=True, stop_before_pixels=True)
+        return len(ds) > 3 and ("Rows" in ds or "SOPClassUID" in ds)
+    except Exception:  # noqa: BLE001 - not DICOM
+        return False
 
 
 def _guarded(what: str):
@@ -232,6 +266,8 @@ def read_image_2d(data: bytes, filename: str = "") -> Image2D:
         return _read_dicom(bytes(data))
     if fmt in ("gzip", "nifti"):
         raise InvalidInputError("This is a NIfTI volume, not a radiograph; upload a PNG, JPEG or DICOM chest X-ray.")
+    if fmt is None and _dicom_without_preamble(bytes(data[: 1 << 20])):
+        return _read_dicom(bytes(data))
     raise InvalidInputError("The file is not a PNG, JPEG or DICOM image.")
 
 
