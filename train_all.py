@@ -66,10 +66,9 @@ def main(argv: list[str] | None = None) -> int:
     device = pick_device(args.device)
     print(f"data root {root} | device {device} | torch {torch.__version__} | threads {torch.get_num_threads()}")
     if args.atrium_cv:
-        from core.train import cross_validate_atrium
+        from core.atrium import cross_validate
 
-        rep = cross_validate_atrium(root, device, out, seed=args.seed, smoke=args.smoke, epochs=args.epochs,
-                                    crop=args.crop, ema=args.ema, spacing_mm=args.spacing)
+        rep = cross_validate(root, device, out, seed=args.seed, smoke=args.smoke, epochs=args.epochs)
         dice = [r["dice"] for f in rep["folds"] for r in f["per_case"].values()]
         print(f"[atrium cv] {len(rep['folds'])} folds, {len(dice)} volumes, mean Dice "
               f"{sum(dice) / max(1, len(dice)):.3f}")

@@ -122,6 +122,16 @@ def _prob(lm: LoadedModel, x: torch.Tensor) -> np.ndarray:
 
 # --------------------------------------------------------------------------- pneumonia
 
+UNCERTAIN_MARGIN = 0.10  # probabilities this close to the threshold get no verdict ("refer to a specialist")
+
+
+def verdict_band(probability: float, threshold: float, margin: float = UNCERTAIN_MARGIN) -> str:
+    """"positive", "negative", or "uncertain" when |probability - threshold| < margin."""
+    if abs(probability - threshold) < margin:
+        return "uncertain"
+    return "positive" if probability >= threshold else "negative"
+
+
 
 @dataclass
 class XRayResult:

@@ -139,10 +139,11 @@ class SliceGeometry:
 
 
 def atrium_padded(data: np.ndarray, spacing: tuple[float, float, float],
-                  grid_mm: float = ATRIUM_SPACING_MM) -> tuple[torch.Tensor, SliceGeometry]:
+                  grid_mm: float = ATRIUM_SPACING_MM, normalised: bool = False) -> tuple[torch.Tensor, SliceGeometry]:
     """(X, Y, Z) volume -> (Z + 2*context, H, W) normalised slices resampled in-plane to ``grid_mm`` (the
     spacing the model was trained at, from its card), padded to the U-Net's multiple and with the end
-    slices repeated; window i..i+2*context is slice i's 2.5D input."""
+    slices repeated; window i..i+2*context is slice i's 2.5D input. ``normalised``: ``data`` is already
+    z-scored (a crop of a normalised volume keeps the whole volume's statistics)."""
     lo, hi = ATRIUM_GRID_RANGE_MM
     if not lo <= grid_mm <= hi:
         raise ValueError(f"the in-plane grid must be {lo}-{hi} mm, got {grid_mm}")
@@ -152,7 +153,8 @@ def atrium_padded(data: np.ndarray, spacing: tuple[float, float, float],
     px = -(-rx // UNET_MULTIPLE) * UNET_MULTIPLE
     py = -(-ry // UNET_MULTIPLE) * UNET_MULTIPLE
     c = ATRIUM_CONTEXT
-    norm = torch.from_numpy(normalise_volume(data)).permute(2, 0, 1)  # (Z, X, Y) view, no copy
+    arr = np.asarray(data, dtype=np.float32) if normalised else normalise_volume(data)
+    norm = torch.from_numpy(arr).permute(2, 0, 1)  # (Z, X, Y) view, no copy
     # One preallocated buffer, filled slice by slice: no full-volume temporaries for the resampling,
     # padding and end-slice repeats.
     padded = torch.empty(Z + 2 * c, px, py)

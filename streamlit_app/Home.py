@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import streamlit as st
 
-from common import DISCLAIMER, figure_line
+from common import DISCLAIMER, figure_line, warm_up_in_background
 
 st.set_page_config(page_title="MedImg – diagnosis research app", page_icon="🩺", layout="wide")
 
@@ -20,7 +20,8 @@ MODULES = [
     ("cardiac", "pages/2_Cardiac.py", "Cardiac disease (cine MRI)",
      "Normal vs disease (DCM, HCM, previous MI, abnormal RV) from the ED and ES frames of a short-axis cine study."),
     ("atrium", "pages/3_Atrium_segmentation.py", "Left-atrium segmentation (3D MRI)",
-     "Left-atrium mask of a 3D MRI volume, its volume in mL, and Dice/HD95 against a ground-truth mask."),
+     "Left-atrium mask of a 3D MRI volume (bSSFP or LGE, any slice plane), its volume in mL when a quality check "
+     "passes, and Dice/HD95 against a ground-truth mask."),
 ]
 for task, page, title, desc in MODULES:
     with st.container(border=True):
@@ -34,10 +35,13 @@ st.page_link("pages/4_Training_and_metrics.py", label="Training curves and metri
 st.subheader("Where the models and data came from")
 st.markdown(
     "- **Chest X-rays**: Kermany et al., Cell 2018 (Guangzhou paediatric radiographs, CC BY 4.0). "
-    "Children aged 1-5: performance on adults is unknown.\n"
+    "Intended population: frontal radiographs of children aged about 1-5; adult radiographs, lateral views and "
+    "other images are withheld by a population check.\n"
     "- **Cine MRI**: ACDC, Bernard et al., IEEE TMI 2018 (research, non-commercial use).\n"
-    "- **Left atrium**: Medical Segmentation Decathlon Task02_Heart, King's College London (CC BY-SA 4.0).\n\n"
+    "- **Left atrium**: Medical Segmentation Decathlon Task02_Heart, King's College London (bSSFP, CC BY-SA 4.0), "
+    "and the 2018 Atrial Segmentation Challenge, University of Utah (LGE-MRI, research use).\n\n"
     "Models are small CNNs and U-Nets trained from scratch (no pretrained weights). Validation splits are by "
     "patient; the official test sets were not available, so these are validation figures, not test figures. "
     "Uploaded files are processed in memory and never stored."
 )
+warm_up_in_background()

@@ -33,6 +33,22 @@ def get_model(task: str) -> LoadedModel:
     return load_model(task)
 
 
+@st.cache_resource(show_spinner=False)
+def warm_up_in_background() -> None:
+    """Load every model once per server process in a background thread, so that the first upload after
+    start does not wait for a model to load (the page's own get_model call then finds it cached)."""
+    import threading
+
+    def work() -> None:
+        for task in TASKS:
+            try:
+                get_model(task)
+            except Exception:  # noqa: BLE001 - the page that needs the model reports the problem
+                pass
+
+    threading.Thread(target=work, name="medimg-warm-up", daemon=True).start()
+
+
 def model_or_stop(task: str) -> LoadedModel:
     try:
         return get_model(task)
@@ -103,15 +119,29 @@ def figure_line(task: str) -> str:
         return "not trained yet"
     v = card["validation"]
     if TASKS[task].kind == "binary":
-        lo, hi = v["ci95"]["auc"]
-        txt = f"validation AUC {v['auc']:.3f} ({lo:.3f}-{hi:.3f}), accuracy {v['accuracy']:.3f}, n = {v['n']}"
+        from core.report import shift_line
+
         cv = card.get("cross_validation")
-        if cv:
+        if cv:  # lead with the cross-validated figure: every patient scored once by a model that did not see them
             o = cv["pooled_out_of_fold"]
-            txt += f"; 5-fold CV pooled AUC {o['auc']:.3f}, accuracy {o['accuracy']:.3f}"
+            lo, hi = o["ci95"]["auc"]
+            txt = (f"5-fold CV (all {o['n']} patients) AUC {o['auc']:.3f} ({lo:.3f}-{hi:.3f}), accuracy "
+                   f"{o['accuracy']:.3f}; fold-1 validation AUC {v['auc']:.3f}, n = {v['n']}")
+        else:
+            lo, hi = v["ci95"]["auc"]
+            txt = f"validation AUC {v['auc']:.3f} ({lo:.3f}-{hi:.3f}), accuracy {v['accuracy']:.3f}, n = {v['n']}"
+        sl = shift_line(card)
+        if sl:
+            txt = (sl + f". Validation is the training hospital and period (n = {v['n']}): expect lower figures on "
+                   "other hospitals or later patients; not for adults.")
         return txt
     lo, hi = v["dice_ci95"]
     txt = f"validation 3D Dice {v['dice_mean']:.3f} ({lo:.3f}-{hi:.3f}), n = {v['n']} volumes"
+    pd_ = v.get("per_dataset", {})
+    names = {"Task02_Heart": "bSSFP (MSD)", "LA2018": "LGE (2018 LA challenge)"}
+    if len(pd_) > 2:
+        txt += " — " + "; ".join(f"{names.get(k, k)} {r['dice_mean']:.3f} (n = {r['n']})" for k, r in pd_.items()
+                                 if k != "all")
     from core.report import atrium_cross_validation
 
     cv = atrium_cross_validation(card)

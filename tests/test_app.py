@@ -36,7 +36,8 @@ def test_home_shows_figures_and_disclaimer():
     at = _page("Home.py")
     text = "\n".join(w.value for w in at.warning) + _text(at)
     assert "not a medical device" in text
-    assert "validation AUC" in text and "3D Dice" in text and "5-fold CV Dice" in text
+    assert "validation AUC" in text and "3D Dice" in text and "5-fold CV (all 80 patients)" in text
+    assert "shift-aware" in text and "LGE" in text
 
 
 def test_pneumonia_sample_prediction(xray_root):
@@ -87,11 +88,59 @@ def test_metrics_page_each_task():
         if task == "cardiac":
             assert "Shape estimates against the expert masks" in _text(at)
         if task == "atrium":
-            assert "5-fold cross-validation of the same recipe" in _text(at)
+            assert "Per dataset" in _text(at) and "Quality check" in _text(at)
         if task == "pneumonia":
             assert "Inference in this app: float32" in _text(at)  # the registry keeps the X-ray CNN in float32
+            assert "Shift-aware validation" in _text(at)
+        if spec_kind(task) == "binary":
+            # the confusion matrix is a static table: both predicted columns are always on the page
+            cm = next(t for t in at.table if "predicted" in " ".join(map(str, t.value.columns)))
+            assert len(cm.value.columns) == 2
         else:
             assert "Inference in this app: " in _text(at)
+
+
+def spec_kind(task: str) -> str:
+    from core.tasks import get_task
+
+    return get_task(task).kind
+
+
+def test_pneumonia_controls_reset_with_a_new_image_and_name_the_case(xray_root):
+    at = _page("pages/1_Pneumonia.py")
+    opts = at.selectbox(key="pneu.sample").options
+    first = next(o for o in opts if "bacterial" in o)
+    at.selectbox(key="pneu.sample").select(first).run()
+    assert f"Result for: " in _text(at)
+    at.slider(key="pneu.alpha").set_value(0.9).run()
+    at.selectbox(key="pneu.sample").select("—").run()  # back to no input: the slider is not drawn
+    other = next(o for o in opts if o not in ("—", first))
+    at.selectbox(key="pneu.sample").select(other).run()
+    assert not at.exception
+    if at.slider:  # a withheld image draws no heatmap controls
+        assert at.slider(key="pneu.alpha").value == 0.4  # what it shows is what the image is drawn with
+    assert other.split(" ")[0] in _text(at) or "Result for: " in _text(at)
+
+
+def test_cardiac_swapped_frames_are_refused_then_swapped_back(acdc_root):
+    at = _page("pages/2_Cardiac.py")
+    at.selectbox(key="card.sample").select_index(1).run()
+    assert "P(disease)" in _text(at) and "ED = `" in _text(at)
+    at.session_state["card.swapped"] = True  # as if the user had uploaded ES as ED and ED as ES
+    at.run()
+    assert not at.exception
+    assert any("look swapped" in e.value for e in at.error)
+    assert "%" not in " ".join(m.value for m in at.metric)  # no ejection fraction or P shown
+    at.button(key="card.swap").click().run()
+    assert not at.exception and "P(disease)" in _text(at)
+
+
+def test_atrium_view_names_the_case_and_has_no_ground_truth_toggle_without_mask(heart_root):
+    at = _page("pages/3_Atrium_segmentation.py")
+    at.selectbox(key="atr.sample").select_index(1).run()
+    assert "Result for: sample" in _text(at)
+    assert "radiological view" in _text(at) and "R/L/A/P" in _text(at)
+    assert at.toggle(key="atr.show_gt").value is True  # the sample has a mask: its overlay is on
 
 
 def test_metrics_page_names_a_bad_precision_setting(monkeypatch):

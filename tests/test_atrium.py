@@ -167,3 +167,28 @@ def test_quality_check_fires_on_inputs_that_are_not_atrial_mri(acdc_root, xray_r
     for what, vol in inputs.items():
         res = segment_atrium(lm, vol)
         assert not res.reliable, f"{what}: quality check did not fire ({res.quality.measures})"
+
+
+def test_largest_disagreement_slice_is_not_the_lowest_dice_slice():
+    pred = np.zeros((20, 20, 3), np.uint8)
+    gt = np.zeros_like(pred)
+    pred[0, 0, 0] = 1  # slice 0: two stray pixels, Dice 0
+    pred[1, 0, 0] = 1
+    gt[2:12, 2:12, 1] = 1  # slice 1: half the atrium missed, Dice 0.67
+    pred[2:7, 2:12, 1] = 1
+    gt[2:6, 2:6, 2] = pred[2:6, 2:6, 2] = 1  # slice 2: perfect
+    d = A.disagreement_cm2(pred, gt, (1.0, 1.0, 1.0))
+    assert d.tolist() == pytest.approx([0.02, 0.5, 0.0])
+    assert int(np.argmax(d)) == 1
+
+
+def test_orientation_markers_are_drawn():
+    from core.visualize import radiological_axial, with_orientation_markers
+
+    s = np.arange(12).reshape(3, 4)  # (X = R->L index, Y)
+    img = radiological_axial(s)
+    assert img.shape == (4, 3) and img[0, 0] == s[2, 3]  # top-left: most right (x max), most anterior (y max)
+    rgb = with_orientation_markers(np.zeros((64, 64, 3), np.uint8))
+    assert rgb.shape[0] >= 320
+    top = rgb[:16, rgb.shape[1] // 2 - 8 : rgb.shape[1] // 2 + 12]
+    assert (top[..., 0] > 200).any()  # the yellow "A"

@@ -1,38 +1,60 @@
 """Training helpers with known values: crop centres and crops, mixed precision, config checks."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
 from core.models import UNet2D
-from core.train import (TrainConfig, atrium_crop_centres, autocast_for, fit, native_bf16, precision_label,
-                        random_crops)
+from core.train import TrainConfig, autocast_for, fit, native_bf16, precision_label
 
 
-def test_crop_centres_are_atrium_centroids_else_the_volume_mean():
-    lab = torch.zeros(3, 10, 12)
-    lab[0, 2:5, 5:8] = 1  # centroid (3, 6)
-    lab[2, 6:8, 2:4] = 1  # centroid (6.5, 2.5)
-    empty = torch.zeros(2, 8, 8)
-    c = atrium_crop_centres([lab, empty])
-    assert c.shape == (5, 2)
-    assert c[0].tolist() == [3.0, 6.0]
-    assert c[2].tolist() == [6.5, 2.5]
-    assert c[1].tolist() == [4.75, 4.25]  # slice without atrium: mean of the volume's centroids
-    assert c[3].tolist() == c[4].tolist() == [4.0, 4.0]  # no atrium at all: the image centre
+def _stack(dataset: str = "A", fg_slices: tuple[int, ...] = (1,)):
+    from core.atrium import build_view_stacks
+
+    data = np.random.default_rng(0).random((24, 20, 6)).astype(np.float32)
+    lab = np.zeros((24, 20, 6), np.uint8)
+    for z in fg_slices:
+        lab[4:8, 10:14, z] = 1  # centroid (5.5, 11.5)
+    return build_view_stacks("c", dataset, data, lab, (1.25, 1.25, 1.25), 1.25, 32, axes=(2,))[0]
 
 
-def test_random_crops_without_jitter_cut_around_the_centre_and_stay_inside():
-    x = torch.arange(2 * 3 * 32 * 32, dtype=torch.float32).reshape(2, 3, 32, 32)
-    y = (x[:, 0] % 2).clone()
-    centres = torch.tensor([[16.0, 16.0], [1.0, 30.0]])
-    xc, yc = random_crops(x, y, centres, 16, jitter=0)
-    assert xc.shape == (2, 3, 16, 16) and yc.shape == (2, 16, 16)
-    assert torch.equal(xc[0], x[0, :, 8:24, 8:24]) and torch.equal(yc[0], y[0, 8:24, 8:24])
-    assert torch.equal(xc[1], x[1, :, 0:16, 16:32])  # clamped at the top and right borders
-    torch.manual_seed(0)
-    xj, _ = random_crops(x, y, centres, 16, jitter=100)  # any jitter: crops stay inside the image
-    assert xj.shape == (2, 3, 16, 16)
+def test_view_stacks_pad_to_the_crop_and_find_atrium_centroids():
+    s = _stack()
+    assert s.padded.shape == (6 + 2, 32, 32) and s.label.shape == (6, 32, 32)
+    assert s.fg.tolist() == [False, True, False, False, False, False]
+    assert s.centres[1].tolist() == [5.5, 11.5]
+
+
+def test_centred_crops_hold_the_atrium_and_stay_inside():
+    from core.atrium import crop_items
+
+    s = _stack()
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        x, y = crop_items([s], [(0, 1, True), (0, 3, False)], 16, rng)
+        assert x.shape == (2, 3, 16, 16) and y.shape == (2, 16, 16)
+        assert y[0].sum() > 0  # jitter is at most a third of the crop: the 4x4 atrium stays in view
+
+
+def test_sampling_takes_both_datasets_equally_often():
+    from core.atrium import sample_batch_items
+
+    stacks = [_stack("A"), _stack("A"), _stack("A"), _stack("B")]
+    items = sample_batch_items(stacks, 4000, np.random.default_rng(0), fg_fraction=1.0)
+    share_b = np.mean([i == 3 for i, _, _ in items])
+    assert 0.45 < share_b < 0.55
+    assert all(z == 1 and centred for _, z, centred in items)
+
+
+def test_augmentation_keeps_shapes_and_labels_binary():
+    from core.atrium import augment
+
+    x = torch.randn(6, 3, 32, 32)
+    y = (torch.rand(6, 32, 32) > 0.7).float()
+    xa, ya = augment(x, y, torch.Generator().manual_seed(0))
+    assert xa.shape == x.shape and ya.shape == y.shape
+    assert set(torch.unique(ya).tolist()) <= {0.0, 1.0} and torch.isfinite(xa).all()
 
 
 def test_config_checks_the_crop():

@@ -4,7 +4,7 @@ from __future__ import annotations
 import streamlit as st
 
 from common import DISCLAIMER, file_key, model_or_stop, reset_namespace, run_safely, pick_sample
-from core.inference import predict_xray
+from core.inference import UNCERTAIN_MARGIN, predict_xray, verdict_band
 from core.io import read_image_2d
 from core.visualize import grey_rgb, heatmap_overlay
 
@@ -13,17 +13,22 @@ st.set_page_config(page_title="Pneumonia – chest X-ray", page_icon="🫁", lay
 st.title("Pneumonia from a chest X-ray")
 st.caption(DISCLAIMER)
 lm = model_or_stop("pneumonia")
+st.info("**Intended use:** frontal (PA/AP) chest radiographs of young children (about 1-5 years), the population of "
+        "the Guangzhou cohort the model was trained on. Adult radiographs, lateral views, other body parts and "
+        "modalities are recognised where possible and get no diagnosis.")
 
 left, right = st.columns(2)
 with left:
     upload = st.file_uploader("Upload a frontal chest X-ray (PNG, JPEG or DICOM)",
                               type=["png", "jpg", "jpeg", "dcm", "dicom"], key=f"{NS}.upload")
 with right:
-    sample = pick_sample("pneumonia", NS)
+    sample = pick_sample("pneumonia", NS, disabled=upload is not None)
 
 data, name = None, ""
 if upload is not None:
     data, name = upload.getvalue(), upload.name
+    if sample is not None:
+        st.caption("The uploaded file is used; the sample selection is ignored while an upload is present.")
 elif sample is not None:
     data, name = sample.files["image"].read_bytes(), sample.files["image"].name
     st.caption(f"Sample: {sample.name} — {sample.note}")
@@ -34,29 +39,38 @@ if data is None:
 
 key = file_key(data)
 if st.session_state.get(f"{NS}.key") != key:
-    reset_namespace(NS, keep=(f"{NS}.upload", f"{NS}.sample", f"{NS}.alpha"))
+    # controls start from their defaults for a new image, so what they show is what the image is drawn with
+    reset_namespace(NS, keep=(f"{NS}.upload", f"{NS}.sample"))
     image = run_safely(lambda: read_image_2d(data, name), "This file cannot be used")
     if image is None:
         st.stop()
     with st.spinner("Predicting and computing the Grad-CAM heatmap…"):
-        result = run_safely(lambda: predict_xray(lm, image), "Prediction failed")
+        result = run_safely(lambda: predict_xray(lm, image), "This image could not be analysed")
     if result is None:
         st.stop()
     st.session_state[f"{NS}.key"] = key
     st.session_state[f"{NS}.image"] = image
     st.session_state[f"{NS}.result"] = result
+    st.session_state[f"{NS}.name"] = name
 
 image = st.session_state[f"{NS}.image"]
 res = st.session_state[f"{NS}.result"]
+st.markdown(f"**Result for: {st.session_state[f'{NS}.name']}**")
 if res.withheld:
     st.warning(f"**No diagnosis.** {res.withheld}")
     st.image(grey_rgb(image.pixels), caption="Uploaded image", width=480)
     st.stop()
 
-verdict = "suggests **pneumonia**" if res.positive else "does **not** suggest pneumonia"
-box = st.error if res.positive else st.success
-box(f"The model {verdict}: P(pneumonia) = **{res.probability:.1%}** "
-    f"(decision threshold {res.threshold:.1%}, chosen on validation data).")
+# A finding is a finding, not an error: a neutral box with a plain label; near the threshold, no verdict.
+band = verdict_band(res.probability, res.threshold)
+if band == "uncertain":
+    st.warning(f"**Uncertain — refer to a specialist.** P(pneumonia) = **{res.probability:.1%}** lies within "
+               f"{UNCERTAIN_MARGIN:.0%} of the decision threshold ({res.threshold:.1%}); the model cannot call this "
+               "image either way.")
+else:
+    finding = "**Finding: pneumonia suggested.**" if band == "positive" else "**Finding: no pneumonia suggested.**"
+    st.info(f"{finding} P(pneumonia) = **{res.probability:.1%}** (decision threshold {res.threshold:.1%}, chosen on "
+            "validation data under acquisition perturbations).")
 st.metric("P(pneumonia)", f"{res.probability:.1%}", help="Model output after the sigmoid, not a calibrated risk.")
 
 alpha = st.slider("Heatmap opacity", 0.0, 1.0, 0.4, 0.05, key=f"{NS}.alpha")
@@ -69,6 +83,6 @@ with c2:
                      "(red = regions that most raised it; shown on the model's square input)")
 if image.info:
     with st.expander("Image information (no identifying fields are shown)"):
-        st.json(image.info)
+        st.table({"field": list(image.info), "value": [str(v) for v in image.info.values()]})
 st.caption("Trained on paediatric radiographs (Kermany et al.); Grad-CAM shows where the model looked, "
            "not a lesion segmentation.")

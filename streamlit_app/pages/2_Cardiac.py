@@ -21,7 +21,7 @@ with c1:
 with c2:
     up_es = st.file_uploader("End-systole (ES) frame, NIfTI", type=["nii", "gz"], key=f"{NS}.es")
 with c3:
-    sample = pick_sample("cardiac", NS, "…or pick a sample patient")
+    sample = pick_sample("cardiac", NS, "…or pick a sample patient", disabled=up_ed is not None or up_es is not None)
 
 ed_bytes = es_bytes = None
 if up_ed is not None or up_es is not None:
@@ -29,39 +29,67 @@ if up_ed is not None or up_es is not None:
         st.info("Upload both frames (ED and ES) of the same cine series.")
         st.stop()
     ed_bytes, es_bytes = up_ed.getvalue(), up_es.getvalue()
+    names = (up_ed.name, up_es.name)
 elif sample is not None:
     ed_bytes, es_bytes = sample.files["ED"].read_bytes(), sample.files["ES"].read_bytes()
+    names = (f"{sample.name}: {sample.files['ED'].name}", f"{sample.name}: {sample.files['ES'].name}")
     st.caption(f"Sample: {sample.name} — {sample.note}")
 else:
     st.info("Upload the ED and ES frames, or pick a sample patient.")
     st.stop()
 
+if st.session_state.get(f"{NS}.swapped"):  # the user asked to use the frames the other way round
+    ed_bytes, es_bytes, names = es_bytes, ed_bytes, (names[1], names[0])
 key = file_key(ed_bytes, es_bytes)
 if st.session_state.get(f"{NS}.key") != key:
-    reset_namespace(NS, keep=(f"{NS}.ed", f"{NS}.es", f"{NS}.sample", f"{NS}.alpha", f"{NS}.view"))
+    # controls start from their defaults for a new study, so what they show is what the images are drawn with
+    reset_namespace(NS, keep=(f"{NS}.ed", f"{NS}.es", f"{NS}.sample", f"{NS}.swapped"))
     ed = run_safely(lambda: read_image_volume(ed_bytes, "ED"), "The ED frame cannot be used")
     es = run_safely(lambda: read_image_volume(es_bytes, "ES"), "The ES frame cannot be used") if ed else None
     if ed is None or es is None:
         st.stop()
     with st.spinner("Predicting and computing Grad-CAM…"):
-        result = run_safely(lambda: predict_cardiac(lm, ed, es), "Prediction failed")
+        result = run_safely(lambda: predict_cardiac(lm, ed, es), "These frames could not be analysed")
     if result is None:
         st.stop()
     st.session_state[f"{NS}.key"] = key
     st.session_state[f"{NS}.result"] = result
 
 res = st.session_state[f"{NS}.result"]
+st.markdown(f"**Result for:** ED = `{names[0]}`, ES = `{names[1]}`")
+
+
+def _swap() -> None:
+    st.session_state[f"{NS}.swapped"] = not st.session_state.get(f"{NS}.swapped", False)
+
+
+if res.shape is not None and res.shape["lv_ef"] <= 0:
+    # the left ventricle is smaller at "ED" than at "ES": the frames are most likely swapped
+    st.error("**The frames look swapped or mislabelled**: the left-ventricular cavity is smaller in the frame given "
+             "as end-diastole than in the one given as end-systole, which cannot be (an ejection fraction would be "
+             "negative). No diagnosis is shown. Check which file is ED and which is ES, or swap them.")
+    st.button("Swap ED and ES", on_click=_swap, key=f"{NS}.swap")
+    st.stop()
+if st.session_state.get(f"{NS}.swapped"):
+    st.caption("ED and ES are used swapped, as you asked.")
+    st.button("Undo the swap", on_click=_swap, key=f"{NS}.unswap")
 if res.withheld:
     st.warning(f"**No diagnosis.** {res.withheld}")
     cols = st.columns(len(res.slices) // 2)
     for j, c in enumerate(cols):
         c.image(np.rot90(res.slices[j]), caption=res.slice_labels[j], width="stretch", clamp=True)
     st.stop()
-verdict = "suggests **cardiac disease**" if res.positive else "looks **normal**"
-box = st.error if res.positive else st.success
-box(f"The model {verdict}: P(disease) = **{res.probability:.1%}** (threshold {res.threshold:.1%}). "
-    "Disease here means any of DCM, HCM, previous myocardial infarction or abnormal right ventricle; "
-    "the model does not say which.")
+from core.inference import UNCERTAIN_MARGIN, verdict_band  # noqa: E402
+
+band = verdict_band(res.probability, res.threshold)
+if band == "uncertain":
+    st.warning(f"**Uncertain — refer to a specialist.** P(disease) = **{res.probability:.1%}** lies within "
+               f"{UNCERTAIN_MARGIN:.0%} of the decision threshold ({res.threshold:.1%}).")
+else:
+    finding = ("**Finding: the heart looks diseased**" if band == "positive"
+               else "**Finding: the heart looks normal**")
+    st.info(f"{finding}: P(disease) = **{res.probability:.1%}** (threshold {res.threshold:.1%}). Disease here means "
+            "any of DCM, HCM, previous myocardial infarction or abnormal right ventricle; the model does not say which.")
 m1, m2, m3, m4, m5 = st.columns(5)
 m1.metric("P(disease)", f"{res.probability:.1%}")
 if res.shape is not None:

@@ -88,7 +88,7 @@ if st.session_state.get(f"{NS}.mask_key", "none") != mask_key:
             gt_c = A.to_canonical(gt, vol.affine, vol.spacing)[0]
             mets = M.segmentation_metrics(res.mask, gt, vol.spacing)
             per_slice = M.per_slice_dice(mask_c, gt_c)
-            disagree = (mask_c.astype(bool) != gt_c.astype(bool)).sum(axis=(0, 1)) * px_cm2
+            disagree = A.disagreement_cm2(mask_c, gt_c, sp_c)
     st.session_state.update({f"{NS}.mask_key": mask_key, f"{NS}.gt_c": gt_c, f"{NS}.metrics": mets,
                              f"{NS}.per_slice": per_slice, f"{NS}.disagree": disagree})
 gt_c = st.session_state[f"{NS}.gt_c"]
@@ -143,9 +143,10 @@ left, right = st.columns([3, 2])
 with left:
     from core.visualize import with_orientation_markers
 
-    st.image(with_orientation_markers(img), caption=f"{name} — axial slice {z + 1} of {nz}, radiological view "
-             "(patient's right on the left of the image; R/L/A/P from the header)", width="stretch")
+    st.image(with_orientation_markers(img), caption=f"{name} — axial slice {z + 1} of {nz}", width="stretch")
     legend(entries)
+    st.caption("Axial slices in the radiological view: anterior at the top, the patient's right on the image's left "
+               "(R/L/A/P markers from the file's header orientation).")
 with right:
     area = mask_c[:, :, z].sum() * px_cm2
     unsure = A.slice_uncertainty_cm2(prob_c.astype(np.float32), sp_c)

@@ -9,7 +9,7 @@ from common import DISCLAIMER
 from core.checkpoint import read_card
 from core.errors import MissingWeightsError
 from core.precision import PrecisionError, inference_precision
-from core.report import SHAPE_NAMES, atrium_cross_validation, read_validation_eval
+from core.report import SHAPE_NAMES, atrium_cross_validation, external_evaluations, read_validation_eval
 from core.tasks import TASKS
 
 NS = "metrics"
@@ -26,7 +26,6 @@ except MissingWeightsError as exc:
 spec = TASKS[task]
 hist = pd.DataFrame(card["history"])
 metric = card.get("training", {}).get("monitor", spec.monitor)
-train_metric = "train_accuracy" if "train_accuracy" in hist else f"train_{metric}"
 
 st.subheader("Training curves")
 c1, c2 = st.columns(2)
@@ -37,12 +36,16 @@ with c1:
     fig.add_vline(x=card["best_epoch"], line_dash="dot", annotation_text="kept checkpoint")
     fig.update_layout(title="Loss per epoch", xaxis_title="epoch", height=340)
     st.plotly_chart(fig, key=f"{NS}.loss")
+METRIC_NAMES = {"auc": "validation ROC AUC", "dice": "validation 3D Dice",
+                "shift_auc": "shift-aware validation score (battery AUC, mean - half the spread)"}
 with c2:
+    # only the validation metric that picked the checkpoint: the training figure (accuracy on augmented
+    # batches, or Dice on crops) is another quantity and would read as comparable on one axis
     fig = go.Figure()
-    fig.add_scatter(x=hist["epoch"], y=hist[train_metric], name=train_metric.replace("_", " "))
-    fig.add_scatter(x=hist["epoch"], y=hist[f"val_{metric}"], name=f"validation {metric}")
+    fig.add_scatter(x=hist["epoch"], y=hist[f"val_{metric}"], name=METRIC_NAMES.get(metric, metric))
     fig.add_vline(x=card["best_epoch"], line_dash="dot")
-    fig.update_layout(title="Metric per epoch", xaxis_title="epoch", height=340)
+    fig.update_layout(title=f"{METRIC_NAMES.get(metric, metric)} per epoch", xaxis_title="epoch",
+                      yaxis_title=METRIC_NAMES.get(metric, metric).split(" (")[0], height=340)
     st.plotly_chart(fig, key=f"{NS}.metric")
 if task == "cardiac":
     st.caption("Curves of the committed model (cross-validation fold 1): its segmentation stage, kept at "
@@ -58,15 +61,16 @@ if spec.kind == "binary":
 
     st.markdown(f"Held-out validation set: **n = {v['n']}**, decision threshold **{card['threshold']:.3f}** "
                 f"({card['threshold_rule']}).")
-    c1, c2, c3 = st.columns([2, 1.2, 1.5])
+    c1, c2, c3 = st.columns([1.6, 1.8, 1.4])
     with c1:
         st.dataframe(rows(v), hide_index=True, key=f"{NS}.table")
     with c2:
         cm = v["confusion"]
         neg, pos = spec.classes
-        st.markdown("**Confusion matrix**")
-        st.dataframe(pd.DataFrame({f"predicted {neg}": [cm["tn"], cm["fn"]], f"predicted {pos}": [cm["fp"], cm["tp"]]},
-                                  index=[f"true {neg}", f"true {pos}"]), key=f"{NS}.cm")
+        st.markdown("**Confusion matrix** (validation, at the threshold)")
+        # a static table: every column shows at any page width (a scrolling data frame cut the last one off)
+        st.table(pd.DataFrame({f"predicted {neg}": [cm["tn"], cm["fn"]], f"predicted {pos}": [cm["fp"], cm["tp"]]},
+                              index=[f"true {neg}", f"true {pos}"]))
     with c3:
         fig = go.Figure(go.Scatter(x=v["roc"]["fpr"], y=v["roc"]["tpr"], mode="lines", name="ROC"))
         fig.add_scatter(x=[0, 1], y=[0, 1], mode="lines", line_dash="dash", name="chance")
@@ -77,7 +81,26 @@ if spec.kind == "binary":
     if cv:
         st.markdown("**5-fold cross-validation by patient** (all 80 patients, pooled out-of-fold predictions)")
         st.dataframe(rows(cv["pooled_out_of_fold"]), hide_index=True, key=f"{NS}.cv")
-        st.dataframe(pd.DataFrame(cv["folds"]), hide_index=True, key=f"{NS}.folds")
+        folds = pd.DataFrame(cv["folds"]).rename(columns={
+            "fold": "fold", "n_val": "patients", "best_epoch": "kept epoch", "val_seg_dice": "segmentation Dice",
+            "val_auc": "AUC", "val_accuracy_at_0.5": "accuracy (P >= 0.5)", "val_sensitivity_at_0.5": "sensitivity (P >= 0.5)",
+            "val_specificity_at_0.5": "specificity (P >= 0.5)", "seconds": "training s"})
+        st.dataframe(folds, hide_index=True, key=f"{NS}.folds")
+    sv = card.get("shift_validation")
+    if sv and "conditions" in sv:
+        st.markdown("**Shift-aware validation** (checkpoint and threshold were selected on it): the same validation "
+                    "images under 11 fixed acquisition perturbations, at the app's threshold. Pooled over the "
+                    f"perturbations: AUC **{sv['pooled_perturbed']['auc']:.3f}**, accuracy "
+                    f"**{sv['pooled_perturbed']['accuracy']:.3f}**, sensitivity {sv['pooled_perturbed']['sensitivity']:.3f}, "
+                    f"specificity {sv['pooled_perturbed']['specificity']:.3f}.")
+        st.dataframe(pd.DataFrame(sv["conditions"]).T.rename_axis("condition"), key=f"{NS}.shift")
+        if sv.get("by_series"):
+            st.markdown("**By acquisition series** (validation images, clean): share called pneumonia")
+            st.table(pd.DataFrame(sv["by_series"]).T.rename_axis("series"))
+    if task == "pneumonia":
+        st.caption("What is known about generalisation: validation images come from the same hospital and period as "
+                   "the training images; a later test split of the same hospital (measured by the maintainers on the "
+                   "previous model) scored well below its validation figure, and adults are outside the population.")
     ev = read_validation_eval(task)
     if ev and "shape_agreement" in ev:
         st.markdown(f"**Shape estimates against the expert masks** ({ev['n']} validation patients): the page's "
@@ -90,6 +113,17 @@ else:
     lo, hi = v["dice_ci95"]
     st.markdown(f"**{v['n']} validation volumes**: mean 3D Dice **{v['dice_mean']:.3f}** (95 % CI {lo:.3f}-{hi:.3f}), "
                 f"IoU {v['iou_mean']:.3f}, HD95 {v['hd95_mm_mean']:.2f} mm, volume error {v['volume_error_pct_mean']:+.1f} %.")
+    if v.get("per_dataset"):
+        st.markdown("**Per dataset** (validation volumes; 95 % CIs of the mean by bootstrap)")
+        st.table(pd.DataFrame([{"dataset": k, "volumes": r["n"], "3D Dice": f"{r['dice_mean']:.3f} "
+                                f"({r['dice_ci95'][0]:.3f}-{r['dice_ci95'][1]:.3f})", "lowest Dice": f"{r['dice_min']:.3f}",
+                                "HD95 (mm)": f"{r['hd95_mm_mean']:.1f}",
+                                "|volume error| (%)": f"{r['abs_volume_error_pct_mean']:.1f}"}
+                               for k, r in v["per_dataset"].items()]))
+    qc = card.get("quality_check")
+    if qc:
+        st.markdown(f"**Quality check**: fired on {qc['validation_firing_rate']:.0%} of the validation volumes "
+                    f"({', '.join(qc['validation_fired']) or 'none'}). Limits: {qc['fitted_on']}.")
     st.dataframe(pd.DataFrame(v["per_case"]).T.rename_axis("case"), key=f"{NS}.per_case")
     cv = atrium_cross_validation(card)
     if cv:
@@ -99,6 +133,23 @@ else:
                     f"(95 % CI {lo:.3f}-{hi:.3f}), IoU {cv['iou_mean']:.3f}, HD95 {cv['hd95_mm_mean']:.2f} mm, "
                     f"volume error {cv['volume_error_pct_mean']:+.1f} %.")
         st.dataframe(pd.DataFrame(cv["per_case"]).T.rename_axis("case"), key=f"{NS}.cv_per_case")
+
+evs = external_evaluations(task, card)
+if evs:
+    st.subheader("Evaluations on data the model never trained on")
+    for ev in evs:
+        if not ev["matches"]:
+            st.caption(f"{ev['file']}: scored other weights (sha256 differs from the weights in use); not shown.")
+            continue
+        if spec.kind == "binary":
+            st.markdown(f"**{ev.get('data_label', ev['file'])}**, evaluated {ev.get('evaluated', '?')[:10]} "
+                        f"(n = {ev['n']}, withheld by the input checks {ev.get('n_refused_by_input_check', 0)}): "
+                        f"accuracy {ev['accuracy']:.3f}, sensitivity {ev['sensitivity']:.3f}, specificity "
+                        f"{ev['specificity']:.3f}, AUC {ev['auc']:.3f} at threshold {ev['threshold']:.3f}.")
+        else:
+            st.markdown(f"**{ev.get('data_label', ev['file'])}**, evaluated {ev.get('evaluated', '?')[:10]} "
+                        f"({ev['n']} volumes): mean 3D Dice {ev['dice_mean']:.3f}; quality check fired on "
+                        f"{ev.get('quality_check_fired', 'n/a')}.")
 
 st.subheader("Data and split")
 d = card["data"]
