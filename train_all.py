@@ -94,6 +94,12 @@ def main(argv: list[str] | None = None) -> int:
             g = build_guard(task, root, out)
             print(f"[{task}] input check fitted on {g['n_fit']} training cases; validation false-refusal rate "
                   f"{g['val_false_refusal_rate']:.3f}")
+        if task == "cardiac":
+            from core.cardiac import build
+
+            dr = build(root, out, seed=args.seed)
+            print(f"[{task}] five-class diagnosis: CV accuracy {dr['cross_validation']['calibrated']['accuracy']:.3f}, "
+                  f"end-to-end on the validation patients {dr['validation_end_to_end'].get('accuracy', float('nan')):.3f}")
         if task == "pneumonia":
             from core.pneumonia import train_population_gate
 

@@ -685,3 +685,36 @@ def cross_validate(root, device: torch.device, out_dir=None, folds: int = 5, see
     path.parent.mkdir(parents=True, exist_ok=True)
     _atomic_write(path, (json.dumps(_clean(report), indent=1) + "\n").encode())
     return report
+
+
+# --------------------------------------------------------------------------- robustness check
+
+LYING_LAYOUTS = {
+    "as stored": (0, 1, 2),
+    "axes (1, 2, 0), same diagonal affine": (1, 2, 0),
+    "axes (2, 0, 1), same diagonal affine": (2, 0, 1),
+}
+
+
+def layout_stress(segment, cases: list, layouts: dict[str, tuple[int, int, int]] = LYING_LAYOUTS) -> dict:
+    """Dice of each case with its voxels transposed while the affine is left as it was (a header that lies
+    about the slice plane, as when an LGE volume is written in another layout): what the multi-view model
+    gives when the canonical orientation cannot be trusted. ``segment(volume) -> AtriumResult``."""
+    from core import io as mio
+    from core import metrics as M
+
+    out: dict = {name: {} for name in layouts}
+    for c in cases:
+        vol = mio.load_nifti_path(c.image_path)
+        gt = mio.load_nifti_path(c.label_path).data > 0.5
+        for name, perm in layouts.items():
+            data = np.ascontiguousarray(np.transpose(vol.data, perm))
+            moved = mio.Volume(data, vol.affine, tuple(vol.spacing[i] for i in perm), "stress")
+            res = segment(moved)
+            out[name][c.case_id] = {"dice": M.dice(res.mask, np.transpose(gt, perm)),
+                                    "reported": bool(res.reliable)}
+    summary = {name: {"n": len(r), "dice_mean": float(np.mean([v["dice"] for v in r.values()])) if r else float("nan"),
+                      "reported": int(sum(v["reported"] for v in r.values())),
+                      "reported_with_dice_under_0.5": int(sum(v["reported"] and v["dice"] < 0.5 for v in r.values()))}
+               for name, r in out.items()}
+    return {"summary": summary, "per_case": out}

@@ -91,6 +91,7 @@ def evaluate_cardiac(root: Path, wdir=None, only: set[str] | None = None, precis
         ys.append(c.label)
         ps.append(r.probability)
         per_case[c.patient_id] = {"group": c.group, "probability": r.probability,
+                                  "five_class": r.diagnosis["probabilities"] if r.diagnosis else None,
                                   "input_check_refused": bool(r.ood_score > lm.guard.threshold),
                                   "shape_estimate": r.shape, "shape_expert_masks_all_slices": expert}
     out = _classifier_summary(ys, ps, lm.threshold, failed)
@@ -102,6 +103,13 @@ def evaluate_cardiac(root: Path, wdir=None, only: set[str] | None = None, precis
         k: M.agreement([r["shape_estimate"][k] for r in with_gt], [r["shape_expert_masks_all_slices"][k] for r in with_gt])
         for k in ("lv_ef", "rv_ef", "myo_to_lv_ed", "rv_to_lv_ed")
     }
+    five = [(r["group"], r["five_class"]) for r in per_case.values() if r["five_class"]]
+    if five:
+        from core.cardiac import GROUPS, summarise as five_summary
+
+        yy = np.array([GROUPS.index(g) for g, _ in five])
+        pp_ = np.array([[p[g] for g in GROUPS] for _, p in five])
+        out["five_class"] = five_summary(yy, pp_)
     out["per_case"] = per_case
     out["inference_precision"] = lm.precision
     return out
@@ -194,6 +202,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="pneumonia: only the images of this official split folder")
     ap.add_argument("--label", default=None,
                     help="what the data is, in words (shown with the figures), e.g. 'Kermany official test split'")
+    ap.add_argument("--layout-stress", action="store_true",
+                    help="atrium: also score each case with its voxels transposed and the affine left as it was")
     ap.add_argument("--precision", default=None, choices=PRECISIONS,
                     help="inference precision (default: $MEDIMG_PRECISION, else auto = what the app uses)")
     args = ap.parse_args(argv)
@@ -203,6 +213,13 @@ def main(argv: list[str] | None = None) -> int:
     except MedImgError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if args.layout_stress and args.task == "atrium":
+        from core.atrium import layout_stress
+
+        lm = load_model("atrium", args.weights, precision=args.precision)
+        keep = set(res.get("per_case", {}))
+        cases = [c for c in mio.find_atrium_cases(data_root(args.data_root)) if c.case_id in keep]
+        res["layout_stress"] = _clean(layout_stress(lambda v: segment_atrium(lm, v), cases))
     text = json.dumps(res, indent=1)
     print(text)
     if args.json:

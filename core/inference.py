@@ -31,6 +31,7 @@ class LoadedModel:
     card: dict
     guard: OODGuard | None = None  # out-of-distribution check (classifiers)
     population: tuple[nn.Module, dict] | None = None  # pneumonia: the population check's CNN and its card
+    diagnosis: dict | None = None  # cardiac: the five-class classifier (cardiac_diagnosis.json) for these weights
     precision: str = "float32"  # of the forward passes that give probabilities and masks (core.precision)
 
     @property
@@ -74,7 +75,14 @@ def load_model(task: str, wdir=None, with_guard: bool = True, optimize: bool = T
         optimize_for_inference(model)
     guard = load_guard(task, wdir) if spec.kind == "binary" and with_guard else None
     population = _load_population(wdir) if task == "pneumonia" and with_guard else None
-    return LoadedModel(spec, model, card, guard=guard, precision=prec, population=population)
+    diagnosis = None
+    if task == "cardiac":
+        from core.cardiac import load_diagnosis
+
+        d = load_diagnosis(wdir)
+        # only a classifier built on these very weights' segmentation and split is used
+        diagnosis = d if d and d.get("cardiac_weights_sha256") == card.get("weights_sha256") else None
+    return LoadedModel(spec, model, card, guard=guard, precision=prec, population=population, diagnosis=diagnosis)
 
 
 def _load_population(wdir=None) -> tuple[nn.Module, dict]:
@@ -205,6 +213,7 @@ class CardiacResult:
     withheld: str | None = None
     segmentation: np.ndarray | None = None  # (2k, H, W) uint8: 0 background, 1 RV, 2 myocardium, 3 LV cavity
     shape: dict[str, float] | None = None  # estimates from the segmentation, see cardiac_shape_summary
+    diagnosis: dict | None = None  # five classes: {"probabilities": {group: p}, "features": {name: value}}
 
 
 WITHHELD_CARDIAC = ("These frames do not look like the short-axis cine MRI the model was trained on, so no "
@@ -239,9 +248,15 @@ def predict_cardiac(lm: LoadedModel, ed: Volume, es: Volume, explain: bool = Tru
     positive = prob >= lm.threshold
     heat = gradcam(lm.model, lm.model.gradcam_layer(), x, positive=positive) if explain else None
     seg_labels = seg[0].argmax(dim=1).to(torch.uint8).numpy()
+    diagnosis = None
+    if lm.diagnosis is not None:
+        from core.cardiac import diagnose
+
+        with model_lock(lm.model):
+            diagnosis = diagnose(lm.model, lm.diagnosis, ed.data, es.data, lm.input_size)
     release_memory()
     return CardiacResult(prob, lm.threshold, positive, slices, labels, heat, score, None, seg_labels,
-                         cardiac_shape_summary(feats))
+                         cardiac_shape_summary(feats), diagnosis)
 
 
 def cardiac_shape_summary(features: np.ndarray) -> dict[str, float]:

@@ -15,7 +15,8 @@ HOW_TO_GET = {
                  "as <data root>/chest_xray/train/{NORMAL,PNEUMONIA}/",
     "cardiac": "Download ACDC (acdc.creatis.insa-lyon.fr) and lay it out as <data root>/ACDC/training/patientNNN/",
     "atrium": "Download MSD Task02_Heart (medicaldecathlon.com) and lay it out as "
-              "<data root>/Task02_Heart/{imagesTr,labelsTr}/",
+              "<data root>/Task02_Heart/{imagesTr,labelsTr}/ (and, for LGE-MRI, the 2018 LA challenge as "
+              "<data root>/LA2018/{imagesTr,labelsTr}/)",
 }
 
 

@@ -166,3 +166,28 @@ def test_missing_weights_message(monkeypatch, tmp_path):
     st.cache_resource.clear()
     assert not at.exception
     assert any("train_all.py --tasks pneumonia" in e.value for e in at.error)
+
+
+def test_metrics_page_shows_an_evaluation_only_beside_its_weights(monkeypatch, tmp_path):
+    import json
+    import shutil
+
+    from core.checkpoint import read_card
+    from core.config import weights_dir
+
+    card = read_card("pneumonia")
+    wd = tmp_path / "w"
+    shutil.copytree(weights_dir(), wd, ignore=shutil.ignore_patterns("logs", "evaluations"))
+    (wd / "evaluations").mkdir()
+    ev = {"task": "pneumonia", "data_label": "Kermany official test split (maintainers)", "evaluated": "2026-12-04T10:00:00",
+          "weights_sha256": card["weights_sha256"], "n": 624, "n_refused_by_input_check": 3, "accuracy": 0.9,
+          "sensitivity": 0.95, "specificity": 0.85, "auc": 0.97, "threshold": card["threshold"]}
+    (wd / "evaluations" / "test.json").write_text(json.dumps(ev))
+    (wd / "evaluations" / "older.json").write_text(json.dumps({**ev, "weights_sha256": "f" * 64,
+                                                               "data_label": "for older weights"}))
+    monkeypatch.setenv("MEDIMG_WEIGHTS_DIR", str(wd))
+    at = _page("pages/4_Training_and_metrics.py")
+    assert not at.exception
+    text = _text(at)
+    assert "Kermany official test split (maintainers)" in text and "2026-12-04" in text
+    assert "for older weights" not in text and "scored other weights" in text

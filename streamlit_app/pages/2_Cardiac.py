@@ -103,6 +103,34 @@ if res.shape is not None:
                "clinical measurements; the RV estimates agree less well with expert masks than the LV ones (see "
                "Training & metrics).")
 
+if res.diagnosis is not None and lm.diagnosis is not None:
+    from core.cardiac import FEATURES, GROUP_NAMES, GROUPS
+
+    probs = res.diagnosis["probabilities"]
+    top = max(probs, key=probs.get)
+    st.subheader("Which disease (five classes)")
+    if probs[top] < lm.diagnosis["uncertain_below"]:
+        st.warning(f"**Uncertain — refer to a specialist.** No class reaches {lm.diagnosis['uncertain_below']:.0%}; the "
+                   f"most likely are {', '.join(f'{GROUP_NAMES[g]} {probs[g]:.0%}' for g in sorted(probs, key=probs.get, reverse=True)[:2])}.")
+    else:
+        st.info(f"**Most likely: {GROUP_NAMES[top]} ({top})**, probability {probs[top]:.0%} (calibrated on cross-validation).")
+    cv = lm.diagnosis["cross_validation"]["calibrated"]
+    d1, d2 = st.columns([1, 2])
+    with d1:
+        st.table({"class": [f"{GROUP_NAMES[g]} ({g})" for g in GROUPS], "probability": [f"{probs[g]:.1%}" for g in GROUPS]})
+        st.caption(f"Five-class accuracy in {cv['n']}-patient cross-validation {cv['accuracy']:.2f} "
+                   f"({cv['accuracy_ci95'][0]:.2f}-{cv['accuracy_ci95'][1]:.2f}) on expert masks; see Training & metrics.")
+    with d2:
+        rng = lm.diagnosis["normal_ranges"]
+        rows = []
+        for k in ("lv_ef", "rv_ef", "rv_lv_ed", "myo_lv_ed", "thick_max_ed", "thick_cv_es", "thick_es_ed"):
+            lo, hi = rng[k]
+            val = res.diagnosis["features"][k]
+            rows.append({"feature (from the model's segmentation)": FEATURES[k], "this study": f"{val:.2f}",
+                         "normal range (training NOR, 5-95 %)": f"{lo:.2f}-{hi:.2f}",
+                         "": "outside" if not lo <= val <= hi else ""})
+        st.table(rows)
+
 alpha = st.slider("Overlay opacity", 0.0, 1.0, 0.4, 0.05, key=f"{NS}.alpha")
 view = st.radio("Overlay", ["Grad-CAM", "Segmentation (RV, myocardium, LV cavity)"], horizontal=True,
                 key=f"{NS}.view")

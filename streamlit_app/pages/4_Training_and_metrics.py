@@ -101,6 +101,36 @@ if spec.kind == "binary":
         st.caption("What is known about generalisation: validation images come from the same hospital and period as "
                    "the training images; a later test split of the same hospital (measured by the maintainers on the "
                    "previous model) scored well below its validation figure, and adults are outside the population.")
+    if task == "cardiac":
+        from core.cardiac import GROUPS, load_diagnosis
+
+        dg = load_diagnosis()
+        if dg:
+            cvc, cvu = dg["cross_validation"]["calibrated"], dg["cross_validation"]["uncalibrated"]
+            e2e = dg["validation_end_to_end"]
+            st.markdown(f"**Five-class diagnosis** ({dg['method']}). {dg['cross_validation']['what']}: accuracy "
+                        f"**{cvc['accuracy']:.3f}** (95 % CI {cvc['accuracy_ci95'][0]:.3f}-{cvc['accuracy_ci95'][1]:.3f}); "
+                        f"normal vs disease AUC {cvc['normal_vs_disease'].get('auc', float('nan')):.3f}. End to end on "
+                        f"{e2e.get('n', 0)} validation patients through the model's own segmentation: accuracy "
+                        f"**{e2e.get('accuracy', float('nan')):.3f}**. Expected calibration error before / after "
+                        f"temperature scaling: {cvu['ece']:.3f} / {cvc['ece']:.3f}.")
+            k1, k2 = st.columns(2)
+            with k1:
+                st.markdown("Confusion matrix, cross-validation (rows: true, columns: predicted)")
+                st.table(pd.DataFrame(cvc["confusion"]["matrix"], index=[f"true {g}" for g in GROUPS],
+                                      columns=[f"pred. {g}" for g in GROUPS]))
+                st.table(pd.DataFrame({"sensitivity": cvc["sensitivity"]}).T)
+            with k2:
+                fig = go.Figure()
+                for name, key in (("before calibration", "reliability_uncalibrated"),
+                                  ("after (temperature)", "reliability_calibrated")):
+                    b = dg["cross_validation"][key]["bins"]
+                    fig.add_scatter(x=[r["confidence"] for r in b], y=[r["accuracy"] for r in b], mode="lines+markers",
+                                    name=name)
+                fig.add_scatter(x=[0, 1], y=[0, 1], mode="lines", line_dash="dash", name="perfect")
+                fig.update_layout(title="Reliability diagram (top class, cross-validation)", xaxis_title="confidence",
+                                  yaxis_title="accuracy", height=320)
+                st.plotly_chart(fig, key=f"{NS}.reliability")
     ev = read_validation_eval(task)
     if ev and "shape_agreement" in ev:
         st.markdown(f"**Shape estimates against the expert masks** ({ev['n']} validation patients): the page's "

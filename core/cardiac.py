@@ -1,0 +1,310 @@
+"""Cardiac diagnosis in five classes (NOR, DCM, HCM, MINF, RV) from segmentation-derived features.
+
+As the methods that won ACDC did: the cine study is segmented (the CardiacNet U-Net, every slice of the ED
+and ES frames), scale-free features are measured on the masks (ejection fractions, volume ratios,
+myocardial wall thickness and its variability relative to the LV size), and a multinomial logistic
+regression gives a probability per class. The classifier learns from features of the expert masks of the
+training patients (clean shapes) and is applied to the model's own segmentation; temperature scaling,
+fitted on out-of-fold predictions, makes its probabilities mean what they say.
+
+The shared ACDC copy has no true voxel spacing, so every feature is a ratio of voxel counts or lengths
+within one study (no mm, mL or g).
+
+    python -m core.cardiac [--data-root DIR] [--weights DIR]   # fit and cross-validate -> cardiac_diagnosis.json
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+from scipy import ndimage
+
+GROUPS = ("NOR", "DCM", "HCM", "MINF", "RV")
+GROUP_NAMES = {"NOR": "normal", "DCM": "dilated cardiomyopathy", "HCM": "hypertrophic cardiomyopathy",
+               "MINF": "previous myocardial infarction", "RV": "abnormal right ventricle"}
+FEATURES = {
+    "lv_ef": "LV ejection fraction (1 - ES/ED LV cavity volume)",
+    "rv_ef": "RV ejection fraction",
+    "rv_lv_ed": "RV / LV cavity volume at ED",
+    "rv_lv_es": "RV / LV cavity volume at ES",
+    "myo_lv_ed": "myocardium / LV cavity volume at ED",
+    "myo_es_ed": "myocardium volume ES / ED",
+    "thick_mean_ed": "mean wall thickness at ED / LV radius",
+    "thick_max_ed": "largest wall thickness at ED / LV radius",
+    "thick_cv_ed": "wall-thickness variability at ED (CV within slices)",
+    "thick_cvmax_ed": "largest within-slice thickness variability at ED",
+    "thick_mean_es": "mean wall thickness at ES / LV radius",
+    "thick_max_es": "largest wall thickness at ES / LV radius",
+    "thick_cv_es": "wall-thickness variability at ES (CV within slices)",
+    "thick_cvmax_es": "largest within-slice thickness variability at ES",
+    "thick_es_ed": "systolic wall thickening (mean thickness ES / ED)",
+}
+DIAGNOSIS_FILE = "cardiac_diagnosis.json"
+UNCERTAIN_TOP = 0.6  # below this top-class probability the page says "uncertain" instead of naming a class
+
+
+def _thickness_samples(myo: np.ndarray) -> np.ndarray | None:
+    """Wall thickness samples of one slice's myocardium (2x the distance to its edge along its ridge)."""
+    if myo.sum() < 5:
+        return None
+    dt = ndimage.distance_transform_edt(myo)
+    ridge = (dt == ndimage.maximum_filter(dt, 3)) & myo & (dt > 0)
+    t = 2 * dt[ridge]
+    return t if len(t) >= 5 else None
+
+
+def mask_features(ed: np.ndarray, es: np.ndarray) -> dict[str, float]:
+    """Scale-free features of the ED and ES label maps (X, Y, Z; 1 RV, 2 myocardium, 3 LV cavity)."""
+    ed, es = np.asarray(ed).astype(np.int16), np.asarray(es).astype(np.int16)
+    n = lambda m, c: float((m == c).sum())  # noqa: E731
+    lv_ed, lv_es, rv_ed, rv_es, my_ed, my_es = n(ed, 3), n(es, 3), n(ed, 1), n(es, 1), n(ed, 2), n(es, 2)
+    f = {"lv_ef": 1 - lv_es / max(lv_ed, 1), "rv_ef": 1 - rv_es / max(rv_ed, 1),
+         "rv_lv_ed": rv_ed / max(lv_ed, 1), "rv_lv_es": rv_es / max(lv_es, 1),
+         "myo_lv_ed": my_ed / max(lv_ed, 1), "myo_es_ed": my_es / max(my_ed, 1)}
+    lv_slices = max(1, int((ed == 3).any(axis=(0, 1)).sum()))
+    radius = math.sqrt(max(lv_ed, 1) / lv_slices / math.pi)  # mean LV cavity radius at ED, in pixels
+    for name, m in (("ed", ed), ("es", es)):
+        means, cvs, maxs = [], [], []
+        for z in range(m.shape[2]):
+            t = _thickness_samples(m[:, :, z] == 2)
+            if t is None:
+                continue
+            means.append(t.mean())
+            cvs.append(t.std() / t.mean())
+            maxs.append(t.max())
+        f[f"thick_mean_{name}"] = float(np.mean(means)) / radius if means else 0.0
+        f[f"thick_max_{name}"] = float(np.max(maxs)) / radius if maxs else 0.0
+        f[f"thick_cv_{name}"] = float(np.mean(cvs)) if cvs else 0.0
+        f[f"thick_cvmax_{name}"] = float(np.max(cvs)) if cvs else 0.0
+    f["thick_es_ed"] = f["thick_mean_es"] / max(f["thick_mean_ed"], 1e-3)
+    return {k: float(f[k]) for k in FEATURES}
+
+
+def segment_frame(model, volume: np.ndarray, size: int) -> np.ndarray:
+    """Every slice of one cine frame through CardiacNet's U-Net -> (size, size, Z) labels on the crop grid."""
+    import torch
+
+    from core import preprocess as pp
+
+    x = pp.cardiac_frame(volume, size, all_slices=True)[:, None]
+    with torch.inference_mode():
+        lab = torch.cat([model.unet(x[i : i + 16].float()).argmax(1) for i in range(0, len(x), 16)])
+    return lab.numpy().transpose(1, 2, 0).astype(np.int16)
+
+
+def expert_frame(mask: np.ndarray, size: int) -> np.ndarray:
+    """An expert label map on the same crop grid as ``segment_frame``."""
+    from core import preprocess as pp
+
+    return pp.cardiac_frame(mask, size, mask=True, all_slices=True).numpy().transpose(1, 2, 0).astype(np.int16)
+
+
+# --------------------------------------------------------------------------- classifier (pure numpy at inference)
+
+
+def _softmax(z: np.ndarray) -> np.ndarray:
+    z = z - z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def fit_classifier(x: np.ndarray, y: np.ndarray, c: float = 1.0) -> dict:
+    """Standardise, then multinomial logistic regression (scikit-learn); returned as plain numbers."""
+    from sklearn.linear_model import LogisticRegression
+
+    mean, std = x.mean(0), x.std(0) + 1e-9
+    lr = LogisticRegression(C=c, max_iter=5000).fit((x - mean) / std, y)
+    coef = np.zeros((len(GROUPS), x.shape[1]))
+    icpt = np.full(len(GROUPS), -30.0)  # a class absent from training gets ~0 probability
+    coef[lr.classes_] = lr.coef_
+    icpt[lr.classes_] = lr.intercept_
+    return {"mean": mean.tolist(), "std": std.tolist(), "coef": coef.tolist(), "intercept": icpt.tolist(),
+            "temperature": 1.0}
+
+
+def logits(clf: dict, x: np.ndarray) -> np.ndarray:
+    x = (np.atleast_2d(x) - np.asarray(clf["mean"])) / np.asarray(clf["std"])
+    return x @ np.asarray(clf["coef"]).T + np.asarray(clf["intercept"])
+
+
+def predict_proba(clf: dict, x: np.ndarray) -> np.ndarray:
+    """(N, F) features -> (N, 5) calibrated class probabilities (temperature from the card)."""
+    return _softmax(logits(clf, x) / float(clf.get("temperature", 1.0)))
+
+
+def fit_temperature(z: np.ndarray, y: np.ndarray) -> float:
+    """The temperature minimising the negative log-likelihood of held-out logits (grid, then refined)."""
+    def nll(t: float) -> float:
+        p = _softmax(z / t)
+        return float(-np.log(np.clip(p[np.arange(len(y)), y], 1e-12, 1)).mean())
+
+    grid = np.exp(np.linspace(np.log(0.2), np.log(10), 200))
+    return float(min(grid, key=nll))
+
+
+def expected_calibration_error(p: np.ndarray, y: np.ndarray, bins: int = 10) -> float:
+    """Top-label ECE: mean |accuracy - confidence| over equal-width confidence bins, weighted by count."""
+    conf = p.max(1)
+    correct = (p.argmax(1) == y).astype(float)
+    edges = np.linspace(0, 1, bins + 1)
+    ece = 0.0
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        sel = (conf > lo) & (conf <= hi)
+        if sel.any():
+            ece += sel.mean() * abs(correct[sel].mean() - conf[sel].mean())
+    return float(ece)
+
+
+def reliability(p: np.ndarray, y: np.ndarray, bins: int = 10) -> dict:
+    conf = p.max(1)
+    correct = (p.argmax(1) == y).astype(float)
+    edges = np.linspace(0, 1, bins + 1)
+    rows = []
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        sel = (conf > lo) & (conf <= hi)
+        if sel.any():
+            rows.append({"bin": [float(lo), float(hi)], "n": int(sel.sum()), "confidence": float(conf[sel].mean()),
+                         "accuracy": float(correct[sel].mean())})
+    return {"bins": rows}
+
+
+def summarise(y: np.ndarray, p: np.ndarray, seed: int = 0) -> dict:
+    """5x5 confusion, per-class sensitivity, accuracy with a bootstrap CI, normal-vs-disease figures."""
+    from sklearn.metrics import confusion_matrix, roc_auc_score
+
+    pred = p.argmax(1)
+    cm = confusion_matrix(y, pred, labels=range(len(GROUPS)))
+    rng = np.random.default_rng(seed)
+    boots = [float((pred[i] == y[i]).mean()) for i in (rng.integers(0, len(y), len(y)) for _ in range(1000))]
+    disease_true = (y != 0).astype(int)
+    p_disease = 1 - p[:, 0]
+    nvd = {"accuracy_at_0.5": float(((p_disease >= 0.5) == disease_true).mean())}
+    if len(np.unique(disease_true)) == 2:
+        nvd["auc"] = float(roc_auc_score(disease_true, p_disease))
+    return {
+        "n": int(len(y)), "accuracy": float((pred == y).mean()),
+        "accuracy_ci95": [float(np.quantile(boots, 0.025)), float(np.quantile(boots, 0.975))],
+        "confusion": {"rows_true_cols_predicted": list(GROUPS), "matrix": cm.tolist()},
+        "sensitivity": {g: float(cm[i, i] / max(1, cm[i].sum())) for i, g in enumerate(GROUPS)},
+        "normal_vs_disease": nvd,
+        "ece": expected_calibration_error(p, y),
+    }
+
+
+def build(root, wdir=None, seed: int = 0, folds: int = 5) -> dict:
+    """Features of every ACDC patient (expert masks; the committed U-Net's segmentation for the card's
+    validation patients), 5-fold CV of the classifier on expert-mask features, temperature by cross-fitting,
+    the final classifier on the committed model's training patients, scored on its validation patients
+    through the model's own segmentation. Writes <weights>/cardiac_diagnosis.json."""
+    from datetime import datetime, timezone
+
+    from sklearn.model_selection import StratifiedKFold
+
+    from core import io as mio
+    from core.checkpoint import _atomic_write, _clean, git_commit
+    from core.config import weights_dir
+    from core.inference import load_model
+
+    lm = load_model("cardiac", wdir, with_guard=False, optimize=False)
+    size = lm.input_size
+    val = set(lm.card["data"]["val_cases"])
+    cases = [c for c in mio.find_cardiac_cases(Path(root)) if c.ed_gt is not None and c.es_gt is not None]
+    xg, xp, y, is_val = [], {}, [], []
+    for c in cases:
+        ed_gt, es_gt = (expert_frame(mio.load_nifti_path(p).data, size) for p in (c.ed_gt, c.es_gt))
+        xg.append(list(mask_features(ed_gt, es_gt).values()))
+        y.append(GROUPS.index(c.group))
+        is_val.append(c.patient_id in val)
+        if c.patient_id in val:
+            ed, es = (segment_frame(lm.model, mio.load_nifti_path(p).data, size) for p in (c.ed_path, c.es_path))
+            xp[c.patient_id] = list(mask_features(ed, es).values())
+    xg, y, is_val = np.asarray(xg), np.asarray(y), np.asarray(is_val)
+    skf = StratifiedKFold(folds, shuffle=True, random_state=seed)
+    splits = list(skf.split(xg, y))
+    z = np.zeros((len(y), len(GROUPS)))
+    for tr, va in splits:
+        z[va] = logits(fit_classifier(xg[tr], y[tr]), xg[va])
+    p_raw = _softmax(z)
+    # temperature by cross-fitting: each fold's temperature is fitted on the other folds' out-of-fold logits
+    p_cal = np.zeros_like(p_raw)
+    for _, va in splits:
+        rest = np.setdiff1d(np.arange(len(y)), va)
+        p_cal[va] = _softmax(z[va] / fit_temperature(z[rest], y[rest]))
+    t_all = fit_temperature(z, y)
+    cv_raw, cv_cal = summarise(y, p_raw, seed), summarise(y, p_cal, seed)
+    clf = fit_classifier(xg[~is_val], y[~is_val])
+    clf["temperature"] = t_all
+    ids = [c.patient_id for c in cases]
+    v_ids = [i for i, v in zip(ids, is_val) if v]
+    pv = predict_proba(clf, np.asarray([xp[i] for i in v_ids])) if v_ids else np.zeros((0, len(GROUPS)))
+    yv = y[is_val]
+    nor = xg[y == 0]
+    ranges = {k: [float(np.quantile(nor[:, j], 0.05)), float(np.quantile(nor[:, j], 0.95))]
+              for j, k in enumerate(FEATURES)}
+    report = {
+        "task": "cardiac_diagnosis", "classes": list(GROUPS), "class_names": GROUP_NAMES,
+        "features": FEATURES, "classifier": clf,
+        "method": "multinomial logistic regression (C = 1) on standardised scale-free features of the ED and ES "
+                  "segmentation (every slice, the cardiac model's 112 px crop grid); learns from expert masks; "
+                  "temperature scaling fitted on out-of-fold logits",
+        "cross_validation": {
+            "what": f"{folds}-fold CV stratified by group over all {len(y)} patients, features of the expert masks "
+                    "(the segmentation a perfect model would give): the classifier's own accuracy",
+            "uncalibrated": cv_raw, "calibrated": cv_cal,
+            "temperature_cross_fitted": True,
+            "reliability_uncalibrated": reliability(p_raw, y), "reliability_calibrated": reliability(p_cal, y),
+        },
+        "validation_end_to_end": {
+            "what": f"the committed cardiac model's {len(v_ids)} validation patients (unseen by its U-Net and by this "
+                    "classifier), features of the U-Net's own segmentation",
+            **(summarise(yv, pv, seed) if len(v_ids) else {}),
+            "per_patient": {i: {"group": GROUPS[int(t)], "probabilities": dict(zip(GROUPS, map(float, p)))}
+                            for i, t, p in zip(v_ids, yv, pv)},
+        },
+        "normal_ranges": {"what": "5th-95th percentile of the 16 NOR patients' expert-mask features", **ranges},
+        "uncertain_below": UNCERTAIN_TOP,
+        "cardiac_weights_sha256": lm.card.get("weights_sha256"),
+        "git_commit": git_commit(), "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    path = weights_dir(wdir) / DIAGNOSIS_FILE
+    _atomic_write(path, (json.dumps(_clean(report), indent=1) + "\n").encode())
+    return report
+
+
+def load_diagnosis(wdir=None) -> dict | None:
+    from core.config import weights_dir
+
+    p = weights_dir(wdir) / DIAGNOSIS_FILE
+    return json.loads(p.read_text()) if p.is_file() else None
+
+
+def diagnose(model, report: dict, ed: np.ndarray, es: np.ndarray, size: int) -> dict:
+    """Five-class probabilities for one study from the model's own segmentation of every slice."""
+    f = mask_features(segment_frame(model, ed, size), segment_frame(model, es, size))
+    p = predict_proba(report["classifier"], np.asarray([list(f.values())]))[0]
+    return {"probabilities": dict(zip(GROUPS, map(float, p))), "features": f}
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    from core.config import data_root
+
+    ap = argparse.ArgumentParser(prog="python -m core.cardiac", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data-root", default=None)
+    ap.add_argument("--weights", default=None)
+    args = ap.parse_args(argv)
+    rep = build(data_root(args.data_root), args.weights)
+    cv = rep["cross_validation"]
+    print(json.dumps({"cv_uncalibrated": {k: cv["uncalibrated"][k] for k in ("accuracy", "accuracy_ci95", "ece")},
+                      "cv_calibrated_ece": cv["calibrated"]["ece"],
+                      "validation_end_to_end": {k: rep["validation_end_to_end"].get(k) for k in ("n", "accuracy", "ece")}},
+                     indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

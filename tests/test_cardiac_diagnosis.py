@@ -1,0 +1,71 @@
+"""Five-class cardiac diagnosis: features with known values, calibration metrics by hand, the committed
+classifier's file, and one real patient end to end."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from core import cardiac as C
+
+
+def _heart(lv_r: int, wall: int, rv: int, z: int = 4) -> np.ndarray:
+    yy, xx = np.mgrid[0:64, 0:64]
+    r = np.hypot(yy - 32, xx - 32)
+    m = np.zeros((64, 64, z), np.int16)
+    sl = np.zeros((64, 64), np.int16)
+    sl[r <= lv_r + wall] = 2
+    sl[r <= lv_r] = 3
+    sl[(yy > 20) & (yy < 44) & (xx < 32 - lv_r - wall - 1) & (xx >= 32 - lv_r - wall - 1 - rv)] = 1
+    m[:] = sl[:, :, None]
+    return m
+
+
+def test_features_of_a_synthetic_heart():
+    ed, es = _heart(12, 4, 6), _heart(8, 6, 4)
+    f = C.mask_features(ed, es)
+    assert set(f) == set(C.FEATURES)
+    lv_ed, lv_es = (ed == 3).sum(), (es == 3).sum()
+    assert f["lv_ef"] == pytest.approx(1 - lv_es / lv_ed)
+    assert f["rv_lv_ed"] == pytest.approx((ed == 1).sum() / lv_ed)
+    assert f["thick_es_ed"] > 1  # the wall thickens in systole
+    assert 0 <= f["thick_cv_ed"] < 0.5  # a ring of even thickness varies little
+
+
+def test_expected_calibration_error_by_hand():
+    p = np.array([[0.9, 0.1], [0.9, 0.1], [0.6, 0.4], [0.6, 0.4]])
+    y = np.array([0, 1, 0, 0])
+    # bin (0.8, 0.9]: confidence 0.9, accuracy 0.5; bin (0.5, 0.6]: confidence 0.6, accuracy 1.0
+    assert C.expected_calibration_error(p, y) == pytest.approx(0.5 * 0.4 + 0.5 * 0.4)
+
+
+def test_temperature_softens_overconfident_logits():
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 400)
+    z = np.stack([np.where(y == 0, 1.0, -1.0), np.zeros(400)], 1) * 8  # right 100 %, very confident
+    flip = rng.random(400) < 0.2  # but wrong a fifth of the time
+    z[flip] = -z[flip]
+    assert C.fit_temperature(z, y) > 2
+
+
+def test_committed_classifier_is_tied_to_the_cardiac_weights():
+    from core.checkpoint import read_card
+
+    rep = C.load_diagnosis()
+    assert rep is not None, "weights/cardiac_diagnosis.json is missing: python -m core.cardiac"
+    assert rep["cardiac_weights_sha256"] == read_card("cardiac")["weights_sha256"]
+    cv = rep["cross_validation"]
+    assert cv["calibrated"]["n"] == 80 and len(cv["calibrated"]["confusion"]["matrix"]) == 5
+    assert sum(map(sum, cv["calibrated"]["confusion"]["matrix"])) == 80
+
+
+def test_one_validation_patient_end_to_end(acdc_root):
+    from core import io as mio
+    from core.inference import load_model, predict_cardiac
+
+    lm = load_model("cardiac")
+    pid = lm.card["data"]["val_cases"][0]
+    c = next(c for c in mio.find_cardiac_cases(acdc_root) if c.patient_id == pid)
+    r = predict_cardiac(lm, mio.load_nifti_path(c.ed_path), mio.load_nifti_path(c.es_path), explain=False)
+    p = r.diagnosis["probabilities"]
+    assert set(p) == set(C.GROUPS) and sum(p.values()) == pytest.approx(1)
+    assert p == pytest.approx(lm.diagnosis["validation_end_to_end"]["per_patient"][pid]["probabilities"], abs=0.02)
