@@ -35,9 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--epochs", type=int, default=None, help="override the registry's epoch count")
     ap.add_argument("--crop", type=int, default=None,
-                    help="atrium: train on N x N crops around the atrium instead of whole slices (multiple of 16; "
-                         "`--crop 160 --epochs 24` trains 3x faster on a CPU, see the README's known gaps); "
-                         "0: whole slices")
+                    help="atrium: side of the training crops (multiple of 16; default the registry's 128)")
     ap.add_argument("--ema", type=float, default=None,
                     help="validate and keep an exponential moving average of the weights with this decay (e.g. 0.998)")
     ap.add_argument("--spacing", type=float, default=None,

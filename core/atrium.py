@@ -551,11 +551,14 @@ def summarise(per_case: dict[str, dict], seed: int = 0) -> dict:
 
 
 def fit_quality_limits(train_quality: dict[str, dict]) -> dict:
-    """Limits of the quality check from the training volumes' own measures, with a margin fixed a priori
-    (1.5x the worst uncertainty ratio, 0.8x the worst view agreement), never from validation volumes."""
+    """Limits of the quality check from the training volumes' own measures (with the views the app uses),
+    with a margin fixed a priori: 1.5x the 95th percentile of the uncertainty ratio and 0.8x the 5th
+    percentile of the view agreement (percentiles, so one odd training volume does not set the limit);
+    never from validation volumes."""
     unc = [q["uncertain_ratio"] for q in train_quality.values()]
     agr = [q["view_agreement"] for q in train_quality.values()]
-    return {"max_uncertain_ratio": float(1.5 * max(unc)), "min_view_agreement": float(0.8 * min(agr)),
+    return {"max_uncertain_ratio": float(1.5 * np.quantile(unc, 0.95)),
+            "min_view_agreement": float(0.8 * np.quantile(agr, 0.05)),
             "min_kept_fraction": QualityRule.min_kept_fraction, "volume_range_ml": list(LA_VOLUME_RANGE_ML),
             "min_extent_mm": MIN_EXTENT_MM}
 
@@ -586,9 +589,10 @@ def train_atrium(root, cfg, device: torch.device, smoke: bool = False, out_dir=N
     views = list(VIEWS_ALL) if s_fused["all"]["dice_mean"] >= s_single["all"]["dice_mean"] else [2]
     per_case = fused if len(views) == 3 else single
     chosen = s_fused if len(views) == 3 else s_single
-    _, train_quality = score_cases(model, vols, tr, VIEWS_ALL, grid, device)
+    _, train_quality = score_cases(model, vols, tr, tuple(views), grid, device)
     limits = fit_quality_limits(train_quality)
     rule = QualityRule(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in limits.items()})
+    val_quality = val_quality if len(views) == 3 else score_cases(model, vols, va, tuple(views), grid, device)[1]
     fired = {k: judge(q, rule).reasons for k, q in val_quality.items()}
     card = _card_base(spec, cfg, device, smoke)
     card["input_spec"]["views"] = views
@@ -631,8 +635,8 @@ def train_atrium(root, cfg, device: torch.device, smoke: bool = False, out_dir=N
         },
         "quality_check": {
             "limits": limits,
-            "fitted_on": f"{len(tr)} training volumes (1.5x their worst uncertainty ratio, 0.8x their worst view "
-                         "agreement); volume range and field of view from anatomy",
+            "fitted_on": f"{len(tr)} training volumes (1.5x the 95th percentile of their uncertainty ratio, 0.8x the "
+                         "5th percentile of their view agreement); volume range and field of view from anatomy",
             "train_measures": train_quality,
             "validation_measures": val_quality,
             "validation_fired": {k: v for k, v in fired.items() if v},
@@ -718,3 +722,48 @@ def layout_stress(segment, cases: list, layouts: dict[str, tuple[int, int, int]]
                       "reported_with_dice_under_0.5": int(sum(v["reported"] and v["dice"] < 0.5 for v in r.values()))}
                for name, r in out.items()}
     return {"summary": summary, "per_case": out}
+
+
+def refit_quality(wdir=None, root=None) -> dict:
+    """Refit the quality check of the committed atrium weights on their training volumes (with the views
+    their card lists) and re-measure it on their validation volumes; updates the card's quality_check."""
+    from core import io as mio
+    from core.checkpoint import _atomic_write, _clean
+    from core.config import data_root, weights_dir
+    from core.inference import load_model
+
+    lm = load_model("atrium", wdir, optimize=False)
+    card = lm.card
+    views = tuple(card["input_spec"].get("views", [2]))
+    by_id = {c.case_id: c for c in mio.find_atrium_cases(data_root(root))}
+    train_ids, val_ids = card["data"]["train_cases"], card["data"]["val_cases"]
+    vols = load_cases([by_id[i] for i in train_ids + val_ids])
+    n_tr = len(train_ids)
+    cpu = torch.device("cpu")
+    _, tq = score_cases(lm.model, vols, list(range(n_tr)), views, lm.grid_mm, cpu)
+    _, vq = score_cases(lm.model, vols, list(range(n_tr, len(vols))), views, lm.grid_mm, cpu)
+    limits = fit_quality_limits(tq)
+    rule = QualityRule(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in limits.items()})
+    fired = {k: judge(q, rule).reasons for k, q in vq.items()}
+    card["quality_check"] = {
+        "limits": limits,
+        "fitted_on": f"{n_tr} training volumes, views {list(views)} (1.5x the 95th percentile of their uncertainty "
+                     "ratio, 0.8x the 5th percentile of their view agreement); volume range and field of view from "
+                     "anatomy",
+        "train_measures": tq, "validation_measures": vq,
+        "validation_fired": {k: v for k, v in fired.items() if v},
+        "validation_firing_rate": float(np.mean([bool(v) for v in fired.values()])),
+    }
+    import json as _json
+
+    path = weights_dir(wdir) / "atrium.json"
+    _atomic_write(path, (_json.dumps(_clean(card), indent=1) + "\n").encode())
+    return card["quality_check"]
+
+
+if __name__ == "__main__":
+    import sys
+
+    if sys.argv[1:2] == ["quality"]:
+        q = refit_quality()
+        print({k: q[k] for k in ("limits", "validation_firing_rate", "validation_fired")})

@@ -324,7 +324,7 @@ def run(repeats: int = 10, root=None, train: bool = True, accuracy: bool = False
     pair("cardiac_predict_gradcam", lambda: predict_cardiac(opt["cardiac"], inp["ed"], inp["es"]),
          lambda: predict_cardiac(base["cardiac"], inp["ed"], inp["es"]), repeats)
     r_at = max(1, repeats // 3)  # 3 at the default 10 repeats
-    pair("atrium_volume_256x256x130", lambda: segment_atrium(opt["atrium"], inp["volume"], batch_size=1),
+    pair("atrium_volume_256x256x130", lambda: segment_atrium(opt["atrium"], inp["volume"]),
          lambda: segment_atrium(base["atrium"], inp["volume"], batch_size=8), r_at)
     pair("xray_batch_64", lambda: predict_xray_batch(opt["pneumonia"], inp["xray_batch"]),
          lambda: predict_xray_batch(base["pneumonia"], inp["xray_batch"]), max(1, repeats // 3))

@@ -75,6 +75,17 @@ def load_model(task: str, wdir=None, with_guard: bool = True, optimize: bool = T
         optimize_for_inference(model)
     guard = load_guard(task, wdir) if spec.kind == "binary" and with_guard else None
     population = _load_population(wdir) if task == "pneumonia" and with_guard else None
+    if task == "pneumonia":
+        import json as _json
+
+        from core.config import weights_dir
+        from core.pneumonia import CALIBRATION_FILE
+
+        cal = weights_dir(wdir) / CALIBRATION_FILE
+        if cal.is_file():
+            c = _json.loads(cal.read_text())
+            if c.get("weights_sha256") == card.get("weights_sha256"):
+                card = {**card, "calibration_temperature": float(c["temperature"])}
     diagnosis = None
     if task == "cardiac":
         from core.cardiac import load_diagnosis
@@ -182,7 +193,13 @@ def predict_xray(lm: LoadedModel, image: Image2D, explain: bool = True) -> XRayR
     positive = prob >= lm.threshold
     heat = gradcam(lm.model, lm.model.gradcam_layer(), x, positive=positive) if explain else None
     release_memory()
-    return XRayResult(prob, lm.threshold, positive, display, heat, score)
+    t = lm.card.get("calibration_temperature")
+    if t:  # shown calibrated; the decision above is the same at the matching threshold (order is kept)
+        from core.pneumonia import apply_temperature
+
+        return XRayResult(float(apply_temperature(prob, t)), float(apply_temperature(lm.threshold, t)), positive,
+                          display, heat, score, None, pop)
+    return XRayResult(prob, lm.threshold, positive, display, heat, score, None, pop)
 
 
 def predict_xray_batch(lm: LoadedModel, pixels: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:

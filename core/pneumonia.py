@@ -9,6 +9,7 @@ between the two, on [0, 1] images, as acquisition differences would.
 from __future__ import annotations
 
 import io as _io
+import json
 import math
 from collections.abc import Callable
 
@@ -605,6 +606,88 @@ def train_population_gate(root, device: torch.device, pneumonia_card: dict, smok
     return card
 
 
+# --------------------------------------------------------------------------- calibration
+
+CALIBRATION_FILE = "pneumonia.calibration.json"
+
+
+def _logit(p: np.ndarray) -> np.ndarray:
+    p = np.clip(p, 1e-6, 1 - 1e-6)
+    return np.log(p / (1 - p))
+
+
+def binary_ece(y: np.ndarray, p: np.ndarray, bins: int = 10) -> float:
+    """Expected calibration error of P(positive): mean |observed rate - mean probability| over equal-width
+    probability bins, weighted by count."""
+    edges = np.linspace(0, 1, bins + 1)
+    idx = np.clip(np.digitize(p, edges[1:-1]), 0, bins - 1)
+    return float(sum((idx == b).mean() * abs(y[idx == b].mean() - p[idx == b].mean())
+                     for b in range(bins) if (idx == b).any()))
+
+
+def binary_temperature(y: np.ndarray, p: np.ndarray) -> float:
+    """Temperature T minimising the log-loss of sigmoid(logit(p) / T) (grid search)."""
+    z = _logit(p)
+
+    def nll(t: float) -> float:
+        q = np.clip(1 / (1 + np.exp(-z / t)), 1e-9, 1 - 1e-9)
+        return float(-(y * np.log(q) + (1 - y) * np.log(1 - q)).mean())
+
+    return float(min(np.exp(np.linspace(np.log(0.25), np.log(8), 300)), key=nll))
+
+
+def apply_temperature(p: float | np.ndarray, t: float) -> float | np.ndarray:
+    """Calibrated probability; the order (and so every decision at the matching threshold) is unchanged."""
+    return 1 / (1 + np.exp(-_logit(np.asarray(p, dtype=float)) / t))
+
+
+def calibrate(root, wdir=None, seed: int = 0) -> dict:
+    """Reliability of P(pneumonia) on the card's validation images (clean and the pooled battery), and a
+    temperature fitted on them; figures after calibration are cross-fitted (two halves by patient order,
+    each calibrated with the other's temperature). Writes <weights>/pneumonia.calibration.json."""
+    from pathlib import Path
+
+    from core import io as mio
+    from core.checkpoint import _atomic_write, _clean
+    from core.config import weights_dir
+    from core.inference import load_model
+
+    lm = load_model("pneumonia", wdir, with_guard=False)
+    root = Path(root)
+    val = lm.card["data"]["val_cases"]
+    cases = {str(c.path.relative_to(root)): c for c in mio.find_xray_cases(root)}
+    sel = [cases[v] for v in val if v in cases]
+    x01 = load_images01(sel, lm.input_size)
+    y = np.array([c.label for c in sel])
+    probs = {"clean": predict_probs(lm.model, x01, lm.equalize, torch.device("cpu"))}
+    for name, fn in PERTURBATIONS.items():
+        probs[name] = predict_probs(lm.model, torch.cat([fn(x01[i: i + 256].float()) for i in range(0, len(x01), 256)]),
+                                    lm.equalize, torch.device("cpu"))
+    yy = np.tile(y, len(probs))
+    pp_ = np.concatenate(list(probs.values()))
+    half = np.tile(np.arange(len(y)) % 2, len(probs))
+    cross = np.empty_like(pp_)
+    for h in (0, 1):
+        t_h = binary_temperature(yy[half != h], pp_[half != h])
+        cross[half == h] = apply_temperature(pp_[half == h], t_h)
+    t = binary_temperature(yy, pp_)
+
+    def curve(p: np.ndarray) -> list[dict]:
+        edges = np.linspace(0, 1, 11)
+        idx = np.clip(np.digitize(p, edges[1:-1]), 0, 9)
+        return [{"bin": [float(edges[b]), float(edges[b + 1])], "n": int((idx == b).sum()),
+                 "mean_probability": float(p[idx == b].mean()), "observed_rate": float(yy[idx == b].mean())}
+                for b in range(10) if (idx == b).any()]
+
+    rep = {"task": "pneumonia", "weights_sha256": lm.card.get("weights_sha256"), "temperature": t,
+           "what": "validation images, clean and under the 11 perturbations, pooled",
+           "n": int(len(yy)), "ece_before": binary_ece(yy, pp_), "ece_after_cross_fitted": binary_ece(yy, cross),
+           "ece_before_clean_only": binary_ece(y, probs["clean"]),
+           "reliability_before": curve(pp_), "reliability_after": curve(cross)}
+    _atomic_write(weights_dir(wdir) / CALIBRATION_FILE, (json.dumps(_clean(rep), indent=1) + "\n").encode())
+    return rep
+
+
 def main(argv: list[str] | None = None) -> int:
     """``python -m core.pneumonia population``: fit the population check beside the pneumonia weights."""
     import argparse
@@ -616,11 +699,15 @@ def main(argv: list[str] | None = None) -> int:
     from core.train import pick_device
 
     ap = argparse.ArgumentParser(prog="python -m core.pneumonia")
-    ap.add_argument("what", choices=["population"])
+    ap.add_argument("what", choices=["population", "calibration"])
     ap.add_argument("--data-root", default=None)
     ap.add_argument("--weights", default=None)
     ap.add_argument("--smoke", action="store_true")
     args = ap.parse_args(argv)
+    if args.what == "calibration":
+        rep = calibrate(data_root(args.data_root), args.weights)
+        print(json.dumps({k: rep[k] for k in ("temperature", "ece_before", "ece_after_cross_fitted", "n")}, indent=1))
+        return 0
     card = train_population_gate(data_root(args.data_root), pick_device(None), read_card("pneumonia", args.weights),
                                  smoke=args.smoke, out_dir=args.weights)
     v = card["validation"]

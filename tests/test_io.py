@@ -185,7 +185,7 @@ def test_layouts_on_real_data(xray_root, acdc_root, heart_root):
     a = mio.find_cardiac_cases(acdc_root)
     assert len(a) == 80 and sum(c.label == 0 for c in a) == 16
     assert all(c.ed_gt is not None for c in a)
-    h = mio.find_atrium_cases(heart_root)
+    h = mio.find_atrium_cases(heart_root, ("Task02_Heart",))
     assert len(h) == 16
     v = mio.load_nifti_path(h[0].image_path)
     np.testing.assert_allclose(v.spacing, (1.25, 1.25, 1.37), atol=1e-3)

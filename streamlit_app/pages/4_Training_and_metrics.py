@@ -98,6 +98,26 @@ if spec.kind == "binary":
             st.markdown("**By acquisition series** (validation images, clean): share called pneumonia")
             st.table(pd.DataFrame(sv["by_series"]).T.rename_axis("series"))
     if task == "pneumonia":
+        import json as _json
+
+        from core.config import weights_dir
+        from core.pneumonia import CALIBRATION_FILE
+
+        calp = weights_dir() / CALIBRATION_FILE
+        cal = _json.loads(calp.read_text()) if calp.is_file() else None
+        if cal and cal.get("weights_sha256") == card.get("weights_sha256"):
+            st.markdown(f"**Calibration** ({cal['what']}, n = {cal['n']}): expected calibration error "
+                        f"{cal['ece_before']:.3f} before and {cal['ece_after_cross_fitted']:.3f} after temperature "
+                        f"scaling (T = {cal['temperature']:.2f}; cross-fitted on two halves). The page shows calibrated "
+                        "probabilities; decisions are unchanged.")
+            fig = go.Figure()
+            for name, key in (("before", "reliability_before"), ("after", "reliability_after")):
+                fig.add_scatter(x=[r["mean_probability"] for r in cal[key]], y=[r["observed_rate"] for r in cal[key]],
+                                mode="lines+markers", name=name)
+            fig.add_scatter(x=[0, 1], y=[0, 1], mode="lines", line_dash="dash", name="perfect")
+            fig.update_layout(title="Reliability diagram, P(pneumonia)", xaxis_title="predicted probability",
+                              yaxis_title="observed share with pneumonia", height=320)
+            st.plotly_chart(fig, key=f"{NS}.pneu_reliability")
         st.caption("What is known about generalisation: validation images come from the same hospital and period as "
                    "the training images; a later test split of the same hospital (measured by the maintainers on the "
                    "previous model) scored well below its validation figure, and adults are outside the population.")
