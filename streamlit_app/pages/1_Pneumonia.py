@@ -59,6 +59,9 @@ st.markdown(f"**Result for: {st.session_state[f'{NS}.name']}**")
 if res.withheld:
     st.warning(f"**No diagnosis.** {res.withheld}")
     st.image(grey_rgb(image.pixels), caption="Uploaded image", width=480)
+    if image.info:
+        with st.expander("Image information (no identifying fields are shown)"):
+            st.table({"field": list(image.info), "value": [str(v) for v in image.info.values()]})
     st.stop()
 
 # A finding is a finding, not an error: a neutral box with a plain label; near the threshold, no verdict.
