@@ -436,6 +436,14 @@ def load_cases(cases: list, smoke: bool = False) -> list[CanonicalCase]:
     return out
 
 
+def first_per_dataset(cases: list, n: int) -> list:
+    """The first ``n`` cases of each dataset (smoke runs)."""
+    by: dict[str, list] = {}
+    for c in cases:
+        by.setdefault(c.dataset, []).append(c)
+    return [c for v in by.values() for c in v[:n]]
+
+
 def dataset_splits(cases: list, cfg, folds: int = 5) -> list[tuple[list[int], list[int]]]:
     """(train, validation) indices into ``cases`` per fold, split by volume within each dataset (fold 1:
     ``val_fraction`` of each dataset's volumes, seeded; the rest divided into folds 2..``folds``)."""
@@ -575,10 +583,7 @@ def train_atrium(root, cfg, device: torch.device, smoke: bool = False, out_dir=N
     spec = get_task("atrium")
     cases = mio.find_atrium_cases(root)
     if smoke:
-        by: dict[str, list] = {}
-        for c in cases:
-            by.setdefault(c.dataset, []).append(c)
-        cases = [c for v in by.values() for c in v[:3]]
+        cases = first_per_dataset(cases, 3)
     tr, va = dataset_splits(cases, cfg)[0]
     vols = load_cases(cases, smoke)
     model, res, n_slices = fit_atrium(vols, tr, va, cfg, device)
@@ -667,10 +672,7 @@ def cross_validate(root, device: torch.device, out_dir=None, folds: int = 5, see
     grid = cfg.spacing_mm or float(get_task("atrium").input_spec["spacing_mm"])
     cases = mio.find_atrium_cases(root)
     if smoke:
-        by: dict[str, list] = {}
-        for c in cases:
-            by.setdefault(c.dataset, []).append(c)
-        cases = [c for v in by.values() for c in v[:4]]
+        cases = first_per_dataset(cases, 4)
     splits = dataset_splits(cases, cfg, folds)
     vols = load_cases(cases, smoke)
     reports = []
