@@ -105,6 +105,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[{task}] population check: held-out outside images refused "
                   f"{json.dumps(pc['validation']['held_out_refusal_rate'])}; in-population validation refused "
                   f"{pc['validation']['in_population_refusal_clean']:.3f}")
+            if not args.smoke:  # the temperature needs the full validation set
+                from core.pneumonia import calibrate
+
+                cal = calibrate(root, out, seed=args.seed)
+                print(f"[{task}] calibration: temperature {cal['temperature']:.2f}, ECE {cal['ece_before']:.3f} -> "
+                      f"{cal['ece_after_cross_fitted']:.3f} (cross-fitted)")
         v = card["validation"]
         summary = {k: v[k] for k in ("auc", "accuracy", "dice_mean") if k in v}
         timings[task] = round(time.time() - t0, 1)

@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 import torch.nn.functional as F
-from scipy import ndimage
 from torch import nn
 
 from core import preprocess as pp
@@ -95,13 +94,35 @@ class AtriumPrediction:
     mask: np.ndarray  # (X, Y, Z) uint8 on the canonical grid, largest component
 
 
+# In-plane flips averaged at inference (test-time augmentation); the model was trained on all eight
+# in-plane rotations/flips, so each flipped pass is as valid as the plain one. Dims of a (N, C, H, W) batch.
+TTA_FLIPS: dict[int, tuple[tuple[int, ...], ...]] = {1: ((),), 2: ((), (-1,)), 4: ((), (-1,), (-2,), (-2, -1))}
+
+
+def _flip_passes(model: nn.Module, x: torch.Tensor, flips: int, out: list[torch.Tensor] | None = None) -> torch.Tensor:
+    """Mean sigmoid over the ``flips`` in-plane flips of x (N, C, H, W) -> (N, H, W); ``out``, if given,
+    receives each pass's own probabilities (to compare settings without re-running the model)."""
+    acc = None
+    for dims in TTA_FLIPS[flips]:
+        xi = x.flip(dims) if dims else x
+        p = torch.sigmoid(model(xi).float())[:, 0]
+        p = p.flip([d + 1 if d >= 0 else d for d in dims]) if dims else p
+        if out is not None:
+            out.append(p)
+        acc = p if acc is None else acc + p
+    return acc / len(TTA_FLIPS[flips])
+
+
 def segment_view(model: nn.Module, data: np.ndarray, spacing: tuple[float, float, float], axis: int,
                  grid_mm: float, batch_size: int = 1, autocast_ctx=None, progress=None,
-                 normalised: bool = False) -> np.ndarray:
-    """Probabilities (X, Y, Z) of one pass of the 2.5D U-Net along ``axis`` of a canonical volume.
+                 normalised: bool = False, flips: int = 1) -> np.ndarray:
+    """Probabilities (X, Y, Z) of one pass of the 2.5D U-Net along ``axis`` of a canonical volume,
+    averaged over ``flips`` in-plane flips (1, 2 or 4; see TTA_FLIPS).
     ``autocast_ctx``: a callable giving a fresh precision context (or None for float32)."""
     import contextlib
 
+    if flips not in TTA_FLIPS:
+        raise ValueError(f"flips must be one of {sorted(TTA_FLIPS)}, got {flips}")
     v = view(data, axis)
     padded, geom = pp.atrium_padded(v, view_spacing(spacing, axis), grid_mm, normalised=normalised)
     n = v.shape[2]
@@ -109,11 +130,31 @@ def segment_view(model: nn.Module, data: np.ndarray, spacing: tuple[float, float
     with torch.inference_mode(), (autocast_ctx() if autocast_ctx else contextlib.nullcontext()):
         for i in range(0, n, batch_size):
             j = min(n, i + batch_size)
-            prob[i:j] = torch.sigmoid(model(pp.atrium_window(padded, i, j)).float())[:, 0]
+            prob[i:j] = _flip_passes(model, pp.atrium_window(padded, i, j), flips)
             if progress:
                 progress(j / n)
     del padded
     return np.moveaxis(pp.atrium_restore(prob, geom), 2, axis)
+
+
+def flip_pass_probs(model: nn.Module, data: np.ndarray, spacing: tuple[float, float, float], grid_mm: float,
+                    batch_size: int = 32, autocast_ctx=None) -> list[np.ndarray]:
+    """The four flipped axial passes' probabilities (X, Y, Z) each, of a canonical volume (for choosing
+    the inference setting: averaging the first 1, 2 or 4 gives flips = 1, 2 or 4)."""
+    import contextlib
+
+    norm = pp.normalise_volume(np.asarray(data))
+    padded, geom = pp.atrium_padded(norm, spacing, grid_mm, normalised=True)
+    n = norm.shape[2]
+    probs = [torch.empty(n, *padded.shape[1:]) for _ in TTA_FLIPS[4]]
+    with torch.inference_mode(), (autocast_ctx() if autocast_ctx else contextlib.nullcontext()):
+        for i in range(0, n, batch_size):
+            j = min(n, i + batch_size)
+            parts: list[torch.Tensor] = []
+            _flip_passes(model, pp.atrium_window(padded, i, j), 4, parts)
+            for k, p in enumerate(parts):
+                probs[k][i:j] = p
+    return [pp.atrium_restore(p, geom) for p in probs]
 
 
 ROI_MARGIN_MM = 40.0  # context kept around the first view's finding for the other views
@@ -134,7 +175,7 @@ def roi_box(prob: np.ndarray, spacing: tuple[float, float, float], margin_mm: fl
 
 def segment_canonical(model: nn.Module, data: np.ndarray, spacing: tuple[float, float, float],
                       views: tuple[int, ...], grid_mm: float, threshold: float = 0.5, batch_size: int = 1,
-                      autocast_ctx=None, progress=None, roi: bool = True) -> AtriumPrediction:
+                      autocast_ctx=None, progress=None, roi: bool = True, flips: int = 1) -> AtriumPrediction:
     """Fused multi-view segmentation of a canonical (X, Y, Z) volume (normalised once, as a whole).
 
     The first view runs over the whole volume. With ``roi``, the other views run only on the box around
@@ -148,13 +189,14 @@ def segment_canonical(model: nn.Module, data: np.ndarray, spacing: tuple[float, 
     for k, ax in enumerate(views):
         cb = (lambda f, k=k: progress((k + f) / len(views))) if progress else None
         if k == 0 or box is None:
-            p = segment_view(model, norm, spacing, ax, grid_mm, batch_size, autocast_ctx, cb, normalised=True)
+            p = segment_view(model, norm, spacing, ax, grid_mm, batch_size, autocast_ctx, cb, normalised=True,
+                             flips=flips)
             if k == 0 and roi and len(views) > 1:
                 box = roi_box(p, spacing)
         else:
             p = np.zeros(norm.shape, np.float32)
             p[box] = segment_view(model, np.ascontiguousarray(norm[box]), spacing, ax, grid_mm, batch_size,
-                                  autocast_ctx, cb, normalised=True)
+                                  autocast_ctx, cb, normalised=True, flips=flips)
         masks.append(p >= threshold)
         acc += p
     prob = acc / len(views)
@@ -174,11 +216,13 @@ class QualityReport:
     measures: dict[str, float] = field(default_factory=dict)
 
 
-def quality_measures(pred: AtriumPrediction, spacing: tuple[float, float, float]) -> dict[str, float]:
-    """Numbers the check rests on: volume, the share of the raw mask kept as one component, the share of
-    uncertain voxels, the agreement between views, and the field of view."""
+def quality_measures(pred: AtriumPrediction, spacing: tuple[float, float, float],
+                     threshold: float = 0.5) -> dict[str, float]:
+    """Numbers the check rests on: volume, the share of the raw mask (probability >= ``threshold``, the
+    mask's own) kept as one component, the share of uncertain voxels, the agreement between views, and
+    the field of view."""
     vox_ml = float(np.prod(spacing)) / 1000.0
-    raw = pred.prob >= 0.5
+    raw = pred.prob >= threshold
     n_raw = int(raw.sum())
     n_mask = int(pred.mask.sum())
     lo, hi = UNCERTAIN_BAND
@@ -461,11 +505,48 @@ def dataset_splits(cases: list, cfg, folds: int = 5) -> list[tuple[list[int], li
 
 
 def predict_case(model: nn.Module, c: CanonicalCase, views: tuple[int, ...], grid_mm: float, device: torch.device,
-                 bf16: bool = False) -> AtriumPrediction:
+                 bf16: bool = False, flips: int = 1, threshold: float = 0.5) -> AtriumPrediction:
     from core.precision import autocast_for
 
-    return segment_canonical(model, c.data, c.spacing, views, grid_mm, batch_size=32,
-                             autocast_ctx=lambda: autocast_for(device, bf16))
+    return segment_canonical(model, c.data, c.spacing, views, grid_mm, threshold=threshold, batch_size=32,
+                             autocast_ctx=lambda: autocast_for(device, bf16), flips=flips)
+
+
+TTA_CHOICES = (1, 2, 4)
+THRESHOLD_CHOICES = (0.3, 0.35, 0.4, 0.45, 0.5)
+
+
+def pick_setting(score: dict[tuple[int, float], float], tie: float = 0.002) -> tuple[int, float]:
+    """The (flips, threshold) with the highest score; settings within ``tie`` of the best count as equal,
+    and among them the fewest flips (faster), then the threshold closest to 0.5, win."""
+    best = max(score.values())
+    near = [k for k in score if score[k] >= best - tie]
+    return min(near, key=lambda k: (k[0], abs(k[1] - 0.5)))
+
+
+def choose_inference(model: nn.Module, vols: list[CanonicalCase], idx: list[int], grid_mm: float,
+                     device: torch.device) -> dict:
+    """The axial pass's test-time flips (1, 2 or 4) and mask threshold with the highest validation Dice
+    (mean of the per-dataset means, so that the smaller dataset counts as much as the larger). Ties
+    within 0.002 go to fewer flips (faster) and to 0.5. Returns {"flips", "threshold", "table"}; the
+    choice is made on these volumes, so their figure is slightly optimistic (say so wherever shown)."""
+    from core import metrics as M
+    from core.precision import autocast_for
+
+    dice: dict[tuple[int, float], dict[str, list[float]]] = {}
+    for i in idx:
+        v = vols[i]
+        passes = flip_pass_probs(model, v.data, v.spacing, grid_mm, autocast_ctx=lambda: autocast_for(device, False))
+        for f in TTA_CHOICES:
+            prob = np.mean(passes[:f], axis=0)
+            for t in THRESHOLD_CHOICES:
+                d = M.dice(pp.largest_component(prob >= t), v.label)
+                dice.setdefault((f, t), {}).setdefault(v.dataset, []).append(d)
+    score = {k: float(np.mean([np.mean(x) for x in by_ds.values()])) for k, by_ds in dice.items()}
+    flips, thr = pick_setting(score)
+    table = [{"flips": f, "threshold": t, "dice_mean_of_datasets": score[(f, t)],
+              **{f"dice_{ds}": float(np.mean(x)) for ds, x in dice[(f, t)].items()}} for f, t in sorted(score)]
+    return {"flips": int(flips), "threshold": float(thr), "table": table}
 
 
 def fit_atrium(vols: list[CanonicalCase], tr: list[int], va: list[int], cfg, device: torch.device,
@@ -523,16 +604,16 @@ def fit_atrium(vols: list[CanonicalCase], tr: list[int], va: list[int], cfg, dev
 
 
 def score_cases(model: nn.Module, vols: list[CanonicalCase], idx: list[int], views: tuple[int, ...], grid: float,
-                device: torch.device) -> tuple[dict[str, dict], dict[str, dict]]:
+                device: torch.device, flips: int = 1, threshold: float = 0.5) -> tuple[dict[str, dict], dict[str, dict]]:
     """Per-case 3D metrics and quality measures of ``views`` fused, on the canonical grid."""
     from core import metrics as M
 
     per_case, quality = {}, {}
     for i in idx:
         v = vols[i]
-        pr = predict_case(model, v, views, grid, device)
+        pr = predict_case(model, v, views, grid, device, flips=flips, threshold=threshold)
         per_case[v.case_id] = {**M.segmentation_metrics(pr.mask, v.label, v.spacing), "dataset": v.dataset}
-        quality[v.case_id] = quality_measures(pr, v.spacing)
+        quality[v.case_id] = quality_measures(pr, v.spacing, threshold)
     return per_case, quality
 
 
@@ -576,7 +657,6 @@ def train_atrium(root, cfg, device: torch.device, smoke: bool = False, out_dir=N
     axial pass and with the three views fused, fit the quality check on the training volumes, and save
     weights + card."""
     from core import io as mio
-    from core import metrics as M
     from core.tasks import get_task
     from core.train import _card_base, save_trained
 
@@ -592,21 +672,12 @@ def train_atrium(root, cfg, device: torch.device, smoke: bool = False, out_dir=N
     fused, val_quality = score_cases(model, vols, va, VIEWS_ALL, grid, device)
     s_single, s_fused = summarise(single, cfg.seed), summarise(fused, cfg.seed)
     views = list(VIEWS_ALL) if s_fused["all"]["dice_mean"] >= s_single["all"]["dice_mean"] else [2]
-    per_case = fused if len(views) == 3 else single
-    chosen = s_fused if len(views) == 3 else s_single
-    _, train_quality = score_cases(model, vols, tr, tuple(views), grid, device)
-    limits = fit_quality_limits(train_quality)
-    rule = QualityRule(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in limits.items()})
-    val_quality = val_quality if len(views) == 3 else score_cases(model, vols, va, tuple(views), grid, device)[1]
-    fired = {k: judge(q, rule).reasons for k, q in val_quality.items()}
     card = _card_base(spec, cfg, device, smoke)
     card["input_spec"]["views"] = views
     card["input_spec"]["orientation"] = ("the volume is brought to the closest RAS orientation by its affine, "
                                          "segmented along the views listed (axes of that orientation), the views' "
                                          "probabilities averaged, and the mask put back on the input's grid")
     card.update({
-        "threshold": 0.5,
-        "threshold_rule": "fixed 0.5 on the mean probability of the views, then the largest 3D connected component",
         "loss": "BCE + soft Dice",
         "augmentation": "slices along all three axes; 8 in-plane rotations/flips; rotation 15 deg, scale 15 %, "
                         "shift 5 %; gamma 0.5-2, smooth bias field, contrast, blur, noise, 5 % inverted contrast",
@@ -624,31 +695,61 @@ def train_atrium(root, cfg, device: torch.device, smoke: bool = False, out_dir=N
         "history": res.history, "best_epoch": res.best_epoch, "epochs_run": res.epochs_run,
         "train_time_s": round(res.seconds, 1),
         "validation": {
-            "n": len(per_case),
-            "views": views,
-            "dice_mean": chosen["all"]["dice_mean"],
-            "dice_ci95": chosen["all"]["dice_ci95"],
-            "iou_mean": M.mean_finite(per_case, "iou"),
-            "hd95_mm_mean": chosen["all"]["hd95_mm_mean"],
-            "volume_error_pct_mean": chosen["all"]["volume_error_pct_mean"],
-            "per_dataset": chosen,
             "single_axial_view": s_single,
             "three_views_fused": s_fused,
             "views_rule": "three views fused if their mean validation Dice is at least the single view's (a choice "
                           "made on these validation volumes, so their figure is slightly optimistic)",
-            "per_case": per_case,
-        },
-        "quality_check": {
-            "limits": limits,
-            "fitted_on": f"{len(tr)} training volumes (1.5x the 95th percentile of their uncertainty ratio, 0.8x the "
-                         "5th percentile of their view agreement); volume range and field of view from anatomy",
-            "train_measures": train_quality,
-            "validation_measures": val_quality,
-            "validation_fired": {k: v for k, v in fired.items() if v},
-            "validation_firing_rate": float(np.mean([bool(v) for v in fired.values()])) if fired else float("nan"),
         },
     })
+    apply_inference_choice(card, model, vols, tr, va, grid, device)
     save_trained(model, card, spec.name, out_dir)
+    return card
+
+
+def apply_inference_choice(card: dict, model: nn.Module, vols: list[CanonicalCase], tr: list[int], va: list[int],
+                           grid: float, device: torch.device) -> dict:
+    """With the card's views: choose the test-time flips and mask threshold on the validation volumes
+    (only for the single axial view; fused views keep 1 flip and 0.5), score the validation volumes
+    with them, and fit the quality check on the training volumes with the same setting. Updates the
+    card's threshold, input_spec.tta_flips, validation and quality_check in place; returns the card."""
+    from core import metrics as M
+
+    views = tuple(card["input_spec"].get("views", [2]))
+    if views == (2,):
+        choice = choose_inference(model, vols, va, grid, device)
+    else:
+        choice = {"flips": 1, "threshold": 0.5, "table": []}
+    flips, thr = choice["flips"], choice["threshold"]
+    per_case, val_quality = score_cases(model, vols, va, views, grid, device, flips, thr)
+    chosen = summarise(per_case)
+    _, train_quality = score_cases(model, vols, tr, views, grid, device, flips, thr)
+    limits = fit_quality_limits(train_quality)
+    rule = QualityRule(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in limits.items()})
+    fired = {k: judge(q, rule).reasons for k, q in val_quality.items()}
+    card["input_spec"]["tta_flips"] = flips
+    card["threshold"] = thr
+    card["threshold_rule"] = (f"{thr:g} on the mean probability of the views and of {flips} in-plane flip(s), then "
+                              "the largest 3D connected component; flips and threshold chosen on the validation "
+                              "volumes (highest mean of the per-dataset Dice; ties to fewer flips and 0.5)")
+    card["validation"].update({
+        "n": len(per_case), "views": list(views), "tta_flips": flips, "threshold": thr,
+        "dice_mean": chosen["all"]["dice_mean"], "dice_ci95": chosen["all"]["dice_ci95"],
+        "iou_mean": M.mean_finite(per_case, "iou"), "hd95_mm_mean": chosen["all"]["hd95_mm_mean"],
+        "volume_error_pct_mean": chosen["all"]["volume_error_pct_mean"],
+        "per_dataset": chosen, "inference_choice": choice["table"],
+        "inference_rule": "flips and threshold chosen on these validation volumes (slightly optimistic figure)",
+        "per_case": per_case,
+    })
+    card["quality_check"] = {
+        "limits": limits,
+        "fitted_on": f"{len(tr)} training volumes, views {list(views)}, {flips} flip(s), threshold {thr:g} (1.5x the "
+                     "95th percentile of their uncertainty ratio, 0.8x the 5th percentile of their view agreement); "
+                     "volume range and field of view from anatomy",
+        "train_measures": train_quality,
+        "validation_measures": val_quality,
+        "validation_fired": {k: v for k, v in fired.items() if v},
+        "validation_firing_rate": float(np.mean([bool(v) for v in fired.values()])) if fired else float("nan"),
+    }
     return card
 
 
@@ -742,8 +843,9 @@ def refit_quality(wdir=None, root=None) -> dict:
     vols = load_cases([by_id[i] for i in train_ids + val_ids])
     n_tr = len(train_ids)
     cpu = torch.device("cpu")
-    _, tq = score_cases(lm.model, vols, list(range(n_tr)), views, lm.grid_mm, cpu)
-    _, vq = score_cases(lm.model, vols, list(range(n_tr, len(vols))), views, lm.grid_mm, cpu)
+    flips = int(card["input_spec"].get("tta_flips", 1))
+    _, tq = score_cases(lm.model, vols, list(range(n_tr)), views, lm.grid_mm, cpu, flips, lm.threshold)
+    _, vq = score_cases(lm.model, vols, list(range(n_tr, len(vols))), views, lm.grid_mm, cpu, flips, lm.threshold)
     limits = fit_quality_limits(tq)
     rule = QualityRule(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in limits.items()})
     fired = {k: judge(q, rule).reasons for k, q in vq.items()}
@@ -763,9 +865,39 @@ def refit_quality(wdir=None, root=None) -> dict:
     return card["quality_check"]
 
 
+def rechoose_inference(wdir=None, root=None) -> dict:
+    """Run apply_inference_choice on the committed atrium weights (their own training/validation volumes)
+    and rewrite their card: what train_atrium does after training, without retraining."""
+    import json as _json
+
+    from core import io as mio
+    from core.checkpoint import _atomic_write, _clean
+    from core.config import data_root, weights_dir
+    from core.inference import load_model
+
+    lm = load_model("atrium", wdir, optimize=False)
+    card = lm.card
+    by_id = {c.case_id: c for c in mio.find_atrium_cases(data_root(root))}
+    train_ids, val_ids = card["data"]["train_cases"], card["data"]["val_cases"]
+    vols = load_cases([by_id[i] for i in train_ids + val_ids])
+    n_tr = len(train_ids)
+    apply_inference_choice(card, lm.model, vols, list(range(n_tr)), list(range(n_tr, len(vols))), lm.grid_mm,
+                           torch.device("cpu"))
+    _atomic_write(weights_dir(wdir) / "atrium.json", (_json.dumps(_clean(card), indent=1) + "\n").encode())
+    return card
+
+
 if __name__ == "__main__":
     import sys
 
-    if sys.argv[1:2] == ["quality"]:
+    if sys.argv[1:2] == ["inference"]:
+        c = rechoose_inference()
+        v = c["validation"]
+        print({"flips": v["tta_flips"], "threshold": v["threshold"], "per_dataset": {
+            k: round(d["dice_mean"], 4) for k, d in v["per_dataset"].items()},
+            "quality_fired": c["quality_check"]["validation_fired"]})
+        for row in v["inference_choice"]:
+            print(row)
+    elif sys.argv[1:2] == ["quality"]:
         q = refit_quality()
         print({k: q[k] for k in ("limits", "validation_firing_rate", "validation_fired")})

@@ -15,7 +15,6 @@ from core.errors import InvalidInputError
 from core.explain import gradcam, model_lock
 from core.io import Image2D, Volume
 from core.metrics import volume_ml
-from core.preprocess import largest_component
 from core.models import build_model, optimize_for_inference
 from core.ood import OODGuard, encoder_features, load_guard
 from core.precision import autocast, inference_precision
@@ -319,10 +318,11 @@ def segment_atrium(lm: LoadedModel, volume: Volume, batch_size: int = 8,
 
     data_c, sp_c, orient = A.to_canonical(volume.data, volume.affine, volume.spacing)
     views = tuple(int(v) for v in lm.card.get("input_spec", {}).get("views", [2]))
+    flips = int(lm.card.get("input_spec", {}).get("tta_flips", 1))
     with model_lock(lm.model):
         pred = A.segment_canonical(lm.model, data_c, sp_c, views, lm.grid_mm, lm.threshold, batch_size,
-                                   lambda: autocast(lm.precision), progress)
-    quality = A.judge(A.quality_measures(pred, sp_c), A.QualityRule.from_card(lm.card))
+                                   lambda: autocast(lm.precision), progress, flips=flips)
+    quality = A.judge(A.quality_measures(pred, sp_c, lm.threshold), A.QualityRule.from_card(lm.card))
     mask = A.from_canonical(pred.mask, orient)
     prob = A.from_canonical(pred.prob, orient)
     del pred, data_c

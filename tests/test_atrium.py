@@ -192,3 +192,41 @@ def test_orientation_markers_are_drawn():
     assert rgb.shape[0] >= 320
     top = rgb[:16, rgb.shape[1] // 2 - 8 : rgb.shape[1] // 2 + 12]
     assert (top[..., 0] > 200).any()  # the yellow "A"
+
+
+# --------------------------------------------------------------------------- test-time flips and the setting rule
+
+
+def test_flip_passes_of_a_flip_equivariant_model_equal_the_plain_pass():
+    import torch
+
+    net = torch.nn.Conv2d(3, 1, 1)  # a 1x1 convolution commutes with every flip
+    x = torch.randn(2, 3, 8, 8)
+    plain = torch.sigmoid(net(x))[:, 0]
+    for f in (1, 2, 4):
+        assert torch.allclose(A._flip_passes(net, x, f), plain, atol=1e-6)
+
+
+def test_flip_passes_put_each_flipped_output_back_in_place():
+    import torch
+
+    class Marker(torch.nn.Module):  # output = the input's first channel as logits: not position-free
+        def forward(self, x):
+            return x[:, :1] * 0 + torch.arange(x.shape[-1], dtype=x.dtype).expand_as(x[:, :1])
+
+    x = torch.zeros(1, 3, 4, 4)
+    parts: list = []
+    A._flip_passes(Marker(), x, 4, parts)
+    # the marker ramps along W; flipped back, the W-flipped passes ramp the other way, H-flips don't change it
+    ramp = torch.sigmoid(torch.arange(4.0)).expand(1, 4, 4)
+    assert torch.allclose(parts[0], ramp) and torch.allclose(parts[2], ramp)
+    assert torch.allclose(parts[1], ramp.flip(-1)) and torch.allclose(parts[3], ramp.flip(-1))
+    with pytest.raises(ValueError):
+        A.segment_view(torch.nn.Identity(), np.zeros((4, 4, 4), np.float32), (1.0, 1.0, 1.0), 2, 1.0, flips=3)
+
+
+def test_pick_setting_prefers_the_best_then_fewer_flips_and_threshold_near_half():
+    assert A.pick_setting({(1, 0.5): 0.80, (2, 0.5): 0.85, (4, 0.4): 0.84}) == (2, 0.5)
+    # within the tie margin: fewer flips win even with a slightly lower score
+    assert A.pick_setting({(1, 0.4): 0.849, (4, 0.5): 0.850}) == (1, 0.4)
+    assert A.pick_setting({(2, 0.3): 0.85, (2, 0.45): 0.8495, (2, 0.5): 0.84}) == (2, 0.45)
