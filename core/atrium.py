@@ -702,6 +702,8 @@ def train_atrium(root, cfg, device: torch.device, smoke: bool = False, out_dir=N
         },
     })
     apply_inference_choice(card, model, vols, tr, va, grid, device)
+    if not smoke:
+        card["quality_check"]["foreign_inputs"] = foreign_firing(model, card, root, device)
     save_trained(model, card, spec.name, out_dir)
     return card
 
@@ -865,6 +867,69 @@ def refit_quality(wdir=None, root=None) -> dict:
     return card["quality_check"]
 
 
+def foreign_inputs(root, n_cine: int = 10, n_stacks: int = 5, n_noise: int = 5, seed: int = 0) -> dict[str, list]:
+    """Volumes that are not left-atrium MRI, by kind: ACDC cine frames (ED and ES of ``n_cine`` patients,
+    their own affines), chest X-rays stacked as volumes (40 radiographs each), noise (uniform, Gaussian,
+    smoothed). Each item: (name, data (X, Y, Z), affine 4x4, spacing)."""
+    from pathlib import Path
+
+    from scipy import ndimage
+
+    from core import io as mio
+
+    root = Path(root)
+    out: dict[str, list] = {"ACDC cine frames": [], "chest X-ray stacks (40 radiographs as a volume)": [],
+                            "noise volumes": []}
+    for c in mio.find_cardiac_cases(root)[:n_cine]:
+        for path in (c.ed_path, c.es_path):
+            v = mio.load_nifti_path(path)
+            out["ACDC cine frames"].append((path.name, v.data, v.affine, v.spacing))
+    eye = np.diag([1.25, 1.25, 1.25, 1.0])
+    xr = [c for c in mio.find_xray_cases(root) if c.split == "train"]
+    for k in range(n_stacks):
+        pix = [np.asarray(mio.read_image_2d(c.path.read_bytes(), c.path.name).pixels, np.float32)
+               for c in xr[k * 40:(k + 1) * 40]]
+        if not pix:
+            break
+        side = min(min(p.shape) for p in pix)
+        out["chest X-ray stacks (40 radiographs as a volume)"].append(
+            (f"x-ray stack {k + 1}", np.stack([p[:side, :side] for p in pix], axis=2), eye, (1.25, 1.25, 1.25)))
+    rng = np.random.default_rng(seed)
+    for k in range(n_noise):
+        shape = (int(rng.integers(80, 160)), int(rng.integers(80, 160)), int(rng.integers(40, 100)))
+        kind = ("uniform", "gaussian", "smoothed")[k % 3]
+        arr = rng.random(shape) if kind == "uniform" else rng.normal(size=shape)
+        if kind == "smoothed":
+            arr = ndimage.gaussian_filter(arr, 3)
+        out["noise volumes"].append((f"{kind} noise {k + 1}", arr.astype(np.float32), eye, (1.25, 1.25, 1.25)))
+    return out
+
+
+def foreign_firing(model: nn.Module, card: dict, root, device: torch.device) -> dict:
+    """How often the quality check (the card's limits) fires on volumes that are not left-atrium MRI
+    (``foreign_inputs``), by kind; it should fire on every one. Same path as the app: canonical
+    orientation, the card's views, flips and threshold."""
+    from core.precision import autocast_for
+
+    rule = QualityRule.from_card(card)
+    views = tuple(card["input_spec"].get("views", [2]))
+    flips = int(card["input_spec"].get("tta_flips", 1))
+    thr = float(card.get("threshold", 0.5))
+    grid = float(card["input_spec"]["spacing_mm"])
+    res: dict = {}
+    for kind, items in foreign_inputs(root).items():
+        rows = {}
+        for name, data, affine, spacing in items:
+            d, sp, _ = to_canonical(data, affine, spacing)
+            pr = segment_canonical(model, d, sp, views, grid, thr, 32, lambda: autocast_for(device, False),
+                                   flips=flips)
+            rows[name] = judge(quality_measures(pr, sp, thr), rule).reasons
+        res[kind] = {"n": len(rows), "fired": sum(bool(r) for r in rows.values()),
+                     "firing_rate": float(np.mean([bool(r) for r in rows.values()])) if rows else float("nan"),
+                     "not_fired": [k for k, r in rows.items() if not r]}
+    return res
+
+
 def rechoose_inference(wdir=None, root=None) -> dict:
     """Run apply_inference_choice on the committed atrium weights (their own training/validation volumes)
     and rewrite their card: what train_atrium does after training, without retraining."""
@@ -883,6 +948,7 @@ def rechoose_inference(wdir=None, root=None) -> dict:
     n_tr = len(train_ids)
     apply_inference_choice(card, lm.model, vols, list(range(n_tr)), list(range(n_tr, len(vols))), lm.grid_mm,
                            torch.device("cpu"))
+    card["quality_check"]["foreign_inputs"] = foreign_firing(lm.model, card, data_root(root), torch.device("cpu"))
     _atomic_write(weights_dir(wdir) / "atrium.json", (_json.dumps(_clean(card), indent=1) + "\n").encode())
     return card
 
@@ -895,7 +961,8 @@ if __name__ == "__main__":
         v = c["validation"]
         print({"flips": v["tta_flips"], "threshold": v["threshold"], "per_dataset": {
             k: round(d["dice_mean"], 4) for k, d in v["per_dataset"].items()},
-            "quality_fired": c["quality_check"]["validation_fired"]})
+            "quality_fired": c["quality_check"]["validation_fired"],
+            "foreign": {k: f"{r['fired']}/{r['n']}" for k, r in c["quality_check"]["foreign_inputs"].items()}})
         for row in v["inference_choice"]:
             print(row)
     elif sys.argv[1:2] == ["quality"]:

@@ -94,6 +94,33 @@ def segment_frame(model, volume: np.ndarray, size: int) -> np.ndarray:
     return lab.numpy().transpose(1, 2, 0).astype(np.int16)
 
 
+# --------------------------------------------------------------------------- the cardiac cycle of a 4D cine
+
+
+def pick_ed_es(lv: np.ndarray) -> tuple[int, int]:
+    """End-diastole and end-systole frames (0-based) from the LV cavity size per frame: the largest and
+    the smallest cavity (the first of equal ones)."""
+    lv = np.asarray(lv, dtype=float)
+    if lv.ndim != 1 or len(lv) < 2:
+        raise ValueError("need the LV cavity size of at least two frames")
+    return int(np.argmax(lv)), int(np.argmin(lv))
+
+
+def cavity_curves(model, cine: np.ndarray, size: int, autocast_ctx=None) -> dict[str, np.ndarray]:
+    """LV and RV cavity size per frame of a cine (X, Y, Z, T): pixels of each label summed over every
+    slice of the model's segmentation, on the crop grid shared by all frames (same shape, same grid), so
+    the curves compare frames with no voxel size needed. -> {"lv": (T,), "rv": (T,)}."""
+    import contextlib
+
+    lv, rv = [], []
+    with autocast_ctx() if autocast_ctx else contextlib.nullcontext():
+        for t in range(cine.shape[3]):
+            lab = segment_frame(model, cine[..., t], size)
+            lv.append(int((lab == 3).sum()))
+            rv.append(int((lab == 1).sum()))
+    return {"lv": np.array(lv), "rv": np.array(rv)}
+
+
 def expert_frame(mask: np.ndarray, size: int) -> np.ndarray:
     """An expert label map on the same crop grid as ``segment_frame``."""
     from core import preprocess as pp

@@ -110,6 +110,10 @@ def evaluate_cardiac(root: Path, wdir=None, only: set[str] | None = None, precis
         yy = np.array([GROUPS.index(g) for g, _ in five])
         pp_ = np.array([[p[g] for g in GROUPS] for _, p in five])
         out["five_class"] = five_summary(yy, pp_)
+        # the flat keys the maintainers read (issue #15), beside the full summary
+        out["accuracy_5class"] = out["five_class"]["accuracy"]
+        out["confusion_5class"] = out["five_class"]["confusion"]
+        out["sensitivity_5class"] = out["five_class"]["sensitivity"]
     out["per_case"] = per_case
     out["inference_precision"] = lm.precision
     return out

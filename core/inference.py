@@ -13,7 +13,7 @@ from core import preprocess as pp
 from core.checkpoint import load_state_dict
 from core.errors import InvalidInputError
 from core.explain import gradcam, model_lock
-from core.io import Image2D, Volume
+from core.io import Cine, Image2D, Volume
 from core.metrics import volume_ml
 from core.models import build_model, optimize_for_inference
 from core.ood import OODGuard, encoder_features, load_guard
@@ -273,6 +273,32 @@ def predict_cardiac(lm: LoadedModel, ed: Volume, es: Volume, explain: bool = Tru
     release_memory()
     return CardiacResult(prob, lm.threshold, positive, slices, labels, heat, score, None, seg_labels,
                          cardiac_shape_summary(feats), diagnosis)
+
+
+@dataclass
+class CardiacCycle:
+    """LV and RV cavity size over a cine's frames and the ED/ES frames picked from it (0-based)."""
+
+    lv: np.ndarray  # (T,) LV cavity pixels summed over slices (crop grid)
+    rv: np.ndarray  # (T,)
+    ed: int
+    es: int
+
+
+def cardiac_cycle(lm: LoadedModel, cine: Cine) -> CardiacCycle:
+    """Segment every frame of a 4D cine and pick ED (largest LV cavity) and ES (smallest)."""
+    from core.cardiac import cavity_curves, pick_ed_es
+
+    if float(cine.data.max() - cine.data.min()) <= 0:
+        raise InvalidInputError("The cine is blank: every voxel has the same value.")
+    with model_lock(lm.model), torch.inference_mode():
+        c = cavity_curves(lm.model, cine.data, lm.input_size, lambda: autocast(lm.precision))
+    if c["lv"].max() == 0:
+        raise InvalidInputError("No left ventricle was found in any frame of this cine: it does not look like a "
+                                "short-axis cardiac series.")
+    ed, es = pick_ed_es(c["lv"])
+    release_memory()
+    return CardiacCycle(c["lv"], c["rv"], ed, es)
 
 
 def cardiac_shape_summary(features: np.ndarray) -> dict[str, float]:

@@ -286,10 +286,11 @@ def _gunzip_limited(data: bytes) -> bytes:
 
 
 @_guarded("NIfTI file")
-def read_nifti(data: bytes, name: str = "", expect_3d: bool = True) -> Volume:
+def read_nifti(data: bytes, name: str = "", expect_3d: bool = True, _allow_4d: bool = False) -> Volume:
     """Read a NIfTI-1/2 volume (.nii or .nii.gz) from bytes, keeping affine and spacing.
 
-    A 4D file whose extra dimensions are all 1 is accepted as 3D; true 4D and 2D files are refused.
+    A 4D file whose extra dimensions are all 1 is accepted as 3D; true 4D and 2D files are refused
+    (4D cines go through ``read_cine``).
     """
     import nibabel as nib
 
@@ -323,8 +324,21 @@ def read_nifti(data: bytes, name: str = "", expect_3d: bool = True) -> Volume:
     while arr.ndim > 3 and arr.shape[-1] == 1:
         arr = arr[..., 0]
     dims = " x ".join(map(str, arr.shape))
-    if arr.ndim >= 4:
+    if arr.ndim >= 4 and not (_allow_4d and arr.ndim == 4):
         raise InvalidInputError(f"The file is {arr.ndim}D ({dims}); upload a single 3D volume (one time frame).")
+    if _allow_4d and arr.ndim == 4:
+        if not MIN_CINE_FRAMES <= arr.shape[3] <= MAX_CINE_FRAMES:
+            raise InvalidInputError(f"The cine has {arr.shape[3]} time frames ({dims}); a cardiac cycle is "
+                                    f"{MIN_CINE_FRAMES}-{MAX_CINE_FRAMES} frames.")
+        arr = np.asarray(arr, dtype=np.float32)
+        if not np.all(np.isfinite(arr)):
+            raise InvalidInputError("The cine contains invalid values (NaN or infinity).")
+        if min(arr.shape[:2]) < MIN_SIDE or arr.shape[2] < 3:
+            raise InvalidInputError(f"The cine has an implausible size ({dims}): a short-axis stack needs at least "
+                                    "3 slices.")
+        if not np.all(np.isfinite(affine)) or not all(np.isfinite(z) and z > 0 for z in zooms):
+            raise InvalidInputError("The NIfTI header has an invalid voxel size or orientation.")
+        return Volume(data=arr, affine=affine, spacing=zooms, name=name)  # type: ignore[arg-type]
     if arr.ndim != 3 or (expect_3d and min(arr.shape) < 2):
         raise InvalidInputError(f"The file is 2D ({dims}); a 3D volume with several slices is needed.")
     if min(arr.shape[:2]) < MIN_SIDE or max(arr.shape) > 2048:
@@ -337,6 +351,42 @@ def read_nifti(data: bytes, name: str = "", expect_3d: bool = True) -> Volume:
     if not np.all(np.isfinite(affine)) or not all(np.isfinite(z) and z > 0 for z in zooms):
         raise InvalidInputError("The NIfTI header has an invalid voxel size or orientation.")
     return Volume(data=arr, affine=affine, spacing=zooms, name=name)  # type: ignore[arg-type]
+
+
+MIN_CINE_FRAMES, MAX_CINE_FRAMES = 2, 100
+
+
+@dataclass(frozen=True)
+class Cine:
+    """A cine short-axis series as one 4D NIfTI.
+
+    data: float32 array (X, Y, Z, T): in-plane, slices, time frames, in the file's order.
+    """
+
+    data: np.ndarray
+    affine: np.ndarray
+    spacing: tuple[float, float, float]
+    name: str = ""
+
+    @property
+    def n_frames(self) -> int:
+        return int(self.data.shape[3])
+
+    def frame(self, t: int) -> Volume:
+        """Time frame ``t`` (0-based) as a 3D volume (X, Y, Z) with the cine's affine and spacing."""
+        return Volume(np.ascontiguousarray(self.data[..., t]), self.affine, self.spacing, f"{self.name} frame {t + 1}")
+
+
+@_guarded("cine file")
+def read_cine(data: bytes, name: str = "") -> Cine:
+    """Read a 4D cine NIfTI (x, y, slice, time); a 3D file gets a message saying what to do instead."""
+    vol = read_nifti(data, name, _allow_4d=True)
+    if vol.data.ndim != 4:
+        raise InvalidInputError("This file is a single 3D frame, not a 4D cine (x, y, slice, time). Upload the "
+                                "whole cine series as one 4D file, or choose 'ED and ES frames' and upload two frames.")
+    if float(vol.data.max() - vol.data.min()) <= 0:
+        raise InvalidInputError("The cine is blank: every voxel has the same value.")
+    return Cine(vol.data, vol.affine, vol.spacing, name)
 
 
 def read_image_volume(data: bytes, name: str = "") -> Volume:

@@ -84,10 +84,17 @@ def markdown(wdir=None) -> str:
                                f"{r['dice_mean']:.3f} ({lo2:.3f}-{hi2:.3f}) | - | {r['hd95_mm_mean']:.2f} | "
                                f"{r['volume_error_pct_mean']:+.1f} (mean absolute {r['abs_volume_error_pct_mean']:.1f}) | "
                                f"lowest {r['dice_min']:.3f} |")
+                if v.get("inference_choice"):
+                    seg.append(f"| inference setting | chosen on these validation volumes (figures above slightly "
+                               f"optimistic) | {v['n']} | - | - | - | - | {v.get('tta_flips', 1)} in-plane flip(s) "
+                               f"averaged, threshold {v.get('threshold', 0.5):g} |")
                 qc = card.get("quality_check", {})
                 if qc:
                     seg.append(f"| quality check | fired on validation volumes | {v['n']} | - | - | - | - | "
                                f"{qc['validation_firing_rate']:.0%} ({', '.join(qc['validation_fired']) or 'none'}) |")
+                    for kind, r in qc.get("foreign_inputs", {}).items():
+                        seg.append(f"| quality check | fired on {kind} (not left-atrium MRI) | {r['n']} | - | - | - | - "
+                                   f"| {r['fired']} of {r['n']} |")
             else:
                 per = ", ".join(f"{k} {r['dice']:.3f}" for k, r in v["per_case"].items())
                 seg.append(f"| {card['title']} | {card['data']['split']} | {v['n']} | {v['dice_mean']:.3f} "
@@ -233,6 +240,7 @@ def perf_markdown() -> list[str]:
     rows.append(f"Peak memory of the benchmark process (both model variants loaded): {b['peak_memory_mb']:.0f} MB. "
                 f"Output change from the optimisations: X-ray probability {oc['xray_probability_abs_diff']}, "
                 f"atrium mask voxels differing {oc['atrium_mask_voxels_differing']} of {oc['atrium_mask_voxels']}.")
+    rows += felt_markdown()
     rows += precision_markdown(b.get("precision_check"))
     rows += alternatives_markdown(b.get("alternatives"))
     if "training" in b:
@@ -244,6 +252,25 @@ def perf_markdown() -> list[str]:
             rows.append(f"| {task} | {r['batch']} x {'x'.join(str(d) for d in r['input'])} | "
                         f"{r['optimised']['images_per_s']:.1f} | {r['baseline']['images_per_s']:.1f} | "
                         f"x{r['speedup']:.2f} |")
+    return rows
+
+
+def felt_markdown() -> list[str]:
+    """Browser step times, from what `python -m core.bench_browser` wrote (benchmarks/felt-cpu-2core.json)."""
+    from core.bench_browser import FELT_FILE, STEP_NAMES
+    from core.config import PROJECT_ROOT
+
+    path = PROJECT_ROOT / FELT_FILE
+    if not path.is_file():
+        return []
+    b = json.loads(path.read_text())
+    m = b["machine"]
+    rows = ["", f"What a user waits for in the browser ({FELT_FILE}, `python -m core.bench_browser`; {m['cpu']}, "
+                f"{m['threads']} threads, {m['browser']}, measured {b['measured'][:10]}; median of n repeats, each "
+                "in a new session):", "", "| step | median (s) | range (s) | n | goal (s) |", "|---|---|---|---|---|"]
+    for k, r in b["steps"].items():
+        rows.append(f"| {STEP_NAMES.get(k, k)} | {r['median_s']:.2f} | {r['min_s']:.2f}-{r['max_s']:.2f} | {r['n']} | "
+                    f"{b['goals_s'].get(k, '-')} |")
     return rows
 
 

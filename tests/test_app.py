@@ -135,6 +135,14 @@ def test_cardiac_swapped_frames_are_refused_then_swapped_back(acdc_root):
     assert not at.exception and "P(disease)" in _text(at)
 
 
+def test_cardiac_cine_mode_asks_for_one_4d_file(acdc_root):
+    at = _page("pages/2_Cardiac.py")
+    at.radio(key="card.mode").set_value("One 4D cine").run()
+    assert not at.exception
+    assert any("Upload a 4D cine NIfTI" in i.value for i in at.info)
+    assert not at.get("file_uploader") or len(at.get("file_uploader")) == 1  # one box: the cine
+
+
 def test_atrium_view_names_the_case_and_has_no_ground_truth_toggle_without_mask(heart_root):
     at = _page("pages/3_Atrium_segmentation.py")
     at.selectbox(key="atr.sample").select_index(1).run()

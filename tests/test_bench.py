@@ -25,6 +25,7 @@ def test_bench_smoke_run_writes_every_figure(tmp_path, capsys):
     res = json.loads(out.read_text())
     assert set(res["inputs"].values()) == {"synthetic 224x224", "synthetic 216x256x10", "synthetic 256x256x130"}
     assert set(res["figures"]) == {"model_load_all_three", "xray_predict_gradcam", "cardiac_predict_gradcam",
+                                   "cardiac_cine_30_frames",
                                    "atrium_volume_256x256x130", "xray_batch_64"}
     for f in res["figures"].values():
         assert f["speedup"] > 0 and f["optimised"]["median_s"] > 0 and f["baseline"]["median_s"] > 0
@@ -49,3 +50,19 @@ def test_alternatives_on_a_small_volume():
     for name, r in inf.items():
         assert "median_s" in r or "skipped" in r or "failed" in r, name
     assert "training_step" not in res
+
+
+def test_browser_bench_summary_and_readme_rows(tmp_path, monkeypatch):
+    from core import bench_browser as BB
+    from core import report
+
+    s = BB.summarise({"open_module_page": [0.9, 0.5, 0.7], "atrium_add_mask_to_dice": []})
+    assert s == {"open_module_page": {"median_s": 0.7, "min_s": 0.5, "max_s": 0.9, "n": 3,
+                                      "samples": [0.9, 0.5, 0.7]}}
+    (tmp_path / "benchmarks").mkdir()
+    (tmp_path / BB.FELT_FILE).write_text(json.dumps({
+        "machine": {"cpu": "x86_64", "threads": 2, "browser": "chromium (headless)"}, "measured": "2026-12-03T11:00:00Z",
+        "goals_s": BB.GOALS_S, "steps": s}))
+    monkeypatch.setattr("core.config.PROJECT_ROOT", tmp_path)
+    rows = report.felt_markdown()
+    assert "| open a module page (to its uploader) | 0.70 | 0.50-0.90 | 3 | 1.0 |" in rows

@@ -69,3 +69,52 @@ def test_one_validation_patient_end_to_end(acdc_root):
     p = r.diagnosis["probabilities"]
     assert set(p) == set(C.GROUPS) and sum(p.values()) == pytest.approx(1)
     assert p == pytest.approx(lm.diagnosis["validation_end_to_end"]["per_patient"][pid]["probabilities"], abs=0.02)
+
+
+# --------------------------------------------------------------------------- 4D cine: reader and ED/ES choice
+
+
+def test_pick_ed_es_takes_the_largest_and_smallest_lv_cavity():
+    assert C.pick_ed_es(np.array([900, 1000, 700, 400, 450, 800])) == (1, 3)
+    assert C.pick_ed_es(np.array([5, 5, 1, 1])) == (0, 2)  # the first of equal frames
+    with pytest.raises(ValueError):
+        C.pick_ed_es(np.array([3]))
+
+
+def _nifti_bytes(arr: np.ndarray) -> bytes:
+    import nibabel as nib
+
+    return nib.Nifti1Image(arr, np.diag([1.5, 1.5, 8.0, 1.0])).to_bytes()
+
+
+def test_read_cine_keeps_frames_and_refuses_single_frames():
+    from core.errors import InvalidInputError
+    from core.io import read_cine, read_nifti
+
+    arr = np.random.default_rng(0).random((32, 40, 6, 5)).astype(np.float32)
+    cine = read_cine(_nifti_bytes(arr), "c.nii")
+    assert cine.n_frames == 5 and cine.spacing == (1.5, 1.5, 8.0)
+    assert np.array_equal(cine.frame(3).data, arr[..., 3])
+    with pytest.raises(InvalidInputError, match="single 3D frame"):
+        read_cine(_nifti_bytes(arr[..., 0]), "f.nii")
+    with pytest.raises(InvalidInputError, match="4D"):
+        read_nifti(_nifti_bytes(arr), "c.nii")  # the frame readers still take one frame only
+    with pytest.raises(InvalidInputError, match="time frames"):
+        read_cine(_nifti_bytes(np.random.default_rng(0).random((32, 40, 6, 101)).astype(np.float32)), "long.nii")
+
+
+def test_cine_built_from_a_real_patient_finds_ed_and_es(acdc_root):
+    from core import io as mio
+    from core.inference import cardiac_cycle, load_model, predict_cardiac
+
+    lm = load_model("cardiac")
+    case = next(c for c in mio.find_cardiac_cases(acdc_root) if c.patient_id == "patient001")
+    ed, es = mio.load_nifti_path(case.ed_path), mio.load_nifti_path(case.es_path)
+    # a cycle that starts in systole: ES, ED, ES again (the first of equal frames is taken)
+    cine = mio.read_cine(_nifti_bytes(np.stack([es.data, ed.data, es.data], axis=3)), "built.nii")
+    cyc = cardiac_cycle(lm, cine)
+    assert (cyc.ed, cyc.es) == (1, 0), (cyc.lv, cyc.rv)
+    assert cyc.lv[0] == cyc.lv[2] < cyc.lv[1] and cyc.rv[0] < cyc.rv[1]
+    a = predict_cardiac(lm, cine.frame(cyc.ed), cine.frame(cyc.es), explain=False)
+    b = predict_cardiac(lm, ed, es, explain=False)
+    assert a.probability == pytest.approx(b.probability, abs=1e-4)

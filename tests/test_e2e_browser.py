@@ -175,6 +175,31 @@ def test_cardiac_upload(server, browser, acdc_root):
     page.close()
 
 
+def test_cardiac_4d_cine_upload_picks_ed_and_es(server, browser, acdc_root, tmp_path):
+    import nibabel as nib
+    import numpy as np
+
+    pdir = acdc_root / "ACDC" / "training" / "patient006"
+    ed = nib.load(pdir / "patient006_frame01.nii.gz")
+    es_path = next(p for p in sorted(pdir.glob("patient006_frame*.nii.gz"))
+                   if "_gt" not in p.name and "frame01" not in p.name)
+    es = np.asarray(nib.load(es_path).dataobj)
+    ed_arr = np.asarray(ed.dataobj)
+    cine = tmp_path / "patient006_cine_4d.nii.gz"  # a cycle that starts in systole: ES, ED, ES
+    nib.save(nib.Nifti1Image(np.stack([es, ed_arr, es], axis=3).astype(np.float32), ed.affine), cine)
+    page = _page(browser, f"{server['url']}/Cardiac")
+    page.get_by_text("One 4D cine").first.click()
+    page.locator("input[type=file]").first.set_input_files(str(cine))
+    page.get_by_text("P(disease) =").first.wait_for()
+    _wait_idle(page)
+    body = page.inner_text("body")
+    # the result line names the frames chosen from the LV cavity curve: ED = frame 2, ES = frame 1
+    assert "ED = patient006_cine_4d.nii.gz, frame 2" in body and "ES = patient006_cine_4d.nii.gz, frame 1" in body
+    assert "Traceback" not in body
+    _shot(page, "2b_cardiac_cine")
+    page.close()
+
+
 def test_atrium_upload_and_slider(server, browser, heart_root):
     base = heart_root / "Task02_Heart"
     page = _page(browser, f"{server['url']}/Atrium_segmentation")

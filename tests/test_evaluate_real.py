@@ -76,6 +76,11 @@ def test_cardiac_reproduces_recorded_validation(acdc_root, tmp_path):
     # the shape estimates shown on the page, against the expert masks; the committed figures file agrees
     lv = res["shape_agreement"]["lv_ef"]
     assert lv["n"] == len(pids) and lv["mae"] < 0.10 and lv["pearson_r"] > 0.8
+    # the five-class keys the maintainers read, consistent with the full summary
+    assert res["accuracy_5class"] == res["five_class"]["accuracy"]
+    m = np.array(res["confusion_5class"]["matrix"])
+    assert m.shape == (5, 5) and m.sum() == len(pids) and np.trace(m) / m.sum() == pytest.approx(res["accuracy_5class"])
+    assert set(res["sensitivity_5class"]) == {"NOR", "DCM", "HCM", "MINF", "RV"}
     recorded = read_validation_eval("cardiac")
     assert recorded is not None and recorded["n"] == len(pids)
     assert lv["mae"] == pytest.approx(recorded["shape_agreement"]["lv_ef"]["mae"], abs=0.01)

@@ -1,12 +1,13 @@
-"""Cardiac disease from a cine short-axis MRI study: ED + ES NIfTI -> normal vs disease + Grad-CAM."""
+"""Cardiac disease from a cine short-axis MRI study: ED + ES NIfTI (or one 4D cine, ED/ES found from the
+LV cavity curve) -> normal vs disease, five-class diagnosis, Grad-CAM."""
 from __future__ import annotations
 
 import numpy as np
 import streamlit as st
 
 from common import DISCLAIMER, file_key, legend, model_or_stop, pick_sample, reset_namespace, run_safely
-from core.inference import predict_cardiac
-from core.io import read_image_volume
+from core.inference import cardiac_cycle, predict_cardiac
+from core.io import read_cine, read_image_volume
 from core.visualize import heatmap_overlay, label_overlay
 
 NS = "card"
@@ -15,37 +16,94 @@ st.title("Cardiac disease from cine short-axis MRI")
 st.caption(DISCLAIMER)
 lm = model_or_stop("cardiac")
 
-c1, c2, c3 = st.columns(3)
-with c1:
-    up_ed = st.file_uploader("End-diastole (ED) frame, NIfTI", type=["nii", "gz"], key=f"{NS}.ed")
-with c2:
-    up_es = st.file_uploader("End-systole (ES) frame, NIfTI", type=["nii", "gz"], key=f"{NS}.es")
-with c3:
-    sample = pick_sample("cardiac", NS, "…or pick a sample patient", disabled=up_ed is not None or up_es is not None)
-
-ed_bytes = es_bytes = None
-if up_ed is not None or up_es is not None:
-    if up_ed is None or up_es is None:
-        st.info("Upload both frames (ED and ES) of the same cine series.")
+mode = st.radio("Study input", ["ED and ES frames", "One 4D cine"], horizontal=True, key=f"{NS}.mode",
+                help="A 4D cine NIfTI is (x, y, slice, time): every frame is segmented, and ED and ES are taken "
+                     "as the frames with the largest and the smallest left-ventricular cavity.")
+cine = cycle = None
+if mode == "One 4D cine":
+    c1, c3 = st.columns([2, 1])
+    with c1:
+        up_cine = st.file_uploader("Cine short-axis series, one 4D NIfTI (x, y, slice, time)", type=["nii", "gz"],
+                                   key=f"{NS}.cine")
+    with c3:
+        st.caption("The sample patients are ED/ES frame pairs; choose 'ED and ES frames' to use them.")
+    if up_cine is None:
+        st.info("Upload a 4D cine NIfTI, or choose 'ED and ES frames'.")
         st.stop()
-    ed_bytes, es_bytes = up_ed.getvalue(), up_es.getvalue()
-    names = (up_ed.name, up_es.name)
-elif sample is not None:
-    ed_bytes, es_bytes = sample.files["ED"].read_bytes(), sample.files["ES"].read_bytes()
-    names = (f"{sample.name}: {sample.files['ED'].name}", f"{sample.name}: {sample.files['ES'].name}")
-    st.caption(f"Sample: {sample.name} — {sample.note}")
-else:
-    st.info("Upload the ED and ES frames, or pick a sample patient.")
-    st.stop()
+    cine_bytes = up_cine.getvalue()
+    ckey = file_key(cine_bytes)
+    if st.session_state.get(f"{NS}.cine_key") != ckey:
+        reset_namespace(NS, keep=(f"{NS}.mode", f"{NS}.cine", f"{NS}.ed", f"{NS}.es", f"{NS}.sample"))
+        cine = run_safely(lambda: read_cine(cine_bytes, up_cine.name), "The cine cannot be used")
+        if cine is None:
+            st.stop()
+        with st.spinner(f"Segmenting all {cine.n_frames} frames to find end-diastole and end-systole…"):
+            cycle = run_safely(lambda: cardiac_cycle(lm, cine), "The cine could not be analysed")
+        if cycle is None:
+            st.stop()
+        st.session_state.update({f"{NS}.cine_key": ckey, f"{NS}.cine_obj": cine, f"{NS}.cycle": cycle,
+                                 f"{NS}.ed_t": cycle.ed + 1, f"{NS}.es_t": cycle.es + 1})
+    cine, cycle = st.session_state[f"{NS}.cine_obj"], st.session_state[f"{NS}.cycle"]
+    import plotly.graph_objects as go
 
-if st.session_state.get(f"{NS}.swapped"):  # the user asked to use the frames the other way round
-    ed_bytes, es_bytes, names = es_bytes, ed_bytes, (names[1], names[0])
-key = file_key(ed_bytes, es_bytes)
+    fr = list(range(1, cine.n_frames + 1))
+    fig = go.Figure()
+    fig.add_scatter(x=fr, y=cycle.lv, mode="lines+markers", name="LV cavity")
+    fig.add_scatter(x=fr, y=cycle.rv, mode="lines+markers", name="RV cavity")
+    fig.add_vline(x=cycle.ed + 1, line_dash="dash", annotation_text="ED (largest LV)")
+    fig.add_vline(x=cycle.es + 1, line_dash="dot", annotation_text="ES (smallest LV)")
+    fig.update_layout(height=260, margin=dict(t=30, b=30), xaxis_title="frame",
+                      yaxis_title="cavity size (pixels, all slices)")
+    st.plotly_chart(fig, key=f"{NS}.cycle_chart")
+    f1, f2 = st.columns(2)
+    ed_t = f1.number_input("ED frame (chosen: largest LV cavity)", 1, cine.n_frames, key=f"{NS}.ed_t")
+    es_t = f2.number_input("ES frame (chosen: smallest LV cavity)", 1, cine.n_frames, key=f"{NS}.es_t")
+    if ed_t == es_t:
+        st.info("ED and ES must be different frames.")
+        st.stop()
+    names = (f"{up_cine.name}, frame {ed_t}", f"{up_cine.name}, frame {es_t}")
+    if st.session_state.get(f"{NS}.swapped"):
+        ed_t, es_t, names = es_t, ed_t, (names[1], names[0])
+    key = f"{ckey}:{ed_t}:{es_t}"
+    load = (lambda: (cine.frame(ed_t - 1), cine.frame(es_t - 1)))  # noqa: E731
+else:
+    c1, c2, c3 = st.columns(3)
+    with c1:
+        up_ed = st.file_uploader("End-diastole (ED) frame, NIfTI", type=["nii", "gz"], key=f"{NS}.ed")
+    with c2:
+        up_es = st.file_uploader("End-systole (ES) frame, NIfTI", type=["nii", "gz"], key=f"{NS}.es")
+    with c3:
+        sample = pick_sample("cardiac", NS, "…or pick a sample patient", disabled=up_ed is not None or up_es is not None)
+
+    ed_bytes = es_bytes = None
+    if up_ed is not None or up_es is not None:
+        if up_ed is None or up_es is None:
+            st.info("Upload both frames (ED and ES) of the same cine series.")
+            st.stop()
+        ed_bytes, es_bytes = up_ed.getvalue(), up_es.getvalue()
+        names = (up_ed.name, up_es.name)
+    elif sample is not None:
+        ed_bytes, es_bytes = sample.files["ED"].read_bytes(), sample.files["ES"].read_bytes()
+        names = (f"{sample.name}: {sample.files['ED'].name}", f"{sample.name}: {sample.files['ES'].name}")
+        st.caption(f"Sample: {sample.name} — {sample.note}")
+    else:
+        st.info("Upload the ED and ES frames, or pick a sample patient.")
+        st.stop()
+
+    if st.session_state.get(f"{NS}.swapped"):  # the user asked to use the frames the other way round
+        ed_bytes, es_bytes, names = es_bytes, ed_bytes, (names[1], names[0])
+    key = file_key(ed_bytes, es_bytes)
+
+    def load():
+        ed = run_safely(lambda: read_image_volume(ed_bytes, "ED"), "The ED frame cannot be used")
+        es = run_safely(lambda: read_image_volume(es_bytes, "ES"), "The ES frame cannot be used") if ed else None
+        return ed, es
+
 if st.session_state.get(f"{NS}.key") != key:
     # controls start from their defaults for a new study, so what they show is what the images are drawn with
-    reset_namespace(NS, keep=(f"{NS}.ed", f"{NS}.es", f"{NS}.sample", f"{NS}.swapped"))
-    ed = run_safely(lambda: read_image_volume(ed_bytes, "ED"), "The ED frame cannot be used")
-    es = run_safely(lambda: read_image_volume(es_bytes, "ES"), "The ES frame cannot be used") if ed else None
+    reset_namespace(NS, keep=(f"{NS}.ed", f"{NS}.es", f"{NS}.sample", f"{NS}.swapped", f"{NS}.mode", f"{NS}.cine",
+                              f"{NS}.cine_key", f"{NS}.cine_obj", f"{NS}.cycle", f"{NS}.ed_t", f"{NS}.es_t"))
+    ed, es = load()
     if ed is None or es is None:
         st.stop()
     with st.spinner("Predicting and computing Grad-CAM…"):

@@ -170,10 +170,21 @@ else:
                                 "HD95 (mm)": f"{r['hd95_mm_mean']:.1f}",
                                 "|volume error| (%)": f"{r['abs_volume_error_pct_mean']:.1f}"}
                                for k, r in v["per_dataset"].items()]))
+    if v.get("inference_choice"):
+        st.markdown(f"**Inference setting**: {v.get('tta_flips', 1)} in-plane flip(s) averaged, mask threshold "
+                    f"{v.get('threshold', card.get('threshold', 0.5)):g}, chosen on these validation volumes (highest "
+                    "mean of the per-dataset Dice; so the figures above are slightly optimistic).")
+        with st.expander("Settings compared"):
+            st.dataframe(pd.DataFrame(v["inference_choice"]).rename(columns={
+                "flips": "flips", "threshold": "threshold", "dice_mean_of_datasets": "mean of per-dataset Dice"}),
+                hide_index=True, key=f"{NS}.inference_choice")
     qc = card.get("quality_check")
     if qc:
         st.markdown(f"**Quality check**: fired on {qc['validation_firing_rate']:.0%} of the validation volumes "
                     f"({', '.join(qc['validation_fired']) or 'none'}). Limits: {qc['fitted_on']}.")
+        if qc.get("foreign_inputs"):
+            st.markdown("On volumes that are not left-atrium MRI it fired on " + "; ".join(
+                f"{r['fired']} of {r['n']} {k}" for k, r in qc["foreign_inputs"].items()) + ".")
     st.dataframe(pd.DataFrame(v["per_case"]).T.rename_axis("case"), key=f"{NS}.per_case")
     cv = atrium_cross_validation(card)
     if cv:

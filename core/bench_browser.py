@@ -1,0 +1,198 @@
+"""What a clinician feels in the browser: step times of the real app, median of repeats (a benchmark,
+not a timed test).
+
+    python -m core.bench_browser [--json benchmarks/felt-cpu-2core.json] [--repeats 5] [--data-root DIR]
+
+Starts `streamlit run streamlit_app/Home.py` on localhost, drives Debian's chromium with Playwright
+(headless) and times, from the user's action to what they wait for:
+
+- server start to Home rendered (a fresh server per repeat);
+- opening a module page, to its file uploader;
+- the first chest X-ray after start, upload to verdict (the model may still be loading);
+- later chest X-rays, upload to verdict and to the Grad-CAM heatmap shown;
+- an atrium 256x256x130 volume (MSD la_003), upload to the volume shown;
+- then adding its ground-truth mask, to the Dice shown.
+
+Each repeat uses a new browser page, i.e. a new Streamlit session (results are kept per session, so a
+repeat is not served from an earlier one). Writes medians, all repeats and the machine to ``--json``;
+the README's performance section shows them beside the model times (``core.report``).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+from core.config import PROJECT_ROOT, data_root
+
+CHROMIUM = os.environ.get("MEDIMG_CHROMIUM", "/usr/bin/chromium")
+ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+        "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+TIMEOUT_MS = 120_000
+FELT_FILE = "benchmarks/felt-cpu-2core.json"
+# the goals of issue #17 (seconds), shown beside the measured medians
+GOALS_S = {"server_start_to_home": 4.0, "open_module_page": 1.0, "first_xray_upload_to_verdict": 1.0,
+           "later_xray_upload_to_verdict": 0.4, "later_xray_upload_to_heatmap": 0.75,
+           "atrium_upload_to_volume": 2.5, "atrium_add_mask_to_dice": 1.0}
+STEP_NAMES = {"server_start_to_home": "server start to Home",
+              "open_module_page": "open a module page (to its uploader)",
+              "first_xray_upload_to_verdict": "first chest X-ray after start: upload to verdict",
+              "later_xray_upload_to_verdict": "later chest X-rays: upload to verdict",
+              "later_xray_upload_to_heatmap": "later chest X-rays: upload to heatmap shown",
+              "atrium_upload_to_volume": "atrium 256x256x130 volume: upload to volume shown",
+              "atrium_add_mask_to_dice": "then adding its ground-truth mask: to Dice shown"}
+
+
+def summarise(samples: dict[str, list[float]]) -> dict[str, dict]:
+    """{step: [seconds...]} -> {step: {median_s, min_s, max_s, n, samples}} (steps with no sample left out)."""
+    return {k: {"median_s": round(statistics.median(v), 3), "min_s": round(min(v), 3), "max_s": round(max(v), 3),
+                "n": len(v), "samples": [round(x, 3) for x in v]} for k, v in samples.items() if v}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _start(port: int, log: Path) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "streamlit", "run", str(PROJECT_ROOT / "streamlit_app" / "Home.py"),
+         "--server.port", str(port), "--server.address", "127.0.0.1", "--server.headless", "true",
+         "--browser.gatherUsageStats", "false"],
+        cwd=PROJECT_ROOT, stdout=open(log, "wb"), stderr=subprocess.STDOUT, env={**os.environ})
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+def _wait_health(url: str) -> None:
+    for _ in range(400):
+        try:
+            if urllib.request.urlopen(f"{url}/_stcore/health", timeout=1).read() == b"ok":
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError("streamlit did not start")
+
+
+def measure(root: Path, repeats: int = 5, log_dir: Path | None = None) -> dict[str, list[float]]:
+    """Run every step ``repeats`` times (server starts: min(repeats, 3)); seconds per step."""
+    from playwright.sync_api import sync_playwright
+
+    xr = sorted((root / "chest_xray" / "train" / "PNEUMONIA").glob("*.jpeg"))[:repeats + 1]
+    la = root / "Task02_Heart" / "imagesTr" / "la_003.nii.gz"
+    la_gt = root / "Task02_Heart" / "labelsTr" / "la_003.nii.gz"
+    if not xr or not la.is_file():
+        raise FileNotFoundError(f"the benchmark needs chest_xray/train and Task02_Heart under {root}")
+    log_dir = log_dir or Path(os.environ.get("TMPDIR", "/tmp"))
+    s: dict[str, list[float]] = {k: [] for k in STEP_NAMES}
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM if Path(CHROMIUM).exists() else shutil.which("chromium"),
+                                    args=ARGS)
+
+        def page_at(url: str):
+            pg = browser.new_page(viewport={"width": 1400, "height": 1100})
+            pg.set_default_timeout(TIMEOUT_MS)
+            pg.goto(url)
+            return pg
+
+        for r in range(min(repeats, 3)):
+            port = _free_port()
+            url = f"http://127.0.0.1:{port}"
+            t0 = time.time()
+            proc = _start(port, log_dir / f"felt-bench-{r}.log")
+            try:
+                _wait_health(url)
+                pg = page_at(url)
+                pg.get_by_text("not a medical device").first.wait_for()
+                s["server_start_to_home"].append(time.time() - t0)
+                pg.close()
+                # the first X-ray straight after Home: what a user who goes there at once waits for
+                pg = page_at(f"{url}/Pneumonia")
+                pg.locator("input[type=file]").first.wait_for(state="attached")
+                t = time.time()
+                pg.locator("input[type=file]").first.set_input_files(str(xr[0]))
+                pg.get_by_text("P(pneumonia) =").first.wait_for()
+                s["first_xray_upload_to_verdict"].append(time.time() - t)
+                pg.close()
+                if r == 0:
+                    for k in range(repeats):
+                        t = time.time()
+                        pg = page_at(f"{url}/Pneumonia")
+                        pg.locator("input[type=file]").first.wait_for(state="attached")
+                        s["open_module_page"].append(time.time() - t)
+                        t = time.time()
+                        pg.locator("input[type=file]").first.set_input_files(str(xr[k + 1]))
+                        pg.get_by_text("P(pneumonia) =").first.wait_for()
+                        s["later_xray_upload_to_verdict"].append(time.time() - t)
+                        pg.locator("[data-testid=stImageContainer] img").nth(1).wait_for()
+                        s["later_xray_upload_to_heatmap"].append(time.time() - t)
+                        pg.close()
+                    for _ in range(max(1, repeats // 2 + 1)):
+                        pg = page_at(f"{url}/Atrium_segmentation")
+                        inputs = pg.locator("input[type=file]")
+                        inputs.nth(0).wait_for(state="attached")
+                        t = time.time()
+                        inputs.nth(0).set_input_files(str(la))
+                        pg.get_by_text("Axial slices in the radiological view").first.wait_for()
+                        s["atrium_upload_to_volume"].append(time.time() - t)
+                        pg.wait_for_function("() => !document.querySelector('[data-testid=\"stStatusWidget\"]')")
+                        t = time.time()
+                        inputs.nth(1).set_input_files(str(la_gt))
+                        pg.get_by_text("Slice Dice").first.wait_for()
+                        s["atrium_add_mask_to_dice"].append(time.time() - t)
+                        pg.close()
+            finally:
+                _stop(proc)
+        browser.close()
+    return s
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--json", default=FELT_FILE)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--data-root", default=None)
+    args = ap.parse_args(argv)
+    root = data_root(args.data_root)
+    samples = measure(Path(root), args.repeats)
+    import torch
+
+    out = {"what": "browser step times of the real app (median of repeats), core.bench_browser",
+           "machine": {"cpu": platform.machine(), "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
+                       "torch": torch.__version__, "browser": "chromium (headless)"},
+           "git_commit": _git_commit(), "measured": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+           "goals_s": GOALS_S, "steps": summarise(samples)}
+    path = Path(args.json)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(out, indent=1) + "\n")
+    for k, v in out["steps"].items():
+        print(f"{STEP_NAMES[k]:<55} median {v['median_s']:.2f} s (n {v['n']}, goal {GOALS_S[k]} s)")
+    return 0
+
+
+def _git_commit() -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=PROJECT_ROOT, capture_output=True, text=True,
+                              timeout=10).stdout.strip() or None
+    except OSError:
+        return None
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
