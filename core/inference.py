@@ -84,7 +84,9 @@ def load_model(task: str, wdir=None, with_guard: bool = True, optimize: bool = T
         if cal.is_file():
             c = _json.loads(cal.read_text())
             if c.get("weights_sha256") == card.get("weights_sha256"):
-                card = {**card, "calibration_temperature": float(c["temperature"])}
+                # sigmoid(slope * logit(p) + intercept); older files hold a temperature only
+                slope = float(c.get("slope", 1 / float(c["temperature"])))
+                card = {**card, "calibration": (slope, float(c.get("intercept", 0.0)), c.get("method", "temperature"))}
     diagnosis = None
     if task == "cardiac":
         from core.cardiac import load_diagnosis
@@ -143,11 +145,19 @@ def _prob(lm: LoadedModel, x: torch.Tensor) -> np.ndarray:
 UNCERTAIN_MARGIN = 0.10  # probabilities this close to the threshold get no verdict ("refer to a specialist")
 
 
-def verdict_band(probability: float, threshold: float, margin: float = UNCERTAIN_MARGIN) -> str:
-    """"positive", "negative", or "uncertain" when |probability - threshold| < margin."""
+def verdict_band(probability: float, threshold: float, margin: float = UNCERTAIN_MARGIN,
+                 calibrated: bool = False) -> str:
+    """"positive", "negative", or "uncertain" when |probability - threshold| < margin.
+
+    With a ``calibrated`` probability a verdict must also agree with it: "negative" needs P < 50 % and
+    "positive" P >= 50 %, so that a finding never contradicts the probability shown beside it (the
+    threshold balances sensitivity and specificity, and need not sit at 50 % on the calibrated scale)."""
     if abs(probability - threshold) < margin:
         return "uncertain"
-    return "positive" if probability >= threshold else "negative"
+    verdict = "positive" if probability >= threshold else "negative"
+    if calibrated and (verdict == "positive") != (probability >= 0.5):
+        return "uncertain"
+    return verdict
 
 
 
@@ -161,6 +171,7 @@ class XRayResult:
     ood_score: float = 0.0
     withheld: str | None = None  # why no diagnosis is given, in words for the user
     population_score: float = 0.0  # P(outside the model's population) from the population check
+    calibrated: bool = False  # probability and threshold are on the calibrated scale (core.pneumonia.calibrate)
 
 
 WITHHELD_XRAY = ("This image does not look like the frontal chest radiographs the model was trained on, so no "
@@ -192,12 +203,13 @@ def predict_xray(lm: LoadedModel, image: Image2D, explain: bool = True) -> XRayR
     positive = prob >= lm.threshold
     heat = gradcam(lm.model, lm.model.gradcam_layer(), x, positive=positive) if explain else None
     release_memory()
-    t = lm.card.get("calibration_temperature")
-    if t:  # shown calibrated; the decision above is the same at the matching threshold (order is kept)
-        from core.pneumonia import apply_temperature
+    cal = lm.card.get("calibration")
+    if cal:  # shown calibrated; the decision above is the same at the mapped threshold (the map is monotone)
+        from core.pneumonia import apply_platt
 
-        return XRayResult(float(apply_temperature(prob, t)), float(apply_temperature(lm.threshold, t)), positive,
-                          display, heat, score, None, pop)
+        a, b, _ = cal
+        return XRayResult(float(apply_platt(prob, a, b)), float(apply_platt(lm.threshold, a, b)), positive,
+                          display, heat, score, None, pop, calibrated=True)
     return XRayResult(prob, lm.threshold, positive, display, heat, score, None, pop)
 
 

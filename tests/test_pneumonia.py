@@ -147,3 +147,40 @@ def test_evaluation_records_weights_sha_and_page_ties_it(tmp_path, xray_root):
     (wd / "evaluations" / "old.json").write_text(json.dumps({**res, "weights_sha256": "0" * 64}))
     evs = {e["file"]: e["matches"] for e in external_evaluations("pneumonia", card, wd)}
     assert evs == {"ok.json": True, "old.json": False}
+
+
+# --------------------------------------------------------------------------- calibration (hand values)
+
+
+def test_binary_ece_by_hand():
+    from core.pneumonia import binary_ece
+
+    y = np.array([1, 0, 1, 1])
+    p = np.array([0.95, 0.95, 0.15, 0.15])  # two bins: mean p 0.95 observed 0.5; mean p 0.15 observed 1.0
+    assert binary_ece(y, p) == pytest.approx(0.5 * 0.45 + 0.5 * 0.85)
+
+
+def test_platt_recovers_a_known_map_and_keeps_the_order():
+    from core.pneumonia import apply_platt, binary_platt
+
+    rng = np.random.default_rng(0)
+    z = rng.normal(0, 2, 20000)
+    y = (rng.random(len(z)) < 1 / (1 + np.exp(-(0.5 * z - 1.0)))).astype(float)
+    a, b = binary_platt(y, 1 / (1 + np.exp(-z)))
+    assert a == pytest.approx(0.5, abs=0.05) and b == pytest.approx(-1.0, abs=0.08)
+    p = np.array([0.1, 0.3, 0.7])
+    assert np.allclose(apply_platt(p, 1.0, 0.0), p)  # slope 1, intercept 0: identity
+    q = apply_platt(p, a, b)
+    assert np.all(np.diff(q) > 0)  # monotone: decisions at the mapped threshold do not change
+
+
+def test_refer_band_by_hand():
+    from core.inference import verdict_band
+
+    assert verdict_band(0.30, 0.25, 0.10) == "uncertain"  # within 10 points of the threshold
+    assert verdict_band(0.40, 0.25, 0.10) == "positive" and verdict_band(0.10, 0.25, 0.10) == "negative"
+    # calibrated scale, threshold 72 %: a verdict never contradicts the probability shown beside it
+    assert verdict_band(0.55, 0.72, 0.10, calibrated=True) == "uncertain"  # would be 'negative' at P 55 %
+    assert verdict_band(0.40, 0.72, 0.10, calibrated=True) == "negative"
+    assert verdict_band(0.90, 0.72, 0.10, calibrated=True) == "positive"
+    assert verdict_band(0.45, 0.15, 0.10, calibrated=True) == "uncertain"  # would be 'positive' at P 45 %

@@ -65,16 +65,21 @@ if res.withheld:
     st.stop()
 
 # A finding is a finding, not an error: a neutral box with a plain label; near the threshold, no verdict.
-band = verdict_band(res.probability, res.threshold)
+band = verdict_band(res.probability, res.threshold, calibrated=res.calibrated)
 if band == "uncertain":
-    st.warning(f"**Uncertain — refer to a specialist.** P(pneumonia) = **{res.probability:.1%}** lies within "
-               f"{UNCERTAIN_MARGIN:.0%} of the decision threshold ({res.threshold:.1%}); the model cannot call this "
-               "image either way.")
+    why = (f"lies within {UNCERTAIN_MARGIN:.0%} of the decision threshold ({res.threshold:.1%})"
+           if abs(res.probability - res.threshold) < UNCERTAIN_MARGIN else
+           f"is on the other side of 50 % than the decision threshold ({res.threshold:.1%}) would call it")
+    st.warning(f"**Uncertain — refer to a specialist.** P(pneumonia) = **{res.probability:.1%}** {why}; the model "
+               "cannot call this image either way.")
 else:
     finding = "**Finding: pneumonia suggested.**" if band == "positive" else "**Finding: no pneumonia suggested.**"
     st.info(f"{finding} P(pneumonia) = **{res.probability:.1%}** (decision threshold {res.threshold:.1%}, chosen on "
             "validation data under acquisition perturbations).")
-st.metric("P(pneumonia)", f"{res.probability:.1%}", help="Model output after the sigmoid, not a calibrated risk.")
+st.metric("P(pneumonia)", f"{res.probability:.1%}",
+          help=("Calibrated on the validation images (clean and under acquisition perturbations), where 3 in 4 "
+                "children had pneumonia: among such images, about this share had it. At a lower prevalence the "
+                "true share is lower." if res.calibrated else "Model output after the sigmoid, not a calibrated risk."))
 
 alpha = st.slider("Heatmap opacity", 0.0, 1.0, 0.4, 0.05, key=f"{NS}.alpha")
 c1, c2 = st.columns(2)

@@ -107,9 +107,19 @@ if spec.kind == "binary":
         cal = _json.loads(calp.read_text()) if calp.is_file() else None
         if cal and cal.get("weights_sha256") == card.get("weights_sha256"):
             st.markdown(f"**Calibration** ({cal['what']}, n = {cal['n']}): expected calibration error "
-                        f"{cal['ece_before']:.3f} before and {cal['ece_after_cross_fitted']:.3f} after temperature "
-                        f"scaling (T = {cal['temperature']:.2f}; cross-fitted on two halves). The page shows calibrated "
-                        "probabilities; decisions are unchanged.")
+                        f"{cal['ece_before']:.3f} before and {cal['ece_after_cross_fitted']:.3f} after "
+                        + ("Platt scaling (sigmoid of "
+                           f"{cal['slope']:.2f} x logit + {cal['intercept']:.2f})" if cal.get("method") == "platt"
+                           else f"temperature scaling (T = {cal['temperature']:.2f})")
+                        + "; cross-fitted on two halves; the method with the lower cross-fitted log-loss is used. "
+                        "The page shows calibrated probabilities; decisions are unchanged.")
+            rb = cal.get("refer_band_clean_validation")
+            if rb:
+                st.markdown(f"**Refer band**: on the calibrated scale the threshold is {rb['threshold_calibrated']:.1%}; "
+                            f"{rb['share_of_validation_images']:.1%} of the clean validation images get 'uncertain, "
+                            "refer to a specialist' (within 10 points of the threshold, or a verdict that would "
+                            f"contradict the probability's side of 50 %); accuracy on the others "
+                            f"{rb['accuracy_of_the_rest']:.3f}.")
             fig = go.Figure()
             for name, key in (("before", "reliability_before"), ("after", "reliability_after")):
                 fig.add_scatter(x=[r["mean_probability"] for r in cal[key]], y=[r["observed_rate"] for r in cal[key]],
