@@ -138,20 +138,20 @@ def segment_view(model: nn.Module, data: np.ndarray, spacing: tuple[float, float
 
 
 def flip_pass_probs(model: nn.Module, data: np.ndarray, spacing: tuple[float, float, float], grid_mm: float,
-                    batch_size: int = 32, autocast_ctx=None) -> list[np.ndarray]:
-    """The four flipped axial passes' probabilities (X, Y, Z) each, of a canonical volume (for choosing
-    the inference setting: averaging the first 1, 2 or 4 gives flips = 1, 2 or 4)."""
+                    batch_size: int = 32, autocast_ctx=None, n: int = 4) -> list[np.ndarray]:
+    """The first ``n`` (1, 2 or 4) flipped axial passes' probabilities (X, Y, Z) each, of a canonical volume
+    (for choosing the inference setting: averaging the first 1, 2 or 4 gives flips = 1, 2 or 4)."""
     import contextlib
 
     norm = pp.normalise_volume(np.asarray(data))
     padded, geom = pp.atrium_padded(norm, spacing, grid_mm, normalised=True)
-    n = norm.shape[2]
-    probs = [torch.empty(n, *padded.shape[1:]) for _ in TTA_FLIPS[4]]
+    nz = norm.shape[2]
+    probs = [torch.empty(nz, *padded.shape[1:]) for _ in TTA_FLIPS[n]]
     with torch.inference_mode(), (autocast_ctx() if autocast_ctx else contextlib.nullcontext()):
-        for i in range(0, n, batch_size):
-            j = min(n, i + batch_size)
+        for i in range(0, nz, batch_size):
+            j = min(nz, i + batch_size)
             parts: list[torch.Tensor] = []
-            _flip_passes(model, pp.atrium_window(padded, i, j), 4, parts)
+            _flip_passes(model, pp.atrium_window(padded, i, j), n, parts)
             for k, p in enumerate(parts):
                 probs[k][i:j] = p
     return [pp.atrium_restore(p, geom) for p in probs]
@@ -512,7 +512,7 @@ def predict_case(model: nn.Module, c: CanonicalCase, views: tuple[int, ...], gri
                              autocast_ctx=lambda: autocast_for(device, bf16), flips=flips)
 
 
-TTA_CHOICES = (1, 2, 4)
+TTA_CHOICES = (1, 2)  # 4 flips would put a 256x256x130 volume over the 5 s goal on 2 CPU cores
 THRESHOLD_CHOICES = (0.3, 0.35, 0.4, 0.45, 0.5)
 
 
@@ -525,7 +525,7 @@ def pick_setting(score: dict[tuple[int, float], float], tie: float = 0.002) -> t
 
 
 def choose_inference(model: nn.Module, vols: list[CanonicalCase], idx: list[int], grid_mm: float,
-                     device: torch.device) -> dict:
+                     device: torch.device, bf16: bool = False) -> dict:
     """The axial pass's test-time flips (1, 2 or 4) and mask threshold with the highest validation Dice
     (mean of the per-dataset means, so that the smaller dataset counts as much as the larger). Ties
     within 0.002 go to fewer flips (faster) and to 0.5. Returns {"flips", "threshold", "table"}; the
@@ -533,10 +533,13 @@ def choose_inference(model: nn.Module, vols: list[CanonicalCase], idx: list[int]
     from core import metrics as M
     from core.precision import autocast_for
 
+    from tqdm import tqdm
+
     dice: dict[tuple[int, float], dict[str, list[float]]] = {}
-    for i in idx:
+    for i in tqdm(idx, desc="choose flips/threshold", leave=False):
         v = vols[i]
-        passes = flip_pass_probs(model, v.data, v.spacing, grid_mm, autocast_ctx=lambda: autocast_for(device, False))
+        passes = flip_pass_probs(model, v.data, v.spacing, grid_mm, autocast_ctx=lambda: autocast_for(device, bf16),
+                                 n=max(TTA_CHOICES))
         for f in TTA_CHOICES:
             prob = np.mean(passes[:f], axis=0)
             for t in THRESHOLD_CHOICES:
@@ -604,14 +607,15 @@ def fit_atrium(vols: list[CanonicalCase], tr: list[int], va: list[int], cfg, dev
 
 
 def score_cases(model: nn.Module, vols: list[CanonicalCase], idx: list[int], views: tuple[int, ...], grid: float,
-                device: torch.device, flips: int = 1, threshold: float = 0.5) -> tuple[dict[str, dict], dict[str, dict]]:
+                device: torch.device, flips: int = 1, threshold: float = 0.5,
+                bf16: bool = False) -> tuple[dict[str, dict], dict[str, dict]]:
     """Per-case 3D metrics and quality measures of ``views`` fused, on the canonical grid."""
     from core import metrics as M
 
     per_case, quality = {}, {}
     for i in idx:
         v = vols[i]
-        pr = predict_case(model, v, views, grid, device, flips=flips, threshold=threshold)
+        pr = predict_case(model, v, views, grid, device, bf16=bf16, flips=flips, threshold=threshold)
         per_case[v.case_id] = {**M.segmentation_metrics(pr.mask, v.label, v.spacing), "dataset": v.dataset}
         quality[v.case_id] = quality_measures(pr, v.spacing, threshold)
     return per_case, quality
@@ -709,7 +713,7 @@ def train_atrium(root, cfg, device: torch.device, smoke: bool = False, out_dir=N
 
 
 def apply_inference_choice(card: dict, model: nn.Module, vols: list[CanonicalCase], tr: list[int], va: list[int],
-                           grid: float, device: torch.device) -> dict:
+                           grid: float, device: torch.device, bf16: bool = False) -> dict:
     """With the card's views: choose the test-time flips and mask threshold on the validation volumes
     (only for the single axial view; fused views keep 1 flip and 0.5), score the validation volumes
     with them, and fit the quality check on the training volumes with the same setting. Updates the
@@ -718,17 +722,18 @@ def apply_inference_choice(card: dict, model: nn.Module, vols: list[CanonicalCas
 
     views = tuple(card["input_spec"].get("views", [2]))
     if views == (2,):
-        choice = choose_inference(model, vols, va, grid, device)
+        choice = choose_inference(model, vols, va, grid, device, bf16)
     else:
         choice = {"flips": 1, "threshold": 0.5, "table": []}
     flips, thr = choice["flips"], choice["threshold"]
-    per_case, val_quality = score_cases(model, vols, va, views, grid, device, flips, thr)
+    per_case, val_quality = score_cases(model, vols, va, views, grid, device, flips, thr, bf16)
     chosen = summarise(per_case)
-    _, train_quality = score_cases(model, vols, tr, views, grid, device, flips, thr)
+    _, train_quality = score_cases(model, vols, tr, views, grid, device, flips, thr, bf16)
     limits = fit_quality_limits(train_quality)
     rule = QualityRule(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in limits.items()})
     fired = {k: judge(q, rule).reasons for k, q in val_quality.items()}
     card["input_spec"]["tta_flips"] = flips
+    card["validation"]["scored_in"] = "bfloat16 autocast (as the app runs)" if bf16 else "float32"
     card["threshold"] = thr
     card["threshold_rule"] = (f"{thr:g} on the mean probability of the views and of {flips} in-plane flip(s), then "
                               "the largest 3D connected component; flips and threshold chosen on the validation "
@@ -905,7 +910,7 @@ def foreign_inputs(root, n_cine: int = 10, n_stacks: int = 5, n_noise: int = 5, 
     return out
 
 
-def foreign_firing(model: nn.Module, card: dict, root, device: torch.device) -> dict:
+def foreign_firing(model: nn.Module, card: dict, root, device: torch.device, bf16: bool = False) -> dict:
     """How often the quality check (the card's limits) fires on volumes that are not left-atrium MRI
     (``foreign_inputs``), by kind; it should fire on every one. Same path as the app: canonical
     orientation, the card's views, flips and threshold."""
@@ -921,7 +926,7 @@ def foreign_firing(model: nn.Module, card: dict, root, device: torch.device) -> 
         rows = {}
         for name, data, affine, spacing in items:
             d, sp, _ = to_canonical(data, affine, spacing)
-            pr = segment_canonical(model, d, sp, views, grid, thr, 32, lambda: autocast_for(device, False),
+            pr = segment_canonical(model, d, sp, views, grid, thr, 32, lambda: autocast_for(device, bf16),
                                    flips=flips)
             rows[name] = judge(quality_measures(pr, sp, thr), rule).reasons
         res[kind] = {"n": len(rows), "fired": sum(bool(r) for r in rows.values()),
@@ -946,9 +951,14 @@ def rechoose_inference(wdir=None, root=None) -> dict:
     train_ids, val_ids = card["data"]["train_cases"], card["data"]["val_cases"]
     vols = load_cases([by_id[i] for i in train_ids + val_ids])
     n_tr = len(train_ids)
+    # scored in the app's own precision (bfloat16 where the CPU runs it natively): these are the app's figures
+    from core.precision import native_bf16
+
+    cpu = torch.device("cpu")
+    bf16 = native_bf16(cpu)
     apply_inference_choice(card, lm.model, vols, list(range(n_tr)), list(range(n_tr, len(vols))), lm.grid_mm,
-                           torch.device("cpu"))
-    card["quality_check"]["foreign_inputs"] = foreign_firing(lm.model, card, data_root(root), torch.device("cpu"))
+                           cpu, bf16=bf16)
+    card["quality_check"]["foreign_inputs"] = foreign_firing(lm.model, card, data_root(root), cpu, bf16)
     _atomic_write(weights_dir(wdir) / "atrium.json", (_json.dumps(_clean(card), indent=1) + "\n").encode())
     return card
 
