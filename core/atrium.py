@@ -99,30 +99,36 @@ class AtriumPrediction:
 TTA_FLIPS: dict[int, tuple[tuple[int, ...], ...]] = {1: ((),), 2: ((), (-1,)), 4: ((), (-1,), (-2,), (-2, -1))}
 
 
-def _flip_passes(model: nn.Module, x: torch.Tensor, flips: int, out: list[torch.Tensor] | None = None) -> torch.Tensor:
-    """Mean sigmoid over the ``flips`` in-plane flips of x (N, C, H, W) -> (N, H, W); ``out``, if given,
-    receives each pass's own probabilities (to compare settings without re-running the model)."""
+def _passes(model: nn.Module, x: torch.Tensor, dims_list, out: list[torch.Tensor] | None = None) -> torch.Tensor:
+    """Mean sigmoid over the in-plane flips ``dims_list`` (dims of x; () = no flip) of x (N, C, H, W) ->
+    (N, H, W), each flipped back; ``out``, if given, receives each pass's own probabilities."""
     acc = None
-    for dims in TTA_FLIPS[flips]:
+    for dims in dims_list:
         xi = x.flip(dims) if dims else x
         p = torch.sigmoid(model(xi).float())[:, 0]
-        p = p.flip([d + 1 if d >= 0 else d for d in dims]) if dims else p
+        p = p.flip(dims) if dims else p  # negative dims name the same H/W axes of the (N, H, W) output
         if out is not None:
             out.append(p)
         acc = p if acc is None else acc + p
-    return acc / len(TTA_FLIPS[flips])
+    return acc / len(dims_list)
+
+
+def _flip_passes(model: nn.Module, x: torch.Tensor, flips: int, out: list[torch.Tensor] | None = None) -> torch.Tensor:
+    """Mean sigmoid over the ``flips`` in-plane flips of x (N, C, H, W) -> (N, H, W) (see TTA_FLIPS)."""
+    return _passes(model, x, TTA_FLIPS[flips], out)
 
 
 def segment_view(model: nn.Module, data: np.ndarray, spacing: tuple[float, float, float], axis: int,
                  grid_mm: float, batch_size: int = 1, autocast_ctx=None, progress=None,
-                 normalised: bool = False, flips: int = 1) -> np.ndarray:
+                 normalised: bool = False, flips: int = 1, flip_set=None) -> np.ndarray:
     """Probabilities (X, Y, Z) of one pass of the 2.5D U-Net along ``axis`` of a canonical volume,
-    averaged over ``flips`` in-plane flips (1, 2 or 4; see TTA_FLIPS).
-    ``autocast_ctx``: a callable giving a fresh precision context (or None for float32)."""
+    averaged over ``flips`` in-plane flips (1, 2 or 4; see TTA_FLIPS), or over ``flip_set`` (a tuple of
+    flip dims) when given. ``autocast_ctx``: a callable giving a fresh precision context (or None for float32)."""
     import contextlib
 
     if flips not in TTA_FLIPS:
         raise ValueError(f"flips must be one of {sorted(TTA_FLIPS)}, got {flips}")
+    dims_list = flip_set if flip_set is not None else TTA_FLIPS[flips]
     v = view(data, axis)
     padded, geom = pp.atrium_padded(v, view_spacing(spacing, axis), grid_mm, normalised=normalised)
     n = v.shape[2]
@@ -130,31 +136,38 @@ def segment_view(model: nn.Module, data: np.ndarray, spacing: tuple[float, float
     with torch.inference_mode(), (autocast_ctx() if autocast_ctx else contextlib.nullcontext()):
         for i in range(0, n, batch_size):
             j = min(n, i + batch_size)
-            prob[i:j] = _flip_passes(model, pp.atrium_window(padded, i, j), flips)
+            prob[i:j] = _passes(model, pp.atrium_window(padded, i, j), dims_list)
             if progress:
                 progress(j / n)
     del padded
     return np.moveaxis(pp.atrium_restore(prob, geom), 2, axis)
 
 
-def flip_pass_probs(model: nn.Module, data: np.ndarray, spacing: tuple[float, float, float], grid_mm: float,
-                    batch_size: int = 32, autocast_ctx=None, n: int = 4) -> list[np.ndarray]:
-    """The first ``n`` (1, 2 or 4) flipped axial passes' probabilities (X, Y, Z) each, of a canonical volume
-    (for choosing the inference setting: averaging the first 1, 2 or 4 gives flips = 1, 2 or 4)."""
-    import contextlib
-
-    norm = pp.normalise_volume(np.asarray(data))
-    padded, geom = pp.atrium_padded(norm, spacing, grid_mm, normalised=True)
-    nz = norm.shape[2]
-    probs = [torch.empty(nz, *padded.shape[1:]) for _ in TTA_FLIPS[n]]
-    with torch.inference_mode(), (autocast_ctx() if autocast_ctx else contextlib.nullcontext()):
-        for i in range(0, nz, batch_size):
-            j = min(nz, i + batch_size)
-            parts: list[torch.Tensor] = []
-            _flip_passes(model, pp.atrium_window(padded, i, j), n, parts)
-            for k, p in enumerate(parts):
-                probs[k][i:j] = p
-    return [pp.atrium_restore(p, geom) for p in probs]
+def flip_pass_probs(model: nn.Module, norm: np.ndarray, spacing: tuple[float, float, float], grid_mm: float,
+                    axis: int = 2, batch_size: int = 32, autocast_ctx=None, n: int = 4, progress=None) -> list[np.ndarray]:
+    """The first ``n`` (1, 2 or 4) in-plane flip passes along ``axis`` of a normalised canonical volume,
+    (X, Y, Z) each. The plain pass covers the whole volume; the flipped ones only the box around what it
+    found (``roi_box``: ROI_MARGIN_MM of context), and equal the plain pass outside it, so that extra flips
+    cost a fraction of a pass. The mean of the first f is what the app uses with f flips. When the plain
+    pass finds nothing, the flipped ones cover the whole volume."""
+    cb = (lambda f: progress(f / 2)) if progress and n > 1 else progress
+    p1 = segment_view(model, norm, spacing, axis, grid_mm, batch_size, autocast_ctx, cb, normalised=True)
+    out = [p1]
+    if n == 1:
+        return out
+    # the box around the plain pass's largest component (stray specks elsewhere would widen it to the
+    # whole volume), with ROI_MARGIN_MM of context
+    core_ = pp.largest_component(p1 >= 0.5)
+    box = roi_box(core_.astype(np.float32), spacing) if core_.any() else None
+    box = box if box is not None else tuple(slice(0, s) for s in norm.shape)
+    sub = np.ascontiguousarray(norm[box])
+    for k, dims in enumerate(TTA_FLIPS[n][1:]):
+        cbk = (lambda f, k=k: progress(0.5 + (k + f) / (2 * (n - 1)))) if progress else None
+        pk = p1.copy()
+        pk[box] = segment_view(model, sub, spacing, axis, grid_mm, batch_size, autocast_ctx, cbk, normalised=True,
+                               flip_set=(dims,))
+        out.append(pk)
+    return out
 
 
 ROI_MARGIN_MM = 40.0  # context kept around the first view's finding for the other views
@@ -189,8 +202,7 @@ def segment_canonical(model: nn.Module, data: np.ndarray, spacing: tuple[float, 
     for k, ax in enumerate(views):
         cb = (lambda f, k=k: progress((k + f) / len(views))) if progress else None
         if k == 0 or box is None:
-            p = segment_view(model, norm, spacing, ax, grid_mm, batch_size, autocast_ctx, cb, normalised=True,
-                             flips=flips)
+            p = np.mean(flip_pass_probs(model, norm, spacing, grid_mm, ax, batch_size, autocast_ctx, flips, cb), axis=0)
             if k == 0 and roi and len(views) > 1:
                 box = roi_box(p, spacing)
         else:
@@ -538,8 +550,8 @@ def choose_inference(model: nn.Module, vols: list[CanonicalCase], idx: list[int]
     dice: dict[tuple[int, float], dict[str, list[float]]] = {}
     for i in tqdm(idx, desc="choose flips/threshold", leave=False):
         v = vols[i]
-        passes = flip_pass_probs(model, v.data, v.spacing, grid_mm, autocast_ctx=lambda: autocast_for(device, bf16),
-                                 n=max(TTA_CHOICES))
+        passes = flip_pass_probs(model, pp.normalise_volume(v.data), v.spacing, grid_mm,
+                                 autocast_ctx=lambda: autocast_for(device, bf16), n=max(TTA_CHOICES))
         for f in TTA_CHOICES:
             prob = np.mean(passes[:f], axis=0)
             for t in THRESHOLD_CHOICES:

@@ -230,3 +230,25 @@ def test_pick_setting_prefers_the_best_then_fewer_flips_and_threshold_near_half(
     # within the tie margin: fewer flips win even with a slightly lower score
     assert A.pick_setting({(1, 0.4): 0.849, (4, 0.5): 0.850}) == (1, 0.4)
     assert A.pick_setting({(2, 0.3): 0.85, (2, 0.45): 0.8495, (2, 0.5): 0.84}) == (2, 0.45)
+
+
+def test_flipped_passes_differ_from_the_plain_one_only_around_its_finding():
+    import torch
+
+    class Spot(torch.nn.Module):  # finds the bright spot; elsewhere a position-dependent (not flip-free) output
+        def forward(self, x):
+            c = x[:, 1:2]
+            ramp = torch.linspace(-1, 1, c.shape[-1])
+            return torch.where(c > 2, torch.tensor(5.0), -3.0 + c * ramp)
+
+    norm = np.random.default_rng(0).normal(0, 0.5, (64, 64, 120)).astype(np.float32).clip(-1.5, 1.5)
+    norm[28:36, 28:36, 90:96] = 3.0
+    passes = A.flip_pass_probs(Spot(), norm, (1.0, 1.0, 1.0), 1.0, n=2)
+    assert len(passes) == 2 and passes[0].shape == norm.shape
+    far = np.zeros(norm.shape, bool)
+    far[:, :, :40] = True  # more than ROI_MARGIN_MM (40 mm) through-plane from the spot
+    assert np.array_equal(passes[1][far], passes[0][far])  # outside the box: the plain pass
+    near = np.zeros(norm.shape, bool)
+    near[20:44, 20:44, 84:100] = True
+    assert not np.allclose(passes[1][near], passes[0][near])  # inside it: the flipped pass
+    assert (passes[1][28:36, 28:36, 90:96] > 0.9).all()
