@@ -10,7 +10,6 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-import torch
 
 from core.config import PROJECT_ROOT, weights_dir
 from core.errors import MissingWeightsError
@@ -113,6 +112,8 @@ def save_checkpoint(state_dict: dict, card: dict, task: str, out_dir: str | Path
     out = weights_dir(out_dir)
     recover(task, out)
     buf = io.BytesIO()
+    import torch  # here, not at import: reading a card needs no torch
+
     torch.save({k: v.detach().cpu() for k, v in state_dict.items()}, buf)
     data = buf.getvalue()
     card = dict(card)
@@ -155,5 +156,7 @@ def load_state_dict(task: str, wdir: str | Path | None = None) -> tuple[dict, di
             f"The {task} weights file {path} does not match its card (checksum differs): it may be "
             f"half-written or from another run. Retrain with `python train_all.py --tasks {task}`."
         )
+    import torch
+
     state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     return state, card

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from core import preprocess as pp
+from core import constants as K  # the input constants only: no torch at import
 
 
 @dataclass(frozen=True)
@@ -47,7 +47,7 @@ TASKS: dict[str, TaskSpec] = {
         classes=("normal", "pneumonia"),
         architecture="SmallCNN",
         model_kwargs={"in_channels": 1, "base": 16, "n_blocks": 4, "dropout": 0.3},
-        input_spec={"size": pp.XRAY_SIZE, "channels": 1, "resize": "stretch to square (as the Kermany copy)",
+        input_spec={"size": K.XRAY_SIZE, "channels": 1, "resize": "stretch to square (as the Kermany copy)",
                     "equalize": True,
                     "intensity": "0.5-99.5 percentile min-max, resize, histogram equalisation, then (x-0.5)/0.25"},
         accepted_inputs=("png", "jpeg", "dicom"),
@@ -61,10 +61,10 @@ TASKS: dict[str, TaskSpec] = {
         kind="binary",
         classes=("normal", "disease"),
         architecture="CardiacNet",
-        model_kwargs={"in_channels": 2 * pp.CARDIAC_SLICES, "base": 16, "depth": 4, "n_seg_classes": 4,
+        model_kwargs={"in_channels": 2 * K.CARDIAC_SLICES, "base": 16, "depth": 4, "n_seg_classes": 4,
                       "dropout": 0.3},
-        input_spec={"size": pp.CARDIAC_SIZE, "slices_per_frame": pp.CARDIAC_SLICES,
-                    "slice_range": list(pp.CARDIAC_SLICE_RANGE), "crop_fraction": pp.CARDIAC_CROP_FRACTION,
+        input_spec={"size": K.CARDIAC_SIZE, "slices_per_frame": K.CARDIAC_SLICES,
+                    "slice_range": list(K.CARDIAC_SLICE_RANGE), "crop_fraction": K.CARDIAC_CROP_FRACTION,
                     "frames": ["ED", "ES"], "intensity": "1-99 percentile min-max per frame, then (x-0.5)/0.25"},
         accepted_inputs=("nifti",),
         monitor="auc",
@@ -78,9 +78,9 @@ TASKS: dict[str, TaskSpec] = {
         kind="segmentation",
         classes=("background", "left atrium"),
         architecture="UNet2D",
-        model_kwargs={"in_channels": 2 * pp.ATRIUM_CONTEXT + 1, "out_channels": 1, "base": 16, "depth": 4},
-        input_spec={"spacing_mm": pp.ATRIUM_SPACING_MM, "context_slices": pp.ATRIUM_CONTEXT,
-                    "pad_multiple": pp.UNET_MULTIPLE, "intensity": "0.5-99.5 percentile clip, z-score per volume",
+        model_kwargs={"in_channels": 2 * K.ATRIUM_CONTEXT + 1, "out_channels": 1, "base": 16, "depth": 4},
+        input_spec={"spacing_mm": K.ATRIUM_SPACING_MM, "context_slices": K.ATRIUM_CONTEXT,
+                    "pad_multiple": K.UNET_MULTIPLE, "intensity": "0.5-99.5 percentile clip, z-score per volume",
                     "postprocess": "largest 3D connected component"},
         accepted_inputs=("nifti",),
         monitor="dice",

@@ -17,7 +17,10 @@ if str(ROOT) not in sys.path:
 
 from core.config import data_root  # noqa: E402
 from core.errors import MedImgError, MissingWeightsError  # noqa: E402
-from core.inference import LoadedModel, load_model  # noqa: E402
+from typing import TYPE_CHECKING  # noqa: E402
+
+if TYPE_CHECKING:  # the model code (torch) loads with the first model, not with the Home page
+    from core.inference import LoadedModel
 from core.samples import HOW_TO_GET, list_samples  # noqa: E402
 from core.tasks import TASKS  # noqa: E402
 
@@ -30,6 +33,8 @@ DISCLAIMER = ("Research software, not a medical device: not validated for clinic
 @st.cache_resource(show_spinner="Loading the model…")
 def get_model(task: str) -> LoadedModel:
     """One model per task per server process, shared by all sessions (inference is lock-protected)."""
+    from core.inference import load_model
+
     return load_model(task)
 
 
