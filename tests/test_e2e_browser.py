@@ -189,6 +189,8 @@ def test_cardiac_4d_cine_upload_picks_ed_and_es(server, browser, acdc_root, tmp_
     nib.save(nib.Nifti1Image(np.stack([es, ed_arr, es], axis=3).astype(np.float32), ed.affine), cine)
     page = _page(browser, f"{server['url']}/Cardiac")
     page.get_by_text("One 4D cine").first.click()
+    page.get_by_text("Upload a 4D cine NIfTI").first.wait_for()  # the page has redrawn with the one cine box
+    _wait_idle(page)
     page.locator("input[type=file]").first.set_input_files(str(cine))
     page.get_by_text("P(disease) =").first.wait_for()
     _wait_idle(page)
@@ -214,6 +216,8 @@ def test_atrium_upload_and_slider(server, browser, heart_root):
     page.get_by_text("Slice Dice").first.wait_for()
     _record("felt_atrium_add_mask_to_dice_s", round(time.time() - t, 2))
     _wait_idle(page)
+    # the mask just added is shown: its switch turned on by itself
+    assert page.get_by_role("switch", name="Show ground-truth mask").is_checked()
     assert _images(page, 1) >= 1
     assert "3D Dice" in page.inner_text("body") and "mL" in page.inner_text("body")
 

@@ -52,7 +52,7 @@ if mode == "One 4D cine":
     fig.add_scatter(x=fr, y=cycle.rv, mode="lines+markers", name="RV cavity")
     fig.add_vline(x=cycle.ed + 1, line_dash="dash", annotation_text="ED (largest LV)")
     fig.add_vline(x=cycle.es + 1, line_dash="dot", annotation_text="ES (smallest LV)")
-    fig.update_layout(height=260, margin=dict(t=30, b=30), xaxis_title="frame",
+    fig.update_layout(height=260, margin=dict(t=30, b=30), xaxis_title="frame", xaxis_dtick=1,
                       yaxis_title="cavity size (pixels, all slices)")
     st.plotly_chart(fig, key=f"{NS}.cycle_chart")
     f1, f2 = st.columns(2)
@@ -147,7 +147,9 @@ else:
     finding = ("**Finding: the heart looks diseased**" if band == "positive"
                else "**Finding: the heart looks normal**")
     st.info(f"{finding}: P(disease) = **{res.probability:.1%}** (threshold {res.threshold:.1%}). Disease here means "
-            "any of DCM, HCM, previous myocardial infarction or abnormal right ventricle; the model does not say which.")
+            "any of DCM, HCM, previous myocardial infarction or abnormal right ventricle"
+            + ("; the five-class diagnosis below names the most likely." if lm.diagnosis is not None else
+               "; this model does not say which."))
 m1, m2, m3, m4, m5 = st.columns(5)
 m1.metric("P(disease)", f"{res.probability:.1%}")
 if res.shape is not None:

@@ -90,7 +90,9 @@ if st.session_state.get(f"{NS}.mask_key", "none") != mask_key:
             per_slice = M.per_slice_dice(mask_c, gt_c)
             disagree = A.disagreement_cm2(mask_c, gt_c, sp_c)
     st.session_state.update({f"{NS}.mask_key": mask_key, f"{NS}.gt_c": gt_c, f"{NS}.metrics": mets,
-                             f"{NS}.per_slice": per_slice, f"{NS}.disagree": disagree})
+                             f"{NS}.per_slice": per_slice, f"{NS}.disagree": disagree,
+                             # a mask just given is shown; none: the switch is off (and disabled)
+                             f"{NS}.show_gt": gt_c is not None})
 gt_c = st.session_state[f"{NS}.gt_c"]
 mets = st.session_state[f"{NS}.metrics"]
 per_slice = st.session_state[f"{NS}.per_slice"]
@@ -134,7 +136,7 @@ z = st.slider("Axial slice (inferior → superior, from the file's header)", 1, 
 
 t1, t2 = st.columns(2)
 show_pred = t1.toggle("Show predicted mask", value=True, key=f"{NS}.show_pred")
-show_gt = t2.toggle("Show ground-truth mask", value=gt_c is not None, key=f"{NS}.show_gt", disabled=gt_c is None)
+show_gt = t2.toggle("Show ground-truth mask", key=f"{NS}.show_gt", disabled=gt_c is None)  # set with the mask
 show_gt = show_gt and gt_c is not None
 
 img, entries = mask_overlay(radiological_axial(data_c[:, :, z]), radiological_axial(mask_c[:, :, z]),
