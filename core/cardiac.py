@@ -314,6 +314,36 @@ def diagnose(model, report: dict, ed: np.ndarray, es: np.ndarray, size: int) -> 
     return {"probabilities": dict(zip(GROUPS, map(float, p))), "features": f}
 
 
+BINARY_CALIBRATION_FILE = "cardiac.calibration.json"
+
+
+def binary_calibration(root, wdir=None) -> dict:
+    """Reliability of the binary head's P(disease) on its 5-fold out-of-fold predictions (the card's
+    cross_validation.out_of_fold_probability, every ACDC patient scored by a fold that did not train on it),
+    and temperature / Platt scaling cross-fitted over five groups of patients. Measured, not applied by the
+    app: the page's binary P(disease) stays the model's output. Writes <weights>/cardiac.calibration.json."""
+    from pathlib import Path
+
+    from core import io as mio
+    from core.calibration import cross_fitted
+    from core.checkpoint import _atomic_write, _clean, read_card
+    from core.config import weights_dir
+
+    card = read_card("cardiac", wdir)
+    oof = card["cross_validation"]["out_of_fold_probability"]
+    labels = {c.patient_id: c.label for c in mio.find_cardiac_cases(Path(root))}
+    ids = sorted(i for i in oof if i in labels)
+    y = np.array([labels[i] for i in ids], float)
+    p = np.array([oof[i] for i in ids], float)
+    r = cross_fitted(y, p, np.arange(len(ids)) % 5)
+    rep = {"task": "cardiac", "weights_sha256": card.get("weights_sha256"), "n": len(ids),
+           "what": "binary head P(disease), 5-fold out-of-fold predictions of all ACDC patients; maps cross-fitted "
+                   "over 5 patient groups", "applied_in_app": False,
+           **{k: v for k, v in r.items() if k != "cross_fitted"}}
+    _atomic_write(weights_dir(wdir) / BINARY_CALIBRATION_FILE, (json.dumps(_clean(rep), indent=1) + "\n").encode())
+    return rep
+
+
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
@@ -323,7 +353,14 @@ def main(argv: list[str] | None = None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data-root", default=None)
     ap.add_argument("--weights", default=None)
+    ap.add_argument("--binary-calibration", action="store_true",
+                    help="only measure the binary head's calibration (weights/cardiac.calibration.json)")
     args = ap.parse_args(argv)
+    if args.binary_calibration:
+        r = binary_calibration(data_root(args.data_root), args.weights)
+        print(json.dumps({k: r[k] for k in ("n", "method", "ece_before", "ece_after_cross_fitted", "compared")},
+                         indent=1))
+        return 0
     rep = build(data_root(args.data_root), args.weights)
     cv = rep["cross_validation"]
     print(json.dumps({"cv_uncalibrated": {k: cv["uncalibrated"][k] for k in ("accuracy", "accuracy_ci95", "ece")},

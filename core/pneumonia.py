@@ -619,63 +619,15 @@ def train_population_gate(root, device: torch.device, pneumonia_card: dict, smok
 CALIBRATION_FILE = "pneumonia.calibration.json"
 
 
-def _logit(p: np.ndarray) -> np.ndarray:
-    p = np.clip(p, 1e-6, 1 - 1e-6)
-    return np.log(p / (1 - p))
-
-
-def binary_ece(y: np.ndarray, p: np.ndarray, bins: int = 10) -> float:
-    """Expected calibration error of P(positive): mean |observed rate - mean probability| over equal-width
-    probability bins, weighted by count."""
-    edges = np.linspace(0, 1, bins + 1)
-    idx = np.clip(np.digitize(p, edges[1:-1]), 0, bins - 1)
-    return float(sum((idx == b).mean() * abs(y[idx == b].mean() - p[idx == b].mean())
-                     for b in range(bins) if (idx == b).any()))
-
-
-def binary_temperature(y: np.ndarray, p: np.ndarray) -> float:
-    """Temperature T minimising the log-loss of sigmoid(logit(p) / T) (grid search)."""
-    z = _logit(p)
-
-    def nll(t: float) -> float:
-        q = np.clip(1 / (1 + np.exp(-z / t)), 1e-9, 1 - 1e-9)
-        return float(-(y * np.log(q) + (1 - y) * np.log(1 - q)).mean())
-
-    return float(min(np.exp(np.linspace(np.log(0.25), np.log(8), 300)), key=nll))
-
-
-def apply_temperature(p: float | np.ndarray, t: float) -> float | np.ndarray:
-    """Calibrated probability; the order (and so every decision at the matching threshold) is unchanged."""
-    return 1 / (1 + np.exp(-_logit(np.asarray(p, dtype=float)) / t))
-
-
-def binary_platt(y: np.ndarray, p: np.ndarray) -> tuple[float, float]:
-    """Slope a and intercept b minimising the log-loss of sigmoid(a * logit(p) + b) (Platt scaling on the
-    model's logit; a temperature is the case b = 0). Newton steps on the two parameters."""
-    z = _logit(np.asarray(p, dtype=float))
-    y = np.asarray(y, dtype=float)
-    w = np.array([1.0, 0.0])
-    X = np.stack([z, np.ones_like(z)], axis=1)
-    for _ in range(50):
-        q = 1 / (1 + np.exp(-(X @ w)))
-        g = X.T @ (q - y)
-        h = (X * (q * (1 - q))[:, None]).T @ X + 1e-9 * np.eye(2)
-        step = np.linalg.solve(h, g)
-        w -= step
-        if np.abs(step).max() < 1e-10:
-            break
-    return float(w[0]), float(w[1])
-
-
-def apply_platt(p: float | np.ndarray, slope: float, intercept: float) -> float | np.ndarray:
-    """sigmoid(slope * logit(p) + intercept): monotone for slope > 0, so decisions at the mapped threshold
-    are unchanged."""
-    return 1 / (1 + np.exp(-(slope * _logit(np.asarray(p, dtype=float)) + intercept)))
-
-
-def _log_loss(y: np.ndarray, q: np.ndarray) -> float:
-    q = np.clip(q, 1e-9, 1 - 1e-9)
-    return float(-(y * np.log(q) + (1 - y) * np.log(1 - q)).mean())
+# the binary calibration maps are shared engine code (core.calibration); re-exported for this task's callers
+from core.calibration import (  # noqa: E402,F401
+    apply_platt,
+    apply_temperature,
+    binary_ece,
+    binary_platt,
+    binary_temperature,
+)
+from core.calibration import log_loss as _log_loss  # noqa: E402
 
 
 def calibrate(root, wdir=None, seed: int = 0) -> dict:

@@ -87,8 +87,10 @@ def test_metrics_page_each_task():
         assert len(at.dataframe) >= 1
         if task == "cardiac":
             assert "Shape estimates against the expert masks" in _text(at)
+            assert "Calibration of P(disease)" in _text(at)  # weights/cardiac.calibration.json matches
         if task == "atrium":
             assert "Per dataset" in _text(at) and "Quality check" in _text(at)
+            assert "Inference setting" in _text(at) and "not left-atrium MRI" in _text(at)
         if task == "pneumonia":
             assert "Inference in this app: float32" in _text(at)  # the registry keeps the X-ray CNN in float32
             assert "Shift-aware validation" in _text(at)

@@ -118,3 +118,15 @@ def test_cine_built_from_a_real_patient_finds_ed_and_es(acdc_root):
     a = predict_cardiac(lm, cine.frame(cyc.ed), cine.frame(cyc.es), explain=False)
     b = predict_cardiac(lm, ed, es, explain=False)
     assert a.probability == pytest.approx(b.probability, abs=1e-4)
+
+
+def test_cross_fitted_calibration_picks_platt_for_a_shifted_model():
+    from core.calibration import cross_fitted
+
+    rng = np.random.default_rng(1)
+    z = rng.normal(0, 2, 4000)
+    y = (rng.random(len(z)) < 1 / (1 + np.exp(-(z + 2.0)))).astype(float)  # the model is 2 logits too low
+    r = cross_fitted(y, 1 / (1 + np.exp(-z)), np.arange(len(z)) % 5)
+    assert r["method"] == "platt" and r["intercept"] == pytest.approx(2.0, abs=0.2)
+    assert r["ece_after_cross_fitted"] < 0.03 < r["ece_before"]
+    assert len(r["cross_fitted"]) == len(z)

@@ -13,6 +13,18 @@ from core.report import SHAPE_NAMES, atrium_cross_validation, external_evaluatio
 from core.tasks import TASKS
 
 NS = "metrics"
+
+
+def _matching_file(name: str, card: dict) -> dict | None:
+    """A JSON file beside the weights, only if it was computed for these weights (same sha256)."""
+    import json as _json
+
+    from core.config import weights_dir
+
+    path = weights_dir() / name
+    rec = _json.loads(path.read_text()) if path.is_file() else None
+    return rec if rec and rec.get("weights_sha256") == card.get("weights_sha256") else None
+
 st.set_page_config(page_title="Training & metrics", page_icon="📈", layout="wide")
 st.title("Training curves and validation metrics")
 st.caption(DISCLAIMER + " All numbers are validation figures read from weights/*.json.")
@@ -98,14 +110,10 @@ if spec.kind == "binary":
             st.markdown("**By acquisition series** (validation images, clean): share called pneumonia")
             st.table(pd.DataFrame(sv["by_series"]).T.rename_axis("series"))
     if task == "pneumonia":
-        import json as _json
-
-        from core.config import weights_dir
         from core.pneumonia import CALIBRATION_FILE
 
-        calp = weights_dir() / CALIBRATION_FILE
-        cal = _json.loads(calp.read_text()) if calp.is_file() else None
-        if cal and cal.get("weights_sha256") == card.get("weights_sha256"):
+        cal = _matching_file(CALIBRATION_FILE, card)
+        if cal:
             st.markdown(f"**Calibration** ({cal['what']}, n = {cal['n']}): expected calibration error "
                         f"{cal['ece_before']:.3f} before and {cal['ece_after_cross_fitted']:.3f} after "
                         + ("Platt scaling (sigmoid of "
@@ -161,6 +169,14 @@ if spec.kind == "binary":
                 fig.update_layout(title="Reliability diagram (top class, cross-validation)", xaxis_title="confidence",
                                   yaxis_title="accuracy", height=320)
                 st.plotly_chart(fig, key=f"{NS}.reliability")
+    if task == "cardiac":
+        from core.cardiac import BINARY_CALIBRATION_FILE
+
+        bc = _matching_file(BINARY_CALIBRATION_FILE, card)
+        if bc:
+            st.markdown(f"**Calibration of P(disease)** ({bc['what']}, n = {bc['n']}): expected calibration error "
+                        f"{bc['ece_before']:.3f}; {bc['ece_after_cross_fitted']:.3f} after {bc['method']} scaling "
+                        "(cross-fitted). Measured only: the page shows the model's own P(disease).")
     ev = read_validation_eval(task)
     if ev and "shape_agreement" in ev:
         st.markdown(f"**Shape estimates against the expert masks** ({ev['n']} validation patients): the page's "
