@@ -72,7 +72,8 @@ def _start(port: int, log: Path) -> subprocess.Popen:
         cwd=PROJECT_ROOT, stdout=open(log, "wb"), stderr=subprocess.STDOUT, env={**os.environ})
 
 
-def _stop(proc: subprocess.Popen) -> None:
+def stop_server(proc: subprocess.Popen) -> None:
+    """Terminate a streamlit server process, killing it after 10 s."""
     proc.terminate()
     try:
         proc.wait(10)
@@ -158,7 +159,7 @@ def measure(root: Path, repeats: int = 5, log_dir: Path | None = None) -> dict[s
                         s["atrium_add_mask_to_dice"].append(time.time() - t)
                         pg.close()
             finally:
-                _stop(proc)
+                stop_server(proc)
         browser.close()
     return s
 

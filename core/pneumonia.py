@@ -627,7 +627,7 @@ from core.calibration import (  # noqa: E402,F401
     binary_platt,
     binary_temperature,
 )
-from core.calibration import log_loss as _log_loss  # noqa: E402
+from core.calibration import cross_fitted  # noqa: E402
 
 
 def calibrate(root, wdir=None, seed: int = 0) -> dict:
@@ -654,22 +654,10 @@ def calibrate(root, wdir=None, seed: int = 0) -> dict:
                                     lm.equalize, torch.device("cpu"))
     yy = np.tile(y, len(probs))
     pp_ = np.concatenate(list(probs.values()))
-    half = np.tile(np.arange(len(y)) % 2, len(probs))
-    cross_t, cross_p = np.empty_like(pp_), np.empty_like(pp_)
-    for h in (0, 1):
-        t_h = binary_temperature(yy[half != h], pp_[half != h])
-        cross_t[half == h] = apply_temperature(pp_[half == h], t_h)
-        a_h, b_h = binary_platt(yy[half != h], pp_[half != h])
-        cross_p[half == h] = apply_platt(pp_[half == h], a_h, b_h)
-    t = binary_temperature(yy, pp_)
-    a, b = binary_platt(yy, pp_)
-    # the method with the lower cross-fitted log-loss (a proper score; ECE alone can be gamed by binning)
-    compared = {"temperature": {"ece_cross_fitted": binary_ece(yy, cross_t), "log_loss_cross_fitted": _log_loss(yy, cross_t)},
-                "platt": {"ece_cross_fitted": binary_ece(yy, cross_p), "log_loss_cross_fitted": _log_loss(yy, cross_p)}}
-    method = "platt" if a > 0 and compared["platt"]["log_loss_cross_fitted"] < compared["temperature"]["log_loss_cross_fitted"] \
-        else "temperature"
-    cross = cross_p if method == "platt" else cross_t
-    slope, intercept = (a, b) if method == "platt" else (1 / t, 0.0)
+    # temperature vs Platt, each cross-fitted on two halves by patient order; the lower log-loss wins
+    cal = cross_fitted(yy, pp_, np.tile(np.arange(len(y)) % 2, len(probs)))
+    t, method, compared, cross = cal["temperature"], cal["method"], cal["compared"], cal["cross_fitted"]
+    slope, intercept = cal["slope"], cal["intercept"]
 
     def curve(p: np.ndarray) -> list[dict]:
         edges = np.linspace(0, 1, 11)
@@ -690,7 +678,7 @@ def calibrate(root, wdir=None, seed: int = 0) -> dict:
     rep = {"task": "pneumonia", "weights_sha256": lm.card.get("weights_sha256"), "temperature": t,
            "refer_band_clean_validation": refer,
            "method": method, "slope": slope, "intercept": intercept, "compared": compared,
-           "log_loss_before": _log_loss(yy, pp_),
+           "log_loss_before": cal["log_loss_before"],
            "what": "validation images, clean and under the 11 perturbations, pooled",
            "n": int(len(yy)), "ece_before": binary_ece(yy, pp_), "ece_after_cross_fitted": binary_ece(yy, cross),
            "ece_before_clean_only": binary_ece(y, probs["clean"]),

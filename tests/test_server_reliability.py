@@ -19,6 +19,7 @@ from conftest import dicom_bytes
 from test_e2e_browser import CHROMIUM, _free_port, _need_browser
 
 from core import io as mio
+from core.bench_browser import stop_server
 from core.config import PROJECT_ROOT
 from core.inference import load_model, predict_xray
 
@@ -44,14 +45,6 @@ def _start(tmp: Path, env_extra: dict) -> tuple[subprocess.Popen, str, Path]:
             time.sleep(0.5)
     proc.kill()
     pytest.fail(f"server did not start: {log.read_text()[-2000:]}")
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    proc.terminate()
-    try:
-        proc.wait(10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
 
 
 async def _session(browser, url: str, path: Path, i: int) -> dict:
@@ -102,7 +95,7 @@ def test_concurrent_sessions_no_crosstalk(xray_root, tmp_path):
         results = asyncio.run(main())
         elapsed = time.time() - t0
     finally:
-        _stop(proc)
+        stop_server(proc)
     errors = [r for r in results if r["error"]]
     assert not errors, errors
     for r in results:
@@ -178,7 +171,7 @@ def test_uploads_leave_nothing_on_disk_or_in_logs(xray_root, tmp_path):
             b.close()
         io_after = _io_write_bytes(proc.pid)
     finally:
-        _stop(proc)
+        stop_server(proc)
     needles = [marker.encode(), patient.encode(), data[-4096:]]
     hits = []
     for base in (PROJECT_ROOT, home, tmpdir, Path("/tmp"), Path("/var/tmp")):
