@@ -47,6 +47,25 @@ def test_sampling_takes_both_datasets_equally_often():
     assert all(z == 1 and centred for _, z, centred in items)
 
 
+def test_sampling_takes_the_axial_view_at_its_share():
+    from dataclasses import replace
+
+    from core.atrium import sample_batch_items
+
+    s = _stack()
+    stacks = [replace(s, case_id="c1", axis=2), replace(s, case_id="c1", axis=0), replace(s, case_id="c1", axis=1),
+              replace(s, case_id="c2", axis=2), replace(s, case_id="c2", axis=0), replace(s, case_id="c2", axis=1)]
+    items = sample_batch_items(stacks, 6000, np.random.default_rng(0), axial_fraction=0.5)
+    axial = np.mean([stacks[i].axis == 2 for i, _, _ in items])
+    other_0 = np.mean([stacks[i].axis == 0 for i, _, _ in items])
+    assert 0.47 < axial < 0.53 and 0.22 < other_0 < 0.28
+    assert 0.47 < np.mean([stacks[i].case_id == "c2" for i, _, _ in items]) < 0.53
+    only_axial = sample_batch_items(stacks, 200, np.random.default_rng(1), axial_fraction=1.0)
+    assert all(stacks[i].axis == 2 for i, _, _ in only_axial)
+    with pytest.raises(ValueError):
+        sample_batch_items(stacks, 1, np.random.default_rng(0), axial_fraction=1.5)
+
+
 def test_augmentation_keeps_shapes_and_labels_binary():
     from core.atrium import augment
 
