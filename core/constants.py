@@ -20,3 +20,7 @@ ATRIUM_SPACING_MM = 1.25
 ATRIUM_GRID_RANGE_MM = (0.5, 5.0)  # in-plane grids a model may be trained and run at
 ATRIUM_CONTEXT = 1  # neighbouring slices each side given as extra channels (2.5D)
 UNET_MULTIPLE = 16
+
+# One wording of the research-use disclaimer for the pages and the PDF reports.
+DISCLAIMER = ("Research software, not a medical device: not validated for clinical use; "
+              "do not base clinical decisions on it.")

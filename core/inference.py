@@ -97,6 +97,24 @@ def load_model(task: str, wdir=None, with_guard: bool = True, optimize: bool = T
     return LoadedModel(spec, model, card, guard=guard, precision=prec, population=population, diagnosis=diagnosis)
 
 
+def warm_up(lm: LoadedModel) -> None:
+    """One throw-away prediction on a synthetic input of the shape the task sees, so that the first real
+    upload does not pay for first-call costs (oneDNN picks and builds its kernels per input shape on first
+    use; Grad-CAM's backward pass too). Errors are ignored: the page reports problems with real inputs."""
+    rng = np.random.default_rng(0)
+    try:
+        if lm.spec.name == "pneumonia":
+            yy, xx = np.mgrid[0:256, 0:256] / 255.0
+            predict_xray(lm, Image2D((0.5 + 0.3 * np.sin(6 * xx) * np.cos(4 * yy)).astype(np.float32), "png"))
+        elif lm.spec.name == "cardiac":
+            v = Volume(rng.random((128, 128, 10)).astype(np.float32), np.eye(4), (1.0, 1.0, 1.0))
+            predict_cardiac(lm, v, v, explain=True, guard=False)
+        elif lm.spec.name == "atrium":
+            segment_atrium(lm, Volume(rng.random((96, 96, 24)).astype(np.float32), np.eye(4), (1.25, 1.25, 1.25)))
+    except Exception:  # noqa: BLE001
+        pass
+
+
 def _load_population(wdir=None) -> tuple[nn.Module, dict]:
     """The pneumonia population check (``pneumonia_population.pt`` + card), checksum-verified."""
     from core.pneumonia import POPULATION_TASK

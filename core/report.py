@@ -321,6 +321,39 @@ def alternatives_markdown(alt: dict | None) -> list[str]:
     return rows
 
 
+def figure_line(task: str, card: dict) -> str:
+    """One-line validation figures of a task from its card (Home cards, PDF reports): the cross-validated
+    figure first where there is one."""
+    v = card["validation"]
+    if TASKS[task].kind == "binary":
+        cv = card.get("cross_validation")
+        if cv:  # lead with the cross-validated figure: every patient scored once by a model that did not see them
+            o = cv["pooled_out_of_fold"]
+            lo, hi = o["ci95"]["auc"]
+            txt = (f"5-fold CV (all {o['n']} patients) AUC {o['auc']:.3f} ({lo:.3f}-{hi:.3f}), accuracy "
+                   f"{o['accuracy']:.3f}; fold-1 validation AUC {v['auc']:.3f}, n = {v['n']}")
+        else:
+            lo, hi = v["ci95"]["auc"]
+            txt = f"validation AUC {v['auc']:.3f} ({lo:.3f}-{hi:.3f}), accuracy {v['accuracy']:.3f}, n = {v['n']}"
+        sl = shift_line(card)
+        if sl:
+            txt = (sl + f". Validation is the training hospital and period (n = {v['n']}): expect lower figures on "
+                   "other hospitals or later patients; not for adults.")
+        return txt
+    lo, hi = v["dice_ci95"]
+    txt = f"validation 3D Dice {v['dice_mean']:.3f} ({lo:.3f}-{hi:.3f}), n = {v['n']} volumes"
+    pd_ = v.get("per_dataset", {})
+    names = {"Task02_Heart": "bSSFP (MSD)", "LA2018": "LGE (2018 LA challenge)"}
+    if len(pd_) > 2:
+        txt += " — " + "; ".join(f"{names.get(k, k)} {r['dice_mean']:.3f} (n = {r['n']})" for k, r in pd_.items()
+                                 if k != "all")
+    cv = atrium_cross_validation(card)
+    if cv:
+        lo, hi = cv["dice_ci95"]
+        txt += f"; {cv['n_folds']}-fold CV Dice {cv['dice_mean']:.3f} ({lo:.3f}-{hi:.3f}), n = {cv['n']}"
+    return txt
+
+
 def write_readme(path: Path, wdir=None) -> None:
     text = path.read_text()
     if START not in text or END not in text:

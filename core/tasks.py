@@ -25,6 +25,7 @@ class TaskSpec:
     # inference may use bfloat16 where the hardware runs it natively ("auto" precision): only where it
     # pays and the outputs hold (python -m core.bench --accuracy); the X-ray CNN gains nothing from it
     bf16_inference: bool = False
+    intended_use: str = ""  # the population and input the model was trained and validated for, in words
 
     def __post_init__(self) -> None:
         if self.kind not in ("binary", "segmentation"):
@@ -54,6 +55,8 @@ TASKS: dict[str, TaskSpec] = {
         monitor="shift_auc",
         dataset="Kermany et al. 2018 chest X-rays, official training split (chest_xray/train)",
         train_defaults={"epochs": 20, "batch_size": 64, "lr": 1e-3, "patience": 20, "ema": 0.99},
+        intended_use="frontal (PA/AP) chest radiographs of young children (about 1-5 years), as in the Guangzhou "
+                     "paediatric cohort; adult, lateral and other images are withheld by a population check",
     ),
     "cardiac": TaskSpec(
         name="cardiac",
@@ -71,6 +74,8 @@ TASKS: dict[str, TaskSpec] = {
         dataset="ACDC (Bernard et al. 2018), ED and ES frames (ACDC/)",
         train_defaults={"epochs": 20, "batch_size": 16, "lr": 1e-3, "patience": 20},
         bf16_inference=True,
+        intended_use="short-axis cine MRI (bSSFP) of adults, ED and ES frames or a 4D cine, as in ACDC (Dijon); "
+                     "other centres, field strengths and children untested",
     ),
     "atrium": TaskSpec(
         name="atrium",
@@ -88,6 +93,8 @@ TASKS: dict[str, TaskSpec] = {
         train_defaults={"epochs": 48, "batch_size": 32, "lr": 2e-3, "patience": 48, "crop": 128,
                         "samples_per_epoch": 4000},
         bf16_inference=True,
+        intended_use="3D cardiac MRI of adults, bSSFP (as MSD, King's College London) or LGE (as the 2018 Utah "
+                     "challenge), any slice plane; other sequences and centres untested",
     ),
 }
 

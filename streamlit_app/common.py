@@ -26,8 +26,7 @@ from core.tasks import TASKS  # noqa: E402
 
 log = logging.getLogger("medimg.app")
 
-DISCLAIMER = ("Research software, not a medical device: not validated for clinical use; "
-              "do not base clinical decisions on it.")
+from core.constants import DISCLAIMER  # noqa: E402,F401  (one wording for the pages and the PDF report)
 
 
 @st.cache_resource(show_spinner="Loading the model…")
@@ -45,9 +44,11 @@ def warm_up_in_background() -> None:
     import threading
 
     def work() -> None:
+        from core.inference import warm_up
+
         for task in TASKS:
             try:
-                get_model(task)
+                warm_up(get_model(task))  # loaded, then one synthetic prediction: first-call costs paid here
             except Exception:  # noqa: BLE001 - the page that needs the model reports the problem
                 pass
 
@@ -117,40 +118,30 @@ def legend(entries: list[tuple[str, tuple]]) -> None:
 def figure_line(task: str) -> str:
     """One-line validation figures of a task from its card."""
     from core.checkpoint import read_card
+    from core.report import figure_line as line
 
     try:
         card = read_card(task)
     except MissingWeightsError:
         return "not trained yet"
-    v = card["validation"]
-    if TASKS[task].kind == "binary":
-        from core.report import shift_line
+    return line(task, card)
 
-        cv = card.get("cross_validation")
-        if cv:  # lead with the cross-validated figure: every patient scored once by a model that did not see them
-            o = cv["pooled_out_of_fold"]
-            lo, hi = o["ci95"]["auc"]
-            txt = (f"5-fold CV (all {o['n']} patients) AUC {o['auc']:.3f} ({lo:.3f}-{hi:.3f}), accuracy "
-                   f"{o['accuracy']:.3f}; fold-1 validation AUC {v['auc']:.3f}, n = {v['n']}")
-        else:
-            lo, hi = v["ci95"]["auc"]
-            txt = f"validation AUC {v['auc']:.3f} ({lo:.3f}-{hi:.3f}), accuracy {v['accuracy']:.3f}, n = {v['n']}"
-        sl = shift_line(card)
-        if sl:
-            txt = (sl + f". Validation is the training hospital and period (n = {v['n']}): expect lower figures on "
-                   "other hospitals or later patients; not for adults.")
-        return txt
-    lo, hi = v["dice_ci95"]
-    txt = f"validation 3D Dice {v['dice_mean']:.3f} ({lo:.3f}-{hi:.3f}), n = {v['n']} volumes"
-    pd_ = v.get("per_dataset", {})
-    names = {"Task02_Heart": "bSSFP (MSD)", "LA2018": "LGE (2018 LA challenge)"}
-    if len(pd_) > 2:
-        txt += " — " + "; ".join(f"{names.get(k, k)} {r['dice_mean']:.3f} (n = {r['n']})" for k, r in pd_.items()
-                                 if k != "all")
-    from core.report import atrium_cross_validation
 
-    cv = atrium_cross_validation(card)
-    if cv:
-        lo, hi = cv["dice_ci95"]
-        txt += f"; {cv['n_folds']}-fold CV Dice {cv['dice_mean']:.3f} ({lo:.3f}-{hi:.3f}), n = {cv['n']}"
-    return txt
+def case_stem(name: str) -> str:
+    """A file-name stem for what the page writes about a case: the input's name without folders, the
+    "sample " prefix or NIfTI/DICOM/image extensions."""
+    stem = name.removeprefix("sample ").replace("\\", "/").split("/")[-1]
+    for ext in (".nii.gz", ".nii", ".gz", ".dcm", ".dicom", ".png", ".jpg", ".jpeg"):
+        if stem.lower().endswith(ext):
+            stem = stem[: -len(ext)]
+            break
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in stem) or "case"
+
+
+def report_button(build: Callable[[], bytes], name: str, ns: str) -> None:
+    """A download button for the case's PDF report; the PDF is built only when the button is clicked
+    (``build`` runs then), so the page does not wait for it."""
+    st.download_button("Download the case report (PDF)", data=build, file_name=f"{case_stem(name)}_report.pdf",
+                       mime="application/pdf", on_click="ignore", key=f"{ns}.report",
+                       help="Result, images, measured figures, the model's version and validation figures, and the "
+                            "research-use disclaimer; no identifying fields of the input.")

@@ -21,6 +21,11 @@ def _text(at: AppTest) -> str:
     return "\n".join(parts)
 
 
+def _report_buttons(at: AppTest) -> int:
+    """Download buttons of a PDF case report on the page."""
+    return sum("case report" in str(getattr(b, "proto", b)) for b in at.get("download_button"))
+
+
 def _images(at: AppTest) -> int:
     return len(at.get("image"))
 
@@ -48,6 +53,7 @@ def test_pneumonia_sample_prediction(xray_root):
     text = _text(at)
     assert "P(pneumonia)" in text and "%" in text
     assert _images(at) >= 2  # original + Grad-CAM overlay
+    assert _report_buttons(at) == 1
     at.slider(key="pneu.alpha").set_value(0.8).run()
     assert not at.exception and _images(at) >= 2
 
@@ -59,6 +65,7 @@ def test_cardiac_sample_prediction(acdc_root):
     assert "P(disease)" in _text(at)
     assert _images(at) >= 16  # 8 ED + 8 ES slices with Grad-CAM
     assert "LV ejection fraction (estimate)" in _text(at)
+    assert _report_buttons(at) == 1
     at.radio(key="card.view").set_value("Segmentation (RV, myocardium, LV cavity)").run()
     assert not at.exception and "left-ventricle cavity" in _text(at) and _images(at) >= 16
 
@@ -69,6 +76,7 @@ def test_atrium_sample_segmentation_and_slider(heart_root):
     assert not at.exception
     text = _text(at)
     assert "mL" in text and "3D Dice" in text and "Slice Dice" in text
+    assert _report_buttons(at) == 1
     z0 = at.slider(key="atr.z").value
     at.button(key="atr.next").click().run()
     assert at.slider(key="atr.z").value == z0 + 1

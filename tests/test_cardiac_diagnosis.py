@@ -47,6 +47,37 @@ def test_temperature_softens_overconfident_logits():
     assert C.fit_temperature(z, y) > 2
 
 
+def test_second_stage_splits_only_the_dcm_minf_mass():
+    p = np.array([[0.1, 0.5, 0.1, 0.2, 0.1], [0.6, 0.1, 0.1, 0.1, 0.1]])
+    out = C.apply_pair(p, np.array([0.0, np.log(3.0)]))  # sigmoid: 1/2 and 3/4
+    d, m = C.GROUPS.index("DCM"), C.GROUPS.index("MINF")
+    assert out[0, d] == pytest.approx(0.35) and out[0, m] == pytest.approx(0.35)
+    assert out[1, d] == pytest.approx(0.15) and out[1, m] == pytest.approx(0.05)
+    assert np.allclose(out.sum(1), 1) and np.allclose(np.delete(out, [d, m], 1), np.delete(p, [d, m], 1))
+
+
+def test_second_stage_learns_wall_thickness_variability():
+    rng = np.random.default_rng(0)
+    n = 40
+    y = np.repeat([C.GROUPS.index("DCM"), C.GROUPS.index("MINF"), C.GROUPS.index("NOR")], n)
+    x = rng.normal(0, 1, (3 * n, len(C.FEATURES)))
+    cv = list(C.FEATURES).index("thick_cv_es")
+    x[y == C.GROUPS.index("MINF"), cv] += 3  # infarcts: uneven walls
+    pair = C.fit_pair(x, y)
+    z = C.pair_logit(pair, x)
+    assert (z[y == C.GROUPS.index("DCM")] > 0).mean() > 0.9 and (z[y == C.GROUPS.index("MINF")] < 0).mean() > 0.9
+    assert pair["coef"][list(C.PAIR_FEATURES).index("thick_cv_es")] < 0
+    with pytest.raises(ValueError, match="both DCM and MINF"):
+        C.fit_pair(x[y != C.GROUPS.index("MINF")], y[y != C.GROUPS.index("MINF")])
+
+
+def test_binary_temperature_by_hand():
+    # logits +-4 that are right 3 times in 4: the best temperature maps 4 to logit(3/4) = ln 3
+    z = np.array([4.0, 4.0, 4.0, 4.0, -4.0, -4.0, -4.0, -4.0])
+    y = np.array([1, 1, 1, 0, 0, 0, 0, 1])
+    assert C.fit_binary_temperature(z, y) == pytest.approx(4 / np.log(3), rel=0.03)
+
+
 def test_committed_classifier_is_tied_to_the_cardiac_weights():
     from core.checkpoint import read_card
 

@@ -159,6 +159,15 @@ def test_pneumonia_upload(server, browser, xray_root):
     assert _images(page, 2) >= 2
     assert "Grad-CAM" in page.inner_text("body")
     _shot(page, "1_pneumonia")
+    # the case report: built when the button is clicked, downloaded by the browser, read back as text
+    with page.expect_download() as dl:
+        page.get_by_text("Download the case report (PDF)").click()
+    assert dl.value.suggested_filename == "person996_bacteria_2924_report.pdf"
+    pdf = Path(dl.value.path()).read_bytes()
+    assert pdf.startswith(b"%PDF")
+    if shutil.which("pdftotext"):
+        txt = subprocess.run(["pdftotext", "-", "-"], input=pdf, capture_output=True, check=True).stdout.decode()
+        assert "person996_bacteria_2924.jpeg" in txt and "not a medical device" in txt and "Weights sha256" in txt
     page.close()
 
 
@@ -203,7 +212,7 @@ def test_cardiac_4d_cine_upload_picks_ed_and_es(server, browser, acdc_root, tmp_
     page.close()
 
 
-def test_atrium_upload_and_slider(server, browser, heart_root):
+def test_atrium_upload_and_slider(server, browser, heart_root, tmp_path):
     base = heart_root / "Task02_Heart"
     page = _page(browser, f"{server['url']}/Atrium_segmentation")
     inputs = page.locator("input[type=file]")
@@ -237,6 +246,17 @@ def test_atrium_upload_and_slider(server, browser, heart_root):
     page.get_by_role("button", name="Next ▶").click()
     page.wait_for_function(f"() => !document.body.innerText.includes({json.dumps(after)})", timeout=TIMEOUT_MS)
     _shot(page, "3_atrium")
+    # the mask comes back on the input's own grid and affine, named after the input
+    import nibabel as nib
+
+    _wait_idle(page)
+    with page.expect_download() as dl:
+        page.get_by_text("Download predicted mask").click()
+    assert dl.value.suggested_filename == "la_021_left_atrium_mask.nii.gz"
+    dl.value.save_as(tmp_path / dl.value.suggested_filename)  # nibabel reads the format from the name
+    got = nib.load(tmp_path / dl.value.suggested_filename)
+    src = nib.load(base / "imagesTr" / "la_021.nii.gz")
+    assert got.shape == src.shape and (got.affine == src.affine).all() and 0 < got.get_fdata().sum()
     page.close()
 
 

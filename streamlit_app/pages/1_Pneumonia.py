@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import streamlit as st
 
-from common import DISCLAIMER, file_key, model_or_stop, reset_namespace, run_safely, pick_sample
+from common import DISCLAIMER, file_key, model_or_stop, pick_sample, report_button, reset_namespace, run_safely
+from core.case_report import render_pdf, xray_report
 from core.inference import UNCERTAIN_MARGIN, predict_xray, verdict_band
 from core.io import read_image_2d
 from core.visualize import grey_rgb, heatmap_overlay
@@ -55,7 +56,9 @@ if st.session_state.get(f"{NS}.key") != key:
 
 image = st.session_state[f"{NS}.image"]
 res = st.session_state[f"{NS}.result"]
-st.markdown(f"**Result for: {st.session_state[f'{NS}.name']}**")
+name = st.session_state[f"{NS}.name"]
+st.markdown(f"**Result for: {name}**")
+report_button(lambda: render_pdf(xray_report(res, image, name), lm.card), name, NS)
 if res.withheld:
     st.warning(f"**No diagnosis.** {res.withheld}")
     st.image(grey_rgb(image.pixels), caption="Uploaded image", width=480)

@@ -5,9 +5,11 @@ from __future__ import annotations
 import numpy as np
 import streamlit as st
 
-from common import DISCLAIMER, file_key, legend, model_or_stop, pick_sample, reset_namespace, run_safely
+from common import DISCLAIMER, file_key, legend, model_or_stop, pick_sample, report_button, reset_namespace, run_safely
+from core.case_report import cardiac_report, render_pdf
 from core.inference import cardiac_cycle, predict_cardiac
-from core.io import read_cine, read_image_volume
+from core.dicom_series import read_cine_any
+from core.io import read_image_volume
 from core.visualize import heatmap_overlay, label_overlay
 
 NS = "card"
@@ -23,8 +25,8 @@ cine = cycle = None
 if mode == "One 4D cine":
     c1, c3 = st.columns([2, 1])
     with c1:
-        up_cine = st.file_uploader("Cine short-axis series, one 4D NIfTI (x, y, slice, time)", type=["nii", "gz"],
-                                   key=f"{NS}.cine")
+        up_cine = st.file_uploader("Cine short-axis series: one 4D NIfTI (x, y, slice, time), or the DICOM series "
+                                   "as one .zip", type=["nii", "gz", "zip"], key=f"{NS}.cine")
     with c3:
         st.caption("The sample patients are ED/ES frame pairs; choose 'ED and ES frames' to use them.")
     if up_cine is None:
@@ -34,7 +36,7 @@ if mode == "One 4D cine":
     ckey = file_key(cine_bytes)
     if st.session_state.get(f"{NS}.cine_key") != ckey:
         reset_namespace(NS, keep=(f"{NS}.mode", f"{NS}.cine", f"{NS}.ed", f"{NS}.es", f"{NS}.sample"))
-        cine = run_safely(lambda: read_cine(cine_bytes, up_cine.name), "The cine cannot be used")
+        cine = run_safely(lambda: read_cine_any(cine_bytes, up_cine.name), "The cine cannot be used")
         if cine is None:
             st.stop()
         with st.spinner(f"Segmenting all {cine.n_frames} frames to find end-diastole and end-systole…"):
@@ -115,6 +117,8 @@ if st.session_state.get(f"{NS}.key") != key:
 
 res = st.session_state[f"{NS}.result"]
 st.markdown(f"**Result for:** ED = `{names[0]}`, ES = `{names[1]}`")
+report_button(lambda: render_pdf(cardiac_report(res, f"ED = {names[0]}, ES = {names[1]}", lm.diagnosis), lm.card),
+              names[0].split(",")[0].split(":")[-1].strip(), NS)
 
 
 def _swap() -> None:

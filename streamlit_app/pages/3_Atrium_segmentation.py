@@ -5,12 +5,13 @@ from __future__ import annotations
 import numpy as np
 import streamlit as st
 
-from common import (DISCLAIMER, file_key, legend, model_or_stop, reset_namespace, run_safely,
-                    pick_sample)
+from common import (DISCLAIMER, case_stem, file_key, legend, model_or_stop, pick_sample, report_button,
+                    reset_namespace, run_safely)
 from core import atrium as A
 from core import metrics as M
 from core.inference import segment_atrium
-from core.io import nifti_to_bytes, read_image_volume, read_mask
+from core.dicom_series import read_volume_any
+from core.io import nifti_to_bytes, read_mask
 from core.visualize import mask_overlay, radiological_axial
 
 NS = "atr"
@@ -24,7 +25,8 @@ st.caption("Trained on bSSFP MRI (MSD Task02_Heart, King's College London) and L
 
 c1, c2, c3 = st.columns(3)
 with c1:
-    up_img = st.file_uploader("3D MRI volume (NIfTI .nii or .nii.gz)", type=["nii", "gz"], key=f"{NS}.img")
+    up_img = st.file_uploader("3D MRI volume (NIfTI .nii/.nii.gz, or a DICOM series as one .zip)",
+                              type=["nii", "gz", "zip"], key=f"{NS}.img")
 with c2:
     up_mask = st.file_uploader("Optional: its ground-truth left-atrium mask (NIfTI)", type=["nii", "gz"],
                                key=f"{NS}.mask")
@@ -51,7 +53,7 @@ else:
 seg_key = file_key(img_bytes)
 if st.session_state.get(f"{NS}.key") != seg_key:
     reset_namespace(NS, keep=(f"{NS}.img", f"{NS}.mask", f"{NS}.sample"))
-    vol = run_safely(lambda: read_image_volume(img_bytes, "image"), "The volume cannot be used")
+    vol = run_safely(lambda: read_volume_any(img_bytes, "image"), "The volume cannot be used")
     if vol is None:
         st.stop()
     bar = st.progress(0.0, text="Segmenting slices…")
@@ -65,7 +67,6 @@ if st.session_state.get(f"{NS}.key") != seg_key:
         f"{NS}.key": seg_key, f"{NS}.vol": vol, f"{NS}.res": res, f"{NS}.name": name,
         f"{NS}.canon": (data_c, sp_c, A.to_canonical(res.mask, vol.affine, vol.spacing)[0],
                         A.to_canonical(res.prob, vol.affine, vol.spacing)[0]),
-        f"{NS}.download": nifti_to_bytes(res.mask, vol.affine),
     })
     zs = np.nonzero(st.session_state[f"{NS}.canon"][2].any(axis=(0, 1)))[0]
     nz0 = data_c.shape[2]
@@ -183,10 +184,11 @@ with st.expander("Quality check: the measures behind the verdict"):
                            f"<= {r.max_uncertain_ratio:.2f}", f">= {r.min_view_agreement:.2f}",
                            f">= {r.min_extent_mm:.0f}"]})
 
-stem = name.removeprefix("sample ").split("/")[-1]
-for ext in (".nii.gz", ".nii", ".gz"):
-    if stem.endswith(ext):
-        stem = stem[: -len(ext)]
-        break
-st.download_button("Download predicted mask (NIfTI, input's grid and affine)", data=st.session_state[f"{NS}.download"],
-                   file_name=f"{stem}_left_atrium_mask.nii.gz", mime="application/gzip", key=f"{NS}.download_btn")
+from core.case_report import atrium_report, render_pdf  # noqa: E402
+
+# encoded when clicked (gzip of a whole volume costs time the page need not wait for)
+st.download_button("Download predicted mask (NIfTI, input's grid and affine)",
+                   data=lambda: nifti_to_bytes(res.mask, vol.affine), on_click="ignore",
+                   file_name=f"{case_stem(name)}_left_atrium_mask.nii.gz", mime="application/gzip",
+                   key=f"{NS}.download_btn")
+report_button(lambda: render_pdf(atrium_report(res, data_c, mask_c, name, mets, gt_c), lm.card), name, NS)

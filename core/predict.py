@@ -1,0 +1,261 @@
+"""Batch prediction from the command line: a row per case in a CSV, never stopping at a bad file.
+
+    python -m core.predict --task pneumonia INPUTS... --csv OUT.csv [--reports DIR]
+    python -m core.predict --task cardiac   INPUTS... --csv OUT.csv [--reports DIR]
+    python -m core.predict --task atrium    INPUTS... --csv OUT.csv [--reports DIR] [--masks DIR]
+
+INPUTS are files or folders (searched recursively):
+- pneumonia: PNG, JPEG or DICOM radiographs (DICOM files may have no extension);
+- cardiac: 4D cine NIfTI files (x, y, slice, time; ED and ES found from the LV cavity curve), or ACDC-style
+  patient folders (Info.cfg naming the ED and ES frames, with patientNNN_frameXX.nii.gz beside it);
+- atrium: 3D NIfTI volumes (files ending _gt, _seg or _mask are taken for masks and skipped);
+- cardiac and atrium: a DICOM series as one .zip of its files (cardiac: the cine series).
+A case that cannot be read or analysed gets a row with status "error" and the reason; the run goes on.
+Exit status 0 when every case got a result (a withheld diagnosis counts), 1 when any case failed.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from core.errors import MedImgError
+from core.tasks import TASKS
+
+XRAY_SUFFIXES = (".png", ".jpg", ".jpeg", ".dcm", ".dicom")
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+MASK_MARKERS = ("_gt", "_seg", "_mask", "_label")
+
+COLUMNS = {
+    "pneumonia": ["p_pneumonia", "threshold"],
+    "cardiac": ["p_disease", "threshold", "ed_frame", "es_frame", "lv_ef", "rv_ef", "most_likely",
+                "p_NOR", "p_DCM", "p_HCM", "p_MINF", "p_RV"],
+    "atrium": ["volume_ml", "quality_passed", "quality_reasons", "mask"],
+}
+COMMON = ["case", "input", "status", "finding", "message", "report"]
+
+
+@dataclass(frozen=True)
+class Case:
+    """One unit of work: ``paths`` are its files (an ACDC folder: ED then ES)."""
+
+    name: str
+    paths: tuple[Path, ...]
+    kind: str  # "file", "cine" or "acdc"
+
+
+def _nifti_stem(p: Path) -> str:
+    n = p.name
+    for ext in (".nii.gz", ".nii", ".zip"):
+        if n.lower().endswith(ext):
+            return n[: -len(ext)]
+    return p.stem
+
+
+def _is_nifti(p: Path) -> bool:
+    return p.name.lower().endswith(NIFTI_SUFFIXES)
+
+
+def _acdc_case(folder: Path) -> Case | None:
+    from core.io import parse_info_cfg
+
+    info = parse_info_cfg(folder / "Info.cfg")
+    if "ED" not in info or "ES" not in info:
+        return None
+    try:
+        ed, es = (folder / f"{folder.name}_frame{int(info[k]):02d}.nii.gz" for k in ("ED", "ES"))
+    except ValueError:
+        return None
+    return Case(folder.name, (ed, es), "acdc")
+
+
+def find_cases(task: str, inputs: list[Path]) -> Iterator[Case]:
+    """The cases under ``inputs`` for ``task``, in a stable order; a missing input becomes a case whose
+    reading fails (so it gets an error row)."""
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
+    for inp in inputs:
+        if not inp.exists():
+            yield Case(inp.name or str(inp), (inp,), "file")
+            continue
+        if inp.is_file():
+            stem = _nifti_stem(inp) if _is_nifti(inp) or inp.suffix.lower() == ".zip" else inp.name
+            yield Case(stem, (inp,), "cine" if task == "cardiac" else "file")
+            continue
+        files = sorted(p for p in inp.rglob("*") if p.is_file())
+        if task == "pneumonia":
+            for p in files:
+                if p.suffix.lower() in XRAY_SUFFIXES or (p.suffix == "" and not p.name.startswith(".")):
+                    yield Case(str(p.relative_to(inp)), (p,), "file")
+        elif task == "atrium":
+            for p in files:
+                rel = p.relative_to(inp)
+                if (_is_nifti(p) or p.suffix.lower() == ".zip") \
+                        and not any(_nifti_stem(p).lower().endswith(m) for m in MASK_MARKERS) \
+                        and not any(q.lower().startswith("label") for q in rel.parts[:-1]):
+                    yield Case(str(rel.parent / _nifti_stem(p)).removeprefix("./"), (p,), "file")
+        else:
+            acdc_dirs = sorted({p.parent for p in files if p.name == "Info.cfg"})
+            for d in acdc_dirs:
+                c = _acdc_case(d)
+                if c is not None:
+                    yield c
+            for p in files:
+                if (_is_nifti(p) or p.suffix.lower() == ".zip") and p.parent not in acdc_dirs and "_gt" not in p.name:
+                    yield Case(str(p.relative_to(inp).parent / _nifti_stem(p)).removeprefix("./"), (p,), "cine")
+
+
+def _read(p: Path) -> bytes:
+    try:
+        return p.read_bytes()
+    except OSError as e:
+        raise MedImgError(f"cannot read {p}: {e.strerror or e}") from None
+
+
+def _safe(name: str) -> str:
+    """A case name as one file name (folders joined by underscores)."""
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name.replace("/", "_")) or "case"
+
+
+def _fmt(x: float | None, nd: int = 4) -> str:
+    return "" if x is None else f"{x:.{nd}f}"
+
+
+def run_case(task: str, lm, case: Case, reports: Path | None, masks: Path | None) -> dict[str, str]:
+    """One CSV row for one case; raises MedImgError for what the user must fix."""
+    from core import case_report as R
+    from core.inference import verdict_band
+
+    row: dict[str, str] = {"case": case.name, "input": ";".join(str(p) for p in case.paths)}
+    report = None
+    if task == "pneumonia":
+        from core.inference import predict_xray
+        from core.io import read_image_2d
+
+        image = read_image_2d(_read(case.paths[0]), case.paths[0].name)
+        res = predict_xray(lm, image, explain=reports is not None)
+        if res.withheld:
+            row.update(status="withheld", message=res.withheld)
+        else:
+            band = verdict_band(res.probability, res.threshold, calibrated=res.calibrated)
+            row.update(status="ok" if band != "uncertain" else "uncertain",
+                       finding={"positive": "pneumonia", "negative": "no pneumonia",
+                                "uncertain": "uncertain: refer"}[band],
+                       p_pneumonia=_fmt(res.probability), threshold=_fmt(res.threshold))
+        if reports is not None:
+            report = R.xray_report(res, image, case.name)
+    elif task == "cardiac":
+        from core.inference import cardiac_cycle, predict_cardiac
+        from core.dicom_series import read_cine_any
+        from core.io import read_image_volume
+
+        if case.kind == "acdc":
+            ed, es = (read_image_volume(_read(p), p.name) for p in case.paths)
+            row.update(ed_frame=case.paths[0].name, es_frame=case.paths[1].name)
+        else:
+            cine = read_cine_any(_read(case.paths[0]), case.paths[0].name)
+            cyc = cardiac_cycle(lm, cine)
+            ed, es = cine.frame(cyc.ed), cine.frame(cyc.es)
+            row.update(ed_frame=str(cyc.ed + 1), es_frame=str(cyc.es + 1))
+        res = predict_cardiac(lm, ed, es, explain=reports is not None)
+        if res.withheld:
+            row.update(status="withheld", message=res.withheld)
+        elif res.shape is not None and res.shape["lv_ef"] <= 0:
+            row.update(status="error", message="the ED and ES frames look swapped (LV cavity smaller at ED)")
+        else:
+            band = verdict_band(res.probability, res.threshold)
+            row.update(status="ok" if band != "uncertain" else "uncertain",
+                       finding={"positive": "disease", "negative": "normal", "uncertain": "uncertain: refer"}[band],
+                       p_disease=_fmt(res.probability), threshold=_fmt(res.threshold))
+            if res.shape is not None:
+                row.update(lv_ef=_fmt(res.shape["lv_ef"], 3), rv_ef=_fmt(res.shape["rv_ef"], 3))
+            if res.diagnosis is not None and lm.diagnosis is not None:
+                probs = res.diagnosis["probabilities"]
+                top = max(probs, key=probs.get)
+                row["most_likely"] = top if probs[top] >= float(lm.diagnosis["uncertain_below"]) else "uncertain"
+                row.update({f"p_{g}": _fmt(p) for g, p in probs.items()})
+        if reports is not None:
+            report = R.cardiac_report(res, case.name, lm.diagnosis)
+    else:
+        from core import atrium as A
+        from core.inference import segment_atrium
+        from core.dicom_series import read_volume_any
+        from core.io import nifti_to_bytes
+
+        vol = read_volume_any(_read(case.paths[0]), case.paths[0].name)
+        res = segment_atrium(lm, vol)
+        passed = res.reliable
+        row.update(status="ok" if passed else "withheld",
+                   finding=f"left atrium {res.volume_ml:.1f} mL" if passed else "no reliable segmentation",
+                   volume_ml=_fmt(res.volume_ml, 2) if passed else "", quality_passed=str(passed),
+                   quality_reasons="; ".join(getattr(res.quality, "reasons", []) or []))
+        if masks is not None:
+            out = masks / f"{_safe(case.name)}_left_atrium_mask.nii.gz"
+            out.write_bytes(nifti_to_bytes(res.mask, vol.affine))
+            row["mask"] = str(out)
+        if reports is not None:
+            data_c, _, _ = A.to_canonical(vol.data, vol.affine, vol.spacing)
+            mask_c = A.to_canonical(res.mask, vol.affine, vol.spacing)[0]
+            report = R.atrium_report(res, data_c, mask_c, case.name)
+    if report is not None and reports is not None:
+        out = reports / f"{_safe(case.name)}_report.pdf"
+        out.write_bytes(R.render_pdf(report, lm.card))
+        row["report"] = str(out)
+    return row
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m core.predict", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--task", required=True, choices=list(TASKS))
+    ap.add_argument("inputs", nargs="+", type=Path, help="files or folders")
+    ap.add_argument("--csv", required=True, type=Path, help="where to write a row per case")
+    ap.add_argument("--reports", type=Path, default=None, help="folder for a PDF report per case")
+    ap.add_argument("--masks", type=Path, default=None, help="atrium: folder for the predicted masks (NIfTI)")
+    ap.add_argument("--weights", type=Path, default=None, help="weights folder (default ./weights)")
+    args = ap.parse_args(argv)
+    if args.masks is not None and args.task != "atrium":
+        ap.error("--masks applies to --task atrium only")
+    for d in (args.reports, args.masks):
+        if d is not None:
+            d.mkdir(parents=True, exist_ok=True)
+    args.csv.parent.mkdir(parents=True, exist_ok=True)
+
+    from tqdm import tqdm
+
+    from core.inference import load_model
+
+    try:
+        lm = load_model(args.task, args.weights)
+    except MedImgError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    cases = list(find_cases(args.task, args.inputs))
+    if not cases:
+        print(f"error: no {args.task} inputs found under {', '.join(map(str, args.inputs))}", file=sys.stderr)
+        return 2
+    failed = 0
+    with args.csv.open("w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=COMMON + COLUMNS[args.task], extrasaction="ignore")
+        w.writeheader()
+        for case in tqdm(cases, desc=args.task, unit="case", file=sys.stderr):
+            try:
+                row = run_case(args.task, lm, case, args.reports, args.masks)
+            except MedImgError as e:
+                row = {"case": case.name, "input": ";".join(map(str, case.paths)), "status": "error",
+                       "message": str(e)}
+            except Exception as e:  # noqa: BLE001  (a batch never stops at one case; the row says what happened)
+                row = {"case": case.name, "input": ";".join(map(str, case.paths)), "status": "error",
+                       "message": f"unexpected error ({type(e).__name__}): {e}"}
+            failed += row.get("status") == "error"
+            w.writerow(row)
+            fh.flush()
+    print(f"{len(cases)} case(s), {failed} error(s) -> {args.csv}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
