@@ -161,7 +161,7 @@ def test_pneumonia_upload(server, browser, xray_root):
     _shot(page, "1_pneumonia")
     # the case report: built when the button is clicked, downloaded by the browser, read back as text
     with page.expect_download() as dl:
-        page.get_by_text("Download the case report (PDF)").click()
+        page.get_by_role("button", name="Download the case report (PDF)").click()
     assert dl.value.suggested_filename == "person996_bacteria_2924_report.pdf"
     pdf = Path(dl.value.path()).read_bytes()
     assert pdf.startswith(b"%PDF")
@@ -251,7 +251,7 @@ def test_atrium_upload_and_slider(server, browser, heart_root, tmp_path):
 
     _wait_idle(page)
     with page.expect_download() as dl:
-        page.get_by_text("Download predicted mask").click()
+        page.get_by_role("button", name="Download predicted mask (NIfTI, input's grid and affine)").click()
     assert dl.value.suggested_filename == "la_021_left_atrium_mask.nii.gz"
     dl.value.save_as(tmp_path / dl.value.suggested_filename)  # nibabel reads the format from the name
     got = nib.load(tmp_path / dl.value.suggested_filename)

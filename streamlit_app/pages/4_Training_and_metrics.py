@@ -93,11 +93,15 @@ if spec.kind == "binary":
     if cv:
         st.markdown("**5-fold cross-validation by patient** (all 80 patients, pooled out-of-fold predictions)")
         st.dataframe(rows(cv["pooled_out_of_fold"]), hide_index=True, key=f"{NS}.cv")
+        # threshold-free figures per fold only: the folds recorded accuracy at P >= 0.5, not at the app's
+        # threshold, and a column of those would read as the app's accuracy
         folds = pd.DataFrame(cv["folds"]).rename(columns={
             "fold": "fold", "n_val": "patients", "best_epoch": "kept epoch", "val_seg_dice": "segmentation Dice",
-            "val_auc": "AUC", "val_accuracy_at_0.5": "accuracy (P >= 0.5)", "val_sensitivity_at_0.5": "sensitivity (P >= 0.5)",
-            "val_specificity_at_0.5": "specificity (P >= 0.5)", "seconds": "training s"})
-        st.dataframe(folds, hide_index=True, key=f"{NS}.folds")
+            "val_auc": "AUC", "seconds": "training s"})
+        keep = [c for c in ("fold", "patients", "kept epoch", "segmentation Dice", "AUC", "training s") if c in folds]
+        st.dataframe(folds[keep], hide_index=True, key=f"{NS}.folds")
+        st.caption(f"Per fold: threshold-free figures. Accuracy, sensitivity and specificity at the app's threshold "
+                   f"({card['threshold']:.1%}) are in the pooled table above.")
     sv = card.get("shift_validation")
     if sv and "conditions" in sv:
         st.markdown("**Shift-aware validation** (checkpoint and threshold were selected on it): the same validation "
@@ -152,6 +156,13 @@ if spec.kind == "binary":
                         f"{e2e.get('n', 0)} validation patients through the model's own segmentation: accuracy "
                         f"**{e2e.get('accuracy', float('nan')):.3f}**. Expected calibration error before / after "
                         f"temperature scaling: {cvu['ece']:.3f} / {cvc['ece']:.3f}.")
+            s2 = dg["cross_validation"].get("second_stage")
+            if s2:
+                one, two = s2["one_stage_calibrated"], s2["two_stages_calibrated"]
+                st.markdown(f"**Second stage, DCM vs MINF** ({s2['what']}): cross-validated log-loss "
+                            f"{s2['log_loss_one_stage']:.3f} with one stage, {s2['log_loss_two_stages']:.3f} with two "
+                            f"(accuracy {one['accuracy']:.3f} / {two['accuracy']:.3f}; ECE {one['ece']:.3f} / "
+                            f"{two['ece']:.3f}): **{'kept' if s2['kept'] else 'not kept'}**.")
             k1, k2 = st.columns(2)
             with k1:
                 st.markdown("Confusion matrix, cross-validation (rows: true, columns: predicted)")
