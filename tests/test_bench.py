@@ -65,4 +65,4 @@ def test_browser_bench_summary_and_readme_rows(tmp_path, monkeypatch):
         "goals_s": BB.GOALS_S, "steps": s}))
     monkeypatch.setattr("core.config.PROJECT_ROOT", tmp_path)
     rows = report.felt_markdown()
-    assert "| open a module page (to its uploader) | 0.70 | 0.50-0.90 | 3 | 1.0 |" in rows
+    assert f"| {BB.STEP_NAMES['open_module_page']} | 0.70 | 0.50-0.90 | 3 | 1.0 |" in rows
