@@ -194,24 +194,18 @@ def pair_logit(pair: dict, x: np.ndarray) -> np.ndarray:
     return xs @ np.asarray(pair["coef"]) + float(pair["intercept"])
 
 
+def _sigmoid(z: np.ndarray) -> np.ndarray:
+    return 1 / (1 + np.exp(-np.asarray(z, dtype=float)))
+
+
 def apply_pair(p: np.ndarray, z2: np.ndarray) -> np.ndarray:
     """Keep the first stage's P(DCM or MINF) and split it by the second stage: (N, 5), (N,) -> (N, 5)."""
     out = np.array(p, dtype=float, copy=True)
     d, m = GROUPS.index("DCM"), GROUPS.index("MINF")
     mass = out[:, d] + out[:, m]
-    q = 1 / (1 + np.exp(-np.asarray(z2, dtype=float)))
+    q = _sigmoid(z2)
     out[:, d], out[:, m] = mass * q, mass * (1 - q)
     return out
-
-
-def fit_binary_temperature(z: np.ndarray, y: np.ndarray) -> float:
-    """The temperature minimising the log-loss of held-out binary logits ``z`` for labels ``y`` (0/1)."""
-    def nll(t: float) -> float:
-        q = np.clip(1 / (1 + np.exp(-z / t)), 1e-12, 1 - 1e-12)
-        return float(-(y * np.log(q) + (1 - y) * np.log(1 - q)).mean())
-
-    grid = np.exp(np.linspace(np.log(0.2), np.log(10), 200))
-    return float(min(grid, key=nll))
 
 
 def multiclass_log_loss(p: np.ndarray, y: np.ndarray) -> float:
@@ -287,6 +281,7 @@ def build(root, wdir=None, seed: int = 0, folds: int = 5) -> dict:
     from sklearn.model_selection import StratifiedKFold
 
     from core import io as mio
+    from core.calibration import binary_temperature
     from core.checkpoint import _atomic_write, _clean, git_commit
     from core.config import weights_dir
     from core.inference import load_model
@@ -323,9 +318,9 @@ def build(root, wdir=None, seed: int = 0, folds: int = 5) -> dict:
         rest = np.setdiff1d(np.arange(len(y)), va)
         p_cal[va] = _softmax(z[va] / fit_temperature(z[rest], y[rest]))
         rp = rest[in_pair[rest]]
-        p2_cal[va] = apply_pair(p_cal[va], z2[va] / fit_binary_temperature(z2[rp], is_dcm[rp]))
+        p2_cal[va] = apply_pair(p_cal[va], z2[va] / binary_temperature(is_dcm[rp], _sigmoid(z2[rp])))
     t_all = fit_temperature(z, y)
-    t2_all = fit_binary_temperature(z2[in_pair], is_dcm[in_pair])
+    t2_all = binary_temperature(is_dcm[in_pair], _sigmoid(z2[in_pair]))
     cv_raw, cv_cal = summarise(y, p_raw, seed), summarise(y, p_cal, seed)
     cv_two = summarise(y, p2_cal, seed)
     ll_one, ll_two = multiclass_log_loss(p_cal, y), multiclass_log_loss(p2_cal, y)

@@ -49,6 +49,22 @@ class CaseReport:
             raise ValueError("a report needs a headline (the finding, or why there is none)")
 
 
+def safe_file_name(text: str) -> str:
+    """``text`` as one file name: anything but letters, digits, '-', '_' and '.' becomes '_'."""
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in text) or "case"
+
+
+def case_stem(name: str) -> str:
+    """A file-name stem for what is written about a case: the input's name without folders, the "sample "
+    prefix or NIfTI/DICOM/image extensions."""
+    stem = name.removeprefix("sample ").replace("\\", "/").split("/")[-1]
+    for ext in (".nii.gz", ".nii", ".gz", ".dcm", ".dicom", ".png", ".jpg", ".jpeg"):
+        if stem.lower().endswith(ext):
+            stem = stem[: -len(ext)]
+            break
+    return safe_file_name(stem)
+
+
 def _font_dir() -> Path:
     import matplotlib
 

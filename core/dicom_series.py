@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from core.errors import InvalidInputError
-from core.io import Cine, Volume, _ensure_transfer_syntax, _quiet_pydicom
+from core.io import Cine, Volume, _ensure_transfer_syntax, _guarded, _quiet_pydicom
 
 ZIP_MAGIC = b"PK\x03\x04"
 MAX_FILES = 5000  # a cine of 30 frames x 25 slices is 750 files
@@ -187,13 +187,7 @@ def series_cine(dss: list) -> Cine:
     return Cine(np.ascontiguousarray(data), affine, (ps[1], ps[0], dz), "DICOM cine series")
 
 
-def _guard(fn):
-    from core.io import _guarded
-
-    return _guarded("DICOM series")(fn)
-
-
-@_guard
+@_guarded("DICOM series")
 def read_series_volume(data: bytes) -> Volume:
     """A zip of one 3D DICOM series -> Volume (in memory)."""
     if not is_zip(data):
@@ -201,7 +195,7 @@ def read_series_volume(data: bytes) -> Volume:
     return series_volume(datasets_from_zip(data))
 
 
-@_guard
+@_guarded("DICOM series")
 def read_series_cine(data: bytes) -> Cine:
     """A zip of one cine DICOM series -> Cine (in memory)."""
     if not is_zip(data):

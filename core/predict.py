@@ -115,11 +115,6 @@ def _read(p: Path) -> bytes:
         raise MedImgError(f"cannot read {p}: {e.strerror or e}") from None
 
 
-def _safe(name: str) -> str:
-    """A case name as one file name (folders joined by underscores)."""
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name.replace("/", "_")) or "case"
-
-
 def _fmt(x: float | None, nd: int = 4) -> str:
     return "" if x is None else f"{x:.{nd}f}"
 
@@ -193,7 +188,7 @@ def run_case(task: str, lm, case: Case, reports: Path | None, masks: Path | None
                    volume_ml=_fmt(res.volume_ml, 2) if passed else "", quality_passed=str(passed),
                    quality_reasons="; ".join(getattr(res.quality, "reasons", []) or []))
         if masks is not None:
-            out = masks / f"{_safe(case.name)}_left_atrium_mask.nii.gz"
+            out = masks / f"{R.safe_file_name(case.name.replace('/', '_'))}_left_atrium_mask.nii.gz"
             out.write_bytes(nifti_to_bytes(res.mask, vol.affine))
             row["mask"] = str(out)
         if reports is not None:
@@ -201,7 +196,7 @@ def run_case(task: str, lm, case: Case, reports: Path | None, masks: Path | None
             mask_c = A.to_canonical(res.mask, vol.affine, vol.spacing)[0]
             report = R.atrium_report(res, data_c, mask_c, case.name)
     if report is not None and reports is not None:
-        out = reports / f"{_safe(case.name)}_report.pdf"
+        out = reports / f"{R.safe_file_name(case.name.replace('/', '_'))}_report.pdf"
         out.write_bytes(R.render_pdf(report, lm.card))
         row["report"] = str(out)
     return row

@@ -127,20 +127,11 @@ def figure_line(task: str) -> str:
     return line(task, card)
 
 
-def case_stem(name: str) -> str:
-    """A file-name stem for what the page writes about a case: the input's name without folders, the
-    "sample " prefix or NIfTI/DICOM/image extensions."""
-    stem = name.removeprefix("sample ").replace("\\", "/").split("/")[-1]
-    for ext in (".nii.gz", ".nii", ".gz", ".dcm", ".dicom", ".png", ".jpg", ".jpeg"):
-        if stem.lower().endswith(ext):
-            stem = stem[: -len(ext)]
-            break
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in stem) or "case"
-
-
 def report_button(build: Callable[[], bytes], name: str, ns: str) -> None:
     """A download button for the case's PDF report; the PDF is built only when the button is clicked
     (``build`` runs then), so the page does not wait for it."""
+    from core.case_report import case_stem
+
     st.download_button("Download the case report (PDF)", data=build, file_name=f"{case_stem(name)}_report.pdf",
                        mime="application/pdf", on_click="ignore", key=f"{ns}.report",
                        help="Result, images, measured figures, the model's version and validation figures, and the "

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import streamlit as st
 
-from common import (DISCLAIMER, case_stem, file_key, legend, model_or_stop, pick_sample, report_button,
+from common import (DISCLAIMER, file_key, legend, model_or_stop, pick_sample, report_button,
                     reset_namespace, run_safely)
 from core import atrium as A
 from core import metrics as M
@@ -184,7 +184,7 @@ with st.expander("Quality check: the measures behind the verdict"):
                            f"<= {r.max_uncertain_ratio:.2f}", f">= {r.min_view_agreement:.2f}",
                            f">= {r.min_extent_mm:.0f}"]})
 
-from core.case_report import atrium_report, render_pdf  # noqa: E402
+from core.case_report import atrium_report, case_stem, render_pdf  # noqa: E402
 
 # encoded when clicked (gzip of a whole volume costs time the page need not wait for)
 st.download_button("Download predicted mask (NIfTI, input's grid and affine)",
