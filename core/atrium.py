@@ -5,7 +5,9 @@ Two sequences (bSSFP from MSD Task02_Heart, LGE from the 2018 LA challenge) are 
 the volume is brought to the closest canonical (RAS) orientation by its affine, segmented slice by slice
 along one or more of its three axes (the model was trained on slices along all three, so a volume whose
 affine lies about its slice plane is still segmented), the views' probabilities are averaged, and the
-mask is put back on the input's own grid.
+mask is put back on the input's own grid. A single-view model slices across the volume's thinnest
+direction (``slab_axis``): a 3D acquisition is a slab, and its slices show the most context across it,
+whatever the header says that direction is.
 """
 from __future__ import annotations
 
@@ -20,6 +22,11 @@ from torch import nn
 from core import preprocess as pp
 
 VIEWS_ALL = (2, 0, 1)  # the axial view first: the others run around what it finds
+# A single-view model slices across the slab's thinnest direction when it is clearly thinner than the
+# axial one (extent below this share of the axial extent); otherwise axially. In both training sets the
+# axial direction is the thinnest by a factor of 1.6 or more, so the rule keeps their slicing; it matters
+# when a header lies about the slice plane (an LGE slab written in another axis order).
+SLAB_RATIO = 0.75
 # Physiological range of the left-atrial cavity in adults (indexed LA volumes run about 15-60 mL/m2;
 # dilated atria in atrial fibrillation reach about 200 mL). Outside it the mask is not reported.
 LA_VOLUME_RANGE_ML = (10.0, 250.0)
@@ -74,6 +81,24 @@ def from_canonical(arr: np.ndarray, orient: Orientation) -> np.ndarray:
     return np.ascontiguousarray(np.transpose(out, order))
 
 
+def slab_axis(shape: tuple[int, ...], spacing: tuple[float, float, float], ratio: float = SLAB_RATIO) -> int:
+    """The axis of a canonical (X, Y, Z) volume to slice along with a single view: the one of smallest
+    physical extent (voxels x spacing) if it is below ``ratio`` x the extent of axis 2, else axis 2."""
+    if not 0 < ratio <= 1:
+        raise ValueError(f"ratio must be in (0, 1], got {ratio}")
+    ext = [float(n) * float(s) for n, s in zip(shape[:3], spacing)]
+    k = int(np.argmin(ext))
+    return k if ext[k] < ratio * ext[2] else 2
+
+
+def resolve_views(views: tuple[int, ...], shape: tuple[int, ...], spacing: tuple[float, float, float]
+                  ) -> tuple[int, ...]:
+    """The views actually segmented: a single axial view (2,) becomes the slab's own axis (``slab_axis``);
+    several views are kept as listed."""
+    views = tuple(int(v) for v in views)
+    return (slab_axis(shape, spacing),) if views == (2,) else views
+
+
 def view(arr: np.ndarray, axis: int) -> np.ndarray:
     """The array with ``axis`` moved last (slices along it), a view without copying."""
     return np.moveaxis(arr, axis, 2)
@@ -92,6 +117,7 @@ class AtriumPrediction:
     prob: np.ndarray  # (X, Y, Z) float16 on the canonical grid: mean over the views
     view_masks: list[np.ndarray]  # per view, (X, Y, Z) bool (p >= threshold) before post-processing
     mask: np.ndarray  # (X, Y, Z) uint8 on the canonical grid, largest component
+    views: tuple[int, ...] = (2,)  # canonical axes actually sliced along (see resolve_views)
 
 
 # In-plane flips averaged at inference (test-time augmentation); the model was trained on all eight
@@ -194,7 +220,9 @@ def segment_canonical(model: nn.Module, data: np.ndarray, spacing: tuple[float, 
     The first view runs over the whole volume. With ``roi``, the other views run only on the box around
     what the first found (plus ``ROI_MARGIN_MM`` of context): outside it their probability is taken as 0,
     which makes three views cost about 1.5 passes instead of 3. When the first view finds nothing, the
-    others run on the whole volume, so a volume the first view cannot read still gets every chance."""
+    others run on the whole volume, so a volume the first view cannot read still gets every chance.
+    A single axial view is replaced by the slab's own axis (``resolve_views``)."""
+    views = resolve_views(views, np.shape(data), spacing)
     norm = pp.normalise_volume(np.asarray(data))
     acc = np.zeros(norm.shape, np.float32)
     masks = []
@@ -213,7 +241,7 @@ def segment_canonical(model: nn.Module, data: np.ndarray, spacing: tuple[float, 
         acc += p
     prob = acc / len(views)
     mask = pp.largest_component(prob >= threshold)
-    return AtriumPrediction(prob.astype(np.float16), masks, mask)
+    return AtriumPrediction(prob.astype(np.float16), masks, mask, views)
 
 
 # --------------------------------------------------------------------------- quality check
@@ -838,29 +866,53 @@ LYING_LAYOUTS = {
     "axes (1, 2, 0), same diagonal affine": (1, 2, 0),
     "axes (2, 0, 1), same diagonal affine": (2, 0, 1),
 }
+# The same transpositions with the original header kept whole: its voxel sizes now name the wrong axes
+# too (a writer that moved the voxels and copied the header). Nothing in the file can undo this; the
+# quality check must keep such a mask from being reported when it is poor.
+LYING_HEADERS = {
+    "axes (1, 2, 0), original header (voxel sizes on the wrong axes)": (1, 2, 0),
+    "axes (2, 0, 1), original header (voxel sizes on the wrong axes)": (2, 0, 1),
+}
 
 
-def layout_stress(segment, cases: list, layouts: dict[str, tuple[int, int, int]] = LYING_LAYOUTS) -> dict:
+def layout_stress(segment, cases: list, layouts: dict[str, tuple[int, int, int]] = LYING_LAYOUTS,
+                  headers: dict[str, tuple[int, int, int]] = LYING_HEADERS) -> dict:
     """Dice of each case with its voxels transposed while the affine is left as it was (a header that lies
-    about the slice plane, as when an LGE volume is written in another layout): what the multi-view model
-    gives when the canonical orientation cannot be trusted. ``segment(volume) -> AtriumResult``."""
+    about the slice plane, as when an LGE volume is written in another layout): what the model gives when
+    the canonical orientation cannot be trusted. ``layouts``: voxel sizes moved with the voxels (true);
+    ``headers``: voxel sizes left on the original axes (false too). ``segment(volume) -> AtriumResult``.
+    The mask is scored against the truth transposed the same way (and, for ``headers``, on the grid the
+    header claims, so the Dice is of voxels)."""
     from core import io as mio
     from core import metrics as M
 
-    out: dict = {name: {} for name in layouts}
+    variants = {**{n: (p, True) for n, p in layouts.items()}, **{n: (p, False) for n, p in headers.items()}}
+    out: dict = {name: {} for name in variants}
     for c in cases:
         vol = mio.load_nifti_path(c.image_path)
         gt = mio.load_nifti_path(c.label_path).data > 0.5
-        for name, perm in layouts.items():
+        for name, (perm, moved_spacing) in variants.items():
             data = np.ascontiguousarray(np.transpose(vol.data, perm))
-            moved = mio.Volume(data, vol.affine, tuple(vol.spacing[i] for i in perm), "stress")
+            spacing = tuple(vol.spacing[i] for i in perm) if moved_spacing else tuple(vol.spacing)
+            moved = mio.Volume(data, vol.affine, spacing, "stress")
             res = segment(moved)
             out[name][c.case_id] = {"dice": M.dice(res.mask, np.transpose(gt, perm)),
-                                    "reported": bool(res.reliable)}
-    summary = {name: {"n": len(r), "dice_mean": float(np.mean([v["dice"] for v in r.values()])) if r else float("nan"),
-                      "reported": int(sum(v["reported"] for v in r.values())),
-                      "reported_with_dice_under_0.5": int(sum(v["reported"] and v["dice"] < 0.5 for v in r.values()))}
-               for name, r in out.items()}
+                                    "reported": bool(res.reliable), "views": list(getattr(res, "views", ()))}
+    summary = {}
+    for name, r in out.items():
+        by_ds: dict[str, list] = {}
+        for cid, v in r.items():
+            ds = next((c.dataset for c in cases if c.case_id == cid), "all")
+            by_ds.setdefault(ds, []).append(v)
+        summary[name] = {
+            "n": len(r), "dice_mean": float(np.mean([v["dice"] for v in r.values()])) if r else float("nan"),
+            "reported": int(sum(v["reported"] for v in r.values())),
+            "reported_with_dice_under_0.5": int(sum(v["reported"] and v["dice"] < 0.5 for v in r.values())),
+            "per_dataset": {ds: {"n": len(v), "dice_mean": float(np.mean([x["dice"] for x in v])),
+                                 "reported": int(sum(x["reported"] for x in v)),
+                                 "reported_with_dice_under_0.5": int(sum(x["reported"] and x["dice"] < 0.5
+                                                                         for x in v))}
+                            for ds, v in sorted(by_ds.items())}}
     return {"summary": summary, "per_case": out}
 
 

@@ -182,6 +182,10 @@ def series_cine(dss: list) -> Cine:
     def when(ds) -> tuple[float, int]:
         return float(ds.get("TriggerTime", 0) or 0), int(ds.get("InstanceNumber", 0) or 0)
 
+    if any(len({when(ds)[0] for ds in g}) < len(g) for g in groups):
+        raise InvalidInputError("The series holds several images at the same slice position and trigger time: "
+                                "it looks like a series stored twice, or several series mixed under one UID.")
+
     data = np.stack([np.stack([_pixels(ds).T for ds in sorted(g, key=when)], axis=-1) for g in groups], axis=2)
     ps = _geometry(dss[0])[3]
     return Cine(np.ascontiguousarray(data), affine, (ps[1], ps[0], dz), "DICOM cine series")

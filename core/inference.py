@@ -354,7 +354,7 @@ class AtriumResult:
     spacing: tuple[float, float, float]
     prob: np.ndarray | None = None  # (X, Y, Z) float16 mean probability of the views, on the input grid
     quality: object | None = None  # core.atrium.QualityReport: whether the mask may be reported, and why not
-    views: tuple[int, ...] = (2,)  # axes of the canonical orientation segmented and fused
+    views: tuple[int, ...] = (2,)  # axes of the canonical orientation actually segmented (and fused)
 
     @property
     def reliable(self) -> bool:
@@ -381,6 +381,7 @@ def segment_atrium(lm: LoadedModel, volume: Volume, batch_size: int = 8,
     quality = A.judge(A.quality_measures(pred, sp_c, lm.threshold), A.QualityRule.from_card(lm.card))
     mask = A.from_canonical(pred.mask, orient)
     prob = A.from_canonical(pred.prob, orient)
+    views = pred.views  # the slab's own axis for a single-view model (core.atrium.resolve_views)
     del pred, data_c
     release_memory()
     return AtriumResult(mask, volume_ml(mask, volume.spacing), volume.spacing, prob, quality, views)

@@ -119,86 +119,118 @@ def _fmt(x: float | None, nd: int = 4) -> str:
     return "" if x is None else f"{x:.{nd}f}"
 
 
-def run_case(task: str, lm, case: Case, reports: Path | None, masks: Path | None) -> dict[str, str]:
-    """One CSV row for one case; raises MedImgError for what the user must fix."""
+@dataclass
+class Analysis:
+    """What one case gave: its CSV ``row``, its ``report`` (when asked for) and, for the atrium, the mask on
+    the input's grid (X, Y, Z) uint8."""
+
+    row: dict[str, str]
+    report: object | None = None  # core.case_report.CaseReport
+    mask: object | None = None  # np.ndarray
+
+
+def analyse_xray(lm, image, name: str, report: bool = True) -> Analysis:
+    """A chest radiograph (``core.io.Image2D``) -> finding, probability, report."""
     from core import case_report as R
-    from core.inference import verdict_band
+    from core.inference import predict_xray, verdict_band
 
-    row: dict[str, str] = {"case": case.name, "input": ";".join(str(p) for p in case.paths)}
-    report = None
-    if task == "pneumonia":
-        from core.inference import predict_xray
-        from core.io import read_image_2d
-
-        image = read_image_2d(_read(case.paths[0]), case.paths[0].name)
-        res = predict_xray(lm, image, explain=reports is not None)
-        if res.withheld:
-            row.update(status="withheld", message=res.withheld)
-        else:
-            band = verdict_band(res.probability, res.threshold, calibrated=res.calibrated)
-            row.update(status="ok" if band != "uncertain" else "uncertain",
-                       finding={"positive": "pneumonia", "negative": "no pneumonia",
-                                "uncertain": "uncertain: refer"}[band],
-                       p_pneumonia=_fmt(res.probability), threshold=_fmt(res.threshold))
-        if reports is not None:
-            report = R.xray_report(res, image, case.name)
-    elif task == "cardiac":
-        from core.inference import cardiac_cycle, predict_cardiac
-        from core.dicom_series import read_cine_any
-        from core.io import read_image_volume
-
-        if case.kind == "acdc":
-            ed, es = (read_image_volume(_read(p), p.name) for p in case.paths)
-            row.update(ed_frame=case.paths[0].name, es_frame=case.paths[1].name)
-        else:
-            cine = read_cine_any(_read(case.paths[0]), case.paths[0].name)
-            cyc = cardiac_cycle(lm, cine)
-            ed, es = cine.frame(cyc.ed), cine.frame(cyc.es)
-            row.update(ed_frame=str(cyc.ed + 1), es_frame=str(cyc.es + 1))
-        res = predict_cardiac(lm, ed, es, explain=reports is not None)
-        if res.withheld:
-            row.update(status="withheld", message=res.withheld)
-        elif res.shape is not None and res.shape["lv_ef"] <= 0:
-            row.update(status="error", message="the ED and ES frames look swapped (LV cavity smaller at ED)")
-        else:
-            band = verdict_band(res.probability, res.threshold)
-            row.update(status="ok" if band != "uncertain" else "uncertain",
-                       finding={"positive": "disease", "negative": "normal", "uncertain": "uncertain: refer"}[band],
-                       p_disease=_fmt(res.probability), threshold=_fmt(res.threshold))
-            if res.shape is not None:
-                row.update(lv_ef=_fmt(res.shape["lv_ef"], 3), rv_ef=_fmt(res.shape["rv_ef"], 3))
-            if res.diagnosis is not None and lm.diagnosis is not None:
-                probs = res.diagnosis["probabilities"]
-                top = max(probs, key=probs.get)
-                row["most_likely"] = top if probs[top] >= float(lm.diagnosis["uncertain_below"]) else "uncertain"
-                row.update({f"p_{g}": _fmt(p) for g, p in probs.items()})
-        if reports is not None:
-            report = R.cardiac_report(res, case.name, lm.diagnosis)
+    row: dict[str, str] = {"case": name}
+    res = predict_xray(lm, image, explain=report)
+    if res.withheld:
+        row.update(status="withheld", message=res.withheld)
     else:
-        from core import atrium as A
-        from core.inference import segment_atrium
-        from core.dicom_series import read_volume_any
-        from core.io import nifti_to_bytes
+        band = verdict_band(res.probability, res.threshold, calibrated=res.calibrated)
+        row.update(status="ok" if band != "uncertain" else "uncertain",
+                   finding={"positive": "pneumonia", "negative": "no pneumonia",
+                            "uncertain": "uncertain: refer"}[band],
+                   p_pneumonia=_fmt(res.probability), threshold=_fmt(res.threshold))
+    return Analysis(row, R.xray_report(res, image, name) if report else None)
 
+
+def analyse_cardiac(lm, ed, es, name: str, report: bool = True) -> Analysis:
+    """The ED and ES frames (``core.io.Volume``) of one study -> diagnosis, probabilities, report."""
+    from core import case_report as R
+    from core.inference import predict_cardiac, verdict_band
+
+    row: dict[str, str] = {"case": name}
+    res = predict_cardiac(lm, ed, es, explain=report)
+    if res.withheld:
+        row.update(status="withheld", message=res.withheld)
+    elif res.shape is not None and res.shape["lv_ef"] <= 0:
+        row.update(status="error", message="the ED and ES frames look swapped (LV cavity smaller at ED)")
+    else:
+        band = verdict_band(res.probability, res.threshold)
+        row.update(status="ok" if band != "uncertain" else "uncertain",
+                   finding={"positive": "disease", "negative": "normal", "uncertain": "uncertain: refer"}[band],
+                   p_disease=_fmt(res.probability), threshold=_fmt(res.threshold))
+        if res.shape is not None:
+            row.update(lv_ef=_fmt(res.shape["lv_ef"], 3), rv_ef=_fmt(res.shape["rv_ef"], 3))
+        if res.diagnosis is not None and lm.diagnosis is not None:
+            probs = res.diagnosis["probabilities"]
+            top = max(probs, key=probs.get)
+            row["most_likely"] = top if probs[top] >= float(lm.diagnosis["uncertain_below"]) else "uncertain"
+            row.update({f"p_{g}": _fmt(p) for g, p in probs.items()})
+    return Analysis(row, R.cardiac_report(res, name, lm.diagnosis) if report else None)
+
+
+def analyse_cine(lm, cine, name: str, report: bool = True) -> Analysis:
+    """A 4D cine (``core.io.Cine``): ED and ES from the LV cavity curve, then ``analyse_cardiac``."""
+    from core.inference import cardiac_cycle
+
+    cyc = cardiac_cycle(lm, cine)
+    out = analyse_cardiac(lm, cine.frame(cyc.ed), cine.frame(cyc.es), name, report)
+    out.row.update(ed_frame=str(cyc.ed + 1), es_frame=str(cyc.es + 1))
+    return out
+
+
+def analyse_atrium(lm, vol, name: str, report: bool = True) -> Analysis:
+    """A 3D volume (``core.io.Volume``) -> left-atrium mask on its grid, volume, quality verdict, report."""
+    from core import atrium as A
+    from core import case_report as R
+    from core.inference import segment_atrium
+
+    res = segment_atrium(lm, vol)
+    passed = res.reliable
+    row = {"case": name, "status": "ok" if passed else "withheld",
+           "finding": f"left atrium {res.volume_ml:.1f} mL" if passed else "no reliable segmentation",
+           "volume_ml": _fmt(res.volume_ml, 2) if passed else "", "quality_passed": str(passed),
+           "quality_reasons": "; ".join(getattr(res.quality, "reasons", []) or [])}
+    rep = None
+    if report:
+        data_c, _, _ = A.to_canonical(vol.data, vol.affine, vol.spacing)
+        mask_c = A.to_canonical(res.mask, vol.affine, vol.spacing)[0]
+        rep = R.atrium_report(res, data_c, mask_c, name)
+    return Analysis(row, rep, res.mask)
+
+
+def run_case(task: str, lm, case: Case, reports: Path | None, masks: Path | None) -> dict[str, str]:
+    """One CSV row for one case (its report and mask written when asked); raises MedImgError for what the
+    user must fix."""
+    from core import case_report as R
+    from core.dicom_series import read_cine_any, read_volume_any
+    from core.io import nifti_to_bytes, read_image_2d, read_image_volume
+
+    want = reports is not None
+    if task == "pneumonia":
+        out = analyse_xray(lm, read_image_2d(_read(case.paths[0]), case.paths[0].name), case.name, want)
+    elif task == "cardiac" and case.kind == "acdc":
+        ed, es = (read_image_volume(_read(p), p.name) for p in case.paths)
+        out = analyse_cardiac(lm, ed, es, case.name, want)
+        out.row.update(ed_frame=case.paths[0].name, es_frame=case.paths[1].name)
+    elif task == "cardiac":
+        out = analyse_cine(lm, read_cine_any(_read(case.paths[0]), case.paths[0].name), case.name, want)
+    else:
         vol = read_volume_any(_read(case.paths[0]), case.paths[0].name)
-        res = segment_atrium(lm, vol)
-        passed = res.reliable
-        row.update(status="ok" if passed else "withheld",
-                   finding=f"left atrium {res.volume_ml:.1f} mL" if passed else "no reliable segmentation",
-                   volume_ml=_fmt(res.volume_ml, 2) if passed else "", quality_passed=str(passed),
-                   quality_reasons="; ".join(getattr(res.quality, "reasons", []) or []))
+        out = analyse_atrium(lm, vol, case.name, want)
         if masks is not None:
-            out = masks / f"{R.safe_file_name(case.name.replace('/', '_'))}_left_atrium_mask.nii.gz"
-            out.write_bytes(nifti_to_bytes(res.mask, vol.affine))
-            row["mask"] = str(out)
-        if reports is not None:
-            data_c, _, _ = A.to_canonical(vol.data, vol.affine, vol.spacing)
-            mask_c = A.to_canonical(res.mask, vol.affine, vol.spacing)[0]
-            report = R.atrium_report(res, data_c, mask_c, case.name)
-    if report is not None and reports is not None:
-        out = reports / f"{R.safe_file_name(case.name.replace('/', '_'))}_report.pdf"
-        out.write_bytes(R.render_pdf(report, lm.card))
-        row["report"] = str(out)
+            path = masks / f"{R.safe_file_name(case.name.replace('/', '_'))}_left_atrium_mask.nii.gz"
+            path.write_bytes(nifti_to_bytes(out.mask, vol.affine))
+            out.row["mask"] = str(path)
+    row = {"case": case.name, "input": ";".join(str(p) for p in case.paths), **out.row}
+    if out.report is not None and reports is not None:
+        path = reports / f"{R.safe_file_name(case.name.replace('/', '_'))}_report.pdf"
+        path.write_bytes(R.render_pdf(out.report, lm.card))
+        row["report"] = str(path)
     return row
 
 

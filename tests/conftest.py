@@ -117,3 +117,54 @@ def lge_root() -> Path:
 @pytest.fixture(scope="session")
 def outside_root() -> Path:
     return _require("outside_population")
+
+
+ORTHANC = "/usr/sbin/Orthanc"
+ORTHANC_DICOMWEB_PLUGIN = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"
+
+
+@pytest.fixture(scope="session")
+def orthanc(tmp_path_factory) -> str:
+    """A private Orthanc (Debian packages orthanc + orthanc-dicomweb, which .ci/run installs) on a free
+    localhost port with an empty store in a temporary folder -> its DICOMweb root URL. Stopped at the end."""
+    import json
+    import socket
+    import subprocess
+    import time
+    import urllib.request
+
+    if not (Path(ORTHANC).exists() and Path(ORTHANC_DICOMWEB_PLUGIN).exists()):
+        msg = "Orthanc with its DICOMweb plugin is not installed (apt install orthanc orthanc-dicomweb)"
+        if IN_CI:
+            pytest.fail(msg)
+        pytest.skip(msg)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    d = tmp_path_factory.mktemp("orthanc")
+    cfg = {"Name": "medimg-test", "StorageDirectory": str(d / "db"), "IndexDirectory": str(d / "db"),
+           "HttpPort": port, "DicomServerEnabled": False, "RemoteAccessAllowed": False,
+           "AuthenticationEnabled": False, "Plugins": [ORTHANC_DICOMWEB_PLUGIN],
+           "DicomWeb": {"Enable": True, "Root": "/dicom-web/", "EnableWado": False}}
+    (d / "orthanc.json").write_text(json.dumps(cfg))
+    log = open(d / "orthanc.log", "wb")
+    proc = subprocess.Popen([ORTHANC, str(d / "orthanc.json")], stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(100):
+        try:
+            with urllib.request.urlopen(f"{url}/dicom-web/studies", timeout=1):
+                break
+        except Exception:  # noqa: BLE001 - not up yet
+            if proc.poll() is not None:
+                pytest.fail(f"Orthanc exited at start: {(d / 'orthanc.log').read_text()[-2000:]}")
+            time.sleep(0.2)
+    else:
+        proc.kill()
+        pytest.fail("Orthanc did not answer within 20 s")
+    yield f"{url}/dicom-web"
+    proc.terminate()
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    log.close()

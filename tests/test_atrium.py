@@ -38,6 +38,19 @@ def test_canonical_of_permuted_affine_matches_known_order():
     assert np.array_equal(c, expected)
 
 
+def test_slab_axis_is_the_thinnest_direction_when_clearly_thinner():
+    # MSD-like: 320 x 320 x 178 mm -> axis 2; an LGE slab written with its thin axis first -> axis 0
+    assert A.slab_axis((256, 256, 130), (1.25, 1.25, 1.37)) == 2
+    assert A.slab_axis((88, 94, 73), (0.625, 1.25, 1.25)) == 0
+    # 100 x 80 x 100 mm: axis 1 is thinner, but not below 0.75 x axis 2's extent -> stays axial
+    assert A.slab_axis((100, 80, 100), (1.0, 1.0, 1.0)) == 2
+    assert A.slab_axis((100, 74, 100), (1.0, 1.0, 1.0)) == 1
+    assert A.resolve_views((2,), (88, 94, 73), (0.625, 1.25, 1.25)) == (0,)
+    assert A.resolve_views((2, 0, 1), (88, 94, 73), (0.625, 1.25, 1.25)) == (2, 0, 1)
+    with pytest.raises(ValueError):
+        A.slab_axis((10, 10, 10), (1, 1, 1), ratio=0)
+
+
 def test_view_spacing():
     assert A.view_spacing((1.0, 2.0, 3.0), 0) == (2.0, 3.0, 1.0)
     assert A.view_spacing((1.0, 2.0, 3.0), 2) == (1.0, 2.0, 3.0)
@@ -137,6 +150,20 @@ def test_rotated_copy_of_a_real_volume_gives_the_same_mask(lge_root, perm, flips
     assert out.mask.shape == rot.data.shape
     assert np.array_equal(out.mask, expect)
     assert out.volume_ml == pytest.approx(ref.volume_ml)
+
+
+def test_lying_header_gets_the_same_slices(lge_root):
+    """An LGE volume transposed into another axis order while its diagonal affine stays (the header lies
+    about the slice plane): the model still slices across the slab, so the mask is the stored one's."""
+    lm = load_model("atrium")
+    vol = mio.load_nifti_path(_lge_case(lge_root).image_path)
+    ref = segment_atrium(lm, vol)
+    perm = (2, 0, 1)  # the thin (through-slab) axis comes first; slicing along it gives the same slices
+    lying = mio.Volume(np.ascontiguousarray(np.transpose(vol.data, perm)), vol.affine,
+                       tuple(vol.spacing[i] for i in perm), "lying")
+    out = segment_atrium(lm, lying)
+    assert out.views == (0,)
+    assert np.array_equal(out.mask, np.transpose(ref.mask, perm)) and out.reliable
 
 
 def test_quality_check_passes_on_a_validation_volume(lge_root):

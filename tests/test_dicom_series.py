@@ -8,44 +8,16 @@ import zipfile
 import numpy as np
 import pytest
 
+from _dicom_build import mr_slices, to_bytes
+
 from core.dicom_series import read_series_cine, read_series_volume
 from core.errors import InvalidInputError
 
 
-def _slices(vol: np.ndarray, affine: np.ndarray, series_uid: str = "1.2.3.4", frames: int = 1,
+def _slices(vol: np.ndarray, affine: np.ndarray, series_uid: str = "1.2.3.4",
             trigger_order=None) -> list[bytes]:
     """One single-frame MR DICOM file per slice (and per frame of a cine: vol (X, Y, Z, T))."""
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
-
-    lps = np.diag([-1.0, -1.0, 1.0, 1.0]) @ affine
-    sx, sy = np.linalg.norm(lps[:3, 0]), np.linalg.norm(lps[:3, 1])
-    row, col = lps[:3, 0] / sx, lps[:3, 1] / sy
-    vol4 = vol if vol.ndim == 4 else vol[..., None]
-    out = []
-    for k in range(vol4.shape[2]):
-        for t in range(vol4.shape[3]):
-            ds = Dataset()
-            ds.file_meta = FileMetaDataset()
-            ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-            ds.file_meta.MediaStorageSOPClassUID = MRImageStorage
-            ds.SOPClassUID, ds.SOPInstanceUID = MRImageStorage, generate_uid()
-            ds.Modality, ds.SeriesInstanceUID = "MR", series_uid
-            ds.ImageOrientationPatient = [float(v) for v in (*row, *col)]
-            ds.ImagePositionPatient = [float(v) for v in lps[:3] @ np.array([0, 0, k, 1.0])]
-            ds.PixelSpacing = [float(sy), float(sx)]
-            ds.SliceThickness = 99.0  # wrong on purpose: spacing must come from the positions
-            ds.InstanceNumber = k * vol4.shape[3] + t + 1
-            ds.TriggerTime = float((trigger_order[t] if trigger_order is not None else t) * 40)
-            ds.Rows, ds.Columns = vol4.shape[1], vol4.shape[0]
-            ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-            ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
-            ds.RescaleSlope, ds.RescaleIntercept = 1, 0
-            ds.PixelData = np.ascontiguousarray(vol4[:, :, k, t].T).astype(np.int16).tobytes()
-            buf = io.BytesIO()
-            ds.save_as(buf, enforce_file_format=True)
-            out.append(buf.getvalue())
-    return out
+    return [to_bytes(ds) for ds in mr_slices(vol, affine, series_uid, trigger_order)]
 
 
 def _zip(files: list[bytes], seed: int = 0) -> bytes:

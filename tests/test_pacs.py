@@ -1,0 +1,135 @@
+"""PACS round trip against a real Orthanc (DICOMweb): real volumes and radiographs stored as DICOM, listed,
+fetched, analysed, and the results (Secondary Capture, Segmentation) stored back and read again."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from _dicom_build import mr_slices, radiograph
+
+from core import pacs as P
+from core.errors import InvalidInputError
+
+
+@pytest.fixture(scope="module")
+def models():
+    from core.inference import load_model
+
+    cache: dict = {}
+
+    def lm_for(task: str):
+        if task not in cache:
+            cache[task] = load_model(task)
+        return cache[task]
+
+    return lm_for
+
+
+def test_config_from_environment():
+    assert P.PacsConfig.from_env({}) is None
+    cfg = P.PacsConfig.from_env({P.ENV_URL: " http://pacs.local:8042/dicom-web/ ", P.ENV_USER: "ana",
+                                 P.ENV_PASSWORD: "secret"})
+    assert cfg.url == "http://pacs.local:8042/dicom-web" and cfg.username == "ana" and cfg.password == "secret"
+    assert "secret" not in repr(cfg)
+    for bad in ("ftp://pacs/dicom-web", "pacs.local:8042", ""):
+        with pytest.raises(InvalidInputError, match="not a DICOMweb address"):
+            P.PacsConfig(bad)
+
+
+def test_unreachable_server_says_so():
+    pacs = P.Pacs(P.PacsConfig("http://127.0.0.1:9/dicom-web", timeout_s=2))
+    with pytest.raises(P.PacsError, match="could not be reached"):
+        P.list_studies(pacs)
+
+
+def test_module_chosen_from_the_series():
+    rng = np.random.default_rng(0)
+    aff = np.diag([1.5, 1.5, 8.0, 1.0])
+    assert P.task_for(mr_slices(rng.random((16, 16, 4)) * 100, aff)) == "atrium"
+    assert P.task_for(mr_slices(rng.random((16, 16, 4, 3)) * 100, aff)) == "cardiac"
+    assert P.task_for([radiograph(np.zeros((8, 8), np.uint8))]) == "pneumonia"
+    with pytest.raises(InvalidInputError, match="holds 2 images"):
+        P.task_for([radiograph(np.zeros((8, 8), np.uint8)), radiograph(np.zeros((8, 8), np.uint8))])
+    ct = radiograph(np.zeros((8, 8), np.uint8))
+    ct.Modality = "CT"
+    with pytest.raises(InvalidInputError, match="modality 'CT'"):
+        P.task_for([ct])
+    seg = radiograph(np.zeros((8, 8), np.uint8))
+    seg.Modality = "SEG"
+    with pytest.raises(InvalidInputError, match="result"):
+        P.task_for([seg])
+    with pytest.raises(InvalidInputError, match="no images"):
+        P.task_for([])
+
+
+def test_series_stored_twice_is_refused():
+    from core.dicom_series import series_cine
+
+    vol = np.random.default_rng(1).random((16, 16, 4)) * 100
+    dss = mr_slices(vol, np.diag([1.5, 1.5, 8.0, 1.0])) * 2
+    with pytest.raises(InvalidInputError, match="same slice position and trigger time"):
+        series_cine(dss)
+
+
+def test_atrium_round_trip(orthanc, heart_root, models):
+    import nibabel as nib
+
+    img = nib.load(heart_root / "Task02_Heart" / "imagesTr" / "la_005.nii.gz")
+    vol = np.round(np.asarray(img.dataobj, dtype=np.float32))
+    study = "1.2.826.0.1.3680043.8.498.10"
+    pacs = P.Pacs(P.PacsConfig(orthanc))
+    P.store(pacs, mr_slices(vol, img.affine, "1.2.826.0.1.3680043.8.498.11", study_uid=study))
+    row = next(r for r in P.list_studies(pacs) if r["study_uid"] == study)
+    assert row["modalities"] == "MR" and row["instances"] == str(vol.shape[2])
+    (series,) = P.list_series(pacs, study)
+    dss = P.fetch_series(pacs, study, series["series_uid"])
+    assert len(dss) == vol.shape[2]
+
+    res = P.run_series(models, dss, "la_005 from PACS")
+    assert res.task == "atrium" and res.analysis.row["status"] == "ok"
+    assert res.analysis.mask.shape == vol.shape and res.analysis.mask.sum() > 1000
+    assert {ds.Modality for ds in res.outgoing} == {"OT", "SEG"}
+    P.store(pacs, res.outgoing)
+
+    back = {r["modality"]: r for r in P.list_series(pacs, study)}
+    assert set(back) == {"MR", "OT", "SEG"}
+    (seg,) = P.fetch_series(pacs, study, back["SEG"]["series_uid"])
+    assert seg.StudyInstanceUID == study and seg.PatientID == dss[0].PatientID
+    assert seg.SegmentSequence[0].SegmentLabel == "Left atrium"
+    assert np.array_equal(P.mask_from_segmentation(seg, dss), res.analysis.mask > 0)
+    (sc,) = P.fetch_series(pacs, study, back["OT"]["series_uid"])
+    assert sc.StudyInstanceUID == study and sc.BurnedInAnnotation == "YES"
+    assert sc.pixel_array.ndim == 3 and sc.pixel_array.shape[2] == 3 and sc.pixel_array.std() > 0
+
+
+def test_radiograph_round_trip(orthanc, xray_root, models):
+    from PIL import Image
+
+    path = sorted((xray_root / "chest_xray" / "train" / "NORMAL").glob("*.jpeg"))[0]
+    pix = np.asarray(Image.open(path).convert("L"))
+    study = "1.2.826.0.1.3680043.8.498.20"
+    pacs = P.Pacs(P.PacsConfig(orthanc))
+    P.store(pacs, [radiograph(pix, study, "1.2.826.0.1.3680043.8.498.21")])
+    (series,) = P.list_series(pacs, study)
+    (ds,) = P.fetch_series(pacs, study, series["series_uid"])
+    assert np.array_equal(ds.pixel_array, pix)
+
+    res = P.run_series(models, [ds], "radiograph from PACS")
+    assert res.task == "pneumonia" and res.analysis.row["status"] in ("ok", "uncertain", "withheld")
+    assert [d.Modality for d in res.outgoing] == ["OT"]
+    P.store(pacs, res.outgoing)
+    back = [r for r in P.list_series(pacs, study) if r["modality"] == "OT"]
+    (sc,) = P.fetch_series(pacs, study, back[0]["series_uid"])
+    assert sc.PatientID == "TEST-0002" and sc.SeriesDescription.startswith("AI pneumonia result")
+
+
+def test_real_ct_file_is_refused_by_every_module(orthanc):
+    import pydicom
+    from pydicom.data import get_testdata_file
+
+    ct = pydicom.dcmread(get_testdata_file("CT_small.dcm"))  # real scanner output
+    pacs = P.Pacs(P.PacsConfig(orthanc))
+    P.store(pacs, [ct])
+    series = P.list_series(pacs, str(ct.StudyInstanceUID))
+    dss = P.fetch_series(pacs, str(ct.StudyInstanceUID), series[0]["series_uid"])
+    with pytest.raises(InvalidInputError, match="not read by any module"):
+        P.task_for(dss)
