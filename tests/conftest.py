@@ -119,21 +119,22 @@ def outside_root() -> Path:
     return _require("outside_population")
 
 
-ORTHANC = "/usr/sbin/Orthanc"
-ORTHANC_DICOMWEB_PLUGIN = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"
-
 
 @pytest.fixture(scope="session")
-def orthanc(tmp_path_factory) -> str:
-    """A private Orthanc (Debian packages orthanc + orthanc-dicomweb, which .ci/run installs) on a free
-    localhost port with an empty store in a temporary folder -> its DICOMweb root URL. Stopped at the end."""
-    import json
+def orthanc(tmp_path_factory):
+    """A real Orthanc (DICOMweb) for the PACS tests -> its DICOMweb root URL: the one .ci/run started
+    (``MEDIMG_TEST_DICOMWEB_URL``), else a private one on a free localhost port, stopped at the end."""
     import socket
-    import subprocess
-    import time
-    import urllib.request
 
-    if not (Path(ORTHANC).exists() and Path(ORTHANC_DICOMWEB_PLUGIN).exists()):
+    import orthanc_server as O
+
+    url = os.environ.get("MEDIMG_TEST_DICOMWEB_URL", "").strip()
+    if url:
+        if not O.answers(url):
+            pytest.fail(f"MEDIMG_TEST_DICOMWEB_URL={url} does not answer")
+        yield url
+        return
+    if not O.installed():
         msg = "Orthanc with its DICOMweb plugin is not installed (apt install orthanc orthanc-dicomweb)"
         if IN_CI:
             pytest.fail(msg)
@@ -141,30 +142,10 @@ def orthanc(tmp_path_factory) -> str:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    d = tmp_path_factory.mktemp("orthanc")
-    cfg = {"Name": "medimg-test", "StorageDirectory": str(d / "db"), "IndexDirectory": str(d / "db"),
-           "HttpPort": port, "DicomServerEnabled": False, "RemoteAccessAllowed": False,
-           "AuthenticationEnabled": False, "Plugins": [ORTHANC_DICOMWEB_PLUGIN],
-           "DicomWeb": {"Enable": True, "Root": "/dicom-web/", "EnableWado": False}}
-    (d / "orthanc.json").write_text(json.dumps(cfg))
-    log = open(d / "orthanc.log", "wb")
-    proc = subprocess.Popen([ORTHANC, str(d / "orthanc.json")], stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(100):
-        try:
-            with urllib.request.urlopen(f"{url}/dicom-web/studies", timeout=1):
-                break
-        except Exception:  # noqa: BLE001 - not up yet
-            if proc.poll() is not None:
-                pytest.fail(f"Orthanc exited at start: {(d / 'orthanc.log').read_text()[-2000:]}")
-            time.sleep(0.2)
-    else:
-        proc.kill()
-        pytest.fail("Orthanc did not answer within 20 s")
-    yield f"{url}/dicom-web"
+    proc = O.start(tmp_path_factory.mktemp("orthanc"), port)
+    yield O.dicomweb_url(port)
     proc.terminate()
     try:
         proc.wait(10)
-    except subprocess.TimeoutExpired:
+    except Exception:  # noqa: BLE001
         proc.kill()
-    log.close()

@@ -31,7 +31,8 @@ def _images(at: AppTest) -> int:
 
 
 @pytest.mark.parametrize("page", ["Home.py", "pages/1_Pneumonia.py", "pages/2_Cardiac.py",
-                                  "pages/3_Atrium_segmentation.py", "pages/4_Training_and_metrics.py"])
+                                  "pages/3_Atrium_segmentation.py", "pages/4_Training_and_metrics.py",
+                                  "pages/5_PACS.py"])
 def test_page_loads(page):
     at = _page(page)
     assert not at.exception, at.exception

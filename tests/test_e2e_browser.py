@@ -267,3 +267,43 @@ def test_metrics_page(server, browser):
     _wait_idle(page)
     _shot(page, "4_metrics")
     page.close()
+
+
+def test_pacs_study_opened_and_result_sent_back(server, browser, orthanc, heart_root):
+    """A 3D MR series (a real MSD volume as DICOM) in a real Orthanc: the page lists it, opens it, segments
+    the atrium, and stores a Segmentation and a Secondary Capture back into the same study."""
+    import nibabel as nib
+    import numpy as np
+    from _dicom_build import mr_slices
+
+    from core import pacs as P
+
+    img = nib.load(heart_root / "Task02_Heart" / "imagesTr" / "la_021.nii.gz")
+    vol = np.round(np.asarray(img.dataobj, dtype=np.float32))
+    study = "1.2.826.0.1.3680043.8.498.40"
+    dss = mr_slices(vol, img.affine, "1.2.826.0.1.3680043.8.498.41", study_uid=study)
+    for ds in dss:
+        ds.StudyDate, ds.StudyDescription, ds.SeriesDescription = "20260102", "browser atrium study", "3D bSSFP"
+    pacs = P.Pacs(P.PacsConfig(orthanc))
+    P.store(pacs, dss)
+
+    page = _page(browser, f"{server['url']}/PACS")
+    box = page.get_by_role("textbox", name="DICOMweb address of the PACS")
+    box.fill(orthanc)
+    box.press("Enter")
+    page.get_by_role("button", name="Open and analyse this series").wait_for()  # the study table is a canvas
+    _wait_idle(page)
+    page.get_by_role("combobox", name="Study").click()  # the study picker: choose ours by its description
+    page.get_by_role("option", name="browser atrium study").click()
+    _wait_idle(page)
+    page.get_by_role("button", name="Open and analyse this series").click()
+    page.get_by_role("button", name="Send the result to the PACS").wait_for()
+    _wait_idle(page)
+    body = page.inner_text("body")
+    assert "Left-atrium volume (predicted)" in body and "Quality check passed" in body
+    _shot(page, "5_pacs")
+    page.get_by_role("button", name="Send the result to the PACS").click()
+    page.get_by_text("new instance(s) in the study").wait_for()
+    page.close()
+    back = {r["modality"] for r in P.list_series(pacs, study)}
+    assert back == {"MR", "OT", "SEG"}

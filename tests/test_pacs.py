@@ -133,3 +133,34 @@ def test_real_ct_file_is_refused_by_every_module(orthanc):
     dss = P.fetch_series(pacs, str(ct.StudyInstanceUID), series[0]["series_uid"])
     with pytest.raises(InvalidInputError, match="not read by any module"):
         P.task_for(dss)
+
+
+def test_pacs_page_opens_a_study_and_sends_the_result_back(orthanc, xray_root, monkeypatch):
+    """The PACS page (AppTest): the configured server's studies are listed, a radiograph study is opened and
+    analysed, and the result goes back into the same study."""
+    from PIL import Image
+    from streamlit.testing.v1 import AppTest
+
+    from core.config import PROJECT_ROOT
+
+    path = sorted((xray_root / "chest_xray" / "train" / "PNEUMONIA").glob("*.jpeg"))[0]
+    ds = radiograph(np.asarray(Image.open(path).convert("L")), "1.2.826.0.1.3680043.8.498.30",
+                    "1.2.826.0.1.3680043.8.498.31")
+    ds.StudyDate, ds.StudyDescription = "20991231", "page test"  # the newest study: listed first
+    pacs = P.Pacs(P.PacsConfig(orthanc))
+    P.store(pacs, [ds])
+    monkeypatch.setenv(P.ENV_URL, orthanc)
+    at = AppTest.from_file(str(PROJECT_ROOT / "streamlit_app" / "pages" / "5_PACS.py"), default_timeout=120).run()
+    assert not at.exception, at.exception
+    study = at.selectbox(key="pacs.study")
+    assert "page test" in study.format_func(study.value)  # the newest study is offered first
+    at.button(key="pacs.open").click().run()
+    assert not at.exception, at.exception
+    shown = " ".join(x.value for x in list(at.info) + list(at.warning))
+    assert "pneumonia" in shown.lower() or "withheld" in shown.lower() or "no diagnosis" in shown.lower()
+    assert any("case report" in str(getattr(b, "proto", b)) for b in at.get("download_button"))
+    at.button(key="pacs.send").click().run()
+    assert not at.exception, at.exception
+    assert any("Stored 1 new instance" in s.value for s in at.success)
+    modalities = {r["modality"] for r in P.list_series(pacs, "1.2.826.0.1.3680043.8.498.30")}
+    assert modalities == {"DX", "OT"}
