@@ -111,6 +111,7 @@ def markdown(wdir=None) -> str:
     if seg:
         lines += ["", "| model | split | volumes | 3D Dice (95 % CI of mean) | IoU | HD95 (mm) | volume error (%) | "
                       "Dice per case |", "|---|---|---|---|---|---|---|---|", *seg]
+    lines += layout_markdown(wdir)
     lines += ["", *meta]
     lines += run_markdown(wdir)
     lines += shape_markdown(wdir)
@@ -119,6 +120,34 @@ def markdown(wdir=None) -> str:
 
 
 BENCH_FILE = "benchmarks/cpu-2core.json"
+LAYOUT_FILE = "benchmarks/logs/atrium-layout-stress-validation.json"
+
+
+def layout_markdown(wdir=None) -> list[str]:
+    """The atrium layout check (headers that lie about the slice plane), from what `python -m core.evaluate
+    --task atrium --only-validation --layout-stress --json LAYOUT_FILE` wrote, when it is of the current weights."""
+    import json
+
+    from core.checkpoint import read_card
+    from core.config import PROJECT_ROOT
+
+    path = PROJECT_ROOT / LAYOUT_FILE
+    try:
+        res = json.loads(path.read_text())
+        card = read_card("atrium", wdir)
+    except (OSError, ValueError, MissingWeightsError):
+        return []
+    if res.get("weights_sha256") != card.get("weights_sha256") or "layout_stress" not in res:
+        return []
+    rows = []
+    for name, r in res["layout_stress"]["summary"].items():
+        for ds, d in r.get("per_dataset", {}).items():
+            rows.append(f"| {name} | {DATASET_NAMES.get(ds, ds)} | {d['n']} | {d['dice_mean']:.3f} | {d['reported']} | "
+                        f"{d['reported_with_dice_under_0.5']} |")
+    return ["", f"Atrium layout check on the validation volumes (voxels transposed, header left as it was; "
+                f"`{LAYOUT_FILE}`):", "",
+            "| layout | dataset | volumes | 3D Dice | volume reported | reported with Dice < 0.5 |",
+            "|---|---|---|---|---|---|", *rows]
 DATASET_NAMES = {"Task02_Heart": "bSSFP, MSD Task02_Heart", "LA2018": "LGE-MRI, 2018 LA challenge"}
 SHAPE_NAMES = {"lv_ef": "LV ejection fraction", "rv_ef": "RV ejection fraction",
                "myo_to_lv_ed": "myocardium / LV cavity at ED", "rv_to_lv_ed": "RV / LV cavity at ED"}

@@ -33,6 +33,7 @@ for task, page, title, desc in MODULES:
         st.page_link(page, label=f"Open {title}", icon="➡️")
 
 st.page_link("pages/4_Training_and_metrics.py", label="Training curves and metric tables", icon="📈")
+st.page_link("pages/5_PACS.py", label="Open a study from a PACS (DICOMweb) and send the result back", icon="🗄️")
 
 st.subheader("Where the models and data came from")
 st.markdown(
