@@ -43,6 +43,12 @@ class Image2D:
     source_format: str
     info: dict = field(default_factory=dict)
     colour: bool = False  # True when the file held distinct colour channels
+    # DICOM greyscale only, for the viewer's window/level: the stored values after the modality LUT (H, W)
+    # float32, the file's window presets (explanation, centre, width) in those values, and whether white is
+    # low (MONOCHROME1: invert after windowing)
+    values: np.ndarray | None = None
+    windows: tuple[tuple[str, float, float], ...] = ()
+    invert: bool = False
 
 
 @dataclass(frozen=True)
@@ -189,16 +195,41 @@ def _read_dicom_quiet(data: bytes) -> Image2D:
         arr = arr[..., :3].astype(np.float32).mean(axis=2)
     else:
         try:
-            arr = apply_modality_lut(arr, ds)
-            arr = apply_voi_lut(arr, ds, index=0)
+            values = np.asarray(apply_modality_lut(arr, ds), dtype=np.float32)
+            arr = apply_voi_lut(values, ds, index=0)
         except Exception as exc:
             raise InvalidInputError("The DICOM rescale or window values are invalid.") from exc
         arr = np.asarray(arr, dtype=np.float32)
-        if str(ds.get("PhotometricInterpretation", "")).upper() == "MONOCHROME1":
+        invert = str(ds.get("PhotometricInterpretation", "")).upper() == "MONOCHROME1"
+        if invert:
             arr = arr.max() - arr  # MONOCHROME1 stores white as low values
     pixels = _check_2d(arr, "DICOM image")
     info = {k: str(ds.get(k)) for k in SAFE_DICOM_TAGS if ds.get(k) is not None}
-    return Image2D(pixels=pixels, source_format="dicom", info=info, colour=colour)
+    if colour:
+        return Image2D(pixels=pixels, source_format="dicom", info=info, colour=True)
+    return Image2D(pixels=pixels, source_format="dicom", info=info, values=values if values.shape == pixels.shape
+                   else None, windows=_window_presets(ds), invert=invert)
+
+
+def _window_presets(ds) -> tuple[tuple[str, float, float], ...]:
+    """The file's window presets (WindowCenter/WindowWidth, multi-valued, with their explanations) ->
+    ((name, centre, width), ...); invalid ones are left out."""
+    def listed(v) -> list:
+        if v is None:
+            return []
+        return list(v) if isinstance(v, (list, tuple)) or type(v).__name__ == "MultiValue" else [v]
+
+    centres, widths = listed(ds.get("WindowCenter")), listed(ds.get("WindowWidth"))
+    names = listed(ds.get("WindowCenterWidthExplanation"))
+    out = []
+    for i, (c, w) in enumerate(zip(centres, widths)):
+        try:
+            c, w = float(c), float(w)
+        except (TypeError, ValueError):
+            continue
+        if np.isfinite(c) and np.isfinite(w) and w > 0:
+            out.append((str(names[i]) if i < len(names) and str(names[i]).strip() else f"file window {i + 1}", c, w))
+    return tuple(out)
 
 
 def _ensure_transfer_syntax(ds) -> None:

@@ -9,6 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import streamlit as st
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -136,3 +137,37 @@ def report_button(build: Callable[[], bytes], name: str, ns: str) -> None:
                        mime="application/pdf", on_click="ignore", key=f"{ns}.report",
                        help="Result, images, measured figures, the model's version and validation figures, and the "
                             "research-use disclaimer; no identifying fields of the input.")
+
+
+def display_controls(ns: str, values, presets: tuple[tuple[str, float, float], ...] = (), invert: bool = False):
+    """Window/level and zoom controls in an expander (keys '<ns>.win', '<ns>.zoom', ...; cleared with the
+    page's other keys when a new input arrives) -> (core.visualize.Window, zoom, fx, fy).
+
+    ``values``: the image's own values (a DICOM's after its modality LUT; a volume's voxels); ``presets``:
+    the file's windows (explanation, centre, width), offered first; then the 1st-99th percentile, the full
+    range and a custom level/width."""
+    from core.visualize import Window, percentile_window
+
+    key = f"{ns}.win_ranges"  # percentiles of a volume take a moment: once per input
+    if key not in st.session_state:
+        st.session_state[key] = (percentile_window(values), float(values.min()), float(values.max()))
+    auto, lo, hi = st.session_state[key]
+    span = max(hi - lo, 1e-6)
+    auto = Window(auto.center, auto.width, auto.name, invert)
+    wins = [Window(c, w, n, invert) for n, c, w in presets] + [auto, Window(lo + span / 2, span, "full range", invert)]
+    names = [f"{w.name} (level {w.center:.4g}, width {w.width:.4g})" for w in wins] + ["custom level and width"]
+    with st.expander("Display: window/level and zoom"):
+        c1, c2 = st.columns(2)
+        choice = c1.selectbox("Window", range(len(names)), format_func=lambda i: names[i], key=f"{ns}.win")
+        if choice == len(wins):
+            level = c1.slider("Level (window centre)", lo, hi, float(np.clip(auto.center, lo, hi)), span / 200,
+                              key=f"{ns}.level")
+            width = c1.slider("Width", span / 100, span, float(np.clip(auto.width, span / 100, span)), span / 200,
+                              key=f"{ns}.width")
+            win = Window(level, width, "custom", invert)
+        else:
+            win = wins[choice]
+        zoom = c2.slider("Zoom", 1.0, 4.0, 1.0, 0.25, key=f"{ns}.zoom")
+        fx = c2.slider("View centre, left to right", 0.0, 1.0, 0.5, 0.05, key=f"{ns}.fx", disabled=zoom == 1)
+        fy = c2.slider("View centre, top to bottom", 0.0, 1.0, 0.5, 0.05, key=f"{ns}.fy", disabled=zoom == 1)
+    return win, zoom, fx, fy

@@ -87,6 +87,34 @@ def test_atrium_sample_segmentation_and_slider(heart_root):
     assert "predicted atrium" in _text(at)
 
 
+def _image_bytes(at: AppTest) -> list[str]:
+    """The media URLs of the images shown: each names a digest of the image's bytes."""
+    return [m.url for im in at.get("image") for m in im.proto.imgs]
+
+
+@pytest.mark.parametrize("page, sample_key", [("pages/1_Pneumonia.py", "pneu.sample"),
+                                              ("pages/2_Cardiac.py", "card.sample"),
+                                              ("pages/3_Atrium_segmentation.py", "atr.sample")])
+def test_window_level_and_zoom_redraw_and_reset_with_a_new_case(page, sample_key, xray_root, acdc_root, heart_root):
+    """Every viewer has window/level and zoom; changing them redraws, and a new case starts from the defaults
+    (what the controls show is what the image is drawn with)."""
+    ns = sample_key.split(".")[0]
+    at = _page(page)
+    at.selectbox(key=sample_key).select_index(1).run()
+    assert not at.exception
+    win = at.selectbox(key=f"{ns}.win")
+    assert len(win.options) >= 3 and any("full range" in o for o in win.options)
+    before = _image_bytes(at)
+    at.slider(key=f"{ns}.zoom").set_value(2.0).run()
+    at.selectbox(key=f"{ns}.win").set_value(len(win.options) - 1).run()  # custom level and width
+    at.slider(key=f"{ns}.width").set_value(at.slider(key=f"{ns}.width").min).run()
+    assert not at.exception, at.exception
+    assert _image_bytes(at) != before
+    at.selectbox(key=sample_key).select_index(2).run()
+    assert not at.exception
+    assert at.slider(key=f"{ns}.zoom").value == 1.0 and at.selectbox(key=f"{ns}.win").value == 0
+
+
 def test_metrics_page_each_task():
     at = _page("pages/4_Training_and_metrics.py")
     for task in ("pneumonia", "cardiac", "atrium"):

@@ -63,3 +63,37 @@ def test_monochrome1_is_inverted():
 def test_random_bytes_are_not_taken_for_dicom():
     with pytest.raises(InvalidInputError):
         read_image_2d(np.random.default_rng(0).bytes(5000), "x")
+
+
+def test_window_presets_of_the_file_are_offered_in_its_own_values():
+    from core.visualize import Window
+
+    path = get_testdata_file("examples_overlay.dcm")  # real MR with two named windows
+    img = read_image_2d(open(path, "rb").read(), "overlay.dcm")
+    assert img.windows == (("WINDOW1", 450.0, 790.0), ("WINDOW2", 200.0, 443.0))
+    ds = pydicom.dcmread(path)
+    assert img.values is not None and np.array_equal(img.values, ds.pixel_array.astype(np.float32))
+    # the first preset through the viewer's window gives what the reader gave the model (VOI LUT, index 0)
+    shown = Window(450.0, 790.0).apply(img.values)
+    assert np.corrcoef(shown.ravel(), img.pixels.ravel())[0, 1] > 0.999
+
+
+def test_monochrome1_presets_display_the_right_way_round():
+    from core.visualize import Window
+
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    ds.PhotometricInterpretation = "MONOCHROME1"
+    ds.WindowCenter, ds.WindowWidth = 40, 400
+    buf = io.BytesIO()
+    ds.save_as(buf)
+    img = read_image_2d(buf.getvalue(), "m1.dcm")
+    assert img.invert and img.windows == (("file window 1", 40.0, 400.0),)
+    shown = Window(*img.windows[0][1:], invert=img.invert).apply(img.values)
+    assert np.corrcoef(shown.ravel(), img.pixels.ravel())[0, 1] > 0.99  # as the model saw it: white is high
+
+
+def test_png_has_no_presets():
+    from conftest import png_bytes
+
+    img = read_image_2d(png_bytes((np.random.default_rng(0).random((64, 64)) * 255).astype(np.uint8)), "a.png")
+    assert img.values is None and img.windows == () and not img.invert

@@ -124,3 +124,33 @@ def test_model_arguments_are_validated():
         build_model("UNet2D")(torch.zeros(1, 3, 30, 30))
     with pytest.raises(ValueError, match="Unknown task"):
         get_task("brain")
+
+
+# --------------------------------------------------------------------------- viewer: window/level and zoom
+
+
+def test_window_maps_level_and_width_to_black_and_white():
+    from core.visualize import Window
+
+    w = Window(center=100.0, width=200.0)  # 0 -> black, 200 -> white, linear between
+    assert np.allclose(w.apply(np.array([-50.0, 0.0, 50.0, 100.0, 200.0, 300.0])), [0, 0, 0.25, 0.5, 1, 1])
+    inv = Window(100.0, 200.0, invert=True)  # MONOCHROME1: white is low
+    assert np.allclose(inv.apply(np.array([0.0, 50.0, 200.0])), [1, 0.75, 0])
+    for c, wd in ((0.0, 0.0), (0.0, -1.0), (float("nan"), 1.0)):
+        with pytest.raises(ValueError):
+            Window(c, wd)
+
+
+def test_percentile_window_and_zoom_view():
+    from core.visualize import percentile_window, zoom_view
+
+    w = percentile_window(np.arange(101, dtype=np.float32), 10, 90)
+    assert w.center == pytest.approx(50.0) and w.width == pytest.approx(80.0)
+    img = np.arange(100 * 80).reshape(100, 80)
+    assert zoom_view(img, 1.0).shape == (100, 80)
+    z = zoom_view(img, 2.0)  # centred: rows 25-74, columns 20-59
+    assert z.shape == (50, 40) and z[0, 0] == img[25, 20]
+    corner = zoom_view(img, 4.0, fx=0.0, fy=1.0)  # bottom-left corner, kept inside the image
+    assert corner.shape == (25, 20) and corner[0, 0] == img[75, 0]
+    with pytest.raises(ValueError):
+        zoom_view(img, 0.5)

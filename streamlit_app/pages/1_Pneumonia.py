@@ -3,11 +3,18 @@ from __future__ import annotations
 
 import streamlit as st
 
-from common import DISCLAIMER, file_key, model_or_stop, pick_sample, report_button, reset_namespace, run_safely
+from common import (DISCLAIMER, display_controls, file_key, model_or_stop, pick_sample, report_button,
+                    reset_namespace, run_safely)
 from core.case_report import render_pdf, xray_report
 from core.inference import UNCERTAIN_MARGIN, predict_xray, verdict_band
 from core.io import read_image_2d
-from core.visualize import grey_rgb, heatmap_overlay
+from core.visualize import grey_rgb, heatmap_overlay, zoom_view
+
+
+def _display_values(im):
+    """(values, presets, invert) for the viewer: a DICOM's own values and window presets, else the pixels."""
+    return (im.values if im.values is not None else im.pixels), im.windows, im.invert
+
 
 NS = "pneu"
 st.set_page_config(page_title="Pneumonia – chest X-ray", page_icon="🫁", layout="wide")
@@ -55,13 +62,16 @@ if st.session_state.get(f"{NS}.key") != key:
     st.session_state[f"{NS}.name"] = name
 
 image = st.session_state[f"{NS}.image"]
+
+
 res = st.session_state[f"{NS}.result"]
 name = st.session_state[f"{NS}.name"]
 st.markdown(f"**Result for: {name}**")
 report_button(lambda: render_pdf(xray_report(res, image, name), lm.card), name, NS)
 if res.withheld:
     st.warning(f"**No diagnosis.** {res.withheld}")
-    st.image(grey_rgb(image.pixels), caption="Uploaded image", width=480)
+    win, zoom, fx, fy = display_controls(NS, *_display_values(image))
+    st.image(zoom_view(grey_rgb(_display_values(image)[0], win), zoom, fx, fy), caption="Uploaded image", width=480)
     if image.info:
         with st.expander("Image information (no identifying fields are shown)"):
             st.table({"field": list(image.info), "value": [str(v) for v in image.info.values()]})
@@ -85,11 +95,13 @@ st.metric("P(pneumonia)", f"{res.probability:.1%}",
                 "true share is lower." if res.calibrated else "Model output after the sigmoid, not a calibrated risk."))
 
 alpha = st.slider("Heatmap opacity", 0.0, 1.0, 0.4, 0.05, key=f"{NS}.alpha")
+win, zoom, fx, fy = display_controls(NS, *_display_values(image))
 c1, c2 = st.columns(2)
 with c1:
-    st.image(grey_rgb(image.pixels), caption="Original image", width="stretch")
+    st.image(zoom_view(grey_rgb(_display_values(image)[0], win), zoom, fx, fy),
+             caption=f"Original image (window: {win.name})", width="stretch")
 with c2:
-    st.image(heatmap_overlay(res.display, res.heatmap, alpha), width="stretch",
+    st.image(zoom_view(heatmap_overlay(res.display, res.heatmap, alpha), zoom, fx, fy), width="stretch",
              caption=f"Grad-CAM for the '{'pneumonia' if res.positive else 'normal'}' decision "
                      "(red = regions that most raised it; shown on the model's square input)")
 if image.info:

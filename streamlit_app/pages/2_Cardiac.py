@@ -5,12 +5,13 @@ from __future__ import annotations
 import numpy as np
 import streamlit as st
 
-from common import DISCLAIMER, file_key, legend, model_or_stop, pick_sample, report_button, reset_namespace, run_safely
+from common import (DISCLAIMER, display_controls, file_key, legend, model_or_stop, pick_sample, report_button,
+                    reset_namespace, run_safely)
 from core.case_report import cardiac_report, render_pdf
 from core.inference import cardiac_cycle, predict_cardiac
 from core.dicom_series import read_cine_any
 from core.io import read_image_volume
-from core.visualize import heatmap_overlay, label_overlay
+from core.visualize import heatmap_overlay, label_overlay, zoom_view
 
 NS = "card"
 st.set_page_config(page_title="Cardiac disease – cine MRI", page_icon="🫀", layout="wide")
@@ -199,6 +200,7 @@ alpha = st.slider("Overlay opacity", 0.0, 1.0, 0.4, 0.05, key=f"{NS}.alpha")
 view = st.radio("Overlay", ["Grad-CAM", "Segmentation (RV, myocardium, LV cavity)"], horizontal=True,
                 key=f"{NS}.view")
 show_seg = view.startswith("Segmentation") and res.segmentation is not None
+win, zoom, fx, fy = display_controls(NS, res.slices)
 st.markdown("**Slices the model used** (centred crop, base to apex), with the model's segmentation or its "
             "Grad-CAM map (each map scaled to its own maximum, so compare where, not how strongly, across slices):")
 k = len(res.slices) // 2
@@ -208,10 +210,10 @@ for row, title in ((0, "End-diastole"), (1, "End-systole")):
     for j in range(k):
         i = row * k + j
         if show_seg:
-            img, entries = label_overlay(res.slices[i], res.segmentation[i], alpha=alpha)
+            img, entries = label_overlay(res.slices[i], res.segmentation[i], alpha=alpha, window=win)
         else:
-            img = heatmap_overlay(res.slices[i], res.heatmap[i], alpha)
-        cols[j].image(np.rot90(img), caption=res.slice_labels[i], width="stretch")
+            img = heatmap_overlay(res.slices[i], res.heatmap[i], alpha, window=win)
+        cols[j].image(zoom_view(np.rot90(img), zoom, fx, fy), caption=res.slice_labels[i], width="stretch")
 if show_seg:
     legend(entries)
 st.caption("The cardiac model was trained on ACDC (80 patients, 16 of them normal); see Training & metrics for its "

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import streamlit as st
 
-from common import (DISCLAIMER, file_key, legend, model_or_stop, pick_sample, report_button,
-                    reset_namespace, run_safely)
+from common import (DISCLAIMER, display_controls, file_key, legend, model_or_stop, pick_sample,
+                    report_button, reset_namespace, run_safely)
 from core import atrium as A
 from core import metrics as M
 from core.inference import segment_atrium
@@ -140,13 +140,16 @@ show_pred = t1.toggle("Show predicted mask", value=True, key=f"{NS}.show_pred")
 show_gt = t2.toggle("Show ground-truth mask", key=f"{NS}.show_gt", disabled=gt_c is None)  # set with the mask
 show_gt = show_gt and gt_c is not None
 
+win, zoom, fx, fy = display_controls(NS, data_c)
 img, entries = mask_overlay(radiological_axial(data_c[:, :, z]), radiological_axial(mask_c[:, :, z]),
-                            radiological_axial(gt_c[:, :, z]) if gt_c is not None else None, show_pred, show_gt)
+                            radiological_axial(gt_c[:, :, z]) if gt_c is not None else None, show_pred, show_gt,
+                            window=win)
 left, right = st.columns([3, 2])
 with left:
-    from core.visualize import with_orientation_markers
+    from core.visualize import with_orientation_markers, zoom_view
 
-    st.image(with_orientation_markers(img), caption=f"{name} — axial slice {z + 1} of {nz}", width="stretch")
+    st.image(with_orientation_markers(zoom_view(img, zoom, fx, fy)), caption=f"{name} — axial slice {z + 1} of {nz}"
+             + (f", zoom {zoom:g}x" if zoom > 1 else ""), width="stretch")
     legend(entries)
     st.caption("Axial slices in the radiological view: anterior at the top, the patient's right on the image's left "
                "(R/L/A/P markers from the file's header orientation).")
