@@ -27,6 +27,10 @@ VIEWS_ALL = (2, 0, 1)  # the axial view first: the others run around what it fin
 # axial direction is the thinnest by a factor of 1.6 or more, so the rule keeps their slicing; it matters
 # when a header lies about the slice plane (an LGE slab written in another axis order).
 SLAB_RATIO = 0.75
+# Three views are fused when the volume spans at least this much in every direction: twice an atrium's
+# largest diameter (about 6 cm), so that slices along any axis hold the whole atrium and its surroundings.
+# A whole-chest bSSFP volume (MSD: 137-178 mm through the slab) is fused; a thin LGE slab (55 mm) is not.
+FUSE_MIN_EXTENT_MM = 120.0
 # Physiological range of the left-atrial cavity in adults (indexed LA volumes run about 15-60 mL/m2;
 # dilated atria in atrial fibrillation reach about 200 mL). Outside it the mask is not reported.
 LA_VOLUME_RANGE_ML = (10.0, 250.0)
@@ -93,10 +97,17 @@ def slab_axis(shape: tuple[int, ...], spacing: tuple[float, float, float], ratio
 
 def resolve_views(views: tuple[int, ...], shape: tuple[int, ...], spacing: tuple[float, float, float]
                   ) -> tuple[int, ...]:
-    """The views actually segmented: a single axial view (2,) becomes the slab's own axis (``slab_axis``);
-    several views are kept as listed."""
+    """The views actually segmented. A single axial view (2,) becomes the slab's own axis (``slab_axis``),
+    joined by the two other axes when the volume spans at least FUSE_MIN_EXTENT_MM in every direction
+    (slices across it then show the whole atrium with context; on a thin slab they are strips); several
+    views listed are kept as they are."""
     views = tuple(int(v) for v in views)
-    return (slab_axis(shape, spacing),) if views == (2,) else views
+    if views != (2,):
+        return views
+    k = slab_axis(shape, spacing)
+    if min(float(n) * float(s) for n, s in zip(shape[:3], spacing)) >= FUSE_MIN_EXTENT_MM:
+        return (k,) + tuple(a for a in VIEWS_ALL if a != k)
+    return (k,)
 
 
 def view(arr: np.ndarray, axis: int) -> np.ndarray:
@@ -146,25 +157,32 @@ def _flip_passes(model: nn.Module, x: torch.Tensor, flips: int, out: list[torch.
 
 def segment_view(model: nn.Module, data: np.ndarray, spacing: tuple[float, float, float], axis: int,
                  grid_mm: float, batch_size: int = 1, autocast_ctx=None, progress=None,
-                 normalised: bool = False, flips: int = 1, flip_set=None) -> np.ndarray:
+                 normalised: bool = False, flips: int = 1, flip_set=None, stride: int = 1) -> np.ndarray:
     """Probabilities (X, Y, Z) of one pass of the 2.5D U-Net along ``axis`` of a canonical volume,
     averaged over ``flips`` in-plane flips (1, 2 or 4; see TTA_FLIPS), or over ``flip_set`` (a tuple of
-    flip dims) when given. ``autocast_ctx``: a callable giving a fresh precision context (or None for float32)."""
+    flip dims) when given. ``autocast_ctx``: a callable giving a fresh precision context (or None for float32).
+    ``stride`` > 1: only every stride-th slice along ``axis`` (0, stride, ...) is segmented, the rest left 0."""
     import contextlib
 
     if flips not in TTA_FLIPS:
         raise ValueError(f"flips must be one of {sorted(TTA_FLIPS)}, got {flips}")
+    if stride < 1:
+        raise ValueError(f"stride must be >= 1, got {stride}")
     dims_list = flip_set if flip_set is not None else TTA_FLIPS[flips]
     v = view(data, axis)
     padded, geom = pp.atrium_padded(v, view_spacing(spacing, axis), grid_mm, normalised=normalised)
     n = v.shape[2]
-    prob = torch.empty(n, *padded.shape[1:])
+    todo = list(range(0, n, stride))
+    prob = torch.zeros(n, *padded.shape[1:]) if stride > 1 else torch.empty(n, *padded.shape[1:])
+    w = 2 * pp.ATRIUM_CONTEXT + 1
     with torch.inference_mode(), (autocast_ctx() if autocast_ctx else contextlib.nullcontext()):
-        for i in range(0, n, batch_size):
-            j = min(n, i + batch_size)
-            prob[i:j] = _passes(model, pp.atrium_window(padded, i, j), dims_list)
+        for b in range(0, len(todo), batch_size):
+            idx = todo[b:b + batch_size]
+            x = (pp.atrium_window(padded, idx[0], idx[-1] + 1) if stride == 1
+                 else torch.stack([padded[i:i + w] for i in idx]))
+            prob[idx] = _passes(model, x, dims_list)
             if progress:
-                progress(j / n)
+                progress((b + len(idx)) / len(todo))
     del padded
     return np.moveaxis(pp.atrium_restore(prob, geom), 2, axis)
 
@@ -212,27 +230,67 @@ def roi_box(prob: np.ndarray, spacing: tuple[float, float, float], margin_mm: fl
     return tuple(out)
 
 
+LOCALISE_STRIDE = 2
+
+
+def localise(model: nn.Module, norm: np.ndarray, spacing: tuple[float, float, float], axis: int, grid_mm: float,
+             threshold: float = 0.5, batch_size: int = 1, autocast_ctx=None, progress=None
+             ) -> tuple[slice, slice, slice] | None:
+    """Where the atrium is in a normalised canonical volume: the box (``roi_box``, ROI_MARGIN_MM of context)
+    around the largest piece found by segmenting every LOCALISE_STRIDE-th slice along ``axis``; None if none."""
+    s = LOCALISE_STRIDE
+    p = segment_view(model, norm, spacing, axis, grid_mm, batch_size, autocast_ctx, progress, normalised=True,
+                     stride=s)
+    sub = np.take(p, range(0, p.shape[axis], s), axis=axis) >= threshold  # the slices segmented, side by side
+    core_ = pp.largest_component(sub)
+    if not core_.any():
+        return None
+    sp = tuple(x * s if i == axis else x for i, x in enumerate(spacing))
+    box = list(roi_box(core_.astype(np.float32), sp))
+    box[axis] = slice(box[axis].start * s, min(p.shape[axis], box[axis].stop * s))
+    return tuple(box)
+
+
 def segment_canonical(model: nn.Module, data: np.ndarray, spacing: tuple[float, float, float],
                       views: tuple[int, ...], grid_mm: float, threshold: float = 0.5, batch_size: int = 1,
                       autocast_ctx=None, progress=None, roi: bool = True, flips: int = 1) -> AtriumPrediction:
     """Fused multi-view segmentation of a canonical (X, Y, Z) volume (normalised once, as a whole).
 
-    The first view runs over the whole volume. With ``roi``, the other views run only on the box around
-    what the first found (plus ``ROI_MARGIN_MM`` of context): outside it their probability is taken as 0,
-    which makes three views cost about 1.5 passes instead of 3. When the first view finds nothing, the
-    others run on the whole volume, so a volume the first view cannot read still gets every chance.
-    A single axial view is replaced by the slab's own axis (``resolve_views``)."""
+    With several views and ``roi``, the atrium is first localised (``localise``: the first view on every
+    LOCALISE_STRIDE-th slice), then every view runs only on the box around it (plus ``ROI_MARGIN_MM`` of
+    context; outside it the probability is 0): three views cost about one pass instead of three. When
+    nothing is found, every view runs on the whole volume, so a volume the model cannot read at a glance
+    still gets every chance.
+    A single axial view is replaced by the slab's own axis, or by three fused views on a volume that is wide
+    in every direction (``resolve_views``); fused views take one pass each (``flips`` is for a single view)."""
     views = resolve_views(views, np.shape(data), spacing)
+    if len(views) > 1:
+        flips = 1  # fused views: one pass each (the flips were chosen for, and pay off on, a single view)
     norm = pp.normalise_volume(np.asarray(data))
     acc = np.zeros(norm.shape, np.float32)
     masks = []
     box = None
+    if roi and len(views) > 1:
+        box = localise(model, norm, spacing, views[0], grid_mm, threshold, batch_size, autocast_ctx,
+                       (lambda f: progress(f / (len(views) + 1))) if progress else None)
+        if box is not None:  # every view, the first too, runs on the box around the atrium found
+            for k, ax in enumerate(views):
+                cb = (lambda f, k=k: progress((k + 1 + f) / (len(views) + 1))) if progress else None
+                p = np.zeros(norm.shape, np.float32)
+                p[box] = segment_view(model, np.ascontiguousarray(norm[box]), spacing, ax, grid_mm, batch_size,
+                                      autocast_ctx, cb, normalised=True)
+                masks.append(p >= threshold)
+                acc += p
+            prob = acc / len(views)
+            return AtriumPrediction(prob.astype(np.float16), masks, pp.largest_component(prob >= threshold), views)
     for k, ax in enumerate(views):
         cb = (lambda f, k=k: progress((k + f) / len(views))) if progress else None
         if k == 0 or box is None:
             p = np.mean(flip_pass_probs(model, norm, spacing, grid_mm, ax, batch_size, autocast_ctx, flips, cb), axis=0)
             if k == 0 and roi and len(views) > 1:
-                box = roi_box(p, spacing)
+                # the box around the first view's largest piece: stray specks elsewhere would widen it
+                core_ = pp.largest_component(p >= threshold)
+                box = roi_box(core_.astype(np.float32), spacing) if core_.any() else None
         else:
             p = np.zeros(norm.shape, np.float32)
             p[box] = segment_view(model, np.ascontiguousarray(norm[box]), spacing, ax, grid_mm, batch_size,
@@ -279,6 +337,7 @@ def quality_measures(pred: AtriumPrediction, spacing: tuple[float, float, float]
         "uncertain_ratio": unsure / max(n_mask, 1),
         "view_agreement": float(min(agree)),
         "min_extent_mm": float(min(s * n for s, n in zip(spacing, pred.prob.shape))),
+        "fused": float(len(pred.view_masks) > 1),  # 1: three views fused, judged by the fused limits
     }
 
 
@@ -294,8 +353,10 @@ class QualityRule:
     min_extent_mm: float = MIN_EXTENT_MM
 
     @classmethod
-    def from_card(cls, card: dict) -> QualityRule:
-        q = card.get("quality_check", {}).get("limits", {})
+    def from_card(cls, card: dict, fused: bool = False) -> QualityRule:
+        """The card's limits for a single view, or (``fused``) for three fused views when it has them."""
+        qc = card.get("quality_check", {})
+        q = (qc.get("limits_fused") if fused else None) or qc.get("limits", {})
         return cls(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in q.items()
                       if k in cls.__dataclass_fields__})
 
@@ -579,8 +640,9 @@ def pick_setting(score: dict[tuple[int, float], float], tie: float = 0.002) -> t
 
 def choose_inference(model: nn.Module, vols: list[CanonicalCase], idx: list[int], grid_mm: float,
                      device: torch.device, bf16: bool = False) -> dict:
-    """The axial pass's test-time flips (1, 2 or 4) and mask threshold with the highest validation Dice
-    (mean of the per-dataset means, so that the smaller dataset counts as much as the larger). Ties
+    """The single view's test-time flips (1, 2 or 4) and mask threshold with the highest validation Dice
+    (mean of the per-dataset means, so that the smaller dataset counts as much as the larger), on the
+    validation volumes segmented with one view (``resolve_views``; all of them if none is). Ties
     within 0.002 go to fewer flips (faster) and to 0.5. Returns {"flips", "threshold", "table"}; the
     choice is made on these volumes, so their figure is slightly optimistic (say so wherever shown)."""
     from core import metrics as M
@@ -589,10 +651,12 @@ def choose_inference(model: nn.Module, vols: list[CanonicalCase], idx: list[int]
     from tqdm import tqdm
 
     dice: dict[tuple[int, float], dict[str, list[float]]] = {}
-    for i in tqdm(idx, desc="choose flips/threshold", leave=False):
+    single = [i for i in idx if len(resolve_views((2,), vols[i].data.shape, vols[i].spacing)) == 1]
+    for i in tqdm(single or idx, desc="choose flips/threshold", leave=False):
         v = vols[i]
         passes = flip_pass_probs(model, pp.normalise_volume(v.data), v.spacing, grid_mm,
-                                 autocast_ctx=lambda: autocast_for(device, bf16), n=max(TTA_CHOICES))
+                                 slab_axis(v.data.shape, v.spacing), autocast_ctx=lambda: autocast_for(device, bf16),
+                                 n=max(TTA_CHOICES))
         for f in TTA_CHOICES:
             prob = np.mean(passes[:f], axis=0)
             for t in THRESHOLD_CHOICES:
@@ -669,7 +733,8 @@ def score_cases(model: nn.Module, vols: list[CanonicalCase], idx: list[int], vie
     for i in idx:
         v = vols[i]
         pr = predict_case(model, v, views, grid, device, bf16=bf16, flips=flips, threshold=threshold)
-        per_case[v.case_id] = {**M.segmentation_metrics(pr.mask, v.label, v.spacing), "dataset": v.dataset}
+        per_case[v.case_id] = {**M.segmentation_metrics(pr.mask, v.label, v.spacing), "dataset": v.dataset,
+                               "views": list(pr.views)}
         quality[v.case_id] = quality_measures(pr, v.spacing, threshold)
     return per_case, quality
 
@@ -696,17 +761,50 @@ def summarise(per_case: dict[str, dict], seed: int = 0) -> dict:
     return out
 
 
-def fit_quality_limits(train_quality: dict[str, dict]) -> dict:
-    """Limits of the quality check from the training volumes' own measures (with the views the app uses),
-    with a margin fixed a priori: 1.5x the 95th percentile of the uncertainty ratio and 0.8x the 5th
-    percentile of the view agreement (percentiles, so one odd training volume does not set the limit);
-    never from validation volumes."""
-    unc = [q["uncertain_ratio"] for q in train_quality.values()]
-    agr = [q["view_agreement"] for q in train_quality.values()]
+MIN_VOLUMES_FOR_LIMITS = 5
+
+
+def fit_quality_limits(train_quality: dict[str, dict], fused: bool = False) -> dict | None:
+    """Limits of the quality check from the training volumes' own measures (with the views the app uses;
+    only the volumes segmented in the ``fused`` mode asked for), with a margin fixed a priori: 1.5x the
+    95th percentile of the uncertainty ratio and 0.8x the 5th percentile of the view agreement
+    (percentiles, so one odd training volume does not set the limit); never from validation volumes.
+    None when fewer than MIN_VOLUMES_FOR_LIMITS training volumes took that mode."""
+    rows = [q for q in train_quality.values() if bool(q.get("fused", 0.0)) == fused]
+    if len(rows) < MIN_VOLUMES_FOR_LIMITS:
+        return None
+    unc = [q["uncertain_ratio"] for q in rows]
+    agr = [q["view_agreement"] for q in rows]
     return {"max_uncertain_ratio": float(1.5 * np.quantile(unc, 0.95)),
             "min_view_agreement": float(0.8 * np.quantile(agr, 0.05)),
             "min_kept_fraction": QualityRule.min_kept_fraction, "volume_range_ml": list(LA_VOLUME_RANGE_ML),
             "min_extent_mm": MIN_EXTENT_MM}
+
+
+def judge_with_card(m: dict[str, float], card: dict) -> QualityReport:
+    """Judge quality measures with the card's limits for the mode they were taken in (single or fused)."""
+    return judge(m, QualityRule.from_card(card, fused=bool(m.get("fused", 0.0))))
+
+
+def quality_check_record(train_quality: dict[str, dict], val_quality: dict[str, dict], setting: str) -> dict:
+    """The card's quality_check: limits fitted on the training volumes for each mode (single view; three
+    fused views, when enough training volumes took it), and how often they fire on the validation volumes."""
+    limits = fit_quality_limits(train_quality)
+    if limits is None:  # e.g. a smoke run: every volume was fused
+        limits = fit_quality_limits(train_quality, fused=True)
+    fused = fit_quality_limits(train_quality, fused=True)
+    card = {"quality_check": {"limits": limits, "limits_fused": fused}}
+    fired = {k: judge_with_card(q, card).reasons for k, q in val_quality.items()}
+    n_fused = sum(bool(q.get("fused", 0.0)) for q in train_quality.values())
+    return {
+        "limits": limits, "limits_fused": fused,
+        "fitted_on": f"{len(train_quality)} training volumes ({n_fused} segmented with three fused views, the rest "
+                     f"with one), {setting}; per mode: 1.5x the 95th percentile of their uncertainty ratio, 0.8x "
+                     "the 5th percentile of their view agreement; volume range and field of view from anatomy",
+        "train_measures": train_quality, "validation_measures": val_quality,
+        "validation_fired": {k: v for k, v in fired.items() if v},
+        "validation_firing_rate": float(np.mean([bool(v) for v in fired.values()])) if fired else float("nan"),
+    }
 
 
 def train_atrium(root, cfg, device: torch.device, smoke: bool = False, out_dir=None) -> dict:
@@ -787,13 +885,16 @@ def apply_inference_choice(card: dict, model: nn.Module, vols: list[CanonicalCas
     per_case, val_quality = score_cases(model, vols, va, views, grid, device, flips, thr, bf16)
     chosen = summarise(per_case)
     _, train_quality = score_cases(model, vols, tr, views, grid, device, flips, thr, bf16)
-    limits = fit_quality_limits(train_quality)
-    rule = QualityRule(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in limits.items()})
-    fired = {k: judge(q, rule).reasons for k, q in val_quality.items()}
     card["input_spec"]["tta_flips"] = flips
+    if views == (2,):
+        card["input_spec"]["view_rule"] = (
+            f"slices across the volume's thinnest direction (when below {SLAB_RATIO:g}x the axial extent; else "
+            f"axial); when the volume spans at least {FUSE_MIN_EXTENT_MM:g} mm in every direction, the two other "
+            "directions are segmented too (around the first finding) and the three fused, one pass each")
     card["validation"]["scored_in"] = "bfloat16 autocast (as the app runs)" if bf16 else "float32"
     card["threshold"] = thr
-    card["threshold_rule"] = (f"{thr:g} on the mean probability of the views and of {flips} in-plane flip(s), then "
+    card["threshold_rule"] = (f"{thr:g} on the mean probability of the views (or, with one view, of {flips} in-plane "
+                              "flip(s)), then "
                               "the largest 3D connected component; flips and threshold chosen on the validation "
                               "volumes (highest mean of the per-dataset Dice; ties to fewer flips and 0.5)")
     card["validation"].update({
@@ -805,16 +906,8 @@ def apply_inference_choice(card: dict, model: nn.Module, vols: list[CanonicalCas
         "inference_rule": "flips and threshold chosen on these validation volumes (slightly optimistic figure)",
         "per_case": per_case,
     })
-    card["quality_check"] = {
-        "limits": limits,
-        "fitted_on": f"{len(tr)} training volumes, views {list(views)}, {flips} flip(s), threshold {thr:g} (1.5x the "
-                     "95th percentile of their uncertainty ratio, 0.8x the 5th percentile of their view agreement); "
-                     "volume range and field of view from anatomy",
-        "train_measures": train_quality,
-        "validation_measures": val_quality,
-        "validation_fired": {k: v for k, v in fired.items() if v},
-        "validation_firing_rate": float(np.mean([bool(v) for v in fired.values()])) if fired else float("nan"),
-    }
+    card["quality_check"] = quality_check_record(train_quality, val_quality,
+                                                 f"views {list(views)}, {flips} flip(s), threshold {thr:g}")
     return card
 
 
@@ -935,18 +1028,8 @@ def refit_quality(wdir=None, root=None) -> dict:
     flips = int(card["input_spec"].get("tta_flips", 1))
     _, tq = score_cases(lm.model, vols, list(range(n_tr)), views, lm.grid_mm, cpu, flips, lm.threshold)
     _, vq = score_cases(lm.model, vols, list(range(n_tr, len(vols))), views, lm.grid_mm, cpu, flips, lm.threshold)
-    limits = fit_quality_limits(tq)
-    rule = QualityRule(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in limits.items()})
-    fired = {k: judge(q, rule).reasons for k, q in vq.items()}
-    card["quality_check"] = {
-        "limits": limits,
-        "fitted_on": f"{n_tr} training volumes, views {list(views)} (1.5x the 95th percentile of their uncertainty "
-                     "ratio, 0.8x the 5th percentile of their view agreement); volume range and field of view from "
-                     "anatomy",
-        "train_measures": tq, "validation_measures": vq,
-        "validation_fired": {k: v for k, v in fired.items() if v},
-        "validation_firing_rate": float(np.mean([bool(v) for v in fired.values()])),
-    }
+    card["quality_check"] = quality_check_record(tq, vq, f"views {list(views)}, {flips} flip(s), "
+                                                         f"threshold {lm.threshold:g}")
     import json as _json
 
     path = weights_dir(wdir) / "atrium.json"
@@ -998,7 +1081,6 @@ def foreign_firing(model: nn.Module, card: dict, root, device: torch.device, bf1
     orientation, the card's views, flips and threshold."""
     from core.precision import autocast_for
 
-    rule = QualityRule.from_card(card)
     views = tuple(card["input_spec"].get("views", [2]))
     flips = int(card["input_spec"].get("tta_flips", 1))
     thr = float(card.get("threshold", 0.5))
@@ -1010,7 +1092,7 @@ def foreign_firing(model: nn.Module, card: dict, root, device: torch.device, bf1
             d, sp, _ = to_canonical(data, affine, spacing)
             pr = segment_canonical(model, d, sp, views, grid, thr, 32, lambda: autocast_for(device, bf16),
                                    flips=flips)
-            rows[name] = judge(quality_measures(pr, sp, thr), rule).reasons
+            rows[name] = judge_with_card(quality_measures(pr, sp, thr), card).reasons
         res[kind] = {"n": len(rows), "fired": sum(bool(r) for r in rows.values()),
                      "firing_rate": float(np.mean([bool(r) for r in rows.values()])) if rows else float("nan"),
                      "not_fired": [k for k, r in rows.items() if not r]}

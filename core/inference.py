@@ -378,7 +378,7 @@ def segment_atrium(lm: LoadedModel, volume: Volume, batch_size: int = 8,
     with model_lock(lm.model):
         pred = A.segment_canonical(lm.model, data_c, sp_c, views, lm.grid_mm, lm.threshold, batch_size,
                                    lambda: autocast(lm.precision), progress, flips=flips)
-    quality = A.judge(A.quality_measures(pred, sp_c, lm.threshold), A.QualityRule.from_card(lm.card))
+    quality = A.judge_with_card(A.quality_measures(pred, sp_c, lm.threshold), lm.card)
     mask = A.from_canonical(pred.mask, orient)
     prob = A.from_canonical(pred.prob, orient)
     views = pred.views  # the slab's own axis for a single-view model (core.atrium.resolve_views)

@@ -47,6 +47,9 @@ def test_slab_axis_is_the_thinnest_direction_when_clearly_thinner():
     assert A.slab_axis((100, 74, 100), (1.0, 1.0, 1.0)) == 1
     assert A.resolve_views((2,), (88, 94, 73), (0.625, 1.25, 1.25)) == (0,)
     assert A.resolve_views((2, 0, 1), (88, 94, 73), (0.625, 1.25, 1.25)) == (2, 0, 1)
+    # wide in every direction (320 x 320 x 178 mm): the slab's axis first, then the two others, fused
+    assert A.resolve_views((2,), (256, 256, 130), (1.25, 1.25, 1.37)) == (2, 0, 1)
+    assert A.resolve_views((2,), (130, 256, 256), (1.37, 1.25, 1.25)) == (0, 2, 1)
     with pytest.raises(ValueError):
         A.slab_axis((10, 10, 10), (1, 1, 1), ratio=0)
 
@@ -89,6 +92,21 @@ def test_quality_measures_on_a_hand_made_prediction():
     assert m["kept_fraction"] == pytest.approx(64 / 65)
     assert m["uncertain_ratio"] == pytest.approx(1 / 64)
     assert m["view_agreement"] == 1.0 and m["min_extent_mm"] == 20.0
+    assert m["fused"] == 1.0  # two view masks: judged by the fused limits
+
+
+def test_fitted_limits_per_mode_and_judged_by_the_mode():
+    single = {f"s{i}": {"uncertain_ratio": 0.2 + 0.01 * i, "view_agreement": 1.0, "fused": 0.0} for i in range(10)}
+    fused = {f"f{i}": {"uncertain_ratio": 0.8, "view_agreement": 0.7, "fused": 1.0} for i in range(6)}
+    lim = A.fit_quality_limits({**single, **fused})
+    lim_f = A.fit_quality_limits({**single, **fused}, fused=True)
+    assert lim["min_view_agreement"] == pytest.approx(0.8) and lim_f["min_view_agreement"] == pytest.approx(0.56)
+    assert lim_f["max_uncertain_ratio"] == pytest.approx(1.2)
+    assert A.fit_quality_limits(single, fused=True) is None  # too few fused volumes to fit limits on
+    card = {"quality_check": {"limits": lim, "limits_fused": lim_f}}
+    m = _m(uncertain_ratio=1.0, view_agreement=0.6, fused=1.0)
+    assert A.judge_with_card(m, card).reliable  # within the fused limits
+    assert not A.judge_with_card({**m, "fused": 0.0}, card).reliable  # not within the single-view ones
 
 
 def test_slice_uncertainty_area():
@@ -250,6 +268,34 @@ def test_flip_passes_put_each_flipped_output_back_in_place():
     assert torch.allclose(parts[1], ramp.flip(-1)) and torch.allclose(parts[3], ramp.flip(-1))
     with pytest.raises(ValueError):
         A.segment_view(torch.nn.Identity(), np.zeros((4, 4, 4), np.float32), (1.0, 1.0, 1.0), 2, 1.0, flips=3)
+
+
+class _CentreSlice(__import__("torch").nn.Module):
+    """A stand-in model: the logit of each pixel is its 2.5D input's centre slice (x 10)."""
+
+    def forward(self, x):
+        return x[:, 1:2] * 10
+
+
+def test_strided_pass_segments_every_other_slice_like_the_plain_pass():
+    vol = np.random.default_rng(0).random((16, 16, 9)).astype(np.float32)
+    full = A.segment_view(_CentreSlice(), vol, (1.25, 1.25, 1.25), 2, 1.25, batch_size=3, normalised=True)
+    half = A.segment_view(_CentreSlice(), vol, (1.25, 1.25, 1.25), 2, 1.25, batch_size=3, normalised=True, stride=2)
+    assert np.allclose(half[:, :, ::2], full[:, :, ::2], atol=1e-6) and not half[:, :, 1::2].any()
+    with pytest.raises(ValueError):
+        A.segment_view(_CentreSlice(), vol, (1.25, 1.25, 1.25), 2, 1.25, stride=0)
+
+
+def test_localise_boxes_the_bright_blob_with_its_margin():
+    vol = np.full((64, 64, 64), -3.0, np.float32)
+    vol[20:30, 30:40, 10:21] = 3.0  # "atrium": sigmoid(30) = 1 there, sigmoid(-30) = 0 elsewhere
+    box = A.localise(_CentreSlice(), vol, (2.0, 2.0, 2.0), 2, 2.0, batch_size=8)
+    # found on slices 10, 12, ..., 20 (every other one), widened by ROI_MARGIN_MM / 2 mm = 20 voxels
+    m = int(A.ROI_MARGIN_MM / 2.0)
+    assert box[0] == slice(20 - m, 30 + m) and box[1] == slice(30 - m, 40 + m)
+    # along the strided axis, on the 4 mm grid of the slices segmented: sub-slices 5-10, 10 of margin
+    assert box[2] == slice(0, 2 * (10 + 10 + 1))
+    assert A.localise(_CentreSlice(), np.full((32, 32, 32), -3.0, np.float32), (2.0,) * 3, 2, 2.0) is None
 
 
 def test_pick_setting_prefers_the_best_then_fewer_flips_and_threshold_near_half():
