@@ -789,10 +789,11 @@ def judge_with_card(m: dict[str, float], card: dict) -> QualityReport:
 def quality_check_record(train_quality: dict[str, dict], val_quality: dict[str, dict], setting: str) -> dict:
     """The card's quality_check: limits fitted on the training volumes for each mode (single view; three
     fused views, when enough training volumes took it), and how often they fire on the validation volumes."""
-    limits = fit_quality_limits(train_quality)
-    if limits is None:  # e.g. a smoke run: every volume was fused
-        limits = fit_quality_limits(train_quality, fused=True)
     fused = fit_quality_limits(train_quality, fused=True)
+    limits = fit_quality_limits(train_quality) or fused
+    if limits is None:  # a smoke run: too few training volumes to fit limits on; the rule's own defaults
+        d = QualityRule()
+        limits = {k: (list(v) if isinstance(v, tuple) else v) for k, v in d.__dict__.items()}
     card = {"quality_check": {"limits": limits, "limits_fused": fused}}
     fired = {k: judge_with_card(q, card).reasons for k, q in val_quality.items()}
     n_fused = sum(bool(q.get("fused", 0.0)) for q in train_quality.values())

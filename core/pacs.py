@@ -81,26 +81,40 @@ class Pacs:
     def retrieve(self, path: str) -> list:
         """The instances under ``path`` (e.g. ``studies/U/series/V``) as pydicom datasets (WADO-RS, any
         transfer syntax the server stores)."""
-        import email
-        import email.policy
-
         import pydicom
-        import requests
 
         r = self.session.get(f"{self.cfg.url}/{path}", timeout=self.cfg.timeout_s,
                              headers={"Accept": 'multipart/related; type="application/dicom"; transfer-syntax=*'})
         r.raise_for_status()
-        ctype = r.headers.get("Content-Type", "")
-        if not ctype.lower().startswith("multipart/related"):
-            raise requests.exceptions.InvalidHeader(f"expected a multipart answer, got {ctype!r}")
-        # the stdlib MIME parser splits the parts; the body is binary, so it goes through as bytes
-        msg = email.message_from_bytes(b"Content-Type: " + ctype.encode() + b"\r\n\r\n" + r.content,
-                                       policy=email.policy.HTTP)
-        out = []
-        for part in msg.iter_parts():
-            raw = part.get_payload(decode=True) or b""
-            out.append(pydicom.dcmread(io.BytesIO(raw), force=True))
+        out = [pydicom.dcmread(io.BytesIO(part), force=True)
+               for part in multipart_parts(r.content, r.headers.get("Content-Type", ""))]
+        del r
         return out
+
+
+def multipart_parts(body: bytes, content_type: str) -> list[memoryview]:
+    """The bodies of a multipart/related message (RFC 2046), without copying them. The stdlib MIME parser
+    decodes the whole message to text first, which costs about eight times the series in memory."""
+    media, *params = [p.strip() for p in content_type.split(";")]
+    if media.lower() != "multipart/related":
+        raise ValueError(f"expected a multipart answer, got {content_type!r}")
+    boundary = next((p.split("=", 1)[1].strip().strip('"') for p in params if p.lower().startswith("boundary=")),
+                    None)
+    if not boundary:
+        raise ValueError("the multipart answer names no boundary")
+    mv, marker = memoryview(body), b"--" + boundary.encode()
+    out, pos = [], body.find(marker)
+    while pos >= 0:
+        start = pos + len(marker)
+        if body[start:start + 2] == b"--":  # the closing delimiter
+            break
+        head_end = body.find(b"\r\n\r\n", start)
+        nxt = body.find(b"\r\n" + marker, head_end)
+        if head_end < 0 or nxt < 0:
+            raise ValueError("the multipart answer is truncated")
+        out.append(mv[head_end + 4:nxt])
+        pos = nxt + 2
+    return out
 
 
 def connect(cfg: PacsConfig) -> Pacs:

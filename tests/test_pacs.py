@@ -164,3 +164,15 @@ def test_pacs_page_opens_a_study_and_sends_the_result_back(orthanc, xray_root, m
     assert any("Stored 1 new instance" in s.value for s in at.success)
     modalities = {r["modality"] for r in P.list_series(pacs, "1.2.826.0.1.3680043.8.498.30")}
     assert modalities == {"DX", "OT"}
+
+
+def test_multipart_parts_by_hand():
+    body = (b"--b1\r\nContent-Type: application/dicom\r\n\r\nAAA\r\n--b1\r\nContent-Type: application/dicom\r\n"
+            b"Content-Length: 4\r\n\r\nB\r\nB\r\n--b1--\r\n")
+    parts = P.multipart_parts(body, 'multipart/related; type="application/dicom"; boundary=b1')
+    assert [bytes(p) for p in parts] == [b"AAA", b"B\r\nB"]
+    assert P.multipart_parts(b"--b1--\r\n", "multipart/related; boundary=b1") == []
+    for ctype, raw in (("application/dicom+json", body), ("multipart/related", body),
+                       ("multipart/related; boundary=b1", body[:30])):
+        with pytest.raises(ValueError):
+            P.multipart_parts(raw, ctype)
