@@ -56,6 +56,19 @@ def zoom_view(img: np.ndarray, zoom: float = 1.0, fx: float = 0.5, fy: float = 0
     return np.ascontiguousarray(img[top:top + ch, left:left + cw])
 
 
+def fit_for_display(rgb: np.ndarray, max_side: int = 1024) -> np.ndarray:
+    """``rgb`` (H, W, 3) uint8 shrunk (area-averaged) so that its longer side is at most ``max_side``: a page
+    shows an image a few hundred pixels wide, and a full radiograph (2-3k px) costs time to encode and send."""
+    from PIL import Image
+
+    h, w = rgb.shape[:2]
+    if max(h, w) <= max_side:
+        return rgb
+    k = max_side / max(h, w)
+    im = Image.fromarray(np.ascontiguousarray(rgb)).resize((max(1, round(w * k)), max(1, round(h * k))), Image.BOX)
+    return np.asarray(im)
+
+
 def to_display(img2d: np.ndarray) -> np.ndarray:
     """Array-order slice (X, Y) -> image-order (rows, cols) for display (rotated 90 degrees)."""
     return np.rot90(np.asarray(img2d))

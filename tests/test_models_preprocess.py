@@ -154,3 +154,14 @@ def test_percentile_window_and_zoom_view():
     assert corner.shape == (25, 20) and corner[0, 0] == img[75, 0]
     with pytest.raises(ValueError):
         zoom_view(img, 0.5)
+
+
+def test_fit_for_display_shrinks_only_large_images():
+    from core.visualize import fit_for_display
+
+    small = np.zeros((300, 200, 3), np.uint8)
+    assert fit_for_display(small) is small
+    big = np.zeros((3000, 1500, 3), np.uint8)
+    big[:, 750:] = 200  # right half bright: stays the right half, area-averaged at the seam
+    out = fit_for_display(big, 1000)
+    assert out.shape == (1000, 500, 3) and out[:, :249].max() == 0 and out[:, 251:].min() == 200

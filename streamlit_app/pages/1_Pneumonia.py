@@ -8,7 +8,7 @@ from common import (DISCLAIMER, display_controls, file_key, model_or_stop, pick_
 from core.case_report import render_pdf, xray_report
 from core.inference import UNCERTAIN_MARGIN, predict_xray, verdict_band
 from core.io import read_image_2d
-from core.visualize import grey_rgb, heatmap_overlay, zoom_view
+from core.visualize import fit_for_display, grey_rgb, heatmap_overlay, zoom_view
 
 
 def _display_values(im):
@@ -71,7 +71,8 @@ report_button(lambda: render_pdf(xray_report(res, image, name), lm.card), name, 
 if res.withheld:
     st.warning(f"**No diagnosis.** {res.withheld}")
     win, zoom, fx, fy = display_controls(NS, *_display_values(image))
-    st.image(zoom_view(grey_rgb(_display_values(image)[0], win), zoom, fx, fy), caption="Uploaded image", width=480)
+    st.image(fit_for_display(zoom_view(grey_rgb(_display_values(image)[0], win), zoom, fx, fy)),
+             caption="Uploaded image", width=480)
     if image.info:
         with st.expander("Image information (no identifying fields are shown)"):
             st.table({"field": list(image.info), "value": [str(v) for v in image.info.values()]})
@@ -98,7 +99,7 @@ alpha = st.slider("Heatmap opacity", 0.0, 1.0, 0.4, 0.05, key=f"{NS}.alpha")
 win, zoom, fx, fy = display_controls(NS, *_display_values(image))
 c1, c2 = st.columns(2)
 with c1:
-    st.image(zoom_view(grey_rgb(_display_values(image)[0], win), zoom, fx, fy),
+    st.image(fit_for_display(zoom_view(grey_rgb(_display_values(image)[0], win), zoom, fx, fy)),
              caption=f"Original image (window: {win.name})", width="stretch")
 with c2:
     st.image(zoom_view(heatmap_overlay(res.display, res.heatmap, alpha), zoom, fx, fy), width="stretch",
