@@ -258,9 +258,10 @@ def segment_canonical(model: nn.Module, data: np.ndarray, spacing: tuple[float, 
 
     With several views and ``roi``, the atrium is first localised (``localise``: the first view on every
     LOCALISE_STRIDE-th slice), then every view runs only on the box around it (plus ``ROI_MARGIN_MM`` of
-    context; outside it the probability is 0): three views cost about one pass instead of three. When
-    nothing is found, every view runs on the whole volume, so a volume the model cannot read at a glance
-    still gets every chance.
+    context; outside it the probability is 0): three views cost about one pass instead of three. When the
+    localising pass finds nothing, the first view runs on the whole volume and the others around what it
+    finds (on the whole volume too if it finds nothing), so a volume the model cannot read at a glance still
+    gets every chance.
     A single axial view is replaced by the slab's own axis, or by three fused views on a volume that is wide
     in every direction (``resolve_views``); fused views take one pass each (``flips`` is for a single view)."""
     views = resolve_views(views, np.shape(data), spacing)
@@ -792,8 +793,9 @@ def quality_check_record(train_quality: dict[str, dict], val_quality: dict[str, 
     fused = fit_quality_limits(train_quality, fused=True)
     limits = fit_quality_limits(train_quality) or fused
     if limits is None:  # a smoke run: too few training volumes to fit limits on; the rule's own defaults
-        d = QualityRule()
-        limits = {k: (list(v) if isinstance(v, tuple) else v) for k, v in d.__dict__.items()}
+        from dataclasses import asdict
+
+        limits = {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(QualityRule()).items()}
     card = {"quality_check": {"limits": limits, "limits_fused": fused}}
     fired = {k: judge_with_card(q, card).reasons for k, q in val_quality.items()}
     n_fused = sum(bool(q.get("fused", 0.0)) for q in train_quality.values())

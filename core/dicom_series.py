@@ -149,6 +149,12 @@ def _stack(dss: list) -> tuple[list[list], np.ndarray, float, np.ndarray]:
     return [groups[k] for k in pos], pos, dz, affine
 
 
+def slice_groups(dss: list) -> list[list]:
+    """The instances of one series grouped by slice position, in the order of ``series_volume``'s slices
+    (along the slice normal); a cine has several instances per group."""
+    return _stack(_one_series(dss))[0]
+
+
 def series_volume(dss: list) -> Volume:
     """One 3D series -> Volume (X = columns, Y = rows, Z = slices along the normal), RAS affine."""
     dss = _one_series(dss)

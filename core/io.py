@@ -214,10 +214,12 @@ def _read_dicom_quiet(data: bytes) -> Image2D:
 def _window_presets(ds) -> tuple[tuple[str, float, float], ...]:
     """The file's window presets (WindowCenter/WindowWidth, multi-valued, with their explanations) ->
     ((name, centre, width), ...); invalid ones are left out."""
+    from pydicom.multival import MultiValue
+
     def listed(v) -> list:
         if v is None:
             return []
-        return list(v) if isinstance(v, (list, tuple)) or type(v).__name__ == "MultiValue" else [v]
+        return list(v) if isinstance(v, (list, tuple, MultiValue)) else [v]
 
     centres, widths = listed(ds.get("WindowCenter")), listed(ds.get("WindowWidth"))
     names = listed(ds.get("WindowCenterWidthExplanation"))

@@ -117,11 +117,6 @@ def multipart_parts(body: bytes, content_type: str) -> list[memoryview]:
     return out
 
 
-def connect(cfg: PacsConfig) -> Pacs:
-    """A ``Pacs`` for ``cfg``."""
-    return Pacs(cfg)
-
-
 def _calling(what: str, fn, *args, **kwargs):
     """Call the DICOMweb client; network and HTTP failures become a PacsError that says what failed."""
     import requests
@@ -140,8 +135,10 @@ def _calling(what: str, fn, *args, **kwargs):
 
 
 def _text(ds, keyword: str) -> str:
+    from pydicom.multival import MultiValue
+
     v = ds.get(keyword, "")
-    if isinstance(v, (list, tuple)) or type(v).__name__ == "MultiValue":
+    if isinstance(v, (list, tuple, MultiValue)):
         return "/".join(str(x) for x in v)
     return str(v) if v is not None else ""
 
@@ -192,7 +189,7 @@ def fetch_series(pacs: Pacs, study_uid: str, series_uid: str) -> list:
 def task_for(dss: list) -> str:
     """Which module reads this series: a single radiograph -> pneumonia; an MR series with several frames
     per slice position -> cardiac (cine); another MR series -> atrium (3D). Anything else is refused."""
-    from core.dicom_series import _stack
+    from core.dicom_series import slice_groups
 
     if not dss:
         raise InvalidInputError("The series holds no images.")
@@ -206,8 +203,7 @@ def task_for(dss: list) -> str:
                                     "frontal chest radiograph.")
         return "pneumonia"
     if modality == "MR":
-        groups, _, _, _ = _stack(dss)
-        return "cardiac" if max(len(g) for g in groups) > 1 else "atrium"
+        return "cardiac" if max(len(g) for g in slice_groups(dss)) > 1 else "atrium"
     raise InvalidInputError(f"Series of modality '{modality or 'unknown'}' are not read by any module: the app reads "
                             "chest radiographs (CR, DX) and cardiac MR series.")
 
@@ -224,10 +220,9 @@ def dataset_bytes(ds) -> bytes:
 def source_order(dss: list) -> list:
     """The instances of a 3D series in the order of ``core.dicom_series.series_volume``'s slices (along the
     slice normal): frame k of a segmentation goes with the k-th."""
-    from core.dicom_series import _stack
+    from core.dicom_series import slice_groups
 
-    groups, _, _, _ = _stack(dss)
-    return [g[0] for g in groups]
+    return [g[0] for g in slice_groups(dss)]
 
 
 # --------------------------------------------------------------------------- results back into the study
