@@ -43,6 +43,8 @@ def main(argv: list[str] | None = None) -> int:
                          "registry's 1.25 mm; recorded in the card's input_spec")
     ap.add_argument("--atrium-cv", action="store_true",
                     help="instead of training: cross-validation folds 2-5 of the atrium recipe -> atrium.cv.json")
+    ap.add_argument("--folds", type=int, nargs="+", default=None,
+                    help="with --atrium-cv: only these folds (2-5); folds already in atrium.cv.json are kept")
     args = ap.parse_args(argv)
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stdout)
@@ -66,7 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.atrium_cv:
         from core.atrium import cross_validate
 
-        rep = cross_validate(root, device, out, seed=args.seed, smoke=args.smoke, epochs=args.epochs)
+        rep = cross_validate(root, device, out, seed=args.seed, smoke=args.smoke, epochs=args.epochs,
+                             only=args.folds)
         dice = [r["dice"] for f in rep["folds"] for r in f["per_case"].values()]
         print(f"[atrium cv] {len(rep['folds'])} folds, {len(dice)} volumes, mean Dice "
               f"{sum(dice) / max(1, len(dice)):.3f}")

@@ -914,11 +914,18 @@ def apply_inference_choice(card: dict, model: nn.Module, vols: list[CanonicalCas
     return card
 
 
+CV_SCORING = ("as the app runs: one axial view with the geometry rules (slab axis; three views fused on a volume "
+              "wide in every direction), flips and threshold chosen on the fold's own validation volumes, bfloat16 "
+              "where the CPU runs it natively; quality check fitted on the fold's training volumes")
+
+
 def cross_validate(root, device: torch.device, out_dir=None, folds: int = 5, seed: int = 0, smoke: bool = False,
-                   epochs: int | None = None) -> dict:
+                   epochs: int | None = None, only: list[int] | None = None) -> dict:
     """Folds 2..``folds`` of the atrium recipe over both datasets (fold 1 is the committed model, whose card
-    holds its figures): each trains on the other volumes and scores its own, per dataset. Writes
-    <weights>/atrium.cv.json; no weights are kept."""
+    holds its figures), or only the folds in ``only``: each trains on the other volumes and scores its own,
+    per dataset, as the app runs (``CV_SCORING``). Folds already in <weights>/atrium.cv.json from the same
+    recipe and scoring are kept, so the folds can be run one session at a time; the file is rewritten after
+    each fold. No weights are kept."""
     import json
     from dataclasses import asdict
     from datetime import datetime, timezone
@@ -927,6 +934,7 @@ def cross_validate(root, device: torch.device, out_dir=None, folds: int = 5, see
     from core import io as mio
     from core.checkpoint import _atomic_write, _clean, git_commit
     from core.config import weights_dir
+    from core.precision import native_bf16
     from core.tasks import get_task
     from core.train import task_config
 
@@ -936,22 +944,40 @@ def cross_validate(root, device: torch.device, out_dir=None, folds: int = 5, see
     if smoke:
         cases = first_per_dataset(cases, 4)
     splits = dataset_splits(cases, cfg, folds)
-    vols = load_cases(cases, smoke)
-    reports = []
-    for k, (tr, va) in enumerate(splits[1:], start=2):
-        model, res, _ = fit_atrium(vols, tr, va, cfg, device, desc=f"atrium fold {k}")
-        views = tuple(VIEWS_ALL)
-        per_case, _ = score_cases(model, vols, va, views, grid, device)
-        reports.append({"fold": k, "train_cases": [cases[i].case_id for i in tr],
-                        "val_cases": [cases[i].case_id for i in va], "best_epoch": res.best_epoch,
-                        "epochs_run": res.epochs_run, "seconds": round(res.seconds, 1), "per_case": per_case})
-    report = {"task": "atrium", "what": f"cross-validation folds 2-{len(splits)} of the atrium recipe over both "
-              "datasets (three views fused); fold 1 is the committed model (its card's validation)",
-              "folds": reports, "training": asdict(cfg), "smoke": smoke, "git_commit": git_commit(),
-              "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    run = sorted(set(only)) if only else list(range(2, len(splits) + 1))
+    if any(k < 2 or k > len(splits) for k in run):
+        raise ValueError(f"folds must lie in 2..{len(splits)} (fold 1 is the committed model); got {run}")
     path = (Path(out_dir) if out_dir else weights_dir()) / "atrium.cv.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write(path, (json.dumps(_clean(report), indent=1) + "\n").encode())
+    training = _clean(asdict(cfg))
+    kept: list[dict] = []
+    if path.is_file():
+        prev = json.loads(path.read_text())
+        if prev.get("training") == training and prev.get("scoring") == CV_SCORING and not prev.get("smoke"):
+            kept = [f for f in prev["folds"] if f["fold"] not in run]
+    vols = load_cases(cases, smoke)
+    bf16 = device.type == "cpu" and native_bf16(device)
+    report: dict = {}
+    for k in run:
+        tr, va = splits[k - 1]
+        model, res, _ = fit_atrium(vols, tr, va, cfg, device, desc=f"atrium fold {k}")
+        card: dict = {"input_spec": {"views": [2]}, "validation": {}}
+        apply_inference_choice(card, model, vols, tr, va, grid, device, bf16=bf16)
+        qc = card["quality_check"]
+        kept.append({"fold": k, "train_cases": [cases[i].case_id for i in tr],
+                     "val_cases": [cases[i].case_id for i in va], "best_epoch": res.best_epoch,
+                     "epochs_run": res.epochs_run, "seconds": round(res.seconds, 1), "git_commit": git_commit(),
+                     "tta_flips": card["input_spec"]["tta_flips"], "threshold": card["threshold"],
+                     "per_dataset": card["validation"]["per_dataset"], "per_case": card["validation"]["per_case"],
+                     "quality_check": {k2: qc[k2] for k2 in ("limits", "limits_fused", "validation_fired",
+                                                             "validation_firing_rate", "validation_measures")}})
+        kept.sort(key=lambda f: f["fold"])
+        report = {"task": "atrium", "what": f"cross-validation folds 2-{len(splits)} of the atrium recipe over both "
+                  "datasets; fold 1 is the committed model (its card's validation); folds not listed have not "
+                  "been run yet", "n_folds_planned": len(splits), "folds": kept, "training": training,
+                  "scoring": CV_SCORING, "smoke": smoke,
+                  "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _atomic_write(path, (json.dumps(_clean(report), indent=1) + "\n").encode())
     return report
 
 
