@@ -952,7 +952,7 @@ def cross_validate(root, device: torch.device, out_dir=None, folds: int = 5, see
     kept: list[dict] = []
     if path.is_file():
         prev = json.loads(path.read_text())
-        if prev.get("training") == training and prev.get("scoring") == CV_SCORING and not prev.get("smoke"):
+        if prev.get("training") == training and prev.get("scoring") == CV_SCORING and prev.get("smoke") == smoke:
             kept = [f for f in prev["folds"] if f["fold"] not in run]
     vols = load_cases(cases, smoke)
     bf16 = device.type == "cpu" and native_bf16(device)

@@ -10,6 +10,8 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
+
 from core.checkpoint import read_card
 from core.errors import MissingWeightsError
 from core.tasks import TASKS
@@ -102,12 +104,15 @@ def markdown(wdir=None) -> str:
                            f"{v['volume_error_pct_mean']:+.1f} | {per} |")
             cv = atrium_cross_validation(card, wdir)
             if cv:
-                lo, hi = cv["dice_ci95"]
-                seg.append(f"| {card['title']}: 5-fold CV, every volume validated once | fold 1 = the row above; "
-                           f"folds 2-{cv['n_folds']} from weights/atrium.cv.json | {cv['n']} | {cv['dice_mean']:.3f} "
-                           f"({lo:.3f}-{hi:.3f}) | {cv['iou_mean']:.3f} | {cv['hd95_mm_mean']:.2f} | "
-                           f"{cv['volume_error_pct_mean']:+.1f} | lowest: "
-                           + ", ".join(f"{k} {d:.3f}" for k, d in cv["lowest"]) + " |")
+                done = ", ".join(str(k) for k in cv["folds"])
+                for ds, r in cv["per_dataset"].items():
+                    lo2, hi2 = r["dice_ci95"]
+                    seg.append(f"| {card['title']}: {DATASET_NAMES.get(ds, ds)}, cross-validation | folds {done} of "
+                               f"{cv['n_folds_planned']} (fold 1 = the committed model; each volume scored by a model "
+                               f"that did not train on it) | {r['n']} | {r['dice_mean']:.3f} ({lo2:.3f}-{hi2:.3f}) | - "
+                               f"| {r['hd95_mm_mean']:.2f} | mean absolute {r['abs_volume_error_pct_mean']:.1f} | "
+                               f"lowest {r['dice_min']:.3f}; quality check fired on {len(r['fired'])}; reported with "
+                               f"Dice < 0.5: {len(r['reported_below_0_5'])} |")
     if seg:
         lines += ["", "| model | split | volumes | 3D Dice (95 % CI of mean) | IoU | HD95 (mm) | volume error (%) | "
                       "Dice per case |", "|---|---|---|---|---|---|---|---|", *seg]
@@ -162,8 +167,11 @@ def read_validation_eval(task: str, wdir=None) -> dict | None:
 
 
 def atrium_cross_validation(card: dict, wdir=None) -> dict | None:
-    """Per-volume figures of every atrium volume validated once: fold 1 from the card, folds 2.. from
-    atrium.cv.json (written by `python train_all.py --atrium-cv`); None when that file is absent."""
+    """Every atrium volume validated so far by a model that did not train on it: fold 1 from the card,
+    the folds run so far (``python train_all.py --atrium-cv [--folds K]``) from atrium.cv.json, pooled
+    overall and per dataset, with the quality check's firing on them (each fold's own limits); None when
+    that file is absent. Keys: n, n_folds (folds pooled), n_folds_planned, folds, per_dataset, fired, lowest,
+    per_case, and the overall means."""
     from core.config import weights_dir
     from core.metrics import mean_ci, mean_finite
 
@@ -171,13 +179,32 @@ def atrium_cross_validation(card: dict, wdir=None) -> dict | None:
     if not path.is_file():
         return None
     cv = json.loads(path.read_text())
+    if not cv.get("folds"):
+        return None
     per_case = dict(card["validation"]["per_case"])
+    fired = dict(card.get("quality_check", {}).get("validation_fired", {}))
     for f in cv["folds"]:
         per_case.update(f["per_case"])
+        fired.update(f.get("quality_check", {}).get("validation_fired", {}))
 
-    return {"n": len(per_case), "n_folds": 1 + len(cv["folds"]),
+    def pooled(rows: dict[str, dict]) -> dict:
+        d = [r["dice"] for r in rows.values()]
+        ve = [abs(r["volume_error_pct"]) for r in rows.values() if np.isfinite(r["volume_error_pct"])]
+        return {"n": len(rows), "dice_mean": float(np.mean(d)), "dice_ci95": mean_ci(d), "dice_min": float(np.min(d)),
+                "hd95_mm_mean": mean_finite(rows, "hd95_mm"),
+                "abs_volume_error_pct_mean": float(np.mean(ve)) if ve else float("nan"),
+                "fired": sorted(k for k in rows if fired.get(k)),
+                "reported_below_0_5": sorted(k for k, r in rows.items() if r["dice"] < 0.5 and not fired.get(k))}
+
+    by_ds: dict[str, dict[str, dict]] = {}
+    for k, r in per_case.items():
+        by_ds.setdefault(r.get("dataset", "?"), {})[k] = r
+    return {"n": len(per_case), "n_folds": 1 + len(cv["folds"]), "folds": [1] + [f["fold"] for f in cv["folds"]],
+            "n_folds_planned": cv.get("n_folds_planned", 1 + len(cv["folds"])),
             **{f"{k}_mean": mean_finite(per_case, k) for k in ("dice", "iou", "hd95_mm", "volume_error_pct")},
             "dice_ci95": mean_ci([r["dice"] for r in per_case.values()]),
+            "per_dataset": {ds: pooled(rows) for ds, rows in sorted(by_ds.items())},
+            "fired": sorted(k for k in per_case if fired.get(k)),
             "lowest": sorted(((k, r["dice"]) for k, r in per_case.items()), key=lambda t: t[1])[:3],
             "per_case": per_case}
 

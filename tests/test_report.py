@@ -37,3 +37,34 @@ def test_precision_and_runtime_lines_from_known_values():
     assert "| eager_float32 | 2.000 | x1.00 | 0 |" in lines
     assert "| onnxruntime_float32 | onnxruntime is not installed | | |" in lines
     assert lines[-1].endswith("torch.compile 0.400 s (x2.00, after 25 s compiling its first step).")
+
+
+def _case(ds: str, dice: float, hd: float = 5.0, ve: float = 10.0) -> dict:
+    return {"dice": dice, "iou": dice / (2 - dice), "hd95_mm": hd, "volume_error_pct": ve, "dataset": ds}
+
+
+def test_atrium_cross_validation_pools_folds_per_dataset(tmp_path):
+    """Fold 1 (the card) and the folds in atrium.cv.json pooled per dataset, with the quality check's firing
+    taken from each fold's own record: known values."""
+    import json
+
+    import pytest
+
+    from core.report import atrium_cross_validation
+
+    card = {"validation": {"per_case": {"a1": _case("msd", 0.9), "b1": _case("lge", 0.8, ve=-20.0)}},
+            "quality_check": {"validation_fired": {}}}
+    assert atrium_cross_validation(card, tmp_path) is None  # no CV file: nothing pooled
+    cv = {"n_folds_planned": 5, "folds": [{"fold": 2, "per_case": {"a2": _case("msd", 0.7, hd=15.0),
+                                                                    "b2": _case("lge", 0.4), "b3": _case("lge", 0.3)},
+                                           "quality_check": {"validation_fired": {"b3": ["volume"]}}}]}
+    (tmp_path / "atrium.cv.json").write_text(json.dumps(cv))
+    r = atrium_cross_validation(card, tmp_path)
+    assert r["n"] == 5 and r["folds"] == [1, 2] and r["n_folds_planned"] == 5
+    assert r["dice_mean"] == pytest.approx((0.9 + 0.8 + 0.7 + 0.4 + 0.3) / 5)
+    msd, lge = r["per_dataset"]["msd"], r["per_dataset"]["lge"]
+    assert msd["n"] == 2 and msd["dice_mean"] == pytest.approx(0.8) and msd["hd95_mm_mean"] == pytest.approx(10.0)
+    assert lge["n"] == 3 and lge["dice_min"] == pytest.approx(0.3)
+    assert lge["abs_volume_error_pct_mean"] == pytest.approx(40 / 3)
+    assert lge["fired"] == ["b3"] and r["fired"] == ["b3"]
+    assert lge["reported_below_0_5"] == ["b2"] and msd["reported_below_0_5"] == []

@@ -40,3 +40,22 @@ def test_no_temporary_files_left(smoke_dir):
     if not any(smoke_dir.iterdir()):
         pytest.skip("smoke run did not happen")
     assert not [p for p in smoke_dir.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_atrium_cv_folds_run_one_at_a_time_and_are_kept(heart_root, tmp_path):
+    """`--atrium-cv --folds K` (smoke): each run adds its fold to atrium.cv.json and keeps the folds an
+    earlier run of the same recipe wrote; every fold is scored per dataset with its own quality check."""
+    import json
+
+    from train_all import main as train_main
+
+    for k in (2, 3):
+        assert train_main(["--atrium-cv", "--smoke", "--folds", str(k), "--data-root", str(heart_root), "--device", "cpu",
+                           "--weights-dir", str(tmp_path)]) == 0
+    cv = json.loads((tmp_path / "atrium.cv.json").read_text())
+    assert [f["fold"] for f in cv["folds"]] == [2, 3]
+    for f in cv["folds"]:
+        assert not set(f["train_cases"]) & set(f["val_cases"])
+        assert set(f["per_case"]) == set(f["val_cases"])
+        assert {r["dataset"] for r in f["per_case"].values()} == set(f["per_dataset"]) - {"all"}
+        assert 0.0 <= f["quality_check"]["validation_firing_rate"] <= 1.0
