@@ -323,7 +323,7 @@ def felt_markdown() -> list[str]:
     m = b["machine"]
     rows = ["", f"What a user waits for in the browser ({FELT_FILE}, `python -m core.bench_browser`; {m['cpu']}, "
                 f"{m['threads']} threads, {m['browser']}, measured {b['measured'][:10]}; median of n repeats, each "
-                "in a new session):", "", "| step | median (s) | range (s) | n | goal (s) |", "|---|---|---|---|---|"]
+                "in a new session unless said):", "", "| step | median (s) | range (s) | n | goal (s) |", "|---|---|---|---|---|"]
     for k, r in b["steps"].items():
         rows.append(f"| {STEP_NAMES.get(k, k)} | {r['median_s']:.2f} | {r['min_s']:.2f}-{r['max_s']:.2f} | {r['n']} | "
                     f"{b['goals_s'].get(k, '-')} |")

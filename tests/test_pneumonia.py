@@ -184,3 +184,26 @@ def test_refer_band_by_hand():
     assert verdict_band(0.40, 0.72, 0.10, calibrated=True) == "negative"
     assert verdict_band(0.90, 0.72, 0.10, calibrated=True) == "positive"
     assert verdict_band(0.45, 0.15, 0.10, calibrated=True) == "uncertain"  # would be 'positive' at P 45 %
+
+
+def test_warm_up_runs_every_stage_the_first_upload_needs(monkeypatch):
+    """The warm-up's synthetic image is withheld by the input checks, so predict_xray alone would skip the
+    probability and Grad-CAM; the warm-up must run them (their first call is what the first upload waited for)."""
+    import core.inference as inf
+
+    lm = inf.load_model("pneumonia")
+    calls = {"gradcam": 0, "prob": 0}
+    real_gradcam, real_prob = inf.gradcam, inf._prob
+
+    def counting_gradcam(*a, **k):
+        calls["gradcam"] += 1
+        return real_gradcam(*a, **k)
+
+    def counting_prob(*a, **k):
+        calls["prob"] += 1
+        return real_prob(*a, **k)
+
+    monkeypatch.setattr(inf, "gradcam", counting_gradcam)
+    monkeypatch.setattr(inf, "_prob", counting_prob)
+    inf.warm_up(lm)
+    assert calls == {"gradcam": 1, "prob": 1}
