@@ -141,5 +141,7 @@ def test_atrium_folds_validate_every_volume_of_both_datasets_once(heart_root):
     if path.is_file():
         cv = json.loads(path.read_text())
         assert cv["training"] == {k: card["training"][k] for k in cv["training"] if k in card["training"]}
-        for f, (_, va) in zip(cv["folds"], splits[1:]):
+        for f in cv["folds"]:  # the folds run so far, each on its own split
+            _, va = splits[f["fold"] - 1]
             assert sorted(f["val_cases"]) == sorted(cases[i].case_id for i in va)
+            assert set(f["per_case"]) == set(f["val_cases"])
