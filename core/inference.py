@@ -108,9 +108,7 @@ def warm_up(lm: LoadedModel) -> None:
             # input checks, and predict_xray would then skip the probability and Grad-CAM, whose first call
             # (autograd's backward kernels) is what the first real upload would otherwise pay for (~2-3 s)
             yy, xx = np.mgrid[0:256, 0:256] / 255.0
-            pixels = (0.5 + 0.3 * np.sin(6 * xx) * np.cos(4 * yy)).astype(np.float32)
-            x01 = (pp.preprocess_xray(pixels, lm.input_size) * 0.25 + 0.5).clamp(0, 1)[None]
-            x = pp.preprocess_xray(pixels, lm.input_size, lm.equalize)[None]
+            x01, x = _xray_inputs(lm, (0.5 + 0.3 * np.sin(6 * xx) * np.cos(4 * yy)).astype(np.float32))
             _ood(lm, x)
             population_score(lm, x01)
             _prob(lm, x)
@@ -208,14 +206,19 @@ WITHHELD_POPULATION = ("This image does not look like a frontal chest radiograph
                        "a lateral view, another body part or modality. No diagnosis is given.")
 
 
+def _xray_inputs(lm: LoadedModel, pixels: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """(H, W) radiograph -> ([0, 1] image for display and the population check, model input), each (1, 1, S, S)."""
+    x01 = (pp.preprocess_xray(pixels, lm.input_size) * 0.25 + 0.5).clamp(0, 1)[None]
+    return x01, pp.preprocess_xray(pixels, lm.input_size, lm.equalize)[None]
+
+
 def predict_xray(lm: LoadedModel, image: Image2D, explain: bool = True) -> XRayResult:
     """P(pneumonia) for one radiograph, the decision at the card's threshold, and Grad-CAM.
 
     The diagnosis is withheld (``withheld`` set, probability None) for colour images and for inputs
     whose encoder features lie outside the training distribution.
     """
-    x01 = (pp.preprocess_xray(image.pixels, lm.input_size) * 0.25 + 0.5).clamp(0, 1)[None]
-    x = pp.preprocess_xray(image.pixels, lm.input_size, lm.equalize)[None]
+    x01, x = _xray_inputs(lm, image.pixels)
     display = x01[0, 0].numpy()
     score = _ood(lm, x)
     if image.colour:

@@ -10,8 +10,6 @@ import json
 import sys
 from pathlib import Path
 
-import numpy as np
-
 from core.checkpoint import read_card
 from core.errors import MissingWeightsError
 from core.tasks import TASKS
@@ -169,11 +167,11 @@ def read_validation_eval(task: str, wdir=None) -> dict | None:
 def atrium_cross_validation(card: dict, wdir=None) -> dict | None:
     """Every atrium volume validated so far by a model that did not train on it: fold 1 from the card,
     the folds run so far (``python train_all.py --atrium-cv [--folds K]``) from atrium.cv.json, pooled
-    overall and per dataset, with the quality check's firing on them (each fold's own limits); None when
-    that file is absent. Keys: n, n_folds (folds pooled), n_folds_planned, folds, per_dataset, fired, lowest,
-    per_case, and the overall means."""
+    overall and per dataset (``core.atrium.summarise``), with the quality check's firing on them (each fold's
+    own limits); None when that file is absent. Keys: n, n_folds (folds pooled), n_folds_planned, folds,
+    dice_mean, dice_ci95, per_dataset, fired, per_case."""
+    from core.atrium import summarise
     from core.config import weights_dir
-    from core.metrics import mean_ci, mean_finite
 
     path = weights_dir(wdir) / "atrium.cv.json"
     if not path.is_file():
@@ -186,27 +184,18 @@ def atrium_cross_validation(card: dict, wdir=None) -> dict | None:
     for f in cv["folds"]:
         per_case.update(f["per_case"])
         fired.update(f.get("quality_check", {}).get("validation_fired", {}))
-
-    def pooled(rows: dict[str, dict]) -> dict:
-        d = [r["dice"] for r in rows.values()]
-        ve = [abs(r["volume_error_pct"]) for r in rows.values() if np.isfinite(r["volume_error_pct"])]
-        return {"n": len(rows), "dice_mean": float(np.mean(d)), "dice_ci95": mean_ci(d), "dice_min": float(np.min(d)),
-                "hd95_mm_mean": mean_finite(rows, "hd95_mm"),
-                "abs_volume_error_pct_mean": float(np.mean(ve)) if ve else float("nan"),
-                "fired": sorted(k for k in rows if fired.get(k)),
-                "reported_below_0_5": sorted(k for k, r in rows.items() if r["dice"] < 0.5 and not fired.get(k))}
-
-    by_ds: dict[str, dict[str, dict]] = {}
-    for k, r in per_case.items():
-        by_ds.setdefault(r.get("dataset", "?"), {})[k] = r
+    s = summarise(per_case)
+    per_dataset = {}
+    for ds, r in sorted(s.items()):
+        if ds == "all":
+            continue
+        rows = {k: v for k, v in per_case.items() if v["dataset"] == ds}
+        per_dataset[ds] = {**r, "fired": sorted(k for k in rows if fired.get(k)),
+                           "reported_below_0_5": sorted(k for k, v in rows.items() if v["dice"] < 0.5 and not fired.get(k))}
     return {"n": len(per_case), "n_folds": 1 + len(cv["folds"]), "folds": [1] + [f["fold"] for f in cv["folds"]],
             "n_folds_planned": cv.get("n_folds_planned", 1 + len(cv["folds"])),
-            **{f"{k}_mean": mean_finite(per_case, k) for k in ("dice", "iou", "hd95_mm", "volume_error_pct")},
-            "dice_ci95": mean_ci([r["dice"] for r in per_case.values()]),
-            "per_dataset": {ds: pooled(rows) for ds, rows in sorted(by_ds.items())},
-            "fired": sorted(k for k in per_case if fired.get(k)),
-            "lowest": sorted(((k, r["dice"]) for k, r in per_case.items()), key=lambda t: t[1])[:3],
-            "per_case": per_case}
+            "dice_mean": s["all"]["dice_mean"], "dice_ci95": s["all"]["dice_ci95"], "per_dataset": per_dataset,
+            "fired": sorted(k for k in per_case if fired.get(k)), "per_case": per_case}
 
 
 EVALUATIONS_DIR = "evaluations"
