@@ -2,6 +2,8 @@
 classification tasks (pure numpy)."""
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
 
@@ -87,3 +89,27 @@ def cross_fitted(y: np.ndarray, p: np.ndarray, groups: np.ndarray) -> dict:
             "ece_before": binary_ece(y, p), "log_loss_before": log_loss(y, p),
             "ece_after_cross_fitted": compared["platt" if platt else "temperature"]["ece_cross_fitted"],
             "cross_fitted": cp if platt else ct}
+
+
+def ece_if_calibrated(p: np.ndarray, ece: Callable[[np.ndarray, np.ndarray], float], observed: float,
+                      n_sim: int = 1000, seed: int = 0) -> dict:
+    """What ECE a perfectly calibrated classifier with these same probabilities would show on this many
+    cases (labels drawn from the probabilities themselves; consistency resampling, Bröcker & Smith 2007).
+
+    ECE over a few dozen cases is biased upwards and noisy: a small observed figure can only be read
+    against this. ``p``: (N,) P(positive) or (N, K) class probabilities (rows sum to 1); ``ece(y, p)``:
+    the ECE function the observed figure came from. -> {median, q95: the simulated ECE's median and
+    95th percentile, p_value: share of simulations >= observed, n_sim}."""
+    p = np.asarray(p, dtype=float)
+    rng = np.random.default_rng(seed)
+    sims = np.empty(n_sim)
+    for i in range(n_sim):
+        u = rng.random(len(p))
+        if p.ndim == 1:
+            y = (u < p).astype(float)
+        else:
+            cdf = np.cumsum(p / p.sum(1, keepdims=True), axis=1)
+            y = np.minimum((u[:, None] >= cdf).sum(1), p.shape[1] - 1)
+        sims[i] = ece(y, p)
+    return {"median": float(np.median(sims)), "q95": float(np.quantile(sims, 0.95)),
+            "p_value": float((sims >= observed - 1e-12).mean()), "n_sim": int(n_sim)}

@@ -118,6 +118,7 @@ def markdown(wdir=None) -> str:
     lines += ["", *meta]
     lines += run_markdown(wdir)
     lines += shape_markdown(wdir)
+    lines += diagnosis_markdown(wdir)
     lines += perf_markdown()
     return "\n".join(lines)
 
@@ -363,6 +364,43 @@ def alternatives_markdown(alt: dict | None) -> list[str]:
         rows += ["", f"Training ({t['what']}): eager {t['eager']['median_s']:.3f} s per step, torch.compile "
                      f"{t['torch_compile']['median_s']:.3f} s (x{t['torch_compile']['speedup_vs_eager']:.2f}, after "
                      f"{t['torch_compile']['first_step_s']:.0f} s compiling its first step)."]
+    return rows
+
+
+def diagnosis_markdown(wdir=None) -> list[str]:
+    """The five-class cardiac diagnosis: cross-validated confusion matrix, per-class sensitivity, accuracy and
+    calibration (weights/cardiac_diagnosis.json), and the end-to-end figure on the validation patients."""
+    from core.cardiac import GROUPS, load_diagnosis
+
+    dg = load_diagnosis(wdir)
+    if not dg:
+        return []
+    cv = dg["cross_validation"]
+    c, u = cv["calibrated"], cv["uncalibrated"]
+    lo, hi = c["accuracy_ci95"]
+    rows = ["", f"Cardiac five-class diagnosis, {cv['what']} (weights/cardiac_diagnosis.json): accuracy "
+                f"**{c['accuracy']:.3f}** (95 % CI {lo:.3f}-{hi:.3f}), normal vs disease AUC "
+                f"{c['normal_vs_disease'].get('auc', float('nan')):.3f}. Rows: true group; columns: predicted.", "",
+            "| true \\ predicted | " + " | ".join(GROUPS) + " | sensitivity |", "|---" * (len(GROUPS) + 2) + "|"]
+    for g, row in zip(GROUPS, c["confusion"]["matrix"]):
+        rows.append(f"| {g} | " + " | ".join(str(v) for v in row) + f" | {c['sensitivity'][g]:.3f} |")
+    cal = (f"Top-class expected calibration error: {u['ece']:.3f} before, {c['ece']:.3f} after temperature scaling "
+           "(cross-fitted)")
+    cons, rep = cv.get("ece_if_perfectly_calibrated"), cv.get("repeated")
+    if cons:
+        cal += (f"; a perfectly calibrated classifier with the same probabilities would show {cons['median']:.3f} on "
+                f"{c['n']} patients (95 % of draws up to {cons['q95']:.3f}; p = {cons['p_value']:.2f})")
+    if rep:
+        cal += (f"; over {len(rep['runs'])} fold assignments ECE {rep['ece_mean']:.3f} ({rep['ece_range'][0]:.3f}-"
+                f"{rep['ece_range'][1]:.3f}) and accuracy {rep['accuracy_mean']:.3f} ({rep['accuracy_range'][0]:.3f}-"
+                f"{rep['accuracy_range'][1]:.3f})")
+    rows += ["", cal + "."]
+    e = dg.get("validation_end_to_end", {})
+    if e.get("n"):
+        lo, hi = e["accuracy_ci95"]
+        rows += ["", f"End to end through the U-Net's own segmentation, on the committed model's {e['n']} validation "
+                     f"patients: accuracy {e['accuracy']:.3f} ({lo:.3f}-{hi:.3f}); per-class sensitivity "
+                     + ", ".join(f"{g} {v:.2f}" for g, v in e["sensitivity"].items()) + "."]
     return rows
 
 

@@ -125,6 +125,7 @@ def test_metrics_page_each_task():
         if task == "cardiac":
             assert "Shape estimates against the expert masks" in _text(at)
             assert "Calibration of P(disease)" in _text(at)  # weights/cardiac.calibration.json matches
+            assert "a perfectly calibrated classifier with these same probabilities" in _text(at)
         if task == "atrium":
             assert "Per dataset" in _text(at) and "Quality check" in _text(at)
             assert "Inference setting" in _text(at) and "not left-atrium MRI" in _text(at)

@@ -89,6 +89,9 @@ def test_committed_classifier_is_tied_to_the_cardiac_weights():
     cv = rep["cross_validation"]
     assert cv["calibrated"]["n"] == 80 and len(cv["calibrated"]["confusion"]["matrix"]) == 5
     assert sum(map(sum, cv["calibrated"]["confusion"]["matrix"])) == 80
+    # the calibration figure comes with what chance alone gives, and with other fold assignments
+    assert 0 <= cv["ece_if_perfectly_calibrated"]["p_value"] <= 1 and cv["ece_if_perfectly_calibrated"]["n_sim"] >= 100
+    assert len(cv["repeated"]["runs"]) == C.CV_REPEATS
 
 
 def test_one_validation_patient_end_to_end(acdc_root):
@@ -163,3 +166,30 @@ def test_cross_fitted_calibration_picks_platt_for_a_shifted_model():
     assert r["method"] == "platt" and r["intercept"] == pytest.approx(2.0, abs=0.2)
     assert r["ece_after_cross_fitted"] < 0.03 < r["ece_before"]
     assert len(r["cross_fitted"]) == len(z)
+
+
+def test_ece_if_calibrated_by_hand():
+    from core.calibration import binary_ece, ece_if_calibrated
+
+    # certain probabilities: every draw agrees with them, so a calibrated classifier shows ECE 0
+    one_hot = np.eye(5)[[0, 1, 2, 3, 4, 0]]
+    r = ece_if_calibrated(one_hot, C._top_label_ece, observed=0.0, n_sim=50)
+    assert r["median"] == 0 and r["q95"] == 0 and r["p_value"] == 1.0
+    # one case at P = 0.5: its outcome is 0 or 1, |outcome - 0.5| = 0.5 on every draw
+    r = ece_if_calibrated(np.array([0.5]), binary_ece, observed=0.6, n_sim=50)
+    assert r["median"] == 0.5 and r["p_value"] == 0.0
+    # two cases at P = 0.5 share a bin: ECE 0.5 when both outcomes agree (half the draws), 0 otherwise
+    r = ece_if_calibrated(np.array([0.5, 0.5]), binary_ece, observed=0.5, n_sim=4000, seed=3)
+    assert r["p_value"] == pytest.approx(0.5, abs=0.03)
+    # many calibrated cases: the ECE a calibrated classifier shows shrinks with their number
+    p = np.random.default_rng(0).random(2000)
+    assert ece_if_calibrated(p, binary_ece, 0.0, n_sim=40)["median"] < ece_if_calibrated(p[:80], binary_ece, 0.0, n_sim=40)["median"]
+
+
+def test_multiclass_draws_follow_the_probabilities():
+    from core.calibration import ece_if_calibrated
+
+    seen = []
+    ece_if_calibrated(np.tile([[0.2, 0.0, 0.8]], (500, 1)), lambda y, p: seen.append(y) or 0.0, 0.0, n_sim=4)
+    y = np.concatenate(seen)
+    assert set(np.unique(y)) == {0, 2} and (y == 2).mean() == pytest.approx(0.8, abs=0.03)

@@ -68,3 +68,26 @@ def test_atrium_cross_validation_pools_folds_per_dataset(tmp_path):
     assert lge["abs_volume_error_pct_mean"] == pytest.approx(40 / 3)
     assert lge["fired"] == ["b3"] and r["fired"] == ["b3"]
     assert lge["reported_below_0_5"] == ["b2"] and msd["reported_below_0_5"] == []
+
+
+def test_five_class_diagnosis_lines_from_known_values(tmp_path):
+    import json
+
+    from core.report import diagnosis_markdown
+
+    cm = [[3, 1, 0, 0, 0], [0, 4, 0, 0, 0], [0, 0, 4, 0, 0], [0, 2, 0, 2, 0], [0, 0, 0, 0, 4]]
+    sens = {"NOR": 0.75, "DCM": 1.0, "HCM": 1.0, "MINF": 0.5, "RV": 1.0}
+    cal = {"n": 20, "accuracy": 0.85, "accuracy_ci95": [0.7, 1.0], "normal_vs_disease": {"auc": 0.95},
+           "confusion": {"matrix": cm}, "sensitivity": sens, "ece": 0.04}
+    rep = {"cross_validation": {"what": "5-fold CV", "calibrated": cal, "uncalibrated": {**cal, "ece": 0.2},
+                                "ece_if_perfectly_calibrated": {"median": 0.05, "q95": 0.09, "p_value": 0.7},
+                                "repeated": {"runs": [{}, {}], "ece_mean": 0.045, "ece_range": [0.04, 0.05],
+                                             "accuracy_mean": 0.85, "accuracy_range": [0.8, 0.9]}},
+           "validation_end_to_end": {}}
+    (tmp_path / "cardiac_diagnosis.json").write_text(json.dumps(rep))
+    text = "\n".join(diagnosis_markdown(tmp_path))
+    assert "accuracy **0.850** (95 % CI 0.700-1.000)" in text
+    assert "| MINF | 0 | 2 | 0 | 2 | 0 | 0.500 |" in text
+    assert "0.200 before, 0.040 after" in text and "would show 0.050 on 20 patients" in text
+    assert "over 2 fold assignments ECE 0.045 (0.040-0.050)" in text
+    assert "End to end" not in text  # no end-to-end patients, no line

@@ -156,6 +156,16 @@ if spec.kind == "binary":
                         f"{e2e.get('n', 0)} validation patients through the model's own segmentation: accuracy "
                         f"**{e2e.get('accuracy', float('nan')):.3f}**. Expected calibration error before / after "
                         f"temperature scaling: {cvu['ece']:.3f} / {cvc['ece']:.3f}.")
+            cons, rep = dg["cross_validation"].get("ece_if_perfectly_calibrated"), dg["cross_validation"].get("repeated")
+            if cons and rep:
+                st.markdown(f"How to read an ECE over {cvc['n']} patients: a perfectly calibrated classifier with these "
+                            f"same probabilities would show {cons['median']:.3f} (median; 95 % of draws up to "
+                            f"{cons['q95']:.3f}), so {cvc['ece']:.3f} is "
+                            f"{'within what chance alone gives' if cons['p_value'] >= 0.05 else 'more than chance gives'}"
+                            f" (p = {cons['p_value']:.2f}). Over "
+                            f"{len(rep['runs'])} fold assignments: ECE {rep['ece_mean']:.3f} "
+                            f"({rep['ece_range'][0]:.3f}-{rep['ece_range'][1]:.3f}), accuracy {rep['accuracy_mean']:.3f} "
+                            f"({rep['accuracy_range'][0]:.3f}-{rep['accuracy_range'][1]:.3f}).")
             s2 = dg["cross_validation"].get("second_stage")
             if s2:
                 one, two = s2["one_stage_calibrated"], s2["two_stages_calibrated"]
@@ -187,7 +197,10 @@ if spec.kind == "binary":
         if bc:
             st.markdown(f"**Calibration of P(disease)** ({bc['what']}, n = {bc['n']}): expected calibration error "
                         f"{bc['ece_before']:.3f}; {bc['ece_after_cross_fitted']:.3f} after {bc['method']} scaling "
-                        "(cross-fitted). Measured only: the page shows the model's own P(disease).")
+                        "(cross-fitted). Measured only: the page shows the model's own P(disease)."
+                        + (f" A perfectly calibrated P(disease) would show {bc['ece_if_perfectly_calibrated']['median']:.3f}"
+                           f" on as many patients (p = {bc['ece_if_perfectly_calibrated']['p_value']:.2f})."
+                           if "ece_if_perfectly_calibrated" in bc else ""))
     ev = read_validation_eval(task)
     if ev and "shape_agreement" in ev:
         st.markdown(f"**Shape estimates against the expert masks** ({ev['n']} validation patients): the page's "
