@@ -42,6 +42,7 @@ FEATURES = {
     "thick_es_ed": "systolic wall thickening (mean thickness ES / ED)",
 }
 DIAGNOSIS_FILE = "cardiac_diagnosis.json"
+MIN_REPRODUCIBILITY = 0.5  # features whose model-vs-expert agreement (Pearson r) is below this are not used
 CV_REPEATS = 5  # fold assignments over which the cross-validated figures are also given
 UNCERTAIN_TOP = 0.6  # below this top-class probability the page says "uncertain" instead of naming a class
 
@@ -138,10 +139,13 @@ def _softmax(z: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=1, keepdims=True)
 
 
-def fit_classifier(x: np.ndarray, y: np.ndarray, c: float = 1.0) -> dict:
-    """Standardise, then multinomial logistic regression (scikit-learn); returned as plain numbers."""
+def fit_classifier(x: np.ndarray, y: np.ndarray, c: float = 1.0, columns: list[str] | None = None) -> dict:
+    """Standardise, then multinomial logistic regression (scikit-learn); returned as plain numbers.
+    x: (N, F) features in FEATURES order; ``columns``: the feature names to use (all when None)."""
     from sklearn.linear_model import LogisticRegression
 
+    if columns is not None:
+        x = x[:, [list(FEATURES).index(c) for c in columns]]
     mean, std = x.mean(0), x.std(0) + 1e-9
     lr = LogisticRegression(C=c, max_iter=5000).fit((x - mean) / std, y)
     coef = np.zeros((len(GROUPS), x.shape[1]))
@@ -149,11 +153,16 @@ def fit_classifier(x: np.ndarray, y: np.ndarray, c: float = 1.0) -> dict:
     coef[lr.classes_] = lr.coef_
     icpt[lr.classes_] = lr.intercept_
     return {"mean": mean.tolist(), "std": std.tolist(), "coef": coef.tolist(), "intercept": icpt.tolist(),
-            "temperature": 1.0}
+            "temperature": 1.0, **({"columns": list(columns)} if columns is not None else {})}
 
 
 def logits(clf: dict, x: np.ndarray) -> np.ndarray:
-    x = (np.atleast_2d(x) - np.asarray(clf["mean"])) / np.asarray(clf["std"])
+    """(N, F) features in FEATURES order -> (N, 5) logits, on the columns the classifier uses
+    (``clf["columns"]``, feature names; all when absent)."""
+    x = np.atleast_2d(x)
+    if "columns" in clf:
+        x = x[:, [list(FEATURES).index(c) for c in clf["columns"]]]
+    x = (x - np.asarray(clf["mean"])) / np.asarray(clf["std"])
     return x @ np.asarray(clf["coef"]).T + np.asarray(clf["intercept"])
 
 
@@ -272,7 +281,7 @@ def summarise(y: np.ndarray, p: np.ndarray, seed: int = 0) -> dict:
     }
 
 
-def _out_of_fold(xg: np.ndarray, y: np.ndarray, folds: int, seed: int):
+def _out_of_fold(xg: np.ndarray, y: np.ndarray, folds: int, seed: int, columns: list[str] | None = None):
     """Stratified k-fold over patients: out-of-fold logits of the first stage (N, 5) and of the DCM-vs-MINF
     second stage (N,), and both stages' probabilities after temperatures fitted by cross-fitting (each fold's
     on the other folds' out-of-fold logits; the second stage's on their DCM and MINF patients only, the pair
@@ -285,7 +294,7 @@ def _out_of_fold(xg: np.ndarray, y: np.ndarray, folds: int, seed: int):
     z = np.zeros((len(y), len(GROUPS)))
     z2 = np.zeros(len(y))
     for tr, va in splits:
-        z[va] = logits(fit_classifier(xg[tr], y[tr]), xg[va])
+        z[va] = logits(fit_classifier(xg[tr], y[tr], columns=columns), xg[va])
         z2[va] = pair_logit(fit_pair(xg[tr], y[tr]), xg[va])
     in_pair = np.isin(y, [GROUPS.index(g) for g in PAIR])
     is_dcm = (y == GROUPS.index("DCM")).astype(float)
@@ -296,6 +305,16 @@ def _out_of_fold(xg: np.ndarray, y: np.ndarray, folds: int, seed: int):
         rp = rest[in_pair[rest]]
         p2_cal[va] = apply_pair(p_cal[va], z2[va] / binary_temperature(is_dcm[rp], _sigmoid(z2[rp])))
     return z, z2, p_cal, p2_cal
+
+
+def feature_reproducibility(model_feats: np.ndarray, expert_feats: np.ndarray) -> dict[str, float]:
+    """Pearson r per feature between (N, F) features of the model's segmentation and of the expert masks
+    of the same N patients (FEATURES order); 0 for a feature constant in either."""
+    out = {}
+    for j, k in enumerate(FEATURES):
+        a, b = model_feats[:, j], expert_feats[:, j]
+        out[k] = float(np.corrcoef(a, b)[0, 1]) if a.std() > 0 and b.std() > 0 else 0.0
+    return out
 
 
 def _top_label_ece(y: np.ndarray, p: np.ndarray) -> float:
@@ -329,7 +348,14 @@ def build(root, wdir=None, seed: int = 0, folds: int = 5) -> dict:
             ed, es = (segment_frame(lm.model, mio.load_nifti_path(p).data, size) for p in (c.ed_path, c.es_path))
             xp[c.patient_id] = list(mask_features(ed, es).values())
     xg, y, is_val = np.asarray(xg), np.asarray(y), np.asarray(is_val)
-    z, z2, p_cal, p2_cal = _out_of_fold(xg, y, folds, seed)
+    ids = [c.patient_id for c in cases]
+    v_ids = [i for i, v in zip(ids, is_val) if v]
+    # a feature the model's segmentation does not reproduce is learnt from the expert masks but measured on
+    # the model's: it carries segmentation noise into the diagnosis. Agreement with the expert masks'
+    # features on the validation patients (their masks only, not their diagnoses) decides which are used.
+    repro = feature_reproducibility(np.asarray([xp[i] for i in v_ids]), xg[is_val]) if len(v_ids) >= 5 else {}
+    used = [k for k in FEATURES if repro.get(k, 1.0) >= MIN_REPRODUCIBILITY]
+    z, z2, p_cal, p2_cal = _out_of_fold(xg, y, folds, seed, used)
     p_raw = _softmax(z)
     pair_idx = [GROUPS.index(g) for g in PAIR]
     in_pair = np.isin(y, pair_idx)
@@ -348,16 +374,14 @@ def build(root, wdir=None, seed: int = 0, folds: int = 5) -> dict:
     consistency = ece_if_calibrated(p_used, _top_label_ece, _top_label_ece(y, p_used), seed=seed)
     repeats = []
     for s in range(seed, seed + CV_REPEATS):
-        _, _, pc, p2c = _out_of_fold(xg, y, folds, s)
+        _, _, pc, p2c = _out_of_fold(xg, y, folds, s, used)
         pu = p2c if use_pair else pc
         repeats.append({"seed": s, "accuracy": float((pu.argmax(1) == y).mean()), "ece": _top_label_ece(y, pu),
                         "log_loss": multiclass_log_loss(pu, y)})
-    clf = fit_classifier(xg[~is_val], y[~is_val])
+    clf = fit_classifier(xg[~is_val], y[~is_val], columns=used)
     clf["temperature"] = t_all
     if use_pair:
         clf["pair"] = {**fit_pair(xg[~is_val], y[~is_val]), "temperature": t2_all}
-    ids = [c.patient_id for c in cases]
-    v_ids = [i for i, v in zip(ids, is_val) if v]
     pv = predict_proba(clf, np.asarray([xp[i] for i in v_ids])) if v_ids else np.zeros((0, len(GROUPS)))
     yv = y[is_val]
     nor = xg[y == 0]
@@ -366,8 +390,15 @@ def build(root, wdir=None, seed: int = 0, folds: int = 5) -> dict:
     report = {
         "task": "cardiac_diagnosis", "classes": list(GROUPS), "class_names": GROUP_NAMES,
         "features": FEATURES, "classifier": clf,
-        "method": "multinomial logistic regression (C = 1) on standardised scale-free features of the ED and ES "
-                  "segmentation (every slice, the cardiac model's 112 px crop grid); learns from expert masks; "
+        "feature_reproducibility": {
+            "what": f"Pearson r between each feature measured on the committed U-Net's segmentation and on the expert "
+                    f"masks, over its {len(v_ids)} validation patients (masks only, not diagnoses); features with "
+                    f"r < {MIN_REPRODUCIBILITY} are not used by the classifier",
+            "pearson_r": repro, "min_r": MIN_REPRODUCIBILITY, "used": used,
+            "left_out": [k for k in FEATURES if k not in used]},
+        "method": f"multinomial logistic regression (C = 1) on {len(used)} standardised scale-free features of the "
+                  "ED and ES segmentation (every slice, the cardiac model's 112 px crop grid; those the model's "
+                  "segmentation reproduces); learns from expert masks; "
                   "temperature scaling fitted on out-of-fold logits"
                   + ("; a second stage (logistic regression on wall-thickness variability and thickening) splits "
                      "P(DCM or MINF) between the two" if use_pair else ""),

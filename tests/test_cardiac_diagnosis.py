@@ -193,3 +193,28 @@ def test_multiclass_draws_follow_the_probabilities():
     ece_if_calibrated(np.tile([[0.2, 0.0, 0.8]], (500, 1)), lambda y, p: seen.append(y) or 0.0, 0.0, n_sim=4)
     y = np.concatenate(seen)
     assert set(np.unique(y)) == {0, 2} and (y == 2).mean() == pytest.approx(0.8, abs=0.03)
+
+
+def test_feature_reproducibility_by_hand():
+    rng = np.random.default_rng(0)
+    expert = rng.random((6, len(C.FEATURES)))
+    model = expert.copy()
+    model[:, 0] = 2 * expert[:, 0] + 1  # same ordering, other scale: r = 1
+    model[:, 1] = -expert[:, 1]  # reversed: r = -1
+    model[:, 2] = 0.3  # constant on the model's masks: no agreement
+    r = C.feature_reproducibility(model, expert)
+    names = list(C.FEATURES)
+    assert r[names[0]] == pytest.approx(1.0) and r[names[1]] == pytest.approx(-1.0) and r[names[2]] == 0.0
+    assert r[names[3]] == pytest.approx(1.0)
+
+
+def test_classifier_uses_only_its_columns():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(60, len(C.FEATURES)))
+    y = np.repeat(np.arange(5), 12)
+    x[:, 0] += y  # only lv_ef carries the class
+    clf = C.fit_classifier(x, y, columns=["lv_ef", "rv_ef"])
+    assert clf["columns"] == ["lv_ef", "rv_ef"] and np.asarray(clf["coef"]).shape == (5, 2)
+    x2 = x.copy()
+    x2[:, 2:] = 1e6  # columns it does not use change nothing
+    assert np.allclose(C.logits(clf, x), C.logits(clf, x2))

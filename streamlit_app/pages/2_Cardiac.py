@@ -188,7 +188,9 @@ if res.diagnosis is not None and lm.diagnosis is not None:
     with d2:
         rng = lm.diagnosis["normal_ranges"]
         rows = []
-        for k in ("lv_ef", "rv_ef", "rv_lv_ed", "myo_lv_ed", "thick_max_ed", "thick_cv_es", "thick_es_ed"):
+        used = lm.diagnosis["classifier"].get("columns", list(FEATURES))  # what the diagnosis rests on
+        for k in [k for k in ("lv_ef", "rv_ef", "rv_lv_ed", "myo_lv_ed", "thick_max_ed", "thick_cv_es", "thick_es_ed")
+                  if k in used]:
             lo, hi = rng[k]
             val = res.diagnosis["features"][k]
             rows.append({"feature (from the model's segmentation)": FEATURES[k], "this study": f"{val:.2f}",
