@@ -126,6 +126,7 @@ def test_metrics_page_each_task():
             assert "Shape estimates against the expert masks" in _text(at)
             assert "Calibration of P(disease)" in _text(at)  # weights/cardiac.calibration.json matches
             assert "a perfectly calibrated classifier with these same probabilities" in _text(at)
+            assert "Features left out" in _text(at)  # those the segmentation does not reproduce
         if task == "atrium":
             assert "Per dataset" in _text(at) and "Quality check" in _text(at)
             assert "Inference setting" in _text(at) and "not left-atrium MRI" in _text(at)

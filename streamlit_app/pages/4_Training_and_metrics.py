@@ -166,6 +166,10 @@ if spec.kind == "binary":
                             f"{len(rep['runs'])} fold assignments: ECE {rep['ece_mean']:.3f} "
                             f"({rep['ece_range'][0]:.3f}-{rep['ece_range'][1]:.3f}), accuracy {rep['accuracy_mean']:.3f} "
                             f"({rep['accuracy_range'][0]:.3f}-{rep['accuracy_range'][1]:.3f}).")
+            fr = dg.get("feature_reproducibility")
+            if fr and fr["left_out"]:
+                st.markdown(f"**Features left out** ({fr['what']}): " + ", ".join(
+                    f"{k} (r = {fr['pearson_r'][k]:.2f})" for k in fr["left_out"]) + f"; {len(fr['used'])} used.")
             s2 = dg["cross_validation"].get("second_stage")
             if s2:
                 one, two = s2["one_stage_calibrated"], s2["two_stages_calibrated"]
