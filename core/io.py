@@ -451,8 +451,8 @@ def read_mask(data: bytes, image: Volume, name: str = "") -> np.ndarray:
         raise MaskMismatchError(
             "The mask's position/orientation (affine) does not match the image's; was it made for another scan?"
         )
-    values = np.unique(mask.data)
-    if not np.all(np.isin(values, (0.0, 1.0))):
+    # one pass over the voxels (np.unique would sort all of them: ~0.5 s for a 256x256x130 mask)
+    if not np.all((mask.data == 0) | (mask.data == 1)):
         raise MaskMismatchError(
             "The mask is not binary (it holds values other than 0 and 1); upload a left-atrium mask."
         )

@@ -39,24 +39,44 @@ def get_model(task: str) -> LoadedModel:
 
 
 @st.cache_resource(show_spinner=False)
-def warm_up_in_background() -> None:
-    """Load every model once per server process in a background thread, so that the first upload after
-    start does not wait for a model to load (the page's own get_model call then finds it cached)."""
+def _warm_up_queue() -> list[str]:
+    """The tasks still to warm up, worked through by one background thread per server process."""
     import threading
 
-    def work() -> None:
-        from core.inference import warm_up
+    order = list(TASKS)
 
-        for task in TASKS:
+    def work() -> None:
+        from core.inference import warm_up  # the heavy imports (torch, grad-cam) happen here, off the page
+
+        while order:
+            try:
+                task = order.pop(0)
+            except IndexError:  # emptied by a page between the check and the pop
+                break
             try:
                 warm_up(get_model(task))  # loaded, then one synthetic prediction: first-call costs paid here
             except Exception:  # noqa: BLE001 - the page that needs the model reports the problem
                 pass
 
     threading.Thread(target=work, name="medimg-warm-up", daemon=True).start()
+    return order
+
+
+def warm_up_in_background(first: str | None = None) -> None:
+    """Load every model once per server process in a background thread, so that the first upload after
+    start does not wait for a model to load or for first-call costs; ``first`` (the open page's task)
+    goes next if it is still waiting."""
+    order = _warm_up_queue()
+    if first is not None and first in order and order[0] != first:
+        try:
+            order.remove(first)
+        except ValueError:  # taken by the thread meanwhile
+            return
+        order.insert(0, first)
 
 
 def model_or_stop(task: str) -> LoadedModel:
+    warm_up_in_background(task)
     try:
         return get_model(task)
     except MissingWeightsError as exc:

@@ -167,6 +167,11 @@ def test_mask_checks():
         mio.read_mask(nifti_bytes(ok, shifted), img)
     with pytest.raises(MaskMismatchError, match="not binary"):
         mio.read_mask(nifti_bytes(ok * 3, aff), img)
+    assert np.array_equal(mio.read_mask(nifti_bytes(ok.astype(np.float32), aff), img), ok)  # 0.0/1.0 floats
+    half = ok.astype(np.float32)
+    half[0, 0, 0] = 0.5
+    with pytest.raises(MaskMismatchError, match="not binary"):
+        mio.read_mask(nifti_bytes(half, aff), img)
 
 
 # --------------------------------------------------------------------------- dataset layouts
