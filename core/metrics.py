@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import numpy as np
 from scipy import ndimage
-from sklearn.metrics import confusion_matrix, roc_auc_score, roc_curve
 
 CLASSIFICATION_METRICS = ("accuracy", "sensitivity", "specificity", "precision", "f1", "auc")
 
@@ -14,6 +13,9 @@ def _safe_div(a: float, b: float) -> float:
 
 def classification_metrics(y_true, y_prob, threshold: float = 0.5) -> dict[str, float]:
     """Accuracy, sensitivity, specificity, precision, F1 and ROC AUC for binary labels (1 = positive)."""
+    # scikit-learn is imported where used: ~1 s, and the pages' path (Home's figures) does not need it
+    from sklearn.metrics import confusion_matrix, roc_auc_score
+
     y_true = np.asarray(y_true).astype(int)
     y_prob = np.asarray(y_prob, dtype=float)
     y_pred = (y_prob >= threshold).astype(int)
@@ -63,6 +65,8 @@ def youden_threshold(y_true, y_prob) -> float:
     lowest probability called positive and the next lower one, not on a case's own probability: there,
     that case's decision would turn on rounding (float32 vs bfloat16, batch-norm folding). The cases are
     split the same way, so every figure at the threshold is unchanged."""
+    from sklearn.metrics import roc_curve
+
     y = np.asarray(y_true).astype(int)
     p = np.asarray(y_prob, dtype=float)
     fpr, tpr, thr = roc_curve(y, p)
@@ -76,6 +80,8 @@ def youden_threshold(y_true, y_prob) -> float:
 
 
 def roc_points(y_true, y_prob) -> dict[str, list[float]]:
+    from sklearn.metrics import roc_curve
+
     fpr, tpr, _ = roc_curve(np.asarray(y_true).astype(int), np.asarray(y_prob, dtype=float))
     return {"fpr": fpr.round(4).tolist(), "tpr": tpr.round(4).tolist()}
 

@@ -6,7 +6,6 @@ import streamlit as st
 from common import DISCLAIMER, figure_line, warm_up_in_background
 
 st.set_page_config(page_title="MedImg – diagnosis research app", page_icon="🩺", layout="wide")
-warm_up_in_background()  # first thing: the models load while Home is read
 
 st.title("MedImg: medical image diagnosis (research)")
 st.warning(DISCLAIMER)
@@ -48,3 +47,4 @@ st.markdown(
     "patient; the official test sets were not available, so these are validation figures, not test figures. "
     "Uploaded files are processed in memory and never stored."
 )
+warm_up_in_background()  # after Home is drawn: the models load while it is read

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -44,6 +45,8 @@ def _warm_up_queue() -> list[str]:
     import threading
 
     order = list(TASKS)
+    if os.environ.get("MEDIMG_WARM_UP", "1") == "0":  # tests: no background thread busy at interpreter exit
+        return []
 
     def work() -> None:
         from core.inference import warm_up  # the heavy imports (torch, grad-cam) happen here, off the page
@@ -73,6 +76,22 @@ def warm_up_in_background(first: str | None = None) -> None:
         except ValueError:  # taken by the thread meanwhile
             return
         order.insert(0, first)
+
+
+def weights_or_stop(task: str) -> None:
+    """Stop the page with a plain message when the task's weights are missing (no torch needed: the page can
+    say so before the model loads)."""
+    from core.checkpoint import read_card
+    from core.config import weights_dir
+
+    try:
+        read_card(task)
+        if not (weights_dir() / f"{task}.pt").is_file():
+            raise MissingWeightsError(f"The {task} weights file is missing. Train it with "
+                                      f"`python train_all.py --tasks {task}`.")
+    except MissingWeightsError as exc:
+        st.error(f"The {TASKS[task].title} model is not available. {exc}")
+        st.stop()
 
 
 def model_or_stop(task: str) -> LoadedModel:

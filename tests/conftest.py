@@ -17,6 +17,8 @@ sys.path.insert(0, str(ROOT / "streamlit_app"))
 from core.config import data_root  # noqa: E402
 
 IN_CI = os.environ.get("CI", "").lower() == "true"
+# the app's background warm-up thread is for a server; a test process would exit while it runs torch
+os.environ.setdefault("MEDIMG_WARM_UP", "0")
 
 
 def _require(sub: str) -> Path:

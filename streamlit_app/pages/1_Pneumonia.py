@@ -4,9 +4,8 @@ from __future__ import annotations
 import streamlit as st
 
 from common import (DISCLAIMER, display_controls, file_key, model_or_stop, pick_sample, report_button,
-                    reset_namespace, run_safely)
+                    reset_namespace, run_safely, warm_up_in_background, weights_or_stop)
 from core.case_report import render_pdf, xray_report
-from core.inference import UNCERTAIN_MARGIN, predict_xray, verdict_band
 from core.io import read_image_2d
 from core.visualize import fit_for_display, grey_rgb, heatmap_overlay, zoom_view
 
@@ -20,7 +19,9 @@ NS = "pneu"
 st.set_page_config(page_title="Pneumonia – chest X-ray", page_icon="🫁", layout="wide")
 st.title("Pneumonia from a chest X-ray")
 st.caption(DISCLAIMER)
-lm = model_or_stop("pneumonia")
+# the model (and torch under it) loads in the background while the user picks a file: the page does not wait
+weights_or_stop("pneumonia")
+warm_up_in_background("pneumonia")
 st.info("**Intended use:** frontal (PA/AP) chest radiographs of young children (about 1-5 years), the population of "
         "the Guangzhou cohort the model was trained on. Adult radiographs, lateral views, other body parts and "
         "modalities are recognised where possible and get no diagnosis.")
@@ -44,6 +45,9 @@ elif sample is not None:
 if data is None:
     st.info("Upload a radiograph or pick a sample to get a prediction.")
     st.stop()
+
+lm = model_or_stop("pneumonia")
+from core.inference import UNCERTAIN_MARGIN, predict_xray, verdict_band  # noqa: E402  (torch: after the uploader)
 
 key = file_key(data)
 if st.session_state.get(f"{NS}.key") != key:
