@@ -315,7 +315,9 @@ def _predict_logits(model: nn.Module, x: torch.Tensor, device: torch.device, bs:
 
 
 def _auc_or_nan(y: np.ndarray, p: np.ndarray) -> float:
-    return float(M.roc_auc_score(y, p)) if len(np.unique(y)) == 2 else float("nan")
+    from sklearn.metrics import roc_auc_score
+
+    return float(roc_auc_score(y, p)) if len(np.unique(y)) == 2 else float("nan")
 
 
 def _card_base(spec: TaskSpec, cfg: TrainConfig, device: torch.device, smoke: bool) -> dict:
