@@ -141,15 +141,22 @@ def read_card(task: str, wdir: str | Path | None = None) -> dict:
         raise MissingWeightsError(f"The {task} model card {path} is corrupt; retrain or restore it.") from exc
 
 
-def load_state_dict(task: str, wdir: str | Path | None = None) -> tuple[dict, dict]:
-    """Load (state_dict, card) after checking the weights' sha256 against the card."""
-    recover(task, wdir)
+def require_weights(task: str, wdir: str | Path | None = None) -> tuple[Path, dict]:
+    """(weights path, card) of a task, or a MissingWeightsError saying how to get them; needs no torch, so a
+    page can say so before any model loads."""
     card = read_card(task, wdir)
     path = weights_dir(wdir) / f"{task}.pt"
     if not path.is_file():
         raise MissingWeightsError(
             f"The {task} weights file {path} is missing. Train it with `python train_all.py --tasks {task}`."
         )
+    return path, card
+
+
+def load_state_dict(task: str, wdir: str | Path | None = None) -> tuple[dict, dict]:
+    """Load (state_dict, card) after checking the weights' sha256 against the card."""
+    recover(task, wdir)
+    path, card = require_weights(task, wdir)
     data = path.read_bytes()
     if card.get("weights_sha256") != sha256_bytes(data):
         raise MissingWeightsError(

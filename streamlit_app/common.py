@@ -81,14 +81,10 @@ def warm_up_in_background(first: str | None = None) -> None:
 def weights_or_stop(task: str) -> None:
     """Stop the page with a plain message when the task's weights are missing (no torch needed: the page can
     say so before the model loads)."""
-    from core.checkpoint import read_card
-    from core.config import weights_dir
+    from core.checkpoint import require_weights
 
     try:
-        read_card(task)
-        if not (weights_dir() / f"{task}.pt").is_file():
-            raise MissingWeightsError(f"The {task} weights file is missing. Train it with "
-                                      f"`python train_all.py --tasks {task}`.")
+        require_weights(task)
     except MissingWeightsError as exc:
         st.error(f"The {TASKS[task].title} model is not available. {exc}")
         st.stop()
