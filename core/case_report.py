@@ -233,7 +233,7 @@ def cardiac_report(result, case_name: str, diagnosis_model: dict | None = None) 
                                       np.rot90(heatmap_overlay(result.slices[i], result.heatmap[i], 0.4))))
     if result.withheld:
         return CaseReport("cardiac", case_name, f"No diagnosis. {result.withheld}", images=images[:3])
-    if result.shape is not None and result.shape["lv_ef"] <= 0:
+    if result.frames_swapped:
         return CaseReport("cardiac", case_name, "No diagnosis: the ED and ES frames look swapped (the LV cavity is "
                           "smaller at the frame given as end-diastole).", images=images[:3])
     band = verdict_band(result.probability, result.threshold)
@@ -242,14 +242,15 @@ def cardiac_report(result, case_name: str, diagnosis_model: dict | None = None) 
                 "uncertain": "Uncertain - refer to a specialist: P(disease) is close to the decision threshold."}[band]
     figures = [("P(disease)", _pct(result.probability)), ("Decision threshold", _pct(result.threshold))]
     notes = [f"Within {UNCERTAIN_MARGIN:.0%} of the threshold no verdict is given."]
-    if result.shape is not None:
-        sh = result.shape
+    sh = result.measures()
+    if sh is not None:
         figures += [("LV ejection fraction (estimate)", f"{sh['lv_ef']:.0%}"),
                     ("RV ejection fraction (estimate)", f"{sh['rv_ef']:.0%}"),
-                    ("Myocardium / LV cavity at ED", f"{sh['myo_to_lv_ed']:.2f}"),
-                    ("RV / LV cavity at ED", f"{sh['rv_to_lv_ed']:.2f}")]
-        notes.append("Ejection fractions and ratios are estimates from the model's own segmentation of the slices "
-                     "it used (areas summed over the same slices, so no voxel size is needed), not clinical "
+                    ("Myocardium / LV cavity at ED", f"{sh['myo_lv_ed']:.2f}"),
+                    ("RV / LV cavity at ED", f"{sh['rv_lv_ed']:.2f}")]
+        notes.append("Ejection fractions and ratios are estimates from the model's own segmentation of "
+                     + ("every slice of both frames" if sh["source"] == "every slice" else "the 8 slices per frame "
+                        "it used") + " (summed over the same slices, so no voxel size is needed), not clinical "
                      "measurements.")
     if result.diagnosis is not None and diagnosis_model is not None:
         from core.cardiac import FEATURES, GROUP_NAMES, GROUPS
@@ -267,7 +268,9 @@ def cardiac_report(result, case_name: str, diagnosis_model: dict | None = None) 
             if key in result.diagnosis["features"]:
                 v = result.diagnosis["features"][key]
                 flag = "" if lo <= v <= hi else "  (outside)"
-                figures.append((FEATURES.get(key, key), f"{v:.2f}; normal {lo:.2f}-{hi:.2f}{flag}"))
+                fmt = "{:.0%}" if key.endswith("_ef") else "{:.2f}"  # EF in %, as in the figures above
+                figures.append((FEATURES.get(key, key),
+                                f"{fmt.format(v)}; normal {fmt.format(lo)}-{fmt.format(hi)}{flag}"))
         cv = diagnosis_model.get("cross_validation", {}).get("calibrated")
         if cv:
             notes.append(f"Five-class probabilities calibrated on cross-validation; five-class accuracy in "

@@ -273,6 +273,26 @@ class CardiacResult:
     shape: dict[str, float] | None = None  # estimates from the segmentation, see cardiac_shape_summary
     diagnosis: dict | None = None  # five classes: {"probabilities": {group: p}, "features": {name: value}}
 
+    def measures(self) -> dict[str, float | str] | None:
+        """The ejection fractions and ratios to show, from one source: the five-class features (the model's
+        segmentation of every slice) where they were computed, else the binary model's 8-slice estimates.
+        Keys lv_ef, rv_ef (fractions), myo_lv_ed, rv_lv_ed, and source ("every slice" / "8 slices")."""
+        if self.diagnosis is not None:
+            f = self.diagnosis["features"]
+            return {"lv_ef": f["lv_ef"], "rv_ef": f["rv_ef"], "myo_lv_ed": f["myo_lv_ed"], "rv_lv_ed": f["rv_lv_ed"],
+                    "source": "every slice"}
+        if self.shape is not None:
+            s = self.shape
+            return {"lv_ef": s["lv_ef"], "rv_ef": s["rv_ef"], "myo_lv_ed": s["myo_to_lv_ed"],
+                    "rv_lv_ed": s["rv_to_lv_ed"], "source": "8 slices"}
+        return None
+
+    @property
+    def frames_swapped(self) -> bool:
+        """The LV cavity is smaller at the frame given as ED than at the one given as ES (EF would be negative)."""
+        m = self.measures()
+        return m is not None and m["lv_ef"] <= 0
+
 
 WITHHELD_CARDIAC = ("These frames do not look like the short-axis cine MRI the model was trained on, so no "
                     "diagnosis is given. Check that they are the ED and ES frames of a short-axis cine series.")

@@ -156,15 +156,16 @@ def analyse_cardiac(lm, ed, es, name: str, report: bool = True) -> Analysis:
     res = predict_cardiac(lm, ed, es, explain=report)
     if res.withheld:
         row.update(status="withheld", message=res.withheld)
-    elif res.shape is not None and res.shape["lv_ef"] <= 0:
+    elif res.frames_swapped:
         row.update(status="error", message="the ED and ES frames look swapped (LV cavity smaller at ED)")
     else:
         band = verdict_band(res.probability, res.threshold)
         row.update(status="ok" if band != "uncertain" else "uncertain",
                    finding={"positive": "disease", "negative": "normal", "uncertain": "uncertain: refer"}[band],
                    p_disease=_fmt(res.probability), threshold=_fmt(res.threshold))
-        if res.shape is not None:
-            row.update(lv_ef=_fmt(res.shape["lv_ef"], 3), rv_ef=_fmt(res.shape["rv_ef"], 3))
+        sh = res.measures()
+        if sh is not None:
+            row.update(lv_ef=_fmt(sh["lv_ef"], 3), rv_ef=_fmt(sh["rv_ef"], 3))
         if res.diagnosis is not None and lm.diagnosis is not None:
             probs = res.diagnosis["probabilities"]
             top = max(probs, key=probs.get)

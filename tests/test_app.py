@@ -66,6 +66,14 @@ def test_cardiac_sample_prediction(acdc_root):
     assert "P(disease)" in _text(at)
     assert _images(at) >= 16  # 8 ED + 8 ES slices with Grad-CAM
     assert "LV ejection fraction (estimate)" in _text(at)
+    # one ejection fraction per ventricle on the page, in one unit: the metric row and the five-class feature
+    # table show the same value (it was 20 % beside 0.19 before)
+    shown = {m.label: m.value for m in at.metric}
+    rows = [r for t in at.table for r in t.value.to_dict("records")]
+    for label, feature in (("LV ejection fraction (estimate)", "LV ejection fraction"),
+                           ("RV ejection fraction (estimate)", "RV ejection fraction")):
+        row = next(r for r in rows if str(r.get("feature (from the model's segmentation)", "")).startswith(feature))
+        assert row["this study"] == shown[label] and shown[label].endswith("%")
     assert _report_buttons(at) == 1
     at.radio(key="card.view").set_value("Segmentation (RV, myocardium, LV cavity)").run()
     assert not at.exception and "left-ventricle cavity" in _text(at) and _images(at) >= 16

@@ -92,11 +92,13 @@ def test_cardiac_report_refuses_swapped_frames_and_names_the_class(tmp_path):
             "cross_validation": {"calibrated": {"n": 80, "accuracy": 0.9, "accuracy_ci95": [0.82, 0.96]}}}
     ok = CardiacResult(0.97, 0.44, True, sl, labels, sl.copy(), segmentation=seg,
                        shape={"lv_ef": 0.2, "rv_ef": 0.3, "myo_to_lv_ed": 0.8, "rv_to_lv_ed": 0.9},
-                       diagnosis={"probabilities": probs, "features": {"lv_ef": 0.2}})
+                       diagnosis={"probabilities": probs, "features": {"lv_ef": 0.2, "rv_ef": 0.3, "rv_lv_ed": 0.9,
+                                                                        "myo_lv_ed": 0.8}})
     pdf = render_pdf(cardiac_report(ok, "ED = a, ES = b", diag), card)
     txt = _text(pdf)
     assert "Finding: the heart looks diseased" in txt and "Most likely: dilated cardiomyopathy (DCM), 80%" in txt
     assert "(outside)" in txt and "20%" in txt
+    assert "0.20" not in txt and "50%-75%" in txt  # ejection fractions in one unit (%), the features' too
     assert 1 <= _pages(pdf, tmp_path) <= 2
 
 

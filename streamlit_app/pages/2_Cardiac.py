@@ -126,7 +126,7 @@ def _swap() -> None:
     st.session_state[f"{NS}.swapped"] = not st.session_state.get(f"{NS}.swapped", False)
 
 
-if res.shape is not None and res.shape["lv_ef"] <= 0:
+if res.frames_swapped:
     # the left ventricle is smaller at "ED" than at "ES": the frames are most likely swapped
     st.error("**The frames look swapped or mislabelled**: the left-ventricular cavity is smaller in the frame given "
              "as end-diastole than in the one given as end-systole, which cannot be (an ejection fraction would be "
@@ -157,16 +157,19 @@ else:
                "; this model does not say which."))
 m1, m2, m3, m4, m5 = st.columns(5)
 m1.metric("P(disease)", f"{res.probability:.1%}")
-if res.shape is not None:
-    sh = res.shape
+sh = res.measures()  # one source for the page, the report and the table below
+if sh is not None:
     m2.metric("LV ejection fraction (estimate)", f"{sh['lv_ef']:.0%}")
     m3.metric("RV ejection fraction (estimate)", f"{sh['rv_ef']:.0%}")
-    m4.metric("Myocardium / LV cavity at ED", f"{sh['myo_to_lv_ed']:.2f}")
-    m5.metric("RV / LV cavity at ED", f"{sh['rv_to_lv_ed']:.2f}")
-    st.caption("Estimates from the model's own segmentation of the 8 ED and 8 ES slices shown below (areas summed "
-               "over the same slices, so ratios need no voxel size). They are what the decision rests on, not "
-               "clinical measurements; the RV estimates agree less well with expert masks than the LV ones (see "
-               "Training & metrics).")
+    m4.metric("Myocardium / LV cavity at ED", f"{sh['myo_lv_ed']:.2f}")
+    m5.metric("RV / LV cavity at ED", f"{sh['rv_lv_ed']:.2f}")
+    st.caption(("Estimates from the model's own segmentation of every slice of both frames (volumes summed over the "
+                "slices, so ratios need no voxel size); the five-class diagnosis below uses the same values. "
+                if sh["source"] == "every slice" else
+                "Estimates from the model's own segmentation of the 8 ED and 8 ES slices shown below (areas summed "
+                "over the same slices, so ratios need no voxel size). ")
+               + "They are what the decision rests on, not clinical measurements; the RV estimates agree less well "
+                 "with expert masks than the LV ones (see Training & metrics).")
 
 if res.diagnosis is not None and lm.diagnosis is not None:
     from core.cardiac import FEATURES, GROUP_NAMES, GROUPS
@@ -193,8 +196,9 @@ if res.diagnosis is not None and lm.diagnosis is not None:
                   if k in used]:
             lo, hi = rng[k]
             val = res.diagnosis["features"][k]
-            rows.append({"feature (from the model's segmentation)": FEATURES[k], "this study": f"{val:.2f}",
-                         "normal range (training NOR, 5-95 %)": f"{lo:.2f}-{hi:.2f}",
+            fmt = "{:.0%}" if k.endswith("_ef") else "{:.2f}"  # EF in %, as in the metric row above
+            rows.append({"feature (from the model's segmentation)": FEATURES[k], "this study": fmt.format(val),
+                         "normal range (training NOR, 5-95 %)": f"{fmt.format(lo)}-{fmt.format(hi)}",
                          "": "outside" if not lo <= val <= hi else ""})
         st.table(rows)
 
