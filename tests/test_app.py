@@ -38,6 +38,20 @@ def test_page_loads(page):
     assert not at.exception, at.exception
 
 
+@pytest.mark.parametrize("page", ["pages/1_Pneumonia.py", "pages/2_Cardiac.py", "pages/3_Atrium_segmentation.py"])
+def test_module_page_shows_its_uploader_before_loading_the_model(page, monkeypatch):
+    """A module page does not wait for its model (torch, weights) before the user can pick a file."""
+    import common
+
+    def loading(task):
+        raise AssertionError(f"the {task} model was loaded before any input was given")
+
+    monkeypatch.setattr(common, "get_model", loading)
+    at = _page(page)
+    assert not at.exception, at.exception
+    assert len(at.get("file_uploader")) >= 1
+
+
 def test_home_shows_figures_and_disclaimer():
     at = _page("Home.py")
     text = "\n".join(w.value for w in at.warning) + _text(at)
@@ -200,7 +214,7 @@ def test_atrium_view_names_the_case_and_has_no_ground_truth_toggle_without_mask(
     assert at.toggle(key="atr.show_gt").value is True  # the sample has a mask: its overlay is on
 
 
-def test_metrics_page_names_a_bad_precision_setting(monkeypatch):
+def test_metrics_page_names_a_bad_precision_setting(monkeypatch, heart_root):
     monkeypatch.setenv("MEDIMG_PRECISION", "fp16")
     at = _page("pages/4_Training_and_metrics.py")
     assert not at.exception
@@ -208,7 +222,8 @@ def test_metrics_page_names_a_bad_precision_setting(monkeypatch):
     import streamlit as st
 
     st.cache_resource.clear()  # models are cached per process; start from none
-    at = _page("pages/3_Atrium_segmentation.py")  # the model is not loaded: the page says why, no stack trace
+    at = _page("pages/3_Atrium_segmentation.py")
+    at.selectbox(key="atr.sample").select_index(1).run()  # the model is not loaded: the page says why, no stack trace
     st.cache_resource.clear()
     assert not at.exception
     assert any("cannot be started" in e.value and "MEDIMG_PRECISION" in e.value for e in at.error)

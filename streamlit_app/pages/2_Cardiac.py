@@ -6,9 +6,8 @@ import numpy as np
 import streamlit as st
 
 from common import (DISCLAIMER, display_controls, file_key, legend, model_or_stop, pick_sample, report_button,
-                    reset_namespace, run_safely)
+                    reset_namespace, run_safely, warm_up_in_background, weights_or_stop)
 from core.case_report import cardiac_report, render_pdf
-from core.inference import cardiac_cycle, predict_cardiac
 from core.dicom_series import read_cine_any
 from core.io import read_image_volume
 from core.visualize import heatmap_overlay, label_overlay, zoom_view
@@ -17,7 +16,9 @@ NS = "card"
 st.set_page_config(page_title="Cardiac disease – cine MRI", page_icon="🫀", layout="wide")
 st.title("Cardiac disease from cine short-axis MRI")
 st.caption(DISCLAIMER)
-lm = model_or_stop("cardiac")
+# the model (and torch under it) loads in the background while the user picks files: the page does not wait
+weights_or_stop("cardiac")
+warm_up_in_background("cardiac")
 
 mode = st.radio("Study input", ["ED and ES frames", "One 4D cine"], horizontal=True, key=f"{NS}.mode",
                 help="A 4D cine NIfTI is (x, y, slice, time): every frame is segmented, and ED and ES are taken "
@@ -40,6 +41,9 @@ if mode == "One 4D cine":
         cine = run_safely(lambda: read_cine_any(cine_bytes, up_cine.name), "The cine cannot be used")
         if cine is None:
             st.stop()
+        lm = model_or_stop("cardiac")
+        from core.inference import cardiac_cycle
+
         with st.spinner(f"Segmenting all {cine.n_frames} frames to find end-diastole and end-systole…"):
             cycle = run_safely(lambda: cardiac_cycle(lm, cine), "The cine could not be analysed")
         if cycle is None:
@@ -101,6 +105,9 @@ else:
         ed = run_safely(lambda: read_image_volume(ed_bytes, "ED"), "The ED frame cannot be used")
         es = run_safely(lambda: read_image_volume(es_bytes, "ES"), "The ES frame cannot be used") if ed else None
         return ed, es
+
+lm = model_or_stop("cardiac")
+from core.inference import predict_cardiac  # noqa: E402  (torch: after the uploaders)
 
 if st.session_state.get(f"{NS}.key") != key:
     # controls start from their defaults for a new study, so what they show is what the images are drawn with

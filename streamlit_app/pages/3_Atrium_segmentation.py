@@ -6,10 +6,8 @@ import numpy as np
 import streamlit as st
 
 from common import (DISCLAIMER, display_controls, file_key, legend, model_or_stop, pick_sample,
-                    report_button, reset_namespace, run_safely)
-from core import atrium as A
+                    report_button, reset_namespace, run_safely, warm_up_in_background, weights_or_stop)
 from core import metrics as M
-from core.inference import segment_atrium
 from core.dicom_series import read_volume_any
 from core.io import nifti_to_bytes, read_mask
 from core.visualize import mask_overlay, radiological_axial
@@ -18,7 +16,9 @@ NS = "atr"
 st.set_page_config(page_title="Left-atrium segmentation", page_icon="🫀", layout="wide")
 st.title("Left-atrium segmentation (3D MRI)")
 st.caption(DISCLAIMER)
-lm = model_or_stop("atrium")
+# the model (and torch under it) loads in the background while the user picks a file: the page does not wait
+weights_or_stop("atrium")
+warm_up_in_background("atrium")
 st.caption("Trained on bSSFP MRI (MSD Task02_Heart, King's College London) and LGE-MRI (2018 Atrial Segmentation "
            "Challenge, Utah) of adults. Other sequences and centres are untested; a quality check withholds the "
            "volume when the mask is implausible or the model is unsure.")
@@ -48,6 +48,10 @@ elif up_mask is not None:
 else:
     st.info("Upload a 3D MRI volume (and optionally its mask), or pick a sample case.")
     st.stop()
+
+lm = model_or_stop("atrium")
+from core import atrium as A  # noqa: E402  (torch: after the uploaders)
+from core.inference import segment_atrium  # noqa: E402
 
 # Segmentation depends on the image only: adding or changing the mask recomputes the metrics, not the mask.
 seg_key = file_key(img_bytes)
