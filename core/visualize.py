@@ -156,3 +156,65 @@ def label_overlay(gray: np.ndarray, labels: np.ndarray, colours: dict[int, tuple
         m = labels == value
         out[m] = out[m] * (1 - alpha) + np.array(colour, np.float32) * alpha
     return out.clip(0, 255).astype(np.uint8), [(name, colour) for colour, name in colours.values()]
+
+
+@dataclass(frozen=True)
+class SliceStrip:
+    """A per-slice chart drawn once as an image (cheap for the browser, unlike an interactive chart redrawn on
+    every slice change); :meth:`marked` draws the current slice's marker into a copy.
+
+    ``image`` (H, W, 3) uint8; ``xs`` (nz,) the pixel column of each slice; ``rows`` the pixel rows
+    (top, bottom) of each plotting area (the marker is drawn there)."""
+
+    image: np.ndarray
+    xs: np.ndarray
+    rows: tuple[tuple[int, int], ...]
+
+    def marked(self, z: int, colour: tuple[int, int, int] = (220, 0, 0)) -> np.ndarray:
+        """The strip with a vertical line (3 px) at slice ``z`` (0-based)."""
+        out = self.image.copy()
+        x = int(self.xs[int(np.clip(z, 0, len(self.xs) - 1))])
+        for top, bottom in self.rows:
+            out[top:bottom, max(0, x - 1):x + 2] = colour
+        return out
+
+
+def slice_strip(unsure: np.ndarray, per_slice: np.ndarray | None = None, width_px: int = 560) -> SliceStrip:
+    """The atrium page's strip: Dice per slice (when a reference mask is given; NaN where neither mask has
+    atrium) above the uncertain area per slice (cm²), slices 1..nz on a shared x axis.
+
+    ``unsure`` (nz,) cm²; ``per_slice`` (nz,) Dice or None."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    unsure = np.asarray(unsure, dtype=float)
+    nz = len(unsure)
+    if nz == 0 or (per_slice is not None and len(per_slice) != nz):
+        raise ValueError(f"need one value per slice: {nz} uncertain areas, "
+                         f"{None if per_slice is None else len(per_slice)} Dice values")
+    rows = 2 if per_slice is not None else 1
+    dpi = 100
+    fig = Figure(figsize=(width_px / dpi, (1.7 * rows + 0.5)), dpi=dpi)
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(rows, 1, sharex=True, squeeze=False)[:, 0]
+    x = np.arange(1, nz + 1)
+    if per_slice is not None:
+        axes[0].plot(x, per_slice, color="tab:blue", lw=1.2)
+        axes[0].set_ylim(0, 1.05)
+        axes[0].set_title("Dice per slice", fontsize=9, loc="left")
+    axes[-1].bar(x, unsure, width=1.0, color="orange")
+    axes[-1].set_title("Uncertain area per slice (cm², probability 0.2-0.8)", fontsize=9, loc="left")
+    axes[-1].set_xlabel("axial slice", fontsize=9)
+    for ax in axes:
+        ax.set_xlim(0.5, nz + 0.5)
+        ax.tick_params(labelsize=8)
+        ax.grid(alpha=0.3)
+    fig.tight_layout(pad=0.4)
+    fig.canvas.draw()
+    img = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
+    h = img.shape[0]
+    # display coordinates have their origin at the bottom left; image rows count from the top
+    xs = np.rint(axes[-1].transData.transform(np.c_[x, np.zeros(nz)])[:, 0]).astype(int)
+    spans = tuple((int(max(0, h - ax.get_window_extent().y1)), int(min(h, h - ax.get_window_extent().y0)))
+                  for ax in axes)
+    return SliceStrip(img, np.clip(xs, 0, img.shape[1] - 1), spans)

@@ -239,6 +239,28 @@ def test_orientation_markers_are_drawn():
     assert (top[..., 0] > 200).any()  # the yellow "A"
 
 
+
+def test_slice_strip_marks_the_slice_shown():
+    from core.visualize import slice_strip
+
+    unsure = np.zeros(40)
+    unsure[30] = 5.0  # one tall bar at slice 31
+    s = slice_strip(unsure, np.linspace(0, 1, 40))
+    assert len(s.rows) == 2 and s.image.dtype == np.uint8
+    assert np.all(np.diff(s.xs) > 0)  # slices left to right, one column each
+    # the orange bar stands where slice 31 is drawn (x of slice index 30), not where slice 11 is
+    top, bottom = s.rows[1]
+    col = s.image[top:bottom, s.xs[30]]
+    assert (np.abs(col.astype(int) - (255, 165, 0)).sum(axis=1) < 40).sum() > 0.5 * (bottom - top)
+    assert not (np.abs(s.image[top:bottom, s.xs[10]].astype(int) - (255, 165, 0)).sum(axis=1) < 40).any()
+    m = s.marked(10)
+    assert (m[top + 5, s.xs[10]] == (220, 0, 0)).all() and not (s.image[top + 5, s.xs[10]] == (220, 0, 0)).all()
+    assert (m != s.image).any(axis=2).sum() <= 3 * sum(b - t for t, b in s.rows)  # only the marker changed
+    assert len(slice_strip(unsure).rows) == 1  # no reference mask: the uncertainty row only
+    with pytest.raises(ValueError, match="one value per slice"):
+        slice_strip(unsure, np.zeros(39))
+
+
 # --------------------------------------------------------------------------- test-time flips and the setting rule
 
 

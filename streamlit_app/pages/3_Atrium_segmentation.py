@@ -10,7 +10,7 @@ from common import (DISCLAIMER, display_controls, file_key, legend, model_or_sto
 from core import metrics as M
 from core.dicom_series import read_volume_any
 from core.io import nifti_to_bytes, read_mask
-from core.visualize import mask_overlay, radiological_axial
+from core.visualize import mask_overlay, radiological_axial, slice_strip
 
 NS = "atr"
 st.set_page_config(page_title="Left-atrium segmentation", page_icon="🫀", layout="wide")
@@ -98,6 +98,8 @@ if st.session_state.get(f"{NS}.mask_key", "none") != mask_key:
             disagree = A.disagreement_cm2(mask_c, gt_c, sp_c)
     st.session_state.update({f"{NS}.mask_key": mask_key, f"{NS}.gt_c": gt_c, f"{NS}.metrics": mets,
                              f"{NS}.per_slice": per_slice, f"{NS}.disagree": disagree,
+                             # drawn once per segmentation and mask: a slice change only moves its marker
+                             f"{NS}.strip": slice_strip(st.session_state[f"{NS}.unsure"], per_slice),
                              # a mask just given is shown; none: the switch is off (and disabled)
                              f"{NS}.show_gt": gt_c is not None})
 gt_c = st.session_state[f"{NS}.gt_c"]
@@ -163,24 +165,13 @@ with right:
     area = mask_c[:, :, z].sum() * px_cm2
     unsure = st.session_state[f"{NS}.unsure"]
     st.markdown(f"**Slice {z + 1}/{nz}**: predicted atrium area {area:.1f} cm²; uncertain area {unsure[z]:.1f} cm²")
-    import plotly.graph_objects as go
-    from plotly.subplots import make_subplots
-
-    rows = 2 if per_slice is not None else 1
-    fig = make_subplots(rows=rows, cols=1, shared_xaxes=True, vertical_spacing=0.12,
-                        subplot_titles=(["Dice per slice"] if per_slice is not None else [])
-                        + ["Uncertain area per slice (cm², probability 0.2-0.8)"])
     if per_slice is not None:
         d = per_slice[z]
         st.markdown(f"Slice Dice: **{d:.3f}**" if np.isfinite(d) else "Slice Dice: n/a (no atrium in either mask)")
-        fig.add_trace(go.Scatter(x=np.arange(1, nz + 1), y=per_slice, mode="lines", name="Dice"), row=1, col=1)
-        fig.update_yaxes(range=[0, 1.05], row=1, col=1)
-    fig.add_trace(go.Bar(x=np.arange(1, nz + 1), y=unsure, name="uncertain cm²", marker_color="orange"),
-                  row=rows, col=1)
-    fig.add_vline(x=z + 1, line_color="red")
-    fig.update_layout(height=200 * rows + 60, margin=dict(l=10, r=10, t=30, b=10), showlegend=False)
-    fig.update_xaxes(title_text="axial slice", row=rows, col=1)
-    st.plotly_chart(fig, key=f"{NS}.dice_plot")
+    # a still image, not an interactive chart: the browser redraws it at once on every slice change
+    st.image(st.session_state[f"{NS}.strip"].marked(z), width="stretch",
+             caption=("Dice per slice and " if per_slice is not None else "") + "uncertain area per slice; the red "
+             "line marks the slice shown")
 
 with st.expander("Quality check: the measures behind the verdict"):
     r = A.QualityRule.from_card(lm.card)
