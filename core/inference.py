@@ -231,8 +231,7 @@ def predict_xray(lm: LoadedModel, image: Image2D, explain: bool = True) -> XRayR
         return XRayResult(None, lm.threshold, None, display, None, score, WITHHELD_POPULATION, pop)
     prob = float(_prob(lm, x)[0])
     positive = prob >= lm.threshold
-    heat = gradcam(lm.model, lm.model.gradcam_layer(), x, positive=positive) if explain else None
-    release_memory()
+    heat = _xray_gradcam(lm, x, positive) if explain else None
     cal = lm.card.get("calibration")
     if cal:  # shown calibrated; the decision above is the same at the mapped threshold (the map is monotone)
         from core.pneumonia import apply_platt
@@ -241,6 +240,18 @@ def predict_xray(lm: LoadedModel, image: Image2D, explain: bool = True) -> XRayR
         return XRayResult(float(apply_platt(prob, a, b)), float(apply_platt(lm.threshold, a, b)), positive,
                           display, heat, score, None, pop, calibrated=True)
     return XRayResult(prob, lm.threshold, positive, display, heat, score, None, pop)
+
+
+def _xray_gradcam(lm: LoadedModel, x: torch.Tensor, positive: bool) -> np.ndarray:
+    heat = gradcam(lm.model, lm.model.gradcam_layer(), x, positive=positive)
+    release_memory()
+    return heat
+
+
+def xray_heatmap(lm: LoadedModel, image: Image2D, positive: bool) -> np.ndarray:
+    """The Grad-CAM map (H, W) in [0, 1], on the model's square input, for the decision ``positive`` of a
+    result predicted with ``explain=False`` (so that a page can show the verdict before the map)."""
+    return _xray_gradcam(lm, _xray_inputs(lm, image.pixels)[1], positive)
 
 
 def predict_xray_batch(lm: LoadedModel, pixels: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:

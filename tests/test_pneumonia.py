@@ -116,6 +116,22 @@ def test_population_check_on_held_out_outside_images(outside_root):
     assert v["in_population_refusal_clean"] <= 0.03
 
 
+def test_heatmap_after_the_verdict_is_the_one_computed_with_it(xray_root):
+    """The page shows the verdict first and the Grad-CAM map after it: the map is the same."""
+    from core.inference import load_model, predict_xray, xray_heatmap
+    from core.io import read_image_2d
+
+    lm = load_model("pneumonia")
+    f = sorted((xray_root / "chest_xray" / "train" / "PNEUMONIA").glob("*.jpeg"))[0]
+    img = read_image_2d(f.read_bytes(), f.name)
+    both = predict_xray(lm, img)
+    first = predict_xray(lm, img, explain=False)
+    assert first.heatmap is None and first.probability == both.probability and first.positive == both.positive
+    heat = xray_heatmap(lm, img, first.positive)
+    assert heat.shape == both.heatmap.shape and np.allclose(heat, both.heatmap, atol=1e-5)
+    assert 0 <= heat.min() and heat.max() <= 1
+
+
 def test_validation_images_are_rarely_withheld(xray_root):
     from core.inference import load_model, predict_xray_batch
     from core.io import read_image_2d

@@ -1,6 +1,8 @@
 """Pneumonia from a frontal chest X-ray: upload or sample -> P(pneumonia) + Grad-CAM."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import streamlit as st
 
 from common import (DISCLAIMER, display_controls, file_key, model_or_stop, pick_sample, report_button,
@@ -47,7 +49,7 @@ if data is None:
     st.stop()
 
 lm = model_or_stop("pneumonia")
-from core.inference import UNCERTAIN_MARGIN, predict_xray, verdict_band  # noqa: E402  (torch: after the uploader)
+from core.inference import UNCERTAIN_MARGIN, predict_xray, verdict_band, xray_heatmap  # noqa: E402  (torch: after the uploader)
 
 key = file_key(data)
 if st.session_state.get(f"{NS}.key") != key:
@@ -56,8 +58,9 @@ if st.session_state.get(f"{NS}.key") != key:
     image = run_safely(lambda: read_image_2d(data, name), "This file cannot be used")
     if image is None:
         st.stop()
-    with st.spinner("Predicting and computing the Grad-CAM heatmap…"):
-        result = run_safely(lambda: predict_xray(lm, image), "This image could not be analysed")
+    # the verdict first; the Grad-CAM map (a backward pass) is computed where it is drawn, below
+    with st.spinner("Predicting…"):
+        result = run_safely(lambda: predict_xray(lm, image, explain=False), "This image could not be analysed")
     if result is None:
         st.stop()
     st.session_state[f"{NS}.key"] = key
@@ -71,8 +74,8 @@ image = st.session_state[f"{NS}.image"]
 res = st.session_state[f"{NS}.result"]
 name = st.session_state[f"{NS}.name"]
 st.markdown(f"**Result for: {name}**")
-report_button(lambda: render_pdf(xray_report(res, image, name), lm.card), name, NS)
 if res.withheld:
+    report_button(lambda: render_pdf(xray_report(res, image, name), lm.card), name, NS)
     st.warning(f"**No diagnosis.** {res.withheld}")
     win, zoom, fx, fy = display_controls(NS, *_display_values(image))
     st.image(fit_for_display(zoom_view(grey_rgb(_display_values(image)[0], win), zoom, fx, fy)),
@@ -106,9 +109,17 @@ with c1:
     st.image(fit_for_display(zoom_view(grey_rgb(_display_values(image)[0], win), zoom, fx, fy)),
              caption=f"Original image (window: {win.name})", width="stretch")
 with c2:
-    st.image(zoom_view(heatmap_overlay(res.display, res.heatmap, alpha), zoom, fx, fy), width="stretch",
-             caption=f"Grad-CAM for the '{'pneumonia' if res.positive else 'normal'}' decision "
-                     "(red = regions that most raised it; shown on the model's square input)")
+    if res.heatmap is None:  # once per image: later reruns (opacity, window, zoom) reuse it
+        with st.spinner("Computing the Grad-CAM heatmap…"):
+            heat = run_safely(lambda: xray_heatmap(lm, image, res.positive), "The heatmap could not be computed")
+        if heat is not None:
+            res = replace(res, heatmap=heat)
+            st.session_state[f"{NS}.result"] = res
+    if res.heatmap is not None:
+        st.image(zoom_view(heatmap_overlay(res.display, res.heatmap, alpha), zoom, fx, fy), width="stretch",
+                 caption=f"Grad-CAM for the '{'pneumonia' if res.positive else 'normal'}' decision "
+                         "(red = regions that most raised it; shown on the model's square input)")
+report_button(lambda: render_pdf(xray_report(res, image, name), lm.card), name, NS)
 if image.info:
     with st.expander("Image information (no identifying fields are shown)"):
         st.table({"field": list(image.info), "value": [str(v) for v in image.info.values()]})
