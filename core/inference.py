@@ -1,6 +1,7 @@
 """Inference for the three tasks on in-memory inputs, using the committed weights and their cards."""
 from __future__ import annotations
 
+import copy
 import ctypes
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -112,7 +113,11 @@ def warm_up(lm: LoadedModel) -> None:
             _ood(lm, x)
             population_score(lm, x01)
             _prob(lm, x)
-            gradcam(lm.model, lm.model.gradcam_layer(), x, positive=True)
+            # on a copy: the first backward pass takes a while, and on the shared model it would hold the model's
+            # lock, so an upload arriving meanwhile would wait for it before its verdict (kernels warmed on the
+            # copy serve the model too: they are cached per shape, not per module)
+            twin = copy.deepcopy(lm.model)
+            gradcam(twin, twin.gradcam_layer(), x, positive=True)
         elif lm.spec.name == "cardiac":
             v = Volume(rng.random((128, 128, 10)).astype(np.float32), np.eye(4), (1.0, 1.0, 1.0))
             predict_cardiac(lm, v, v, explain=True, guard=False)

@@ -208,11 +208,12 @@ def test_warm_up_runs_every_stage_the_first_upload_needs(monkeypatch):
     import core.inference as inf
 
     lm = inf.load_model("pneumonia")
-    calls = {"gradcam": 0, "prob": 0}
+    calls = {"gradcam": 0, "prob": 0, "on_shared_model": None}
     real_gradcam, real_prob = inf.gradcam, inf._prob
 
     def counting_gradcam(*a, **k):
         calls["gradcam"] += 1
+        calls["on_shared_model"] = a[0] is lm.model
         return real_gradcam(*a, **k)
 
     def counting_prob(*a, **k):
@@ -222,4 +223,6 @@ def test_warm_up_runs_every_stage_the_first_upload_needs(monkeypatch):
     monkeypatch.setattr(inf, "gradcam", counting_gradcam)
     monkeypatch.setattr(inf, "_prob", counting_prob)
     inf.warm_up(lm)
-    assert calls == {"gradcam": 1, "prob": 1}
+    # Grad-CAM warmed on a copy: on the shared model its lock would keep an upload arriving meanwhile from
+    # its verdict
+    assert calls == {"gradcam": 1, "prob": 1, "on_shared_model": False}
