@@ -168,6 +168,7 @@ def test_pneumonia_upload(server, browser, xray_root):
     if shutil.which("pdftotext"):
         txt = subprocess.run(["pdftotext", "-", "-"], input=pdf, capture_output=True, check=True).stdout.decode()
         assert "person996_bacteria_2924.jpeg" in txt and "not a medical device" in txt and "Weights sha256" in txt
+        assert "Grad-CAM for the" in txt  # the heatmap drawn after the verdict reaches the report too
     page.close()
 
 
