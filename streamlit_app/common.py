@@ -58,6 +58,10 @@ def _warm_up_queue() -> list[str]:
                 break
             try:
                 warm_up(get_model(task))  # loaded, then one synthetic prediction: first-call costs paid here
+                if task == "atrium":  # the page's per-slice strip: matplotlib's first figure loads its fonts
+                    from core.visualize import slice_strip
+
+                    slice_strip(np.zeros(8), np.zeros(8))
             except Exception:  # noqa: BLE001 - the page that needs the model reports the problem
                 pass
 
