@@ -98,12 +98,16 @@ def load_model(task: str, wdir=None, with_guard: bool = True, optimize: bool = T
     return LoadedModel(spec, model, card, guard=guard, precision=prec, population=population, diagnosis=diagnosis)
 
 
-def warm_up(lm: LoadedModel) -> None:
+def warm_up(lm: LoadedModel, pause: Callable[[], None] | None = None) -> None:
     """One throw-away prediction on a synthetic input of the shape the task sees, so that the first real
     upload does not pay for first-call costs (oneDNN picks and builds its kernels per input shape on first
-    use; Grad-CAM's backward pass too). Errors are ignored: the page reports problems with real inputs."""
+    use; Grad-CAM's backward pass too). ``pause``, when given, is called before each costly stage (an app
+    passes one that waits while a user's request is being computed). Errors are ignored: the page reports
+    problems with real inputs."""
     rng = np.random.default_rng(0)
+    pause = pause or (lambda: None)
     try:
+        pause()
         if lm.spec.name == "pneumonia":
             # every stage of predict_xray, called directly: a synthetic image is (rightly) withheld by the
             # input checks, and predict_xray would then skip the probability and Grad-CAM, whose first call
@@ -116,6 +120,7 @@ def warm_up(lm: LoadedModel) -> None:
             # on a copy: the first backward pass takes a while, and on the shared model it would hold the model's
             # lock, so an upload arriving meanwhile would wait for it before its verdict (kernels warmed on the
             # copy serve the model too: they are cached per shape, not per module)
+            pause()
             twin = copy.deepcopy(lm.model)
             gradcam(twin, twin.gradcam_layer(), x, positive=True)
         elif lm.spec.name == "cardiac":

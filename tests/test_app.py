@@ -263,3 +263,33 @@ def test_metrics_page_shows_an_evaluation_only_beside_its_weights(monkeypatch, t
     text = _text(at)
     assert "Kermany official test split (maintainers)" in text and "2026-12-04" in text
     assert "for older weights" not in text and "scored other weights" in text
+
+
+def test_foreground_gate_counts_requests_and_releases_the_warm_up():
+    import threading
+    import time
+
+    from common import _Foreground
+
+    gate = _Foreground()
+    assert not gate.busy
+    t = time.monotonic()
+    gate.wait_idle()
+    assert time.monotonic() - t < 0.05  # idle: no wait
+    with gate:
+        with gate:
+            assert gate.busy
+        assert gate.busy  # one request still computing
+        t = time.monotonic()
+        gate.wait_idle(poll_s=0.01, max_s=0.2)  # busy: waits, but not for ever
+        assert 0.2 <= time.monotonic() - t < 1.0
+    assert not gate.busy
+    done = []
+    with gate:
+        th = threading.Thread(target=lambda: (gate.wait_idle(poll_s=0.01), done.append(time.monotonic())))
+        th.start()
+        time.sleep(0.1)
+        assert not done  # the warm-up waits while the request runs
+        left = time.monotonic()
+    th.join(2)
+    assert done and done[0] >= left

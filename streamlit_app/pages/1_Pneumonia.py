@@ -5,7 +5,7 @@ from dataclasses import replace
 
 import streamlit as st
 
-from common import (DISCLAIMER, display_controls, file_key, model_or_stop, pick_sample, report_button,
+from common import (DISCLAIMER, FOREGROUND, display_controls, file_key, model_or_stop, pick_sample, report_button,
                     reset_namespace, run_safely, warm_up_in_background, weights_or_stop)
 from core.case_report import render_pdf, xray_report
 from core.io import read_image_2d
@@ -59,7 +59,7 @@ if st.session_state.get(f"{NS}.key") != key:
     if image is None:
         st.stop()
     # the verdict first; the Grad-CAM map (a backward pass) is computed where it is drawn, below
-    with st.spinner("Predicting…"):
+    with st.spinner("Predicting…"), FOREGROUND:
         result = run_safely(lambda: predict_xray(lm, image, explain=False), "This image could not be analysed")
     if result is None:
         st.stop()
@@ -110,7 +110,7 @@ with c1:
              caption=f"Original image (window: {win.name})", width="stretch")
 with c2:
     if res.heatmap is None:  # once per image: later reruns (opacity, window, zoom) reuse it
-        with st.spinner("Computing the Grad-CAM heatmap…"):
+        with st.spinner("Computing the Grad-CAM heatmap…"), FOREGROUND:
             heat = run_safely(lambda: xray_heatmap(lm, image, res.positive), "The heatmap could not be computed")
         if heat is not None:
             res = replace(res, heatmap=heat)

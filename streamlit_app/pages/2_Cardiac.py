@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import streamlit as st
 
-from common import (DISCLAIMER, display_controls, file_key, legend, model_or_stop, pick_sample, report_button,
+from common import (DISCLAIMER, FOREGROUND, display_controls, file_key, legend, model_or_stop, pick_sample, report_button,
                     reset_namespace, run_safely, warm_up_in_background, weights_or_stop)
 from core.case_report import cardiac_report, render_pdf
 from core.dicom_series import read_cine_any
@@ -44,7 +44,7 @@ if mode == "One 4D cine":
         lm = model_or_stop("cardiac")
         from core.inference import cardiac_cycle
 
-        with st.spinner(f"Segmenting all {cine.n_frames} frames to find end-diastole and end-systole…"):
+        with st.spinner(f"Segmenting all {cine.n_frames} frames to find end-diastole and end-systole…"), FOREGROUND:
             cycle = run_safely(lambda: cardiac_cycle(lm, cine), "The cine could not be analysed")
         if cycle is None:
             st.stop()
@@ -116,7 +116,7 @@ if st.session_state.get(f"{NS}.key") != key:
     ed, es = load()
     if ed is None or es is None:
         st.stop()
-    with st.spinner("Predicting and computing Grad-CAM…"):
+    with st.spinner("Predicting and computing Grad-CAM…"), FOREGROUND:
         result = run_safely(lambda: predict_cardiac(lm, ed, es), "These frames could not be analysed")
     if result is None:
         st.stop()
