@@ -42,6 +42,12 @@ FEATURES = {
     "thick_es_ed": "systolic wall thickening (mean thickness ES / ED)",
 }
 DIAGNOSIS_FILE = "cardiac_diagnosis.json"
+
+
+def feature_text(key: str, value: float) -> str:
+    """A feature value as shown to a user: ejection fractions in % (as the page's metric row), ratios as 0.00."""
+    return f"{value:.0%}" if key.endswith("_ef") else f"{value:.2f}"
+
 MIN_REPRODUCIBILITY = 0.5  # features whose model-vs-expert agreement (Pearson r) is below this are not used
 CV_REPEATS = 5  # fold assignments over which the cross-validated figures are also given
 UNCERTAIN_TOP = 0.6  # below this top-class probability the page says "uncertain" instead of naming a class

@@ -253,7 +253,7 @@ def cardiac_report(result, case_name: str, diagnosis_model: dict | None = None) 
                         "it used") + " (summed over the same slices, so no voxel size is needed), not clinical "
                      "measurements.")
     if result.diagnosis is not None and diagnosis_model is not None:
-        from core.cardiac import FEATURES, GROUP_NAMES, GROUPS
+        from core.cardiac import FEATURES, GROUP_NAMES, GROUPS, feature_text
 
         probs = result.diagnosis["probabilities"]
         top = max(probs, key=probs.get)
@@ -268,9 +268,8 @@ def cardiac_report(result, case_name: str, diagnosis_model: dict | None = None) 
             if key in result.diagnosis["features"]:
                 v = result.diagnosis["features"][key]
                 flag = "" if lo <= v <= hi else "  (outside)"
-                fmt = "{:.0%}" if key.endswith("_ef") else "{:.2f}"  # EF in %, as in the figures above
-                figures.append((FEATURES.get(key, key),
-                                f"{fmt.format(v)}; normal {fmt.format(lo)}-{fmt.format(hi)}{flag}"))
+                figures.append((FEATURES.get(key, key), f"{feature_text(key, v)}; normal {feature_text(key, lo)}-"
+                                f"{feature_text(key, hi)}{flag}"))
         cv = diagnosis_model.get("cross_validation", {}).get("calibrated")
         if cv:
             notes.append(f"Five-class probabilities calibrated on cross-validation; five-class accuracy in "

@@ -6,6 +6,8 @@ import hashlib
 import logging
 import os
 import sys
+import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -44,8 +46,6 @@ class _Foreground:
     are any (on 2 cores it would otherwise halve their speed)."""
 
     def __init__(self) -> None:
-        import threading
-
         self._n = 0
         self._lock = threading.Lock()
 
@@ -64,8 +64,6 @@ class _Foreground:
 
     def wait_idle(self, poll_s: float = 0.05, max_s: float = 60.0) -> None:
         """Return once no user request is being computed (or after ``max_s``: the warm-up is not starved)."""
-        import time
-
         end = time.monotonic() + max_s
         while self.busy and time.monotonic() < end:
             time.sleep(poll_s)
@@ -77,8 +75,6 @@ FOREGROUND = _Foreground()  # pages: ``with FOREGROUND:`` around a prediction
 @st.cache_resource(show_spinner=False)
 def _warm_up_queue() -> list[str]:
     """The tasks still to warm up, worked through by one background thread per server process."""
-    import threading
-
     order = list(TASKS)
     if os.environ.get("MEDIMG_WARM_UP", "1") == "0":  # tests: no background thread busy at interpreter exit
         return []

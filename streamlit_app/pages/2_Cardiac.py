@@ -171,15 +171,15 @@ if sh is not None:
     m4.metric("Myocardium / LV cavity at ED", f"{sh['myo_lv_ed']:.2f}")
     m5.metric("RV / LV cavity at ED", f"{sh['rv_lv_ed']:.2f}")
     st.caption(("Estimates from the model's own segmentation of every slice of both frames (volumes summed over the "
-                "slices, so ratios need no voxel size); the five-class diagnosis below uses the same values. "
+                "slices, so ratios need no voxel size); the five-class diagnosis below rests on them. "
                 if sh["source"] == "every slice" else
                 "Estimates from the model's own segmentation of the 8 ED and 8 ES slices shown below (areas summed "
-                "over the same slices, so ratios need no voxel size). ")
-               + "They are what the decision rests on, not clinical measurements; the RV estimates agree less well "
-                 "with expert masks than the LV ones (see Training & metrics).")
+                "over the same slices, so ratios need no voxel size); the decision rests on them. ")
+               + "They are not clinical measurements; the RV estimates agree less well with expert masks than the LV "
+                 "ones (see Training & metrics).")
 
 if res.diagnosis is not None and lm.diagnosis is not None:
-    from core.cardiac import FEATURES, GROUP_NAMES, GROUPS
+    from core.cardiac import FEATURES, GROUP_NAMES, GROUPS, feature_text
 
     probs = res.diagnosis["probabilities"]
     top = max(probs, key=probs.get)
@@ -203,9 +203,8 @@ if res.diagnosis is not None and lm.diagnosis is not None:
                   if k in used]:
             lo, hi = rng[k]
             val = res.diagnosis["features"][k]
-            fmt = "{:.0%}" if k.endswith("_ef") else "{:.2f}"  # EF in %, as in the metric row above
-            rows.append({"feature (from the model's segmentation)": FEATURES[k], "this study": fmt.format(val),
-                         "normal range (training NOR, 5-95 %)": f"{fmt.format(lo)}-{fmt.format(hi)}",
+            rows.append({"feature (from the model's segmentation)": FEATURES[k], "this study": feature_text(k, val),
+                         "normal range (training NOR, 5-95 %)": f"{feature_text(k, lo)}-{feature_text(k, hi)}",
                          "": "outside" if not lo <= val <= hi else ""})
         st.table(rows)
 
