@@ -15,7 +15,9 @@ Starts `streamlit run streamlit_app/Home.py` on localhost, drives Debian's chrom
 - chest X-rays read one after another in one tab (each a new file), upload to verdict and to the Grad-CAM
   heatmap shown; the tab's first one apart (it also loads the page's front-end components);
 - an atrium 256x256x130 volume (MSD la_003), upload to the volume shown;
-- then adding its ground-truth mask, to the Dice shown.
+- then adding its ground-truth mask, to the Dice shown;
+- for reference, a bare Streamlit page with one file uploader (not this app; written to a temporary folder)
+  opened in a new tab: the framework's own floor under "open a module page".
 
 Each repeat uses a new browser page, i.e. a new Streamlit session (results are kept per session, so a
 repeat is not served from an earlier one). Writes medians, all repeats and the machine to ``--json``;
@@ -32,6 +34,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -58,7 +61,10 @@ STEP_NAMES = {"server_start_to_home": "server start to Home",
               "later_xray_upload_to_verdict": "later chest X-rays (same tab, each a new file): upload to verdict",
               "later_xray_upload_to_heatmap": "later chest X-rays (same tab, each a new file): upload to heatmap shown",
               "atrium_upload_to_volume": "atrium 256x256x130 volume: upload to volume shown",
-              "atrium_add_mask_to_dice": "then adding its ground-truth mask: to Dice shown"}
+              "atrium_add_mask_to_dice": "then adding its ground-truth mask: to Dice shown",
+              "bare_streamlit_page_new_tab": "reference: a bare Streamlit page (one uploader, not this app), new tab"}
+# the reference page: what Streamlit's front end alone costs on this machine, the floor under "open a page"
+BARE_APP = 'import streamlit as st\n\nst.file_uploader("a file")\n'
 
 
 # the src of the page's second image (the Grad-CAM heatmap); a new result has a new one
@@ -78,9 +84,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _start(port: int, log: Path) -> subprocess.Popen:
+def _start(port: int, log: Path, script: Path | None = None) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "-m", "streamlit", "run", str(PROJECT_ROOT / "streamlit_app" / "Home.py"),
+        [sys.executable, "-m", "streamlit", "run", str(script or PROJECT_ROOT / "streamlit_app" / "Home.py"),
          "--server.port", str(port), "--server.address", "127.0.0.1", "--server.headless", "true",
          "--browser.gatherUsageStats", "false"],
         cwd=PROJECT_ROOT, stdout=open(log, "wb"), stderr=subprocess.STDOUT, env={**os.environ})
@@ -208,6 +214,23 @@ def measure(root: Path, repeats: int = 5, log_dir: Path | None = None) -> dict[s
                         pg.get_by_text("Slice Dice").first.wait_for()
                         s["atrium_add_mask_to_dice"].append(time.time() - t)
                         pg.close()
+            finally:
+                stop_server(proc)
+        with tempfile.TemporaryDirectory() as tmp:
+            app = Path(tmp) / "bare.py"
+            app.write_text(BARE_APP)
+            port = _free_port()
+            url = f"http://127.0.0.1:{port}"
+            proc = _start(port, log_dir / "felt-bench-bare.log", app)
+            try:
+                _wait_health(url)
+                for _ in range(repeats + 1):  # the first one apart: the server's first session
+                    t = time.time()
+                    pg = page_at(url)
+                    pg.locator("input[type=file]").first.wait_for(state="attached")
+                    s["bare_streamlit_page_new_tab"].append(time.time() - t)
+                    pg.close()
+                s["bare_streamlit_page_new_tab"].pop(0)
             finally:
                 stop_server(proc)
         browser.close()
