@@ -3,8 +3,9 @@
     python train_all.py [--tasks pneumonia cardiac atrium] [--data-root DIR] [--weights-dir DIR]
                         [--smoke] [--device cuda|cpu] [--seed 0] [--epochs N] [--crop N] [--atrium-cv]
 
---atrium-cv runs folds 2-5 of the atrium recipe (fold 1 is the committed model) and writes
-<weights>/atrium.cv.json, so that every atrium volume is validated once; it keeps no weights.
+--atrium-cv runs folds 1-5 of the atrium recipe and writes <weights>/atrium.cv.json, so that every atrium
+volume is validated once; it keeps no weights. The atrium model itself is the recipe trained on every
+volume, with the folds' inference setting and pooled figures: run --atrium-cv first.
 
 Every run also writes <weights>/train_all.run.json: wall-clock seconds per task (reading the data,
 training, validation and fitting the input check) and in all, with the machine it ran on.
@@ -42,9 +43,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="atrium: the in-plane grid in mm to train (and later segment) at, instead of the "
                          "registry's 1.25 mm; recorded in the card's input_spec")
     ap.add_argument("--atrium-cv", action="store_true",
-                    help="instead of training: cross-validation folds 2-5 of the atrium recipe -> atrium.cv.json")
+                    help="instead of training: cross-validation folds 1-5 of the atrium recipe -> atrium.cv.json")
     ap.add_argument("--folds", type=int, nargs="+", default=None,
-                    help="with --atrium-cv: only these folds (2-5); folds already in atrium.cv.json are kept")
+                    help="with --atrium-cv: only these folds (1-5); folds already in atrium.cv.json are kept")
     args = ap.parse_args(argv)
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stdout)

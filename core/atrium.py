@@ -681,7 +681,8 @@ def fit_atrium(vols: list[CanonicalCase], tr: list[int], va: list[int], cfg, dev
                desc: str = "atrium"):
     """Train the U-Net on crops of slices along all three axes of the training volumes (both datasets
     equally often); each epoch, 3D Dice on the validation volumes (one axial pass), averaged per dataset
-    then over datasets, picks the kept epoch."""
+    then over datasets, picks the kept epoch. With no validation volumes (``va`` empty) the last epoch
+    is kept."""
     from core import metrics as M
     from core.models import build_model
     from core.tasks import get_task
@@ -725,7 +726,7 @@ def fit_atrium(vols: list[CanonicalCase], tr: list[int], va: list[int], cfg, dev
         score = float(np.mean([np.mean(d) for d in per_ds.values()])) if per_ds else float("nan")
         return {"loss": 1 - score, "dice": score}
 
-    res = fit(model, train_batches, step, validate, cfg, "dice", desc=desc)
+    res = fit(model, train_batches, step, validate, cfg, "dice", desc=desc, keep_last=not va)
     model.eval()
     n_slices = int(sum(len(s.fg) for s in stacks))
     return model, res, n_slices
@@ -817,67 +818,6 @@ def quality_check_record(train_quality: dict[str, dict], val_quality: dict[str, 
     }
 
 
-def train_atrium(root, cfg, device: torch.device, smoke: bool = False, out_dir=None) -> dict:
-    """Train on both atrium datasets (fold 1 of each held out), score every validation volume with one
-    axial pass and with the three views fused, fit the quality check on the training volumes, and save
-    weights + card."""
-    from core import io as mio
-    from core.tasks import get_task
-    from core.train import _card_base, save_trained
-
-    spec = get_task("atrium")
-    cases = mio.find_atrium_cases(root)
-    if smoke:
-        cases = first_per_dataset(cases, 3)
-    tr, va = dataset_splits(cases, cfg)[0]
-    vols = load_cases(cases, smoke)
-    model, res, n_slices = fit_atrium(vols, tr, va, cfg, device)
-    grid = cfg.spacing_mm or float(spec.input_spec["spacing_mm"])
-    single, _ = score_cases(model, vols, va, (2,), grid, device)
-    fused, val_quality = score_cases(model, vols, va, VIEWS_ALL, grid, device)
-    s_single, s_fused = summarise(single, cfg.seed), summarise(fused, cfg.seed)
-    views = list(VIEWS_ALL) if s_fused["all"]["dice_mean"] >= s_single["all"]["dice_mean"] else [2]
-    card = _card_base(spec, cfg, device, smoke)
-    card["input_spec"]["views"] = views
-    card["input_spec"]["orientation"] = ("the volume is brought to the closest RAS orientation by its affine, "
-                                         "segmented along the views listed (axes of that orientation), the views' "
-                                         "probabilities averaged, and the mask put back on the input's grid")
-    card.update({
-        "loss": "BCE + soft Dice",
-        "augmentation": "slices along all three axes (the axial view half the time); 8 in-plane rotations/flips; rotation 15 deg, scale 15 %, "
-                        "shift 5 %; gamma 0.5-2, smooth bias field, contrast, blur, noise, 5 % inverted contrast",
-        "data": {
-            "dataset": "MSD Task02_Heart (bSSFP) + 2018 LA challenge (LGE-MRI), both as MSD-layout folders",
-            "n_volumes": len(cases),
-            "per_dataset": {ds: {"n_train": sum(vols[i].dataset == ds for i in tr),
-                                 "n_val": sum(vols[i].dataset == ds for i in va)}
-                            for ds in sorted({v.dataset for v in vols})},
-            "split": f"by volume within each dataset, seed {cfg.seed}: {len(tr)} train / {len(va)} validation",
-            "n_train": len(tr), "n_val": len(va), "n_train_slices_all_views": n_slices,
-            "train_cases": [cases[i].case_id for i in tr],
-            "val_cases": [cases[i].case_id for i in va],
-        },
-        "history": res.history, "best_epoch": res.best_epoch, "epochs_run": res.epochs_run,
-        "train_time_s": round(res.seconds, 1),
-        "validation": {
-            "single_axial_view": s_single,
-            "three_views_fused": s_fused,
-            "views_rule": "three views fused if their mean validation Dice is at least the single view's (a choice "
-                          "made on these validation volumes, so their figure is slightly optimistic)",
-        },
-    })
-    # scored as the app runs (bfloat16 where the CPU runs it natively): the card's figures are the app's, and
-    # scoring the 77 training volumes for the quality check takes half the time
-    from core.precision import native_bf16
-
-    bf16 = device.type == "cpu" and native_bf16(device)
-    apply_inference_choice(card, model, vols, tr, va, grid, device, bf16=bf16)
-    if not smoke:
-        card["quality_check"]["foreign_inputs"] = foreign_firing(model, card, root, device, bf16)
-    save_trained(model, card, spec.name, out_dir)
-    return card
-
-
 def apply_inference_choice(card: dict, model: nn.Module, vols: list[CanonicalCase], tr: list[int], va: list[int],
                            grid: float, device: torch.device, bf16: bool = False) -> dict:
     """With the card's views: choose the test-time flips and mask threshold on the validation volumes
@@ -928,8 +868,8 @@ CV_SCORING = ("as the app runs: one axial view with the geometry rules (slab axi
 
 def cross_validate(root, device: torch.device, out_dir=None, folds: int = 5, seed: int = 0, smoke: bool = False,
                    epochs: int | None = None, only: list[int] | None = None) -> dict:
-    """Folds 2..``folds`` of the atrium recipe over both datasets (fold 1 is the committed model, whose card
-    holds its figures), or only the folds in ``only``: each trains on the other volumes and scores its own,
+    """Folds 1..``folds`` of the atrium recipe over both datasets, or only the folds in ``only``: each
+    trains on the other volumes and scores its own,
     per dataset, as the app runs (``CV_SCORING``). Folds already in <weights>/atrium.cv.json from the same
     recipe and scoring are kept, so the folds can be run one session at a time; the file is rewritten after
     each fold. No weights are kept."""
@@ -951,9 +891,9 @@ def cross_validate(root, device: torch.device, out_dir=None, folds: int = 5, see
     if smoke:
         cases = first_per_dataset(cases, 4)
     splits = dataset_splits(cases, cfg, folds)
-    run = sorted(set(only)) if only else list(range(2, len(splits) + 1))
-    if any(k < 2 or k > len(splits) for k in run):
-        raise ValueError(f"folds must lie in 2..{len(splits)} (fold 1 is the committed model); got {run}")
+    run = sorted(set(only)) if only else list(range(1, len(splits) + 1))
+    if any(k < 1 or k > len(splits) for k in run):
+        raise ValueError(f"folds must lie in 1..{len(splits)}; got {run}")
     path = (Path(out_dir) if out_dir else weights_dir()) / "atrium.cv.json"
     training = _clean(asdict(cfg))
     kept: list[dict] = []
@@ -978,14 +918,193 @@ def cross_validate(root, device: torch.device, out_dir=None, folds: int = 5, see
                      "quality_check": {k2: qc[k2] for k2 in ("limits", "limits_fused", "validation_fired",
                                                              "validation_firing_rate", "validation_measures")}})
         kept.sort(key=lambda f: f["fold"])
-        report = {"task": "atrium", "what": f"cross-validation folds 2-{len(splits)} of the atrium recipe over both "
-                  "datasets; fold 1 is the committed model (its card's validation); folds not listed have not "
-                  "been run yet", "n_folds_planned": len(splits), "folds": kept, "training": training,
+        report = {"task": "atrium", "what": f"cross-validation folds 1-{len(splits)} of the atrium recipe over both "
+                  "datasets, by volume; folds not listed have not been run yet; the committed model is the recipe "
+                  "trained on every volume", "n_folds_planned": len(splits), "folds": kept, "training": training,
                   "scoring": CV_SCORING, "smoke": smoke,
                   "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
         path.parent.mkdir(parents=True, exist_ok=True)
         _atomic_write(path, (json.dumps(_clean(report), indent=1) + "\n").encode())
     return report
+
+
+CV_FILE = "atrium.cv.json"
+
+
+def fold_record_from_card(card: dict) -> dict:
+    """The cross-validation entry (the keys ``cross_validate`` writes) of a model trained on fold 1's split,
+    from its own card: how fold 1 moves into atrium.cv.json when the committed model stops being fold 1."""
+    v, qc = card["validation"], card["quality_check"]
+    return {"fold": 1, "train_cases": list(card["data"]["train_cases"]), "val_cases": list(card["data"]["val_cases"]),
+            "best_epoch": card["best_epoch"], "epochs_run": card["epochs_run"], "seconds": card["train_time_s"],
+            "git_commit": card["git_commit"], "tta_flips": int(v.get("tta_flips", 1)),
+            "threshold": float(card["threshold"]), "per_dataset": v["per_dataset"], "per_case": v["per_case"],
+            "quality_check": {k: qc[k] for k in ("limits", "limits_fused", "validation_fired",
+                                                 "validation_firing_rate", "validation_measures")}}
+
+
+def pool_folds(folds: list[dict]) -> dict:
+    """Every volume's out-of-fold result pooled over ``folds`` (entries of atrium.cv.json): n, folds,
+    dice_mean, dice_ci95, summary (``summarise``, per dataset and "all"), per_dataset (summary rows plus
+    the volumes on which the quality check fired and those reported with Dice < 0.5), fired, per_case."""
+    per_case: dict[str, dict] = {}
+    fired: dict[str, list] = {}
+    for f in folds:
+        per_case.update(f["per_case"])
+        fired.update(f.get("quality_check", {}).get("validation_fired", {}))
+    s = summarise(per_case)
+    per_dataset = {}
+    for ds, r in sorted(s.items()):
+        if ds == "all":
+            continue
+        rows = {k: v for k, v in per_case.items() if v["dataset"] == ds}
+        per_dataset[ds] = {**r, "fired": sorted(k for k in rows if fired.get(k)),
+                           "reported_below_0_5": sorted(k for k, v in rows.items()
+                                                        if v["dice"] < 0.5 and not fired.get(k))}
+    return {"n": len(per_case), "folds": sorted(f["fold"] for f in folds), "dice_mean": s["all"]["dice_mean"],
+            "dice_ci95": s["all"]["dice_ci95"], "summary": s, "per_dataset": per_dataset,
+            "fired": sorted(k for k in per_case if fired.get(k)), "per_case": per_case}
+
+
+def cv_inference_setting(folds: list[dict]) -> tuple[int, float]:
+    """The test-time flips and threshold for a model with no validation volumes of its own: the flips most
+    folds chose (ties to fewer) and the median of their thresholds."""
+    flips = [int(f["tta_flips"]) for f in folds]
+    return max(sorted(set(flips)), key=flips.count), float(np.median([f["threshold"] for f in folds]))
+
+
+def read_cv(out_dir=None) -> dict | None:
+    """atrium.cv.json beside the weights, or None."""
+    import json
+    from pathlib import Path
+
+    from core.config import weights_dir
+
+    path = (Path(out_dir) if out_dir else weights_dir()) / CV_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def train_atrium(root, cfg, device: torch.device, smoke: bool = False, out_dir=None) -> dict:
+    """The committed atrium model: the cross-validated recipe trained on every volume of both datasets.
+    Nothing is left to validate on, so the last epoch is kept (over the five folds the last epoch's
+    per-epoch Dice lay 0.001-0.02 under the best one, a pick that is itself optimistic on 19 volumes);
+    flips and threshold come from the folds (``cv_inference_setting``); the card's "validation" holds the
+    pooled out-of-fold figures of the recipe (atrium.cv.json, all folds), and the quality check is fitted
+    on all volumes. Without a complete cross-validation record (a smoke run) the card says it has no
+    figures. Weights are saved before the scoring, then the card is completed (``finish_card``)."""
+    from core import io as mio
+    from core.errors import MedImgError
+    from core.tasks import get_task
+    from core.train import _card_base, save_trained
+
+    spec = get_task("atrium")
+    cv = read_cv(out_dir)
+    complete = bool(cv and cv.get("folds") and
+                    sorted(f["fold"] for f in cv["folds"]) == list(range(1, cv["n_folds_planned"] + 1)))
+    if not complete and not smoke:
+        raise MedImgError("the atrium model is trained on every volume once its recipe is cross-validated: run "
+                          "`python train_all.py --atrium-cv` (folds 1-5) first, so that atrium.cv.json holds every "
+                          "fold's figures and inference setting")
+    cases = mio.find_atrium_cases(root)
+    if smoke:
+        cases = first_per_dataset(cases, 3)
+    vols = load_cases(cases, smoke)
+    tr = list(range(len(vols)))
+    model, res, n_slices = fit_atrium(vols, tr, [], cfg, device)
+    flips, thr = cv_inference_setting(cv["folds"]) if complete else (2, 0.5)
+    card = _card_base(spec, cfg, device, smoke)
+    card["input_spec"].update(views=[2], tta_flips=flips, view_rule=VIEW_RULE, orientation=ORIENTATION_RULE)
+    per_ds = {ds: sum(v.dataset == ds for v in vols) for ds in sorted({v.dataset for v in vols})}
+    card.update({
+        "loss": "BCE + soft Dice", "augmentation": AUGMENTATION,
+        "data": {
+            "dataset": "MSD Task02_Heart (bSSFP) + 2018 LA challenge (LGE-MRI), both as MSD-layout folders",
+            "n_volumes": len(cases), "per_dataset": {ds: {"n_train": n, "n_val": 0} for ds, n in per_ds.items()},
+            "split": (f"none: trained on all {len(cases)} volumes; figures from {cv['n_folds_planned']}-fold "
+                      "cross-validation by volume" if complete else f"none: trained on all {len(cases)} volumes"),
+            "n_train": len(tr), "n_val": 0, "n_train_slices_all_views": n_slices,
+            "train_cases": [c.case_id for c in cases], "val_cases": [],
+        },
+        "history": res.history, "best_epoch": res.best_epoch, "epochs_run": res.epochs_run,
+        "train_time_s": round(res.seconds, 1), "kept_epoch_rule": "the last epoch (no validation volumes)",
+        "threshold": thr,
+        "threshold_rule": (f"{thr:g} on the mean probability of the views (or, with one view, of {flips} in-plane "
+                           "flip(s)), then the largest 3D connected component; "
+                           + ("flips: the choice of most cross-validation folds, threshold: the median of theirs"
+                              if complete else "the recipe's defaults (no cross-validation record)")),
+        "validation": {"n": 0, "what": "no validation volumes: every volume trained on"},
+    })
+    save_trained(model, card, spec.name, out_dir)
+    return finish_card(out_dir, root, smoke=smoke)
+
+
+VIEW_RULE = (f"slices across the volume's thinnest direction (when below {SLAB_RATIO:g}x the axial extent; else "
+             f"axial); when the volume spans at least {FUSE_MIN_EXTENT_MM:g} mm in every direction, the two other "
+             "directions are segmented too (around the first finding) and the three fused, one pass each")
+ORIENTATION_RULE = ("the volume is brought to the closest RAS orientation by its affine, segmented along the views "
+                    "listed (axes of that orientation), the views' probabilities averaged, and the mask put back on "
+                    "the input's grid")
+AUGMENTATION = ("slices along all three axes (the axial view half the time); 8 in-plane rotations/flips; rotation "
+                "15 deg, scale 15 %, shift 5 %; gamma 0.5-2, smooth bias field, contrast, blur, noise, 5 % inverted "
+                "contrast")
+
+
+def finish_card(wdir=None, root=None, smoke: bool = False) -> dict:
+    """Complete the card of an all-volume atrium model (``train_atrium``) from its saved weights: score every
+    volume with the card's setting (bfloat16 where the CPU runs it natively, as the app does), fit the
+    quality check on them, measure it on non-atrium inputs, and put the pooled cross-validation figures in
+    "validation" (the check's validation firing from the folds, each with its own limits). Rewrites the
+    card; can be rerun on its own (``python -m core.atrium finish``)."""
+    import json as _json
+
+    from core import io as mio
+    from core.checkpoint import _atomic_write, _clean
+    from core.config import data_root, weights_dir
+    from core.inference import load_model
+    from core.precision import native_bf16
+
+    root = data_root(root)
+    lm = load_model("atrium", wdir, optimize=False)
+    card = lm.card
+    by_id = {c.case_id: c for c in mio.find_atrium_cases(root)}
+    vols = load_cases([by_id[i] for i in card["data"]["train_cases"]], smoke)
+    views = tuple(card["input_spec"].get("views", [2]))
+    flips = int(card["input_spec"].get("tta_flips", 1))
+    cpu = torch.device("cpu")
+    bf16 = native_bf16(cpu)
+    fit_cases, train_quality = score_cases(lm.model, vols, list(range(len(vols))), views, lm.grid_mm, cpu, flips,
+                                           lm.threshold, bf16)
+    setting = f"views {list(views)}, {flips} flip(s), threshold {lm.threshold:g}"
+    qc = quality_check_record(train_quality, {}, setting)
+    card["training_fit"] = {"what": "this model on its own training volumes (all of them): how well it fits, not "
+                                    "how it does on new data", "per_dataset": summarise(fit_cases),
+                            "per_case": fit_cases}
+    cv = read_cv(wdir)
+    if cv and cv.get("folds") and len(cv["folds"]) == cv["n_folds_planned"]:
+        pool = pool_folds(cv["folds"])
+        from core import metrics as M
+
+        card["validation"] = {
+            "what": (f"cross-validation of this recipe: every volume scored by one of {len(pool['folds'])} fold "
+                     "models that did not train on it (each fold chose its kept epoch, flips and threshold on its own "
+                     "validation volumes, so slightly optimistic); this model trained on all of them"),
+            "cross_validated": True, "n": pool["n"], "views": list(views), "tta_flips": flips,
+            "threshold": lm.threshold, "dice_mean": pool["dice_mean"], "dice_ci95": pool["dice_ci95"],
+            "iou_mean": M.mean_finite(pool["per_case"], "iou"),
+            "hd95_mm_mean": pool["summary"]["all"]["hd95_mm_mean"],
+            "volume_error_pct_mean": pool["summary"]["all"]["volume_error_pct_mean"],
+            "per_dataset": pool["summary"], "per_case": pool["per_case"], "scored_in": cv.get("scoring", ""),
+        }
+        qc["validation_fired"] = {k: v for f in cv["folds"]
+                                  for k, v in f.get("quality_check", {}).get("validation_fired", {}).items() if v}
+        qc["validation_firing_rate"] = len(qc["validation_fired"]) / max(1, pool["n"])
+        qc["validation_rule"] = "out-of-fold volumes, each judged with its fold's own limits"
+    if not smoke:
+        qc["foreign_inputs"] = foreign_firing(lm.model, card, root, cpu, bf16)
+    card["quality_check"] = qc
+    path = weights_dir(wdir) / "atrium.json"
+    _atomic_write(path, (_json.dumps(_clean(card), indent=1) + "\n").encode())
+    return card
 
 
 # --------------------------------------------------------------------------- robustness check
@@ -1043,34 +1162,6 @@ def layout_stress(segment, cases: list, layouts: dict[str, tuple[int, int, int]]
                                                                          for x in v))}
                             for ds, v in sorted(by_ds.items())}}
     return {"summary": summary, "per_case": out}
-
-
-def refit_quality(wdir=None, root=None) -> dict:
-    """Refit the quality check of the committed atrium weights on their training volumes (with the views
-    their card lists) and re-measure it on their validation volumes; updates the card's quality_check."""
-    from core import io as mio
-    from core.checkpoint import _atomic_write, _clean
-    from core.config import data_root, weights_dir
-    from core.inference import load_model
-
-    lm = load_model("atrium", wdir, optimize=False)
-    card = lm.card
-    views = tuple(card["input_spec"].get("views", [2]))
-    by_id = {c.case_id: c for c in mio.find_atrium_cases(data_root(root))}
-    train_ids, val_ids = card["data"]["train_cases"], card["data"]["val_cases"]
-    vols = load_cases([by_id[i] for i in train_ids + val_ids])
-    n_tr = len(train_ids)
-    cpu = torch.device("cpu")
-    flips = int(card["input_spec"].get("tta_flips", 1))
-    _, tq = score_cases(lm.model, vols, list(range(n_tr)), views, lm.grid_mm, cpu, flips, lm.threshold)
-    _, vq = score_cases(lm.model, vols, list(range(n_tr, len(vols))), views, lm.grid_mm, cpu, flips, lm.threshold)
-    card["quality_check"] = quality_check_record(tq, vq, f"views {list(views)}, {flips} flip(s), "
-                                                         f"threshold {lm.threshold:g}")
-    import json as _json
-
-    path = weights_dir(wdir) / "atrium.json"
-    _atomic_write(path, (_json.dumps(_clean(card), indent=1) + "\n").encode())
-    return card["quality_check"]
 
 
 def foreign_inputs(root, n_cine: int = 10, n_stacks: int = 5, n_noise: int = 5, seed: int = 0) -> dict[str, list]:
@@ -1135,46 +1226,11 @@ def foreign_firing(model: nn.Module, card: dict, root, device: torch.device, bf1
     return res
 
 
-def rechoose_inference(wdir=None, root=None) -> dict:
-    """Run apply_inference_choice on the committed atrium weights (their own training/validation volumes)
-    and rewrite their card: what train_atrium does after training, without retraining."""
-    import json as _json
-
-    from core import io as mio
-    from core.checkpoint import _atomic_write, _clean
-    from core.config import data_root, weights_dir
-    from core.inference import load_model
-
-    lm = load_model("atrium", wdir, optimize=False)
-    card = lm.card
-    by_id = {c.case_id: c for c in mio.find_atrium_cases(data_root(root))}
-    train_ids, val_ids = card["data"]["train_cases"], card["data"]["val_cases"]
-    vols = load_cases([by_id[i] for i in train_ids + val_ids])
-    n_tr = len(train_ids)
-    # scored in the app's own precision (bfloat16 where the CPU runs it natively): these are the app's figures
-    from core.precision import native_bf16
-
-    cpu = torch.device("cpu")
-    bf16 = native_bf16(cpu)
-    apply_inference_choice(card, lm.model, vols, list(range(n_tr)), list(range(n_tr, len(vols))), lm.grid_mm,
-                           cpu, bf16=bf16)
-    card["quality_check"]["foreign_inputs"] = foreign_firing(lm.model, card, data_root(root), cpu, bf16)
-    _atomic_write(weights_dir(wdir) / "atrium.json", (_json.dumps(_clean(card), indent=1) + "\n").encode())
-    return card
-
-
 if __name__ == "__main__":
     import sys
 
-    if sys.argv[1:2] == ["inference"]:
-        c = rechoose_inference()
-        v = c["validation"]
-        print({"flips": v["tta_flips"], "threshold": v["threshold"], "per_dataset": {
-            k: round(d["dice_mean"], 4) for k, d in v["per_dataset"].items()},
-            "quality_fired": c["quality_check"]["validation_fired"],
-            "foreign": {k: f"{r['fired']}/{r['n']}" for k, r in c["quality_check"]["foreign_inputs"].items()}})
-        for row in v["inference_choice"]:
-            print(row)
-    elif sys.argv[1:2] == ["quality"]:
-        q = refit_quality()
-        print({k: q[k] for k in ("limits", "validation_firing_rate", "validation_fired")})
+    if sys.argv[1:2] == ["finish"]:  # rescore the committed all-volume model and rewrite its card
+        c = finish_card()
+        print({"training_fit": {k: round(d["dice_mean"], 4) for k, d in c["training_fit"]["per_dataset"].items()},
+               "quality_limits": c["quality_check"]["limits"],
+               "foreign": {k: f"{r['fired']}/{r['n']}" for k, r in c["quality_check"].get("foreign_inputs", {}).items()}})

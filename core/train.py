@@ -143,6 +143,7 @@ def fit(
     cfg: TrainConfig,
     monitor: str,
     desc: str = "train",
+    keep_last: bool = False,
 ) -> FitResult:
     """Train with Adam, validating every epoch and keeping the state with the best ``monitor``.
 
@@ -150,7 +151,8 @@ def fit(
     validate(model) returns a dict with "loss" and ``monitor``. With ``cfg.ema`` the model validated
     and kept is an exponential moving average of the weights (and batch-norm statistics) after each
     step: it is less noisy from epoch to epoch than the raw weights, so the kept epoch is less of a
-    lucky draw on a small validation set.
+    lucky draw on a small validation set. With ``keep_last`` (training on every case, nothing left to
+    validate on) the last epoch's state is kept and returned.
     """
     set_seed(cfg.seed)
     plain = model.to(memory_format=torch.channels_last)  # faster convolutions on CPU (oneDNN) and GPU
@@ -208,7 +210,7 @@ def fit(
         }
         history.append(rec)
         value = val[monitor] if np.isfinite(val[monitor]) else -math.inf
-        if value > best_value:
+        if value > best_value or keep_last:
             best_value, best_epoch = value, epoch
             best_state = _contiguous_state(kept)
         bar.set_postfix(loss=f"{rec['train_loss']:.3f}", val=f"{val[monitor]:.3f}", best=f"{best_value:.3f}")
