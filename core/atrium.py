@@ -937,7 +937,8 @@ def fold_record_from_card(card: dict) -> dict:
     v, qc = card["validation"], card["quality_check"]
     return {"fold": 1, "train_cases": list(card["data"]["train_cases"]), "val_cases": list(card["data"]["val_cases"]),
             "best_epoch": card["best_epoch"], "epochs_run": card["epochs_run"], "seconds": card["train_time_s"],
-            "git_commit": card["git_commit"], "tta_flips": int(v.get("tta_flips", 1)),
+            "git_commit": card["git_commit"], "weights_sha256": card.get("weights_sha256"),
+            "tta_flips": int(v.get("tta_flips", 1)),
             "threshold": float(card["threshold"]), "per_dataset": v["per_dataset"], "per_case": v["per_case"],
             "quality_check": {k: qc[k] for k in ("limits", "limits_fused", "validation_fired",
                                                  "validation_firing_rate", "validation_measures")}}

@@ -199,8 +199,9 @@ def precision_check(root: Path) -> dict:
                         dice_gt[p].append(M.dice(masks[p], gt))
             row.update({"n_cases": len(agree), "mask_dice_vs_float32_min": min(agree),
                         "mask_dice_vs_float32_mean": float(np.mean(agree))})
-            for p in lm:
-                row[f"validation_{p}"] = {"n": len(dice_gt[p]), "dice_mean": float(np.mean(dice_gt[p]))}
+            for p in lm:  # none for a model trained on every volume: nothing held out to score
+                if dice_gt[p]:
+                    row[f"validation_{p}"] = {"n": len(dice_gt[p]), "dice_mean": float(np.mean(dice_gt[p]))}
         out[task] = row
     return out
 

@@ -179,6 +179,9 @@ def evaluate(task: str, root, wdir=None, only_validation: bool = False, precisio
     only = None
     if only_validation:
         only = set(card["data"]["val_cases"])
+        if not only:
+            raise MedImgError(f"the {task} weights were trained on every case, so none is held out from them; their "
+                              "figures are the cross-validation's (see the Training & metrics page)")
     if split is not None:
         if task != "pneumonia":
             raise MedImgError("--split applies to the chest X-ray folders (train, val, test) only")

@@ -67,50 +67,14 @@ def markdown(wdir=None) -> str:
         except MissingWeightsError:
             lines.append(f"| {spec.title} | not trained | | | | | | |")
             continue
-        meta.append(f"- {spec.title}: trained {card['train_time_s']:.0f} s on {card['device']}, "
-                    f"best epoch {card['best_epoch']} of {card['epochs_run']}, weights "
+        kept = (f"kept epoch {card['best_epoch']} of {card['epochs_run']}: {card['kept_epoch_rule']}"
+                if card.get("kept_epoch_rule") else f"best epoch {card['best_epoch']} of {card['epochs_run']}")
+        meta.append(f"- {spec.title}: trained {card['train_time_s']:.0f} s on {card['device']}, {kept}, weights "
                     f"{card['weights_bytes'] / 1e6:.1f} MB, torch {card['torch_version']}.")
         if spec.kind == "binary":
             lines.extend(classifier_rows(card))
         else:
-            v = card["validation"]
-            lo, hi = v["dice_ci95"]
-            if v.get("per_dataset"):
-                for ds, r in v["per_dataset"].items():
-                    if ds == "all":
-                        continue
-                    lo2, hi2 = r["dice_ci95"]
-                    seg.append(f"| {card['title']}: {DATASET_NAMES.get(ds, ds)} | {card['data']['split']} | {r['n']} | "
-                               f"{r['dice_mean']:.3f} ({lo2:.3f}-{hi2:.3f}) | - | {r['hd95_mm_mean']:.2f} | "
-                               f"{r['volume_error_pct_mean']:+.1f} (mean absolute {r['abs_volume_error_pct_mean']:.1f}) | "
-                               f"lowest {r['dice_min']:.3f} |")
-                if v.get("inference_choice"):
-                    seg.append(f"| inference setting | chosen on these validation volumes (figures above slightly "
-                               f"optimistic) | {v['n']} | - | - | - | - | {v.get('tta_flips', 1)} in-plane flip(s) "
-                               f"averaged, threshold {v.get('threshold', 0.5):g} |")
-                qc = card.get("quality_check", {})
-                if qc:
-                    seg.append(f"| quality check | fired on validation volumes | {v['n']} | - | - | - | - | "
-                               f"{qc['validation_firing_rate']:.0%} ({', '.join(qc['validation_fired']) or 'none'}) |")
-                    for kind, r in qc.get("foreign_inputs", {}).items():
-                        seg.append(f"| quality check | fired on {kind} (not left-atrium MRI) | {r['n']} | - | - | - | - "
-                                   f"| {r['fired']} of {r['n']} |")
-            else:
-                per = ", ".join(f"{k} {r['dice']:.3f}" for k, r in v["per_case"].items())
-                seg.append(f"| {card['title']} | {card['data']['split']} | {v['n']} | {v['dice_mean']:.3f} "
-                           f"({lo:.3f}-{hi:.3f}) | {v['iou_mean']:.3f} | {v['hd95_mm_mean']:.2f} | "
-                           f"{v['volume_error_pct_mean']:+.1f} | {per} |")
-            cv = atrium_cross_validation(card, wdir)
-            if cv:
-                done = ", ".join(str(k) for k in cv["folds"])
-                for ds, r in cv["per_dataset"].items():
-                    lo2, hi2 = r["dice_ci95"]
-                    seg.append(f"| {card['title']}: {DATASET_NAMES.get(ds, ds)}, cross-validation | folds {done} of "
-                               f"{cv['n_folds_planned']} (fold 1 = the committed model; each volume scored by a model "
-                               f"that did not train on it) | {r['n']} | {r['dice_mean']:.3f} ({lo2:.3f}-{hi2:.3f}) | - "
-                               f"| {r['hd95_mm_mean']:.2f} | mean absolute {r['abs_volume_error_pct_mean']:.1f} | "
-                               f"lowest {r['dice_min']:.3f}; quality check fired on {len(r['fired'])}; reported with "
-                               f"Dice < 0.5: {len(r['reported_below_0_5'])} |")
+            seg += atrium_rows(card, wdir)
     if seg:
         lines += ["", "| model | split | volumes | 3D Dice (95 % CI of mean) | IoU | HD95 (mm) | volume error (%) | "
                       "Dice per case |", "|---|---|---|---|---|---|---|---|", *seg]
@@ -127,6 +91,46 @@ BENCH_FILE = "benchmarks/cpu-2core.json"
 LAYOUT_FILE = "benchmarks/logs/atrium-layout-stress-validation.json"
 
 
+def atrium_rows(card: dict, wdir=None) -> list[str]:
+    """README rows of the atrium model: its validation volumes per dataset (a fold-1 model) or none (the
+    model trained on every volume), the cross-validation per dataset, the inference setting and the
+    quality check's firing."""
+    v, seg = card["validation"], []
+    for ds, r in v.get("per_dataset", {}).items() if not v.get("cross_validated") else ():
+        if ds == "all":
+            continue
+        lo2, hi2 = r["dice_ci95"]
+        seg.append(f"| {card['title']}: {DATASET_NAMES.get(ds, ds)} | {card['data']['split']} | {r['n']} | "
+                   f"{r['dice_mean']:.3f} ({lo2:.3f}-{hi2:.3f}) | - | {r['hd95_mm_mean']:.2f} | "
+                   f"{r['volume_error_pct_mean']:+.1f} (mean absolute {r['abs_volume_error_pct_mean']:.1f}) | "
+                   f"lowest {r['dice_min']:.3f} |")
+    cv = atrium_cross_validation(card, wdir)
+    if cv:
+        done = ", ".join(str(k) for k in cv["folds"])
+        whose = ("the committed model is this recipe trained on all of them" if v.get("cross_validated")
+                 else "fold 1 = the committed model")
+        for ds, r in cv["per_dataset"].items():
+            lo2, hi2 = r["dice_ci95"]
+            seg.append(f"| {card['title']}: {DATASET_NAMES.get(ds, ds)}, cross-validation | folds {done} of "
+                       f"{cv['n_folds_planned']} (each volume scored by a model that did not train on it; {whose}) | "
+                       f"{r['n']} | {r['dice_mean']:.3f} ({lo2:.3f}-{hi2:.3f}) | - | {r['hd95_mm_mean']:.2f} | "
+                       f"mean absolute {r['abs_volume_error_pct_mean']:.1f} | lowest {r['dice_min']:.3f}; quality "
+                       f"check fired on {len(r['fired'])}; reported with Dice < 0.5: {len(r['reported_below_0_5'])} |")
+    where = ("the cross-validation folds' choice (most folds' flips, median threshold)" if v.get("cross_validated")
+             else "chosen on these validation volumes (figures above slightly optimistic)")
+    seg.append(f"| inference setting | {where} | {v['n']} | - | - | - | - | {v.get('tta_flips', 1)} in-plane flip(s) "
+               f"averaged, threshold {v.get('threshold', 0.5):g} |")
+    qc = card.get("quality_check", {})
+    if qc:
+        on = ("out-of-fold volumes (each fold's own limits)" if v.get("cross_validated") else "validation volumes")
+        seg.append(f"| quality check | fired on {on} | {v['n']} | - | - | - | - | "
+                   f"{qc['validation_firing_rate']:.0%} ({', '.join(qc['validation_fired']) or 'none'}) |")
+        for kind, r in qc.get("foreign_inputs", {}).items():
+            seg.append(f"| quality check | fired on {kind} (not left-atrium MRI) | {r['n']} | - | - | - | - "
+                       f"| {r['fired']} of {r['n']} |")
+    return seg
+
+
 def layout_markdown(wdir=None) -> list[str]:
     """The atrium layout check (headers that lie about the slice plane), from what `python -m core.evaluate
     --task atrium --only-validation --layout-stress --json LAYOUT_FILE` wrote, when it is of the current weights."""
@@ -141,15 +145,25 @@ def layout_markdown(wdir=None) -> list[str]:
         card = read_card("atrium", wdir)
     except (OSError, ValueError, MissingWeightsError):
         return []
-    if res.get("weights_sha256") != card.get("weights_sha256") or "layout_stress" not in res:
+    from core.atrium import read_cv
+
+    folds = {f.get("weights_sha256"): f["fold"] for f in (read_cv(wdir) or {}).get("folds", [])}
+    if "layout_stress" not in res or not res.get("weights_sha256"):
+        return []
+    if res["weights_sha256"] == card.get("weights_sha256"):
+        whose = "the validation volumes"
+    elif res["weights_sha256"] in folds:  # measured before the committed model was trained on every volume
+        whose = (f"the validation volumes of the cross-validation fold-{folds[res['weights_sha256']]} model, the "
+                 "same recipe (the committed model trained on every volume, so none is left to check it on)")
+    else:
         return []
     rows = []
     for name, r in res["layout_stress"]["summary"].items():
         for ds, d in r.get("per_dataset", {}).items():
             rows.append(f"| {name} | {DATASET_NAMES.get(ds, ds)} | {d['n']} | {d['dice_mean']:.3f} | {d['reported']} | "
                         f"{d['reported_with_dice_under_0.5']} |")
-    return ["", f"Atrium layout check on the validation volumes (voxels transposed, header left as it was; "
-                f"`{LAYOUT_FILE}`):", "",
+    return ["", f"Atrium layout check, voxels transposed and the header left as it was (`{LAYOUT_FILE}`), on "
+                f"{whose}:", "",
             "| layout | dataset | volumes | 3D Dice | volume reported | reported with Dice < 0.5 |",
             "|---|---|---|---|---|---|", *rows]
 DATASET_NAMES = {"Task02_Heart": "bSSFP, MSD Task02_Heart", "LA2018": "LGE-MRI, 2018 LA challenge"}
@@ -166,37 +180,25 @@ def read_validation_eval(task: str, wdir=None) -> dict | None:
 
 
 def atrium_cross_validation(card: dict, wdir=None) -> dict | None:
-    """Every atrium volume validated so far by a model that did not train on it: fold 1 from the card,
-    the folds run so far (``python train_all.py --atrium-cv [--folds K]``) from atrium.cv.json, pooled
-    overall and per dataset (``core.atrium.summarise``), with the quality check's firing on them (each fold's
-    own limits); None when that file is absent. Keys: n, n_folds (folds pooled), n_folds_planned, folds,
-    dice_mean, dice_ci95, per_dataset, fired, per_case."""
-    from core.atrium import summarise
-    from core.config import weights_dir
+    """Every atrium volume validated so far by a model that did not train on it: the folds in
+    atrium.cv.json (``python train_all.py --atrium-cv [--folds K]``), and fold 1 from the card when the card
+    is of a fold-1 model (before the committed model was trained on every volume), pooled overall and per
+    dataset (``core.atrium.pool_folds``) with the quality check's firing on them (each fold's own limits);
+    None when that file is absent. Keys: n, n_folds (folds pooled), n_folds_planned, folds, dice_mean,
+    dice_ci95, per_dataset, fired, per_case."""
+    from core.atrium import fold_record_from_card, pool_folds, read_cv
 
-    path = weights_dir(wdir) / "atrium.cv.json"
-    if not path.is_file():
+    cv = read_cv(wdir)
+    if not cv or not cv.get("folds"):
         return None
-    cv = json.loads(path.read_text())
-    if not cv.get("folds"):
-        return None
-    per_case = dict(card["validation"]["per_case"])
-    fired = dict(card.get("quality_check", {}).get("validation_fired", {}))
-    for f in cv["folds"]:
-        per_case.update(f["per_case"])
-        fired.update(f.get("quality_check", {}).get("validation_fired", {}))
-    s = summarise(per_case)
-    per_dataset = {}
-    for ds, r in sorted(s.items()):
-        if ds == "all":
-            continue
-        rows = {k: v for k, v in per_case.items() if v["dataset"] == ds}
-        per_dataset[ds] = {**r, "fired": sorted(k for k in rows if fired.get(k)),
-                           "reported_below_0_5": sorted(k for k, v in rows.items() if v["dice"] < 0.5 and not fired.get(k))}
-    return {"n": len(per_case), "n_folds": 1 + len(cv["folds"]), "folds": [1] + [f["fold"] for f in cv["folds"]],
-            "n_folds_planned": cv.get("n_folds_planned", 1 + len(cv["folds"])),
-            "dice_mean": s["all"]["dice_mean"], "dice_ci95": s["all"]["dice_ci95"], "per_dataset": per_dataset,
-            "fired": sorted(k for k in per_case if fired.get(k)), "per_case": per_case}
+    folds = list(cv["folds"])
+    if 1 not in {f["fold"] for f in folds} and card.get("data", {}).get("val_cases"):
+        folds.append(fold_record_from_card(card))
+    pool = pool_folds(folds)
+    return {"n": pool["n"], "n_folds": len(folds), "folds": pool["folds"],
+            "n_folds_planned": cv.get("n_folds_planned", len(folds)), "dice_mean": pool["dice_mean"],
+            "dice_ci95": pool["dice_ci95"], "per_dataset": pool["per_dataset"], "fired": pool["fired"],
+            "per_case": pool["per_case"]}
 
 
 EVALUATIONS_DIR = "evaluations"
@@ -246,8 +248,8 @@ def run_markdown(wdir=None) -> list[str]:
     parts = ", ".join(f"{t} {s / 60:.1f} min" for t, s in r["seconds_per_task"].items())
     return ["", f"`{r['command']}` took **{r['total_s'] / 60:.1f} min** for {len(r['tasks'])} task(s) "
                 f"on {r['machine']} ({r['cpu_count']} cores, {r['threads']} threads, device {r['device']}, "
-                f"torch {r['torch']}): {parts}, each with reading its data, validation every epoch and fitting "
-                "the input check (weights/train_all.run.json)."]
+                f"torch {r['torch']}): {parts}, each with reading its data, its validation or scoring and fitting "
+                "its input or quality check (weights/train_all.run.json)."]
 
 
 def shape_markdown(wdir=None) -> list[str]:
@@ -330,7 +332,7 @@ def precision_markdown(pc: dict | None) -> list[str]:
         if r.get("app_precision") == "float32":
             rows.append(f"- {task}: float32 in the app, nothing changes.")
             continue
-        v32, v16 = r["validation_float32"], r[f"validation_{r['app_precision']}"]
+        v32, v16 = r.get("validation_float32"), r.get(f"validation_{r['app_precision']}")
         if "probability_max_abs_change" in r:
             rows.append(f"- {task} ({r['n_cases']} studies): P(disease) changes by at most "
                         f"{r['probability_max_abs_change']:.4f} (mean {r['probability_mean_abs_change']:.5f}); "
@@ -340,9 +342,9 @@ def precision_markdown(pc: dict | None) -> list[str]:
                         f"{v32['lv_ef_mae']:.4f} / {v16['lv_ef_mae']:.4f}.")
         else:
             rows.append(f"- {task} ({r['n_cases']} volumes): Dice between the bfloat16 and float32 masks "
-                        f"{r['mask_dice_vs_float32_min']:.4f} at worst (mean {r['mask_dice_vs_float32_mean']:.4f}). "
-                        f"Validation ({v32['n']} volumes) 3D Dice float32 / bfloat16: {v32['dice_mean']:.4f} / "
-                        f"{v16['dice_mean']:.4f}.")
+                        f"{r['mask_dice_vs_float32_min']:.4f} at worst (mean {r['mask_dice_vs_float32_mean']:.4f})."
+                        + (f" Validation ({v32['n']} volumes) 3D Dice float32 / bfloat16: {v32['dice_mean']:.4f} / "
+                           f"{v16['dice_mean']:.4f}." if v32 and v16 else ""))
     return rows
 
 
@@ -423,13 +425,19 @@ def figure_line(task: str, card: dict) -> str:
             txt = (sl + f". Validation is the training hospital and period (n = {v['n']}): expect lower figures on "
                    "other hospitals or later patients; not for adults.")
         return txt
+    if not v.get("n"):
+        return "no accuracy figures: no cross-validation record beside these weights"
     lo, hi = v["dice_ci95"]
-    txt = f"validation 3D Dice {v['dice_mean']:.3f} ({lo:.3f}-{hi:.3f}), n = {v['n']} volumes"
-    pd_ = v.get("per_dataset", {})
     names = {"Task02_Heart": "bSSFP (MSD)", "LA2018": "LGE (2018 LA challenge)"}
-    if len(pd_) > 2:
-        txt += " — " + "; ".join(f"{names.get(k, k)} {r['dice_mean']:.3f} (n = {r['n']})" for k, r in pd_.items()
-                                 if k != "all")
+    per = "; ".join(f"{names.get(k, k)} {r['dice_mean']:.3f} (n = {r['n']})"
+                    for k, r in v.get("per_dataset", {}).items() if k != "all")
+    if v.get("cross_validated"):  # the model trained on every volume: its figures are the recipe's, out of fold
+        cv = atrium_cross_validation(card)
+        k = f"{cv['n_folds']}-fold " if cv else ""
+        return f"{k}cross-validated 3D Dice {v['dice_mean']:.3f} ({lo:.3f}-{hi:.3f}), n = {v['n']} volumes — {per}"
+    txt = f"validation 3D Dice {v['dice_mean']:.3f} ({lo:.3f}-{hi:.3f}), n = {v['n']} volumes"
+    if len(v.get("per_dataset", {})) > 2:
+        txt += " — " + per
     cv = atrium_cross_validation(card)
     if cv:
         lo, hi = cv["dice_ci95"]

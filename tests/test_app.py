@@ -150,7 +150,7 @@ def test_metrics_page_each_task():
             assert "a perfectly calibrated classifier with these same probabilities" in _text(at)
             assert "Features left out" in _text(at)  # those the segmentation does not reproduce
         if task == "atrium":
-            assert "Per dataset" in _text(at) and "Quality check" in _text(at)
+            assert "Cross-validation of the recipe" in _text(at) and "Quality check" in _text(at)
             assert "Inference setting" in _text(at) and "not left-atrium MRI" in _text(at)
         if task == "pneumonia":
             assert "Inference in this app: float32" in _text(at)  # the registry keeps the X-ray CNN in float32

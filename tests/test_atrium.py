@@ -136,6 +136,8 @@ def test_readers_find_both_atrium_datasets(heart_root, lge_root):
 
 
 def _lge_case(root):
+    """An LGE volume: one the weights did not train on when there is one (a fold-1 model); the committed
+    model trained on every volume, so for it this is a training volume."""
     val = set(load_model("atrium", with_guard=False).card["data"]["val_cases"])
     cases = [c for c in mio.find_atrium_cases(root) if c.dataset == "LA2018"]
     held = [c for c in cases if c.case_id in val]
@@ -184,7 +186,7 @@ def test_lying_header_gets_the_same_slices(lge_root):
     assert np.array_equal(out.mask, np.transpose(ref.mask, perm)) and out.reliable
 
 
-def test_quality_check_passes_on_a_validation_volume(lge_root):
+def test_quality_check_passes_on_a_real_lge_volume(lge_root):
     lm = load_model("atrium")
     c = _lge_case(lge_root)
     res = segment_atrium(lm, mio.load_nifti_path(c.image_path))

@@ -140,7 +140,7 @@ def test_home_cold_start(server, browser):
     page.get_by_text("not a medical device").first.wait_for()
     page.get_by_text("validation AUC").first.wait_for()
     _record("cold_start_to_first_render_s", round(time.time() - server["t0"], 2))
-    page.get_by_text("validation 3D Dice").first.wait_for()  # the last card drawn too, before the screenshot
+    page.get_by_text("3D Dice").first.wait_for()  # the last card drawn too, before the screenshot
     _shot(page, "0_home")
     page.close()
 

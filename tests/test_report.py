@@ -43,31 +43,57 @@ def _case(ds: str, dice: float, hd: float = 5.0, ve: float = 10.0) -> dict:
     return {"dice": dice, "iou": dice / (2 - dice), "hd95_mm": hd, "volume_error_pct": ve, "dataset": ds}
 
 
+def _fold1_card() -> dict:
+    return {"validation": {"per_case": {"a1": _case("msd", 0.9), "b1": _case("lge", 0.8, ve=-20.0)},
+                           "per_dataset": {}, "tta_flips": 2},
+            "quality_check": {"validation_fired": {}, "limits": {}, "limits_fused": None, "validation_firing_rate": 0.0,
+                              "validation_measures": {}},
+            "data": {"train_cases": ["a2", "b2", "b3"], "val_cases": ["a1", "b1"]}, "best_epoch": 3, "epochs_run": 4,
+            "train_time_s": 1.0, "git_commit": "x", "threshold": 0.5}
+
+
 def test_atrium_cross_validation_pools_folds_per_dataset(tmp_path):
-    """Fold 1 (the card) and the folds in atrium.cv.json pooled per dataset, with the quality check's firing
-    taken from each fold's own record: known values."""
+    """The folds in atrium.cv.json pooled per dataset (fold 1 from the card while the committed model is a
+    fold-1 model), with the quality check's firing taken from each fold's own record: known values."""
     import json
 
     import pytest
 
+    from core.atrium import fold_record_from_card
     from core.report import atrium_cross_validation
 
-    card = {"validation": {"per_case": {"a1": _case("msd", 0.9), "b1": _case("lge", 0.8, ve=-20.0)}},
-            "quality_check": {"validation_fired": {}}}
+    card = _fold1_card()
     assert atrium_cross_validation(card, tmp_path) is None  # no CV file: nothing pooled
-    cv = {"n_folds_planned": 5, "folds": [{"fold": 2, "per_case": {"a2": _case("msd", 0.7, hd=15.0),
-                                                                    "b2": _case("lge", 0.4), "b3": _case("lge", 0.3)},
-                                           "quality_check": {"validation_fired": {"b3": ["volume"]}}}]}
-    (tmp_path / "atrium.cv.json").write_text(json.dumps(cv))
-    r = atrium_cross_validation(card, tmp_path)
-    assert r["n"] == 5 and r["folds"] == [1, 2] and r["n_folds_planned"] == 5
-    assert r["dice_mean"] == pytest.approx((0.9 + 0.8 + 0.7 + 0.4 + 0.3) / 5)
-    msd, lge = r["per_dataset"]["msd"], r["per_dataset"]["lge"]
-    assert msd["n"] == 2 and msd["dice_mean"] == pytest.approx(0.8) and msd["hd95_mm_mean"] == pytest.approx(10.0)
-    assert lge["n"] == 3 and lge["dice_min"] == pytest.approx(0.3)
-    assert lge["abs_volume_error_pct_mean"] == pytest.approx(40 / 3)
-    assert lge["fired"] == ["b3"] and r["fired"] == ["b3"]
-    assert lge["reported_below_0_5"] == ["b2"] and msd["reported_below_0_5"] == []
+    fold2 = {"fold": 2, "per_case": {"a2": _case("msd", 0.7, hd=15.0), "b2": _case("lge", 0.4), "b3": _case("lge", 0.3)},
+             "quality_check": {"validation_fired": {"b3": ["volume"]}}}
+    (tmp_path / "atrium.cv.json").write_text(json.dumps({"n_folds_planned": 5, "folds": [fold2]}))
+    # the committed model trained on every volume: only the file's folds, one record per fold
+    all_volume = {"validation": {"cross_validated": True}, "data": {"val_cases": []}}
+    (tmp_path / "atrium.cv.json").write_text(json.dumps({"n_folds_planned": 5,
+                                                         "folds": [fold_record_from_card(card), fold2]}))
+    for c in (card, all_volume):
+        r = atrium_cross_validation(c, tmp_path)
+        assert r["n"] == 5 and r["folds"] == [1, 2] and r["n_folds"] == 2 and r["n_folds_planned"] == 5
+        assert r["dice_mean"] == pytest.approx((0.9 + 0.8 + 0.7 + 0.4 + 0.3) / 5)
+        msd, lge = r["per_dataset"]["msd"], r["per_dataset"]["lge"]
+        assert msd["n"] == 2 and msd["dice_mean"] == pytest.approx(0.8) and msd["hd95_mm_mean"] == pytest.approx(10.0)
+        assert lge["n"] == 3 and lge["dice_min"] == pytest.approx(0.3)
+        assert lge["abs_volume_error_pct_mean"] == pytest.approx(40 / 3)
+        assert lge["fired"] == ["b3"] and r["fired"] == ["b3"]
+        assert lge["reported_below_0_5"] == ["b2"] and msd["reported_below_0_5"] == []
+    # a file written before fold 1 moved into it: fold 1 still comes from a fold-1 card
+    (tmp_path / "atrium.cv.json").write_text(json.dumps({"n_folds_planned": 5, "folds": [fold2]}))
+    assert atrium_cross_validation(card, tmp_path)["folds"] == [1, 2]
+    assert atrium_cross_validation(all_volume, tmp_path)["folds"] == [2]
+
+
+def test_inference_setting_of_the_all_volume_model_from_the_folds():
+    from core.atrium import cv_inference_setting
+
+    folds = [{"tta_flips": f, "threshold": t} for f, t in ((2, 0.5), (2, 0.5), (1, 0.45), (2, 0.4), (1, 0.5))]
+    assert cv_inference_setting(folds) == (2, 0.5)  # most folds' flips; median threshold
+    assert cv_inference_setting(folds[:4]) == (2, 0.475)
+    assert cv_inference_setting([{"tta_flips": 2, "threshold": 0.5}, {"tta_flips": 1, "threshold": 0.3}])[0] == 1  # tie: fewer
 
 
 def test_five_class_diagnosis_lines_from_known_values(tmp_path):

@@ -153,6 +153,31 @@ def test_fit_with_ema_validates_and_keeps_the_moving_average_of_the_weights():
         TrainConfig(epochs=1, batch_size=1, ema=1.0)
 
 
+def test_fit_with_nothing_to_validate_keeps_the_last_epoch():
+    """Training on every case (``keep_last``): validation gives NaN, and the weights returned are the last
+    epoch's, not the untrained ones a best-of-NaN rule would keep."""
+    torch.manual_seed(0)
+    x, y = torch.randn(8, 3), torch.randn(8, 1)
+    model = torch.nn.Linear(3, 1)
+    start = model.weight.detach().clone()
+    after: list[torch.Tensor] = []
+
+    def train_batches(epoch):
+        yield x, y
+
+    def step(m, batch):
+        return torch.nn.functional.mse_loss(m(batch[0]), batch[1]), 0.0
+
+    def validate(m):
+        after.append(m.weight.detach().clone())
+        return {"loss": float("nan"), "score": float("nan")}
+
+    res = fit(model, train_batches, step, validate, TrainConfig(epochs=3, batch_size=8, lr=0.1, patience=1,
+                                                                mixed_precision=False), "score", keep_last=True)
+    assert res.best_epoch == 3 and res.epochs_run == 3  # no early stop on a metric that never improves
+    assert torch.equal(model.weight, after[-1]) and not torch.equal(model.weight, start)
+
+
 def test_ema_decay_warms_up_to_its_ceiling():
     from core.train import ema_decay
 

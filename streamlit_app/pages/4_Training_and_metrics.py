@@ -9,7 +9,8 @@ from common import DISCLAIMER
 from core.checkpoint import read_card
 from core.errors import MissingWeightsError
 from core.precision import PrecisionError, inference_precision
-from core.report import SHAPE_NAMES, atrium_cross_validation, external_evaluations, read_validation_eval
+from core.report import (DATASET_NAMES, SHAPE_NAMES, atrium_cross_validation, external_evaluations,
+                         read_validation_eval)
 from core.tasks import TASKS
 
 NS = "metrics"
@@ -27,7 +28,7 @@ def _matching_file(name: str, card: dict) -> dict | None:
 
 st.set_page_config(page_title="Training & metrics", page_icon="📈", layout="wide")
 st.title("Training curves and validation metrics")
-st.caption(DISCLAIMER + " All numbers are validation figures read from weights/*.json.")
+st.caption(DISCLAIMER + " All numbers are validation or cross-validation figures read from weights/*.json.")
 
 task = st.radio("Model", list(TASKS), format_func=lambda t: TASKS[t].title, horizontal=True, key=f"{NS}.task")
 try:
@@ -40,24 +41,28 @@ hist = pd.DataFrame(card["history"])
 metric = card.get("training", {}).get("monitor", spec.monitor)
 
 st.subheader("Training curves")
+validated = hist["val_loss"].notna().any() if "val_loss" in hist else False
+kept = "kept checkpoint" if validated else "kept: the last epoch (no validation volumes)"
 c1, c2 = st.columns(2)
 with c1:
     fig = go.Figure()
     fig.add_scatter(x=hist["epoch"], y=hist["train_loss"], name="train loss")
-    fig.add_scatter(x=hist["epoch"], y=hist["val_loss"], name="validation loss")
-    fig.add_vline(x=card["best_epoch"], line_dash="dot", annotation_text="kept checkpoint")
+    if validated:
+        fig.add_scatter(x=hist["epoch"], y=hist["val_loss"], name="validation loss")
+    fig.add_vline(x=card["best_epoch"], line_dash="dot", annotation_text=kept)
     fig.update_layout(title="Loss per epoch", xaxis_title="epoch", height=340)
     st.plotly_chart(fig, key=f"{NS}.loss")
 METRIC_NAMES = {"auc": "validation ROC AUC", "dice": "validation 3D Dice",
                 "shift_auc": "shift-aware validation score (battery AUC, mean - half the spread)"}
+# only one quantity per axis: the validation metric that picked the checkpoint; a model trained on every
+# case has none, and its training figure (Dice on augmented crops) is shown alone, named as what it is
+col, name = (f"val_{metric}", METRIC_NAMES.get(metric, metric)) if validated else (
+    f"train_{metric}", "training Dice on augmented 2D crops")
 with c2:
-    # only the validation metric that picked the checkpoint: the training figure (accuracy on augmented
-    # batches, or Dice on crops) is another quantity and would read as comparable on one axis
     fig = go.Figure()
-    fig.add_scatter(x=hist["epoch"], y=hist[f"val_{metric}"], name=METRIC_NAMES.get(metric, metric))
+    fig.add_scatter(x=hist["epoch"], y=hist[col], name=name)
     fig.add_vline(x=card["best_epoch"], line_dash="dot")
-    fig.update_layout(title=f"{METRIC_NAMES.get(metric, metric)} per epoch", xaxis_title="epoch",
-                      yaxis_title=METRIC_NAMES.get(metric, metric).split(" (")[0], height=340)
+    fig.update_layout(title=f"{name} per epoch", xaxis_title="epoch", yaxis_title=name.split(" (")[0], height=340)
     st.plotly_chart(fig, key=f"{NS}.metric")
 if task == "cardiac":
     st.caption("Curves of the committed model (cross-validation fold 1): its segmentation stage, kept at "
@@ -214,38 +219,48 @@ if spec.kind == "binary":
                                     "mean difference": a["bias"], "Pearson r": a["pearson_r"], "n": a["n"]}
                                    for k, a in ev["shape_agreement"].items()]), hide_index=True, key=f"{NS}.shape")
 else:
-    lo, hi = v["dice_ci95"]
-    st.markdown(f"**{v['n']} validation volumes**: mean 3D Dice **{v['dice_mean']:.3f}** (95 % CI {lo:.3f}-{hi:.3f}), "
-                f"IoU {v['iou_mean']:.3f}, HD95 {v['hd95_mm_mean']:.2f} mm, volume error {v['volume_error_pct_mean']:+.1f} %.")
-    if v.get("per_dataset"):
+    cv = atrium_cross_validation(card)
+    pooled = bool(v.get("cross_validated"))  # the model trained on every volume: its figures are its recipe's
+    if pooled:
+        st.markdown(f"**No validation volumes of its own**: the committed model is the recipe trained on all "
+                    f"{card['data']['n_volumes']} volumes. Its figures are the recipe's, from the cross-validation "
+                    "below: every volume scored by a fold model that did not train on it, as the app runs it.")
+    elif v.get("n"):
+        lo, hi = v["dice_ci95"]
+        st.markdown(f"**{v['n']} validation volumes**: mean 3D Dice **{v['dice_mean']:.3f}** (95 % CI {lo:.3f}-{hi:.3f}), "
+                    f"IoU {v['iou_mean']:.3f}, HD95 {v['hd95_mm_mean']:.2f} mm, volume error {v['volume_error_pct_mean']:+.1f} %.")
         st.markdown("**Per dataset** (validation volumes; 95 % CIs of the mean by bootstrap)")
         st.table(pd.DataFrame([{"dataset": k, "volumes": r["n"], "3D Dice": f"{r['dice_mean']:.3f} "
                                 f"({r['dice_ci95'][0]:.3f}-{r['dice_ci95'][1]:.3f})", "lowest Dice": f"{r['dice_min']:.3f}",
                                 "HD95 (mm)": f"{r['hd95_mm_mean']:.1f}",
                                 "|volume error| (%)": f"{r['abs_volume_error_pct_mean']:.1f}"}
-                               for k, r in v["per_dataset"].items()]))
+                               for k, r in v.get("per_dataset", {}).items()]))
+    else:
+        st.warning("No figures for these weights: they were trained on every volume without a cross-validation "
+                   "record beside them.")
+    st.markdown(f"**Inference setting**: {card['input_spec'].get('tta_flips', 1)} in-plane flip(s) averaged, mask "
+                f"threshold {card.get('threshold', 0.5):g} ({card.get('threshold_rule', '')}).")
     if v.get("inference_choice"):
-        st.markdown(f"**Inference setting**: {v.get('tta_flips', 1)} in-plane flip(s) averaged, mask threshold "
-                    f"{v.get('threshold', card.get('threshold', 0.5)):g}, chosen on these validation volumes (highest "
-                    "mean of the per-dataset Dice; so the figures above are slightly optimistic).")
         with st.expander("Settings compared"):
             st.dataframe(pd.DataFrame(v["inference_choice"]).rename(columns={
                 "flips": "flips", "threshold": "threshold", "dice_mean_of_datasets": "mean of per-dataset Dice"}),
                 hide_index=True, key=f"{NS}.inference_choice")
     qc = card.get("quality_check")
-    if qc:
-        st.markdown(f"**Quality check**: fired on {qc['validation_firing_rate']:.0%} of the validation volumes "
-                    f"({', '.join(qc['validation_fired']) or 'none'}). Limits: {qc['fitted_on']}.")
+    if qc and qc.get("validation_fired") is not None and (v.get("n") or 0) > 0:
+        on = "out-of-fold volumes, each judged with its fold's own limits" if pooled else "validation volumes"
+        st.markdown(f"**Quality check**: fired on {qc['validation_firing_rate']:.0%} of the {on}: "
+                    f"{', '.join(qc['validation_fired']) or 'none'}. Limits: {qc['fitted_on']}.")
         if qc.get("foreign_inputs"):
             st.markdown("On volumes that are not left-atrium MRI it fired on " + "; ".join(
                 f"{r['fired']} of {r['n']} {k}" for k, r in qc["foreign_inputs"].items()) + ".")
-    st.dataframe(pd.DataFrame(v["per_case"]).T.rename_axis("case"), key=f"{NS}.per_case")
-    cv = atrium_cross_validation(card)
+    if v.get("n") and not pooled:
+        st.dataframe(pd.DataFrame(v["per_case"]).T.rename_axis("case"), key=f"{NS}.per_case")
     if cv:
-        st.markdown(f"**Cross-validation of the same recipe, folds {', '.join(map(str, cv['folds']))} of "
-                    f"{cv['n_folds_planned']}** (fold 1 is the committed model; each of these {cv['n']} volumes is "
-                    "scored by a model that did not train on it, as the app runs it, with that model's own "
-                    "quality-check limits; folds not listed have not been run yet)")
+        whose = ("the committed model is this recipe trained on all of them" if pooled
+                 else "fold 1 is the committed model; folds not listed have not been run yet")
+        st.markdown(f"**Cross-validation of the recipe, folds {', '.join(map(str, cv['folds']))} of "
+                    f"{cv['n_folds_planned']}** ({whose}; each of these {cv['n']} volumes is scored by a model that "
+                    "did not train on it, as the app runs it, with that model's own quality-check limits)")
         st.table(pd.DataFrame([{"dataset": k, "volumes": r["n"], "3D Dice": f"{r['dice_mean']:.3f} "
                                 f"({r['dice_ci95'][0]:.3f}-{r['dice_ci95'][1]:.3f})", "lowest Dice": f"{r['dice_min']:.3f}",
                                 "HD95 (mm)": f"{r['hd95_mm_mean']:.1f}",
@@ -254,6 +269,11 @@ else:
                                 "reported with Dice < 0.5": len(r["reported_below_0_5"])}
                                for k, r in cv["per_dataset"].items()]))
         st.dataframe(pd.DataFrame(cv["per_case"]).T.rename_axis("case"), key=f"{NS}.cv_per_case")
+    fit = card.get("training_fit")
+    if fit:
+        st.caption("On its own training volumes (how well it fits them, not how it does on new data): 3D Dice "
+                   + "; ".join(f"{DATASET_NAMES.get(k, k)} {r['dice_mean']:.3f} (n = {r['n']})"
+                               for k, r in fit["per_dataset"].items() if k != "all") + ".")
 
 evs = external_evaluations(task, card)
 if evs:
@@ -275,8 +295,10 @@ if evs:
 st.subheader("Data and split")
 d = card["data"]
 st.markdown(f"- Dataset: {d['dataset']}\n- Split: {d['split']}\n"
-            f"- Training: {card['train_time_s']:.0f} s on {card['device']}, best epoch {card['best_epoch']} "
-            f"of {card['epochs_run']}, seed {card['training']['seed']}, "
+            f"- Training: {card['train_time_s']:.0f} s on {card['device']}, "
+            + (f"kept epoch {card['best_epoch']} of {card['epochs_run']}: {card['kept_epoch_rule']}"
+               if card.get("kept_epoch_rule") else f"best epoch {card['best_epoch']} of {card['epochs_run']}")
+            + f", seed {card['training']['seed']}, "
             f"{card['training'].get('precision', 'float32')}, torch {card['torch_version']}")
 try:
     prec = inference_precision(bf16_allowed=spec.bf16_inference)
