@@ -193,7 +193,7 @@ def measure(root: Path, repeats: int = 5, log_dir: Path | None = None) -> dict[s
                     pg.close()
                     for _ in range(repeats):
                         pg = page_at(url)
-                        pg.get_by_text("validation 3D Dice").first.wait_for()  # Home fully drawn
+                        pg.get_by_text("3D Dice").first.wait_for()  # Home fully drawn
                         link = pg.get_by_text("Open Pneumonia (chest X-ray)").first
                         t = time.time()
                         link.click()

@@ -99,6 +99,7 @@ def test_atrium_sample_segmentation_and_slider(heart_root):
     assert not at.exception
     text = _text(at)
     assert "mL" in text and "3D Dice" in text and "Slice Dice" in text
+    assert "training data: its Dice shows the fit" in text  # a sample the model trained on says so
     assert _report_buttons(at) == 1
     z0 = at.slider(key="atr.z").value
     at.button(key="atr.next").click().run()

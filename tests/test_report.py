@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from core.config import PROJECT_ROOT
+from core.checkpoint import read_card
 from core.report import END, START, markdown
 
 
@@ -117,3 +118,28 @@ def test_five_class_diagnosis_lines_from_known_values(tmp_path):
     assert "0.200 before, 0.040 after" in text and "would show 0.050 on 20 patients" in text
     assert "over 2 fold assignments ECE 0.045 (0.040-0.050)" in text
     assert "End to end" not in text  # no end-to-end patients, no line
+
+
+def test_sample_cases_say_truly_whether_the_weights_trained_on_them():
+    """A sample named "validation" must be a validation case of the committed weights, and one named a
+    training volume must be in their training data: a Dice on a training volume is a fit, not accuracy."""
+    import json
+    from pathlib import Path
+
+    from core.samples import SAMPLES_FILE
+
+    spec = json.loads(SAMPLES_FILE.read_text())
+    for task in ("pneumonia", "cardiac", "atrium"):
+        data = read_card(task)["data"]
+        for item in spec[task]:
+            if "patient" in item:
+                case = Path(item["patient"]).name
+            elif task == "atrium":
+                case = Path(item["files"]["image"]).name.removesuffix(".nii.gz")
+            else:
+                case = item["files"]["image"]
+            if "validation" in item["name"]:
+                assert case in data["val_cases"] and case not in data.get("train_cases", []), (task, case)
+            if "training volume" in item["name"]:
+                assert case in data["train_cases"], (task, case)
+            assert "validation" in item["name"] or "training volume" in item["name"], item["name"]

@@ -42,6 +42,7 @@ if up_img is not None:
 elif sample is not None:
     img_bytes, name = sample.files["image"].read_bytes(), f"sample {sample.name}"
     mask_bytes = sample.files["mask"].read_bytes() if "mask" in sample.files else None
+    st.caption(f"Sample: {sample.name} — {sample.note}")
 elif up_mask is not None:
     st.info("Upload the image volume too: the mask alone cannot be segmented.")
     st.stop()
