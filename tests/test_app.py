@@ -266,6 +266,26 @@ def test_metrics_page_shows_an_evaluation_only_beside_its_weights(monkeypatch, t
     assert "for older weights" not in text and "scored other weights" in text
 
 
+def test_progress_bar_redraws_at_most_once_per_interval(monkeypatch):
+    """Each redraw is a message the computation waits on: 10 updates over 1 s redraw twice at 0.45 s."""
+    import common
+    from common import ThrottledProgress
+
+    clock = [100.0]
+    monkeypatch.setattr(common.time, "monotonic", lambda: clock[0])
+    bar = ThrottledProgress("Segmenting", interval_s=0.45)
+    for k in range(10):
+        clock[0] += 0.1
+        bar(k / 10)
+    assert bar.redraws == 2
+    every = ThrottledProgress("Segmenting", interval_s=0.0)
+    for k in range(5):
+        every(k / 5)
+    assert every.redraws == 5
+    with pytest.raises(ValueError):
+        ThrottledProgress("Segmenting", interval_s=-1)
+
+
 def test_foreground_gate_counts_requests_and_releases_the_warm_up():
     import threading
     import time

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import streamlit as st
 
-from common import (DISCLAIMER, FOREGROUND, display_controls, file_key, legend, model_or_stop, pick_sample,
-                    report_button, reset_namespace, run_safely, warm_up_in_background, weights_or_stop)
+from common import (DISCLAIMER, FOREGROUND, ThrottledProgress, display_controls, file_key, legend, model_or_stop,
+                    pick_sample, report_button, reset_namespace, run_safely, warm_up_in_background, weights_or_stop)
 from core import metrics as M
 from core.dicom_series import read_volume_any
 from core.io import nifti_to_bytes, read_mask
@@ -61,9 +61,9 @@ if st.session_state.get(f"{NS}.key") != seg_key:
     vol = run_safely(lambda: read_volume_any(img_bytes, "image"), "The volume cannot be used")
     if vol is None:
         st.stop()
-    bar = st.progress(0.0, text="Segmenting slices…")
+    bar = ThrottledProgress("Segmenting slices…")
     with FOREGROUND:
-        res = run_safely(lambda: segment_atrium(lm, vol, progress=lambda f: bar.progress(f, text=f"Segmenting slices… {f:.0%}")),
+        res = run_safely(lambda: segment_atrium(lm, vol, progress=bar),
                          "The volume could not be segmented")
     bar.empty()
     if res is None:
