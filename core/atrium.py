@@ -837,10 +837,7 @@ def apply_inference_choice(card: dict, model: nn.Module, vols: list[CanonicalCas
     _, train_quality = score_cases(model, vols, tr, views, grid, device, flips, thr, bf16)
     card["input_spec"]["tta_flips"] = flips
     if views == (2,):
-        card["input_spec"]["view_rule"] = (
-            f"slices across the volume's thinnest direction (when below {SLAB_RATIO:g}x the axial extent; else "
-            f"axial); when the volume spans at least {FUSE_MIN_EXTENT_MM:g} mm in every direction, the two other "
-            "directions are segmented too (around the first finding) and the three fused, one pass each")
+        card["input_spec"]["view_rule"] = VIEW_RULE
     card["validation"]["scored_in"] = "bfloat16 autocast (as the app runs)" if bf16 else "float32"
     card["threshold"] = thr
     card["threshold_rule"] = (f"{thr:g} on the mean probability of the views (or, with one view, of {flips} in-plane "
@@ -859,6 +856,18 @@ def apply_inference_choice(card: dict, model: nn.Module, vols: list[CanonicalCas
     card["quality_check"] = quality_check_record(train_quality, val_quality,
                                                  f"views {list(views)}, {flips} flip(s), threshold {thr:g}")
     return card
+
+
+CV_FILE = "atrium.cv.json"
+VIEW_RULE = (f"slices across the volume's thinnest direction (when below {SLAB_RATIO:g}x the axial extent; else "
+             f"axial); when the volume spans at least {FUSE_MIN_EXTENT_MM:g} mm in every direction, the two other "
+             "directions are segmented too (around the first finding) and the three fused, one pass each")
+ORIENTATION_RULE = ("the volume is brought to the closest RAS orientation by its affine, segmented along the views "
+                    "listed (axes of that orientation), the views' probabilities averaged, and the mask put back on "
+                    "the input's grid")
+AUGMENTATION = ("slices along all three axes (the axial view half the time); 8 in-plane rotations/flips; rotation "
+                "15 deg, scale 15 %, shift 5 %; gamma 0.5-2, smooth bias field, contrast, blur, noise, 5 % inverted "
+                "contrast")
 
 
 CV_SCORING = ("as the app runs: one axial view with the geometry rules (slab axis; three views fused on a volume "
@@ -894,7 +903,7 @@ def cross_validate(root, device: torch.device, out_dir=None, folds: int = 5, see
     run = sorted(set(only)) if only else list(range(1, len(splits) + 1))
     if any(k < 1 or k > len(splits) for k in run):
         raise ValueError(f"folds must lie in 1..{len(splits)}; got {run}")
-    path = (Path(out_dir) if out_dir else weights_dir()) / "atrium.cv.json"
+    path = (Path(out_dir) if out_dir else weights_dir()) / CV_FILE
     training = _clean(asdict(cfg))
     kept: list[dict] = []
     if path.is_file():
@@ -926,9 +935,6 @@ def cross_validate(root, device: torch.device, out_dir=None, folds: int = 5, see
         path.parent.mkdir(parents=True, exist_ok=True)
         _atomic_write(path, (json.dumps(_clean(report), indent=1) + "\n").encode())
     return report
-
-
-CV_FILE = "atrium.cv.json"
 
 
 def fold_record_from_card(card: dict) -> dict:
@@ -974,6 +980,12 @@ def cv_inference_setting(folds: list[dict]) -> tuple[int, float]:
     return max(sorted(set(flips)), key=flips.count), float(np.median([f["threshold"] for f in folds]))
 
 
+def cv_complete(cv: dict | None) -> bool:
+    """Whether a cross-validation record holds every planned fold (1..n_folds_planned)."""
+    return bool(cv and cv.get("folds") and
+                sorted(f["fold"] for f in cv["folds"]) == list(range(1, cv["n_folds_planned"] + 1)))
+
+
 def read_cv(out_dir=None) -> dict | None:
     """atrium.cv.json beside the weights, or None."""
     import json
@@ -1000,8 +1012,7 @@ def train_atrium(root, cfg, device: torch.device, smoke: bool = False, out_dir=N
 
     spec = get_task("atrium")
     cv = read_cv(out_dir)
-    complete = bool(cv and cv.get("folds") and
-                    sorted(f["fold"] for f in cv["folds"]) == list(range(1, cv["n_folds_planned"] + 1)))
+    complete = cv_complete(cv)
     if not complete and not smoke:
         raise MedImgError("the atrium model is trained on every volume once its recipe is cross-validated: run "
                           "`python train_all.py --atrium-cv` (folds 1-5) first, so that atrium.cv.json holds every "
@@ -1039,17 +1050,6 @@ def train_atrium(root, cfg, device: torch.device, smoke: bool = False, out_dir=N
     return finish_card(out_dir, root, smoke=smoke)
 
 
-VIEW_RULE = (f"slices across the volume's thinnest direction (when below {SLAB_RATIO:g}x the axial extent; else "
-             f"axial); when the volume spans at least {FUSE_MIN_EXTENT_MM:g} mm in every direction, the two other "
-             "directions are segmented too (around the first finding) and the three fused, one pass each")
-ORIENTATION_RULE = ("the volume is brought to the closest RAS orientation by its affine, segmented along the views "
-                    "listed (axes of that orientation), the views' probabilities averaged, and the mask put back on "
-                    "the input's grid")
-AUGMENTATION = ("slices along all three axes (the axial view half the time); 8 in-plane rotations/flips; rotation "
-                "15 deg, scale 15 %, shift 5 %; gamma 0.5-2, smooth bias field, contrast, blur, noise, 5 % inverted "
-                "contrast")
-
-
 def finish_card(wdir=None, root=None, smoke: bool = False) -> dict:
     """Complete the card of an all-volume atrium model (``train_atrium``) from its saved weights: score every
     volume with the card's setting (bfloat16 where the CPU runs it natively, as the app does), fit the
@@ -1081,7 +1081,7 @@ def finish_card(wdir=None, root=None, smoke: bool = False) -> dict:
                                     "how it does on new data", "per_dataset": summarise(fit_cases),
                             "per_case": fit_cases}
     cv = read_cv(wdir)
-    if cv and cv.get("folds") and len(cv["folds"]) == cv["n_folds_planned"]:
+    if cv_complete(cv):
         pool = pool_folds(cv["folds"])
         from core import metrics as M
 
