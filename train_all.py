@@ -4,7 +4,8 @@
                         [--smoke] [--device cuda|cpu] [--seed 0] [--epochs N] [--crop N] [--atrium-cv]
 
 --atrium-cv runs folds 1-5 of the atrium recipe and writes <weights>/atrium.cv.json, so that every atrium
-volume is validated once; it keeps no weights. The atrium model itself is the recipe trained on every
+volume is validated once; each fold's weights go to artifacts/atrium-cv-folds/fold<K> (not committed;
+--keep-fold-weights). The atrium model itself is the recipe trained on every
 volume, with the folds' inference setting and pooled figures: run --atrium-cv first.
 
 Every run also writes <weights>/train_all.run.json: wall-clock seconds per task (reading the data,
@@ -46,6 +47,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="instead of training: cross-validation folds 1-5 of the atrium recipe -> atrium.cv.json")
     ap.add_argument("--folds", type=int, nargs="+", default=None,
                     help="with --atrium-cv: only these folds (1-5); folds already in atrium.cv.json are kept")
+    ap.add_argument("--keep-fold-weights", default=None, metavar="DIR",
+                    help="with --atrium-cv: write each fold's weights and card to DIR/fold<K> (default "
+                         "artifacts/atrium-cv-folds, beside the CV file with --weights-dir; not committed: for "
+                         "scoring a later inference change out of fold); 'none' keeps only their sha256")
     args = ap.parse_args(argv)
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stdout)
@@ -69,8 +74,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.atrium_cv:
         from core.atrium import cross_validate
 
+        keep = (Path(args.keep_fold_weights) if args.keep_fold_weights and args.keep_fold_weights.lower() != "none"
+                else None if args.keep_fold_weights else (out or PROJECT_ROOT / "artifacts") / "atrium-cv-folds")
         rep = cross_validate(root, device, out, seed=args.seed, smoke=args.smoke, epochs=args.epochs,
-                             only=args.folds)
+                             only=args.folds, keep_weights=keep)
         dice = [r["dice"] for f in rep["folds"] for r in f["per_case"].values()]
         print(f"[atrium cv] {len(rep['folds'])} folds, {len(dice)} volumes, mean Dice "
               f"{sum(dice) / max(1, len(dice)):.3f}")

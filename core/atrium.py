@@ -876,12 +876,14 @@ CV_SCORING = ("as the app runs: one axial view with the geometry rules (slab axi
 
 
 def cross_validate(root, device: torch.device, out_dir=None, folds: int = 5, seed: int = 0, smoke: bool = False,
-                   epochs: int | None = None, only: list[int] | None = None) -> dict:
+                   epochs: int | None = None, only: list[int] | None = None, keep_weights=None) -> dict:
     """Folds 1..``folds`` of the atrium recipe over both datasets, or only the folds in ``only``: each
     trains on the other volumes and scores its own,
     per dataset, as the app runs (``CV_SCORING``). Folds already in <weights>/atrium.cv.json from the same
     recipe and scoring are kept, so the folds can be run one session at a time; the file is rewritten after
-    each fold. No weights are kept."""
+    each fold. Each fold records its weights' sha256; with ``keep_weights`` (a folder) the fold's weights and
+    a card that ``load_model("atrium", <folder>/fold<K>)`` reads are written there too, so that a later
+    inference or quality-check change can be scored out of fold without training again."""
     import json
     from dataclasses import asdict
     from datetime import datetime, timezone
@@ -919,9 +921,11 @@ def cross_validate(root, device: torch.device, out_dir=None, folds: int = 5, see
         card: dict = {"input_spec": {"views": [2]}, "validation": {}}
         apply_inference_choice(card, model, vols, tr, va, grid, device, bf16=bf16)
         qc = card["quality_check"]
+        sha = _fold_weights(model, card, cases, tr, va, k, keep_weights)
         kept.append({"fold": k, "train_cases": [cases[i].case_id for i in tr],
                      "val_cases": [cases[i].case_id for i in va], "best_epoch": res.best_epoch,
                      "epochs_run": res.epochs_run, "seconds": round(res.seconds, 1), "git_commit": git_commit(),
+                     "weights_sha256": sha,
                      "tta_flips": card["input_spec"]["tta_flips"], "threshold": card["threshold"],
                      "per_dataset": card["validation"]["per_dataset"], "per_case": card["validation"]["per_case"],
                      "quality_check": {k2: qc[k2] for k2 in ("limits", "limits_fused", "validation_fired",
@@ -935,6 +939,34 @@ def cross_validate(root, device: torch.device, out_dir=None, folds: int = 5, see
         path.parent.mkdir(parents=True, exist_ok=True)
         _atomic_write(path, (json.dumps(_clean(report), indent=1) + "\n").encode())
     return report
+
+
+def _fold_weights(model: nn.Module, card: dict, cases: list, tr: list[int], va: list[int], k: int,
+                  keep_weights=None) -> str:
+    """sha256 of a fold model's weights as ``save_checkpoint`` writes them; with ``keep_weights``, the pair
+    (weights + card: architecture, input spec, inference setting, quality limits, split) in <keep>/fold<k>."""
+    import io as _io
+    import json
+    from pathlib import Path
+
+    from core.checkpoint import save_checkpoint, sha256_bytes
+    from core.tasks import get_task
+
+    state = {n: v.detach().cpu() for n, v in model.state_dict().items()}
+    if keep_weights is None:
+        buf = _io.BytesIO()
+        torch.save(state, buf)
+        return sha256_bytes(buf.getvalue())
+    spec = get_task("atrium")
+    fold_card = {"task": "atrium", "title": f"{spec.title}, cross-validation fold {k}", "kind": spec.kind,
+                 "classes": list(spec.classes),
+                 "architecture": {"name": spec.architecture, "kwargs": dict(spec.model_kwargs)},
+                 "input_spec": {**spec.input_spec, **card["input_spec"]}, "threshold": card["threshold"],
+                 "quality_check": card["quality_check"], "validation": card["validation"],
+                 "data": {"train_cases": [cases[i].case_id for i in tr], "val_cases": [cases[i].case_id for i in va],
+                          "split": f"cross-validation fold {k}"}}
+    path = save_checkpoint(state, fold_card, "atrium", Path(keep_weights) / f"fold{k}")
+    return json.loads(path.with_suffix(".json").read_text())["weights_sha256"]
 
 
 def fold_record_from_card(card: dict) -> dict:
@@ -1147,8 +1179,14 @@ def layout_stress(segment, cases: list, layouts: dict[str, tuple[int, int, int]]
             res = segment(moved)
             out[name][c.case_id] = {"dice": M.dice(res.mask, np.transpose(gt, perm)),
                                     "reported": bool(res.reliable), "views": list(getattr(res, "views", ()))}
+    return {"summary": stress_summary(out, cases), "per_case": out}
+
+
+def stress_summary(per_case: dict[str, dict[str, dict]], cases: list) -> dict:
+    """Per variant of a stress check (``per_case``: variant -> case id -> {"dice", "reported"}): volumes,
+    mean Dice, how many got a volume reported, and how many of those had Dice < 0.5, overall and per dataset."""
     summary = {}
-    for name, r in out.items():
+    for name, r in per_case.items():
         by_ds: dict[str, list] = {}
         for cid, v in r.items():
             ds = next((c.dataset for c in cases if c.case_id == cid), "all")
@@ -1160,9 +1198,65 @@ def layout_stress(segment, cases: list, layouts: dict[str, tuple[int, int, int]]
             "per_dataset": {ds: {"n": len(v), "dice_mean": float(np.mean([x["dice"] for x in v])),
                                  "reported": int(sum(x["reported"] for x in v)),
                                  "reported_with_dice_under_0.5": int(sum(x["reported"] and x["dice"] < 0.5
-                                                                         for x in v))}
+                                                                         for x in v)),
+                                 "reported_dice_min": _min_reported(v)}
                             for ds, v in sorted(by_ds.items())}}
-    return {"summary": summary, "per_case": out}
+    return summary
+
+
+def _min_reported(rows: list[dict]) -> float | None:
+    d = [x["dice"] for x in rows if x["reported"]]
+    return float(min(d)) if d else None
+
+
+def _unit_range(d: np.ndarray) -> np.ndarray:
+    lo, hi = float(d.min()), float(d.max())
+    return ((d - lo) / max(hi - lo, 1e-6)).astype(np.float32)
+
+
+def _bias_field(d: np.ndarray) -> np.ndarray:
+    g = np.meshgrid(*(np.linspace(-1, 1, n, dtype=np.float32) for n in d.shape), indexing="ij")
+    return (d * np.exp(0.8 * g[0] + 0.6 * g[1] - 0.5 * g[2])).astype(np.float32)  # e^3.8 ~ 45x corner to corner
+
+
+# Acquisition changes the model was not trained for at this strength (training augments gamma 0.5-2, a mild
+# bias field, light noise and blur, and 5 % inverted contrast). Each maps (X, Y, Z) float32 voxels and a
+# seeded generator to new voxels on the same grid; fixed once, before any result was seen.
+ACQUISITION_SHIFTS = {
+    "noise, 0.5x the volume's SD": lambda d, rng: d + 0.5 * d.std() * rng.standard_normal(d.shape, dtype=np.float32),
+    "noise, 1x the volume's SD": lambda d, rng: d + d.std() * rng.standard_normal(d.shape, dtype=np.float32),
+    "gamma 0.4 (dark tissue brighter)": lambda d, rng: _unit_range(d) ** 0.4,
+    "gamma 2.5 (dark tissue darker)": lambda d, rng: _unit_range(d) ** 2.5,
+    "strong smooth bias field (up to 45x across the volume)": lambda d, rng: _bias_field(d),
+    "inverted contrast": lambda d, rng: (float(d.max()) - d).astype(np.float32),
+    "blurred (Gaussian, 2 voxels)": lambda d, rng: _gaussian(d, 2.0),
+}
+
+
+def _gaussian(d: np.ndarray, sigma: float) -> np.ndarray:
+    from scipy import ndimage
+
+    return ndimage.gaussian_filter(d, sigma).astype(np.float32)
+
+
+def acquisition_stress(segment, cases: list, shifts: dict | None = None, seed: int = 0) -> dict:
+    """Dice of each case after each acquisition change in ``shifts`` (default ACQUISITION_SHIFTS: strong
+    noise, gamma, bias field, inverted contrast, blur), and whether the quality check still let a volume be
+    reported: what a scan unlike the training data gets. ``segment(volume) -> AtriumResult``; the noise of
+    case i is drawn from ``default_rng([seed, i])``, so a rerun gives the same figures."""
+    from core import io as mio
+    from core import metrics as M
+
+    shifts = ACQUISITION_SHIFTS if shifts is None else shifts
+    out: dict = {name: {} for name in shifts}
+    for i, c in enumerate(cases):
+        vol = mio.load_nifti_path(c.image_path)
+        gt = mio.load_nifti_path(c.label_path).data > 0.5
+        data = np.asarray(vol.data, dtype=np.float32)
+        for name, f in shifts.items():
+            res = segment(mio.Volume(f(data, np.random.default_rng([seed, i])), vol.affine, vol.spacing, "stress"))
+            out[name][c.case_id] = {"dice": M.dice(res.mask, gt), "reported": bool(res.reliable)}
+    return {"summary": stress_summary(out, cases), "per_case": out}
 
 
 def foreign_inputs(root, n_cine: int = 10, n_stacks: int = 5, n_noise: int = 5, seed: int = 0) -> dict[str, list]:

@@ -211,6 +211,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="what the data is, in words (shown with the figures), e.g. 'Kermany official test split'")
     ap.add_argument("--layout-stress", action="store_true",
                     help="atrium: also score each case with its voxels transposed and the affine left as it was")
+    ap.add_argument("--acquisition-stress", action="store_true",
+                    help="atrium: also score each case after strong noise, gamma, bias field, inverted contrast "
+                         "and blur (core.atrium.ACQUISITION_SHIFTS)")
     ap.add_argument("--precision", default=None, choices=PRECISIONS,
                     help="inference precision (default: $MEDIMG_PRECISION, else auto = what the app uses)")
     args = ap.parse_args(argv)
@@ -220,13 +223,16 @@ def main(argv: list[str] | None = None) -> int:
     except MedImgError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    if args.layout_stress and args.task == "atrium":
-        from core.atrium import layout_stress
+    if (args.layout_stress or args.acquisition_stress) and args.task == "atrium":
+        from core.atrium import acquisition_stress, layout_stress
 
         lm = load_model("atrium", args.weights, precision=args.precision)
         keep = set(res.get("per_case", {}))
         cases = [c for c in mio.find_atrium_cases(data_root(args.data_root)) if c.case_id in keep]
-        res["layout_stress"] = _clean(layout_stress(lambda v: segment_atrium(lm, v), cases))
+        if args.layout_stress:
+            res["layout_stress"] = _clean(layout_stress(lambda v: segment_atrium(lm, v), cases))
+        if args.acquisition_stress:
+            res["acquisition_stress"] = _clean(acquisition_stress(lambda v: segment_atrium(lm, v), cases))
     text = json.dumps(res, indent=1)
     print(text)
     if args.json:

@@ -78,7 +78,7 @@ def markdown(wdir=None) -> str:
     if seg:
         lines += ["", "| model | split | volumes | 3D Dice (95 % CI of mean) | IoU | HD95 (mm) | volume error (%) | "
                       "Dice per case |", "|---|---|---|---|---|---|---|---|", *seg]
-    lines += layout_markdown(wdir)
+    lines += stress_markdown(wdir)
     lines += ["", *meta]
     lines += run_markdown(wdir)
     lines += shape_markdown(wdir)
@@ -89,6 +89,7 @@ def markdown(wdir=None) -> str:
 
 BENCH_FILE = "benchmarks/cpu-2core.json"
 LAYOUT_FILE = "benchmarks/logs/atrium-layout-stress-validation.json"
+ACQUISITION_FILE = "benchmarks/logs/atrium-acquisition-stress-validation.json"
 
 
 def atrium_rows(card: dict, wdir=None) -> list[str]:
@@ -131,41 +132,67 @@ def atrium_rows(card: dict, wdir=None) -> list[str]:
     return seg
 
 
-def layout_markdown(wdir=None) -> list[str]:
-    """The atrium layout check (headers that lie about the slice plane), from what `python -m core.evaluate
-    --task atrium --only-validation --layout-stress --json LAYOUT_FILE` wrote, when it is of the current weights."""
+# The atrium stress checks written by `python -m core.evaluate --task atrium --only-validation --layout-stress
+# | --acquisition-stress --json FILE`: JSON key -> (file, what was done to the volumes, name of the variant column)
+STRESS_CHECKS = {
+    "layout_stress": (LAYOUT_FILE, "Atrium layout check, voxels transposed and the header left as it was", "layout"),
+    "acquisition_stress": (ACQUISITION_FILE, "Atrium acquisition check, each volume changed as a poor scan or another "
+                           "scanner might change it (far beyond the training augmentation)", "change"),
+}
+
+
+def stress_checks(wdir=None) -> list[dict]:
+    """The atrium stress checks (STRESS_CHECKS) whose file is of the current weights or of one of the
+    cross-validation folds (the same recipe): per check, title, file, column (name of the variant column),
+    whose (which model and volumes, in words) and rows (variant, dataset, n, dice_mean, reported,
+    reported_with_dice_under_0.5, reported_dice_min)."""
     import json
 
+    from core.atrium import read_cv
     from core.checkpoint import read_card
     from core.config import PROJECT_ROOT
 
-    path = PROJECT_ROOT / LAYOUT_FILE
     try:
-        res = json.loads(path.read_text())
         card = read_card("atrium", wdir)
     except (OSError, ValueError, MissingWeightsError):
         return []
-    from core.atrium import read_cv
-
     folds = {f.get("weights_sha256"): f["fold"] for f in (read_cv(wdir) or {}).get("folds", [])}
-    if "layout_stress" not in res or not res.get("weights_sha256"):
-        return []
-    if res["weights_sha256"] == card.get("weights_sha256"):
-        whose = "the validation volumes"
-    elif res["weights_sha256"] in folds:  # measured before the committed model was trained on every volume
-        whose = (f"the validation volumes of the cross-validation fold-{folds[res['weights_sha256']]} model, the "
-                 "same recipe (the committed model trained on every volume, so none is left to check it on)")
-    else:
-        return []
-    rows = []
-    for name, r in res["layout_stress"]["summary"].items():
-        for ds, d in r.get("per_dataset", {}).items():
-            rows.append(f"| {name} | {DATASET_NAMES.get(ds, ds)} | {d['n']} | {d['dice_mean']:.3f} | {d['reported']} | "
-                        f"{d['reported_with_dice_under_0.5']} |")
-    return ["", f"Atrium layout check, voxels transposed and the header left as it was (`{LAYOUT_FILE}`), on "
-                f"{whose}:", "",
-            "| layout | dataset | volumes | 3D Dice | volume reported | reported with Dice < 0.5 |",
-            "|---|---|---|---|---|---|", *rows]
+    out = []
+    for key, (file, title, column) in STRESS_CHECKS.items():
+        try:
+            res = json.loads((PROJECT_ROOT / file).read_text())
+        except (OSError, ValueError):
+            continue
+        if key not in res or not res.get("weights_sha256"):
+            continue
+        if res["weights_sha256"] == card.get("weights_sha256"):
+            whose = "the validation volumes"
+        elif res["weights_sha256"] in folds:  # measured before the committed model was trained on every volume
+            whose = (f"the validation volumes of the cross-validation fold-{folds[res['weights_sha256']]} model, the "
+                     "same recipe (the committed model trained on every volume, so none is left to check it on)")
+        else:
+            continue
+        rows = [{"variant": name, "dataset": DATASET_NAMES.get(ds, ds), **d}
+                for name, r in res[key]["summary"].items() for ds, d in r.get("per_dataset", {}).items()]
+        out.append({"title": title, "file": file, "column": column, "whose": whose, "rows": rows})
+    return out
+
+
+def stress_markdown(wdir=None) -> list[str]:
+    """README tables of the atrium stress checks (``stress_checks``)."""
+    lines: list[str] = []
+    for c in stress_checks(wdir):
+        rows = []
+        for d in c["rows"]:
+            low = d.get("reported_dice_min")
+            rows.append(f"| {d['variant']} | {d['dataset']} | {d['n']} | {d['dice_mean']:.3f} | {d['reported']} | "
+                        f"{d['reported_with_dice_under_0.5']} | {'-' if low is None else f'{low:.3f}'} |")
+        lines += ["", f"{c['title']} (`{c['file']}`), on {c['whose']}:", "",
+                  f"| {c['column']} | dataset | volumes | 3D Dice | volume reported | reported with Dice < 0.5 | "
+                  "lowest Dice reported |", "|---|---|---|---|---|---|---|", *rows]
+    return lines
+
+
 DATASET_NAMES = {"Task02_Heart": "bSSFP, MSD Task02_Heart", "LA2018": "LGE-MRI, 2018 LA challenge"}
 SHAPE_NAMES = {"lv_ef": "LV ejection fraction", "rv_ef": "RV ejection fraction",
                "myo_to_lv_ed": "myocardium / LV cavity at ED", "rv_to_lv_ed": "RV / LV cavity at ED"}

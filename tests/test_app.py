@@ -153,6 +153,11 @@ def test_metrics_page_each_task():
         if task == "atrium":
             assert "Cross-validation of the recipe" in _text(at) and "Quality check" in _text(at)
             assert "Inference setting" in _text(at) and "not left-atrium MRI" in _text(at)
+            # the stress checks of the recipe (files in benchmarks/logs of a cross-validation fold's weights)
+            labels = [e.label for e in at.expander]
+            assert any(lb.startswith("Atrium acquisition check") for lb in labels), labels
+            assert any(lb.startswith("Atrium layout check") for lb in labels), labels
+            assert any("reported with Dice < 0.5" in str(t.value.columns.tolist()) for t in at.table)
         if task == "pneumonia":
             assert "Inference in this app: float32" in _text(at)  # the registry keeps the X-ray CNN in float32
             assert "Shift-aware validation" in _text(at)

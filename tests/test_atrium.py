@@ -363,3 +363,55 @@ def test_fused_mask_is_the_largest_piece_of_the_whole_probability_map():
     assert pred.views == (2, 0, 1)
     whole = pp.largest_component(pred.prob.astype(np.float32) >= 0.5)
     assert pred.mask.sum() == 20 ** 3 and np.array_equal(pred.mask, whole)
+
+
+# --------------------------------------------------------------------------- acquisition stress
+
+
+def test_acquisition_shifts_keep_the_grid_and_change_values_as_named():
+    d = np.arange(2 * 3 * 5, dtype=np.float32).reshape(2, 3, 5) + 2.0
+    rng = lambda: np.random.default_rng([0, 0])  # noqa: E731
+    for name, f in A.ACQUISITION_SHIFTS.items():
+        out = f(d, rng())
+        assert out.shape == d.shape and out.dtype == np.float32, name
+    inv = A.ACQUISITION_SHIFTS["inverted contrast"](d, rng())
+    assert inv.flat[0] == d.max() - d.min() and inv.flat[-1] == 0.0  # brightest voxel -> 0, darkest -> the range
+    g = A.ACQUISITION_SHIFTS["gamma 2.5 (dark tissue darker)"](np.array([[[2.0, 4.0, 6.0]]], np.float32), rng())
+    np.testing.assert_allclose(g.ravel(), [0.0, 0.5**2.5, 1.0], rtol=1e-6)
+    g = A.ACQUISITION_SHIFTS["gamma 0.4 (dark tissue brighter)"](np.array([[[2.0, 4.0, 6.0]]], np.float32), rng())
+    np.testing.assert_allclose(g.ravel(), [0.0, 0.5**0.4, 1.0], rtol=1e-6)
+    ones = np.ones((3, 3, 3), np.float32)
+    b = A.ACQUISITION_SHIFTS["strong smooth bias field (up to 45x across the volume)"](ones, rng())
+    assert b[1, 1, 1] == pytest.approx(1.0)  # no change at the centre
+    assert b[-1, -1, 0] / b[0, 0, -1] == pytest.approx(np.exp(3.8), rel=1e-5)  # opposite corners
+    big = np.random.default_rng(1).normal(5.0, 2.0, (40, 40, 40)).astype(np.float32)
+    n1 = A.ACQUISITION_SHIFTS["noise, 1x the volume's SD"]
+    assert np.array_equal(n1(big, rng()), n1(big, rng()))  # seeded: a rerun gives the same volume
+    assert float((n1(big, rng()) - big).std()) == pytest.approx(float(big.std()), rel=0.02)
+
+
+def test_stress_summary_counts_reported_masks_with_low_dice():
+    cases = [mio.AtriumCase("a", None, None, "Task02_Heart"), mio.AtriumCase("b", None, None, "LA2018"),
+             mio.AtriumCase("c", None, None, "LA2018")]
+    per_case = {"x": {"a": {"dice": 0.9, "reported": True}, "b": {"dice": 0.4, "reported": True},
+                      "c": {"dice": 0.1, "reported": False}}}
+    s = A.stress_summary(per_case, cases)["x"]
+    assert (s["n"], s["reported"], s["reported_with_dice_under_0.5"]) == (3, 2, 1)
+    assert s["dice_mean"] == pytest.approx(0.4667, abs=1e-4)
+    assert s["per_dataset"]["LA2018"] == {"n": 2, "dice_mean": pytest.approx(0.25), "reported": 1,
+                                          "reported_with_dice_under_0.5": 1, "reported_dice_min": 0.4}
+    assert s["per_dataset"]["Task02_Heart"]["reported_dice_min"] == 0.9
+
+
+def test_acquisition_stress_reports_no_poor_mask_on_a_real_volume(lge_root):
+    """A real LGE volume, inverted and blurred: whatever the model makes of it, a volume is reported only
+    when the mask still overlaps the truth (Dice >= 0.5)."""
+    lm = load_model("atrium")
+    c = _lge_case(lge_root)
+    shifts = {k: A.ACQUISITION_SHIFTS[k] for k in ("inverted contrast", "blurred (Gaussian, 2 voxels)")}
+    res = A.acquisition_stress(lambda v: segment_atrium(lm, v), [c], shifts)
+    for name in shifts:
+        r = res["per_case"][name][c.case_id]
+        assert 0.0 <= r["dice"] <= 1.0
+        assert not (r["reported"] and r["dice"] < 0.5), (name, r)
+    assert res["summary"]["inverted contrast"]["n"] == 1

@@ -59,3 +59,7 @@ def test_atrium_cv_folds_run_one_at_a_time_and_are_kept(heart_root, tmp_path):
         assert set(f["per_case"]) == set(f["val_cases"])
         assert {r["dataset"] for r in f["per_case"].values()} == set(f["per_dataset"]) - {"all"}
         assert 0.0 <= f["quality_check"]["validation_firing_rate"] <= 1.0
+        # the fold's weights are kept with a card the app's loader reads, and the record names them
+        lm = load_model("atrium", tmp_path / "atrium-cv-folds" / f"fold{f['fold']}")
+        assert lm.card["weights_sha256"] == f["weights_sha256"]
+        assert lm.card["data"]["val_cases"] == f["val_cases"] and lm.threshold == f["threshold"]

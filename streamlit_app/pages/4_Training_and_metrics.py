@@ -10,7 +10,7 @@ from core.checkpoint import read_card
 from core.errors import MissingWeightsError
 from core.precision import PrecisionError, inference_precision
 from core.report import (DATASET_NAMES, SHAPE_NAMES, atrium_cross_validation, external_evaluations,
-                         read_validation_eval)
+                         read_validation_eval, stress_checks)
 from core.tasks import TASKS
 
 NS = "metrics"
@@ -269,6 +269,16 @@ else:
                                 "reported with Dice < 0.5": len(r["reported_below_0_5"])}
                                for k, r in cv["per_dataset"].items()]))
         st.dataframe(pd.DataFrame(cv["per_case"]).T.rename_axis("case"), key=f"{NS}.cv_per_case")
+    for sc in stress_checks():
+        with st.expander(f"{sc['title']}: {sc['whose']}"):
+            st.caption("Does the quality check keep a poor mask from being reported when the scan is unlike the "
+                       f"training data? From `{sc['file']}`.")
+            st.table(pd.DataFrame([{sc["column"]: d["variant"], "dataset": d["dataset"], "volumes": d["n"],
+                                    "3D Dice": f"{d['dice_mean']:.3f}", "volume reported": d["reported"],
+                                    "reported with Dice < 0.5": d["reported_with_dice_under_0.5"],
+                                    "lowest Dice reported": ("-" if d.get("reported_dice_min") is None
+                                                             else f"{d['reported_dice_min']:.3f}")}
+                                   for d in sc["rows"]]))
     fit = card.get("training_fit")
     if fit:
         st.caption("On its own training volumes (how well it fits them, not how it does on new data): 3D Dice "
