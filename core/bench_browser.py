@@ -16,8 +16,9 @@ Starts `streamlit run streamlit_app/Home.py` on localhost, drives Debian's chrom
   heatmap shown; the tab's first one apart (it also loads the page's front-end components);
 - an atrium 256x256x130 volume (MSD la_003), upload to the volume shown;
 - then adding its ground-truth mask, to the Dice shown;
-- for reference, a bare Streamlit page with one file uploader (not this app; written to a temporary folder)
-  opened in a new tab: the framework's own floor under "open a module page".
+- for reference, two bare Streamlit apps (not this app; written to a temporary folder) opened in a new tab:
+  a one-page app with one file uploader, at its root address; and a page of a multipage app (Home + pages/,
+  as this app) at its own address, the framework's own floor under "open a module page".
 
 Each repeat uses a new browser page, i.e. a new Streamlit session (results are kept per session, so a
 repeat is not served from an earlier one). Writes medians, all repeats and the machine to ``--json``;
@@ -62,9 +63,16 @@ STEP_NAMES = {"server_start_to_home": "server start to Home",
               "later_xray_upload_to_heatmap": "later chest X-rays (same tab, each a new file): upload to heatmap shown",
               "atrium_upload_to_volume": "atrium 256x256x130 volume: upload to volume shown",
               "atrium_add_mask_to_dice": "then adding its ground-truth mask: to Dice shown",
-              "bare_streamlit_page_new_tab": "reference: a bare Streamlit page (one uploader, not this app), new tab"}
-# the reference page: what Streamlit's front end alone costs on this machine, the floor under "open a page"
+              "bare_streamlit_page_new_tab": "reference: a bare Streamlit page (one uploader, not this app), new tab",
+              "bare_multipage_page_new_tab": "reference: a page of a bare multipage Streamlit app (one uploader "
+                                             "each, not this app) at its own address, new tab"}
+# The reference pages: what Streamlit's front end alone costs on this machine. A one-page app at its root
+# address; and a page of a multipage app (Home + pages/, as this app) opened at its own address
+# (/Page_name), which is what "open a module page in a new tab" does: the floor under that step.
 BARE_APP = 'import streamlit as st\n\nst.file_uploader("a file")\n'
+BARE_MULTIPAGE = {"Home.py": 'import streamlit as st\n\nst.title("Home")\n',
+                  **{f"pages/{i}_Page_{i}.py": 'import streamlit as st\n\nst.file_uploader("a file")\n'
+                     for i in range(1, 6)}}
 
 
 # the src of the page's second image (the Grad-CAM heatmap); a new result has a new one
@@ -217,22 +225,26 @@ def measure(root: Path, repeats: int = 5, log_dir: Path | None = None) -> dict[s
             finally:
                 stop_server(proc)
         with tempfile.TemporaryDirectory() as tmp:
-            app = Path(tmp) / "bare.py"
-            app.write_text(BARE_APP)
-            port = _free_port()
-            url = f"http://127.0.0.1:{port}"
-            proc = _start(port, log_dir / "felt-bench-bare.log", app)
-            try:
-                _wait_health(url)
-                for _ in range(repeats + 1):  # the first one apart: the server's first session
-                    t = time.time()
-                    pg = page_at(url)
-                    pg.locator("input[type=file]").first.wait_for(state="attached")
-                    s["bare_streamlit_page_new_tab"].append(time.time() - t)
-                    pg.close()
-                s["bare_streamlit_page_new_tab"].pop(0)
-            finally:
-                stop_server(proc)
+            (Path(tmp) / "bare.py").write_text(BARE_APP)
+            for name, text in BARE_MULTIPAGE.items():
+                (Path(tmp) / "multi" / name).parent.mkdir(parents=True, exist_ok=True)
+                (Path(tmp) / "multi" / name).write_text(text)
+            for key, app, where in (("bare_streamlit_page_new_tab", Path(tmp) / "bare.py", ""),
+                                    ("bare_multipage_page_new_tab", Path(tmp) / "multi" / "Home.py", "/Page_1")):
+                port = _free_port()
+                url = f"http://127.0.0.1:{port}"
+                proc = _start(port, log_dir / f"felt-bench-{key}.log", app)
+                try:
+                    _wait_health(url)
+                    for _ in range(repeats + 1):  # the first one apart: the server's first session
+                        t = time.time()
+                        pg = page_at(url + where)
+                        pg.locator("input[type=file]").first.wait_for(state="attached")
+                        s[key].append(time.time() - t)
+                        pg.close()
+                    s[key].pop(0)
+                finally:
+                    stop_server(proc)
         browser.close()
     return s
 
