@@ -8,8 +8,9 @@ volume is validated once; each fold's weights go to artifacts/atrium-cv-folds/fo
 --keep-fold-weights). The atrium model itself is the recipe trained on every
 volume, with the folds' inference setting and pooled figures: run --atrium-cv first.
 
-Every run also writes <weights>/train_all.run.json: wall-clock seconds per task (reading the data,
-training, validation and fitting the input check) and in all, with the machine it ran on.
+After each model it writes <weights>/<task>.training-fingerprints.json (core.provenance: which uploads are
+training inputs). Every run also writes <weights>/train_all.run.json: wall-clock seconds per task (reading the
+data, training, validation and fitting the input check) and in all, with the machine it ran on.
 """
 from __future__ import annotations
 
@@ -122,6 +123,10 @@ def main(argv: list[str] | None = None) -> int:
                 cal = calibrate(root, out, seed=args.seed)
                 print(f"[{task}] calibration: temperature {cal['temperature']:.2f}, ECE {cal['ece_before']:.3f} -> "
                       f"{cal['ece_after_cross_fitted']:.3f} (cross-fitted)")
+        from core.provenance import write_fingerprints
+
+        # so that a page can say when an upload is one of these weights' own training inputs
+        write_fingerprints(task, root, out)
         v = card["validation"]
         summary = {k: v[k] for k in ("auc", "accuracy", "dice_mean") if k in v}
         timings[task] = round(time.time() - t0, 1)

@@ -144,6 +144,30 @@ def model_or_stop(task: str) -> LoadedModel:
         st.stop()
 
 
+@st.cache_resource(show_spinner=False)
+def _training_fingerprints(task: str, weights_sha256: str) -> dict[str, str] | None:
+    from core.provenance import load_fingerprints
+
+    return load_fingerprints(task, {"weights_sha256": weights_sha256})
+
+
+def training_case_of(lm: LoadedModel, *arrays) -> str | None:
+    """Which of the model's training cases the decoded input(s) are, by fingerprint (core.provenance); None
+    when none is (or no fingerprint file matches the weights)."""
+    from core.provenance import training_case
+
+    fps = _training_fingerprints(lm.spec.name, str(lm.card.get("weights_sha256", "")))
+    found = [c for c in (training_case(fps, a) for a in arrays) if c]
+    return ", ".join(dict.fromkeys(found)) or None
+
+
+def training_notice(case: str | None) -> None:
+    """Say, beside a result, that its input is one of the model's training cases (``training_case_of``)."""
+    if case:
+        st.info(f"**This input is in the model's training data** ({case}): the result shows how the model fits "
+                "what it learnt from, not how it would do on a new patient.")
+
+
 def run_safely(fn: Callable[[], Any], what: str) -> Any | None:
     """Run a core call; show its error as a clear message (never a stack trace) and return None."""
     try:

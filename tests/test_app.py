@@ -67,6 +67,7 @@ def test_pneumonia_sample_prediction(xray_root):
     assert not at.exception
     text = _text(at)
     assert "P(pneumonia)" in text and "%" in text
+    assert "in the model's training data" not in text  # a validation image: no training-data notice
     assert _images(at) >= 2  # original + Grad-CAM overlay
     assert _report_buttons(at) == 1
     at.slider(key="pneu.alpha").set_value(0.8).run()
@@ -100,6 +101,8 @@ def test_atrium_sample_segmentation_and_slider(heart_root):
     text = _text(at)
     assert "mL" in text and "3D Dice" in text and "Slice Dice" in text
     assert "training data: its Dice shows the fit" in text  # a sample the model trained on says so
+    # and the input itself is recognised as a training volume (by fingerprint, as an upload would be)
+    assert "This input is in the model's training data** (la_" in text
     assert _report_buttons(at) == 1
     z0 = at.slider(key="atr.z").value
     at.button(key="atr.next").click().run()

@@ -31,6 +31,10 @@ def test_train_all_smoke_every_task(xray_root, acdc_root, heart_root, smoke_dir)
         state, _ = load_state_dict(task, smoke_dir)
         assert all(isinstance(v, torch.Tensor) for v in state.values())
         load_model(task, smoke_dir)
+        # the run fingerprinted the training inputs of these very weights (core.provenance)
+        from core.provenance import load_fingerprints
+
+        assert load_fingerprints(task, card, smoke_dir), task
     # pneumonia's split is by patient: no patient on both sides
     card = json.loads((smoke_dir / "pneumonia.json").read_text())
     assert card["data"]["n_train"] + card["data"]["n_val"] == card["data"]["n_images"]

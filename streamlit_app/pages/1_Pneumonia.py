@@ -6,7 +6,8 @@ from dataclasses import replace
 import streamlit as st
 
 from common import (DISCLAIMER, FOREGROUND, display_controls, file_key, model_or_stop, pick_sample, report_button,
-                    reset_namespace, run_safely, warm_up_in_background, weights_or_stop)
+                    reset_namespace, run_safely, training_case_of, training_notice, warm_up_in_background,
+                    weights_or_stop)
 from core.case_report import render_pdf, xray_report
 from core.io import read_image_2d
 from core.visualize import fit_for_display, grey_rgb, heatmap_overlay, zoom_view
@@ -67,6 +68,7 @@ if st.session_state.get(f"{NS}.key") != key:
     st.session_state[f"{NS}.image"] = image
     st.session_state[f"{NS}.result"] = result
     st.session_state[f"{NS}.name"] = name
+    st.session_state[f"{NS}.training_case"] = training_case_of(lm, image.pixels)
 
 image = st.session_state[f"{NS}.image"]
 
@@ -74,6 +76,7 @@ image = st.session_state[f"{NS}.image"]
 res = st.session_state[f"{NS}.result"]
 name = st.session_state[f"{NS}.name"]
 st.markdown(f"**Result for: {name}**")
+training_notice(st.session_state.get(f"{NS}.training_case"))
 if res.withheld:
     report_button(lambda: render_pdf(xray_report(res, image, name), lm.card), name, NS)
     st.warning(f"**No diagnosis.** {res.withheld}")

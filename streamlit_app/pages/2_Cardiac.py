@@ -6,7 +6,8 @@ import numpy as np
 import streamlit as st
 
 from common import (DISCLAIMER, FOREGROUND, display_controls, file_key, legend, model_or_stop, pick_sample, report_button,
-                    reset_namespace, run_safely, warm_up_in_background, weights_or_stop)
+                    reset_namespace, run_safely, training_case_of, training_notice, warm_up_in_background,
+                    weights_or_stop)
 from core.case_report import cardiac_report, render_pdf
 from core.dicom_series import read_cine_any
 from core.io import read_image_volume
@@ -122,9 +123,11 @@ if st.session_state.get(f"{NS}.key") != key:
         st.stop()
     st.session_state[f"{NS}.key"] = key
     st.session_state[f"{NS}.result"] = result
+    st.session_state[f"{NS}.training_case"] = training_case_of(lm, ed.data, es.data)
 
 res = st.session_state[f"{NS}.result"]
 st.markdown(f"**Result for:** ED = `{names[0]}`, ES = `{names[1]}`")
+training_notice(st.session_state.get(f"{NS}.training_case"))
 report_button(lambda: render_pdf(cardiac_report(res, f"ED = {names[0]}, ES = {names[1]}", lm.diagnosis), lm.card),
               names[0].split(",")[0].split(":")[-1].strip(), NS)
 

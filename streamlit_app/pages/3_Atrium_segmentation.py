@@ -6,7 +6,8 @@ import numpy as np
 import streamlit as st
 
 from common import (DISCLAIMER, FOREGROUND, ThrottledProgress, display_controls, file_key, legend, model_or_stop,
-                    pick_sample, report_button, reset_namespace, run_safely, warm_up_in_background, weights_or_stop)
+                    pick_sample, report_button, reset_namespace, run_safely, training_case_of, training_notice,
+                    warm_up_in_background, weights_or_stop)
 from core import metrics as M
 from core.dicom_series import read_volume_any
 from core.io import nifti_to_bytes, read_mask
@@ -71,6 +72,7 @@ if st.session_state.get(f"{NS}.key") != seg_key:
     data_c, sp_c, orient = A.to_canonical(vol.data, vol.affine, vol.spacing)
     st.session_state.update({
         f"{NS}.key": seg_key, f"{NS}.vol": vol, f"{NS}.res": res, f"{NS}.name": name,
+        f"{NS}.training_case": training_case_of(lm, vol.data),
         f"{NS}.canon": (data_c, sp_c, A.to_canonical(res.mask, vol.affine, vol.spacing)[0],
                         A.to_canonical(res.prob, vol.affine, vol.spacing)[0]),
     })
@@ -110,6 +112,7 @@ per_slice = st.session_state[f"{NS}.per_slice"]
 disagree = st.session_state[f"{NS}.disagree"]
 
 st.markdown(f"**Result for: {name}**")
+training_notice(st.session_state.get(f"{NS}.training_case"))
 q = res.quality
 if res.reliable:
     st.success(f"Left-atrium volume (predicted): **{res.volume_ml:.1f} mL** — quality check passed.")
