@@ -65,6 +65,17 @@ def case_stem(name: str) -> str:
     return safe_file_name(stem)
 
 
+def with_training_note(report: CaseReport, case: str | None) -> CaseReport:
+    """The report with, first among its notes, that its input is the model's training case ``case`` (if any)."""
+    if not case:
+        return report
+    from dataclasses import replace
+
+    from core.provenance import training_note
+
+    return replace(report, notes=[training_note(case), *report.notes])
+
+
 def _font_dir() -> Path:
     import matplotlib
 

@@ -87,6 +87,12 @@ def load_fingerprints(task: str, card: dict, wdir=None) -> dict[str, str] | None
     return dict(d.get("cases", {}))
 
 
+def training_note(case: str) -> str:
+    """What the page and the PDF report say beside a result whose input is the training case ``case``."""
+    return (f"This input is in the model's training data ({case}): the result shows how the model fits what it "
+            "learnt from, not how it would do on a new patient.")
+
+
 def training_case(fingerprints: dict[str, str] | None, arr: np.ndarray) -> str | None:
     """The training case an array is, or None (also when no fingerprints are available)."""
     return fingerprints.get(fingerprint(arr)) if fingerprints else None

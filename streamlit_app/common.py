@@ -164,8 +164,9 @@ def training_case_of(lm: LoadedModel, *arrays) -> str | None:
 def training_notice(case: str | None) -> None:
     """Say, beside a result, that its input is one of the model's training cases (``training_case_of``)."""
     if case:
-        st.info(f"**This input is in the model's training data** ({case}): the result shows how the model fits "
-                "what it learnt from, not how it would do on a new patient.")
+        from core.provenance import training_note
+
+        st.info(training_note(case))
 
 
 def run_safely(fn: Callable[[], Any], what: str) -> Any | None:

@@ -102,7 +102,7 @@ def test_atrium_sample_segmentation_and_slider(heart_root):
     assert "mL" in text and "3D Dice" in text and "Slice Dice" in text
     assert "training data: its Dice shows the fit" in text  # a sample the model trained on says so
     # and the input itself is recognised as a training volume (by fingerprint, as an upload would be)
-    assert "This input is in the model's training data** (la_" in text
+    assert "This input is in the model's training data (la_" in text
     assert _report_buttons(at) == 1
     z0 = at.slider(key="atr.z").value
     at.button(key="atr.next").click().run()

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from conftest import IN_CI
-from core.case_report import CaseReport, ReportImage, atrium_report, cardiac_report, render_pdf, xray_report
+from core.case_report import (CaseReport, ReportImage, atrium_report, cardiac_report, render_pdf, with_training_note,
+                              xray_report)
 from core.checkpoint import read_card
 from core.constants import DISCLAIMER
 from core.inference import AtriumResult, CardiacResult, XRayResult
@@ -66,6 +67,16 @@ def test_xray_report_says_the_finding_the_model_and_the_disclaimer():
     assert "Uncertain - refer to a specialist" in near and "Finding:" not in near
     negative = _text(render_pdf(xray_report(_xray(0.10), image, "x.png"), card))
     assert "Finding: no pneumonia suggested." in negative
+
+
+def test_report_of_a_training_input_says_so_first():
+    image = SimpleNamespace(pixels=np.ones((40, 40)), info={})
+    rep = xray_report(_xray(0.93), image, "person1_bacteria_1.jpeg")
+    assert with_training_note(rep, None) is rep
+    noted = with_training_note(rep, "chest_xray/train/PNEUMONIA/person1_bacteria_1.jpeg")
+    assert noted.notes[0].startswith("This input is in the model's training data") and noted.notes[1:] == rep.notes
+    txt = _text(render_pdf(noted, read_card("pneumonia")))
+    assert "in the model's training data" in txt and "not how it would do on a new patient" in txt
 
 
 def test_withheld_xray_report_gives_no_probability():

@@ -8,7 +8,7 @@ import streamlit as st
 from common import (DISCLAIMER, FOREGROUND, display_controls, file_key, model_or_stop, pick_sample, report_button,
                     reset_namespace, run_safely, training_case_of, training_notice, warm_up_in_background,
                     weights_or_stop)
-from core.case_report import render_pdf, xray_report
+from core.case_report import render_pdf, with_training_note, xray_report
 from core.io import read_image_2d
 from core.visualize import fit_for_display, grey_rgb, heatmap_overlay, zoom_view
 
@@ -76,9 +76,10 @@ image = st.session_state[f"{NS}.image"]
 res = st.session_state[f"{NS}.result"]
 name = st.session_state[f"{NS}.name"]
 st.markdown(f"**Result for: {name}**")
-training_notice(st.session_state.get(f"{NS}.training_case"))
+train_case = st.session_state.get(f"{NS}.training_case")
+training_notice(train_case)
 if res.withheld:
-    report_button(lambda: render_pdf(xray_report(res, image, name), lm.card), name, NS)
+    report_button(lambda: render_pdf(with_training_note(xray_report(res, image, name), train_case), lm.card), name, NS)
     st.warning(f"**No diagnosis.** {res.withheld}")
     win, zoom, fx, fy = display_controls(NS, *_display_values(image))
     st.image(fit_for_display(zoom_view(grey_rgb(_display_values(image)[0], win), zoom, fx, fy)),
@@ -122,7 +123,7 @@ with c2:
         st.image(zoom_view(heatmap_overlay(res.display, res.heatmap, alpha), zoom, fx, fy), width="stretch",
                  caption=f"Grad-CAM for the '{'pneumonia' if res.positive else 'normal'}' decision "
                          "(red = regions that most raised it; shown on the model's square input)")
-report_button(lambda: render_pdf(xray_report(res, image, name), lm.card), name, NS)
+report_button(lambda: render_pdf(with_training_note(xray_report(res, image, name), train_case), lm.card), name, NS)
 if image.info:
     with st.expander("Image information (no identifying fields are shown)"):
         st.table({"field": list(image.info), "value": [str(v) for v in image.info.values()]})

@@ -8,7 +8,7 @@ import streamlit as st
 from common import (DISCLAIMER, FOREGROUND, display_controls, file_key, legend, model_or_stop, pick_sample, report_button,
                     reset_namespace, run_safely, training_case_of, training_notice, warm_up_in_background,
                     weights_or_stop)
-from core.case_report import cardiac_report, render_pdf
+from core.case_report import cardiac_report, render_pdf, with_training_note
 from core.dicom_series import read_cine_any
 from core.io import read_image_volume
 from core.visualize import heatmap_overlay, label_overlay, zoom_view
@@ -127,9 +127,11 @@ if st.session_state.get(f"{NS}.key") != key:
 
 res = st.session_state[f"{NS}.result"]
 st.markdown(f"**Result for:** ED = `{names[0]}`, ES = `{names[1]}`")
-training_notice(st.session_state.get(f"{NS}.training_case"))
-report_button(lambda: render_pdf(cardiac_report(res, f"ED = {names[0]}, ES = {names[1]}", lm.diagnosis), lm.card),
-              names[0].split(",")[0].split(":")[-1].strip(), NS)
+train_case = st.session_state.get(f"{NS}.training_case")
+training_notice(train_case)
+report_button(lambda: render_pdf(with_training_note(
+    cardiac_report(res, f"ED = {names[0]}, ES = {names[1]}", lm.diagnosis), train_case), lm.card),
+    names[0].split(",")[0].split(":")[-1].strip(), NS)
 
 
 def _swap() -> None:

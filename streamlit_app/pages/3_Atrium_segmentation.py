@@ -112,7 +112,8 @@ per_slice = st.session_state[f"{NS}.per_slice"]
 disagree = st.session_state[f"{NS}.disagree"]
 
 st.markdown(f"**Result for: {name}**")
-training_notice(st.session_state.get(f"{NS}.training_case"))
+train_case = st.session_state.get(f"{NS}.training_case")
+training_notice(train_case)
 q = res.quality
 if res.reliable:
     st.success(f"Left-atrium volume (predicted): **{res.volume_ml:.1f} mL** — quality check passed.")
@@ -189,11 +190,12 @@ with st.expander("Quality check: the measures behind the verdict"):
                            f"<= {r.max_uncertain_ratio:.2f}", f">= {r.min_view_agreement:.2f}",
                            f">= {r.min_extent_mm:.0f}"]})
 
-from core.case_report import atrium_report, case_stem, render_pdf  # noqa: E402
+from core.case_report import atrium_report, case_stem, render_pdf, with_training_note  # noqa: E402
 
 # encoded when clicked (gzip of a whole volume costs time the page need not wait for)
 st.download_button("Download predicted mask (NIfTI, input's grid and affine)",
                    data=lambda: nifti_to_bytes(res.mask, vol.affine), on_click="ignore",
                    file_name=f"{case_stem(name)}_left_atrium_mask.nii.gz", mime="application/gzip",
                    key=f"{NS}.download_btn")
-report_button(lambda: render_pdf(atrium_report(res, data_c, mask_c, name, mets, gt_c), lm.card), name, NS)
+report_button(lambda: render_pdf(with_training_note(atrium_report(res, data_c, mask_c, name, mets, gt_c), train_case),
+                                 lm.card), name, NS)
