@@ -945,18 +945,16 @@ def _fold_weights(model: nn.Module, card: dict, cases: list, tr: list[int], va: 
                   keep_weights=None) -> str:
     """sha256 of a fold model's weights as ``save_checkpoint`` writes them; with ``keep_weights``, the pair
     (weights + card: architecture, input spec, inference setting, quality limits, split) in <keep>/fold<k>."""
-    import io as _io
     import json
     from pathlib import Path
 
-    from core.checkpoint import save_checkpoint, sha256_bytes
+    from core.checkpoint import save_checkpoint
     from core.tasks import get_task
+    from core.train import state_sha256
 
-    state = {n: v.detach().cpu() for n, v in model.state_dict().items()}
+    state = model.state_dict()
     if keep_weights is None:
-        buf = _io.BytesIO()
-        torch.save(state, buf)
-        return sha256_bytes(buf.getvalue())
+        return state_sha256(state)
     spec = get_task("atrium")
     fold_card = {"task": "atrium", "title": f"{spec.title}, cross-validation fold {k}", "kind": spec.kind,
                  "classes": list(spec.classes),

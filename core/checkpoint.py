@@ -103,6 +103,15 @@ def _write_full(path: Path, data: bytes) -> None:
         os.fsync(f.fileno())
 
 
+def state_bytes(state_dict: dict) -> bytes:
+    """The weights file's bytes for a state dict (CPU tensors, ``torch.save``); its sha256 is the card's."""
+    import torch  # here, not at import: reading a card needs no torch
+
+    buf = io.BytesIO()
+    torch.save({k: v.detach().cpu() for k, v in state_dict.items()}, buf)
+    return buf.getvalue()
+
+
 def save_checkpoint(state_dict: dict, card: dict, task: str, out_dir: str | Path | None = None) -> Path:
     """Write ``<task>.pt`` and ``<task>.json`` as a pair; the card records the weights' sha256.
 
@@ -111,11 +120,7 @@ def save_checkpoint(state_dict: dict, card: dict, task: str, out_dir: str | Path
     """
     out = weights_dir(out_dir)
     recover(task, out)
-    buf = io.BytesIO()
-    import torch  # here, not at import: reading a card needs no torch
-
-    torch.save({k: v.detach().cpu() for k, v in state_dict.items()}, buf)
-    data = buf.getvalue()
+    data = state_bytes(state_dict)
     card = dict(card)
     card["weights_sha256"] = sha256_bytes(data)
     card["weights_bytes"] = len(data)

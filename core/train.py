@@ -98,12 +98,9 @@ def dist_info() -> tuple[int, int]:
 
 def state_sha256(state: dict) -> str:
     """sha256 of a state dict as torch.save writes it (what the card records)."""
-    import hashlib
-    import io as _io
+    from core.checkpoint import sha256_bytes, state_bytes
 
-    buf = _io.BytesIO()
-    torch.save({k: v.detach().cpu() for k, v in state.items()}, buf)
-    return hashlib.sha256(buf.getvalue()).hexdigest()
+    return sha256_bytes(state_bytes(state))
 
 
 def save_trained(model: nn.Module, card: dict, task: str, out_dir: Path | None) -> None:
