@@ -231,6 +231,8 @@ def test_atrium_upload_and_slider(server, browser, heart_root, tmp_path):
     assert page.get_by_role("switch", name="Show ground-truth mask").is_checked()
     assert _images(page, 1) >= 1
     assert "3D Dice" in page.inner_text("body") and "mL" in page.inner_text("body")
+    # an uploaded file, not a sample: la_021 is a training volume of the committed model, and the page says so
+    assert "This input is in the model's training data (la_021)" in page.inner_text("body")
 
     def caption() -> str:
         return page.locator("[data-testid=stImage]").first.inner_text()
