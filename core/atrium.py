@@ -921,7 +921,7 @@ def cross_validate(root, device: torch.device, out_dir=None, folds: int = 5, see
         card: dict = {"input_spec": {"views": [2]}, "validation": {}}
         apply_inference_choice(card, model, vols, tr, va, grid, device, bf16=bf16)
         qc = card["quality_check"]
-        sha = _fold_weights(model, card, cases, tr, va, k, keep_weights)
+        sha = _fold_weights(model, card, cases, tr, va, k, cfg, device, smoke, keep_weights)
         kept.append({"fold": k, "train_cases": [cases[i].case_id for i in tr],
                      "val_cases": [cases[i].case_id for i in va], "best_epoch": res.best_epoch,
                      "epochs_run": res.epochs_run, "seconds": round(res.seconds, 1), "git_commit": git_commit(),
@@ -941,30 +941,28 @@ def cross_validate(root, device: torch.device, out_dir=None, folds: int = 5, see
     return report
 
 
-def _fold_weights(model: nn.Module, card: dict, cases: list, tr: list[int], va: list[int], k: int,
-                  keep_weights=None) -> str:
+def _fold_weights(model: nn.Module, card: dict, cases: list, tr: list[int], va: list[int], k: int, cfg,
+                  device: torch.device, smoke: bool, keep_weights=None) -> str:
     """sha256 of a fold model's weights as ``save_checkpoint`` writes them; with ``keep_weights``, the pair
-    (weights + card: architecture, input spec, inference setting, quality limits, split) in <keep>/fold<k>."""
-    import json
+    (weights + a card in the trained models' form, with the fold's inference setting, quality limits and split)
+    in <keep>/fold<k>."""
     from pathlib import Path
 
     from core.checkpoint import save_checkpoint
     from core.tasks import get_task
-    from core.train import state_sha256
+    from core.train import _card_base, state_sha256
 
     state = model.state_dict()
     if keep_weights is None:
         return state_sha256(state)
-    spec = get_task("atrium")
-    fold_card = {"task": "atrium", "title": f"{spec.title}, cross-validation fold {k}", "kind": spec.kind,
-                 "classes": list(spec.classes),
-                 "architecture": {"name": spec.architecture, "kwargs": dict(spec.model_kwargs)},
-                 "input_spec": {**spec.input_spec, **card["input_spec"]}, "threshold": card["threshold"],
+    base = _card_base(get_task("atrium"), cfg, device, smoke)
+    fold_card = {**base, "title": f"{base['title']}, cross-validation fold {k}",
+                 "input_spec": {**base["input_spec"], **card["input_spec"]}, "threshold": card["threshold"],
                  "quality_check": card["quality_check"], "validation": card["validation"],
                  "data": {"train_cases": [cases[i].case_id for i in tr], "val_cases": [cases[i].case_id for i in va],
                           "split": f"cross-validation fold {k}"}}
-    path = save_checkpoint(state, fold_card, "atrium", Path(keep_weights) / f"fold{k}")
-    return json.loads(path.with_suffix(".json").read_text())["weights_sha256"]
+    save_checkpoint(state, fold_card, "atrium", Path(keep_weights) / f"fold{k}")
+    return state_sha256(state)
 
 
 def fold_record_from_card(card: dict) -> dict:
