@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from core.checkpoint import _atomic_write, _clean, read_card
+from core.checkpoint import _atomic_write, _clean
 from core.config import data_root, weights_dir
 from core.errors import MissingWeightsError
 

@@ -5,7 +5,6 @@ metric, early stopping, per-epoch history of loss and metric on train and valida
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
 import platform
@@ -28,7 +27,6 @@ from core import metrics as M
 from core import preprocess as pp
 from core.checkpoint import git_commit, save_checkpoint
 from core.precision import autocast_for, native_bf16
-from core.preprocess import largest_component
 from core.models import build_model
 from core.tasks import TaskSpec, get_task
 

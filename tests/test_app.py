@@ -183,7 +183,7 @@ def test_pneumonia_controls_reset_with_a_new_image_and_name_the_case(xray_root):
     opts = at.selectbox(key="pneu.sample").options
     first = next(o for o in opts if "bacterial" in o)
     at.selectbox(key="pneu.sample").select(first).run()
-    assert f"Result for: " in _text(at)
+    assert "Result for: " in _text(at)
     at.slider(key="pneu.alpha").set_value(0.9).run()
     at.selectbox(key="pneu.sample").select("—").run()  # back to no input: the slider is not drawn
     other = next(o for o in opts if o not in ("—", first))
