@@ -150,3 +150,41 @@ def test_atrium_folds_validate_every_volume_of_both_datasets_once(heart_root):
             _, va = splits[f["fold"] - 1]
             assert sorted(f["val_cases"]) == sorted(cases[i].case_id for i in va)
             assert set(f["per_case"]) == set(f["val_cases"])
+
+
+KEPT_FOLDS = Path(__file__).resolve().parent.parent / "benchmarks" / "cv-folds" / "atrium"
+
+
+def test_kept_cv_fold_models_are_the_folds_of_the_cv_file_and_reproduce_their_scores(heart_root):
+    """The cross-validation models kept for out-of-fold experiments (benchmarks/cv-folds/atrium/fold<K>) load
+    (checksummed), validate on their fold's split, match the sha256 the CV file recorded for them, and
+    segment one of their validation volumes to the Dice the CV file gives it."""
+    from core.atrium import dataset_splits
+    from core.inference import load_model, segment_atrium
+    from core.metrics import dice
+    from core.train import task_config
+
+    folds = sorted(p for p in KEPT_FOLDS.glob("fold*") if (p / "atrium.pt").is_file())
+    assert folds, f"no kept fold models under {KEPT_FOLDS}"
+    cases = mio.find_atrium_cases(heart_root)
+    splits = dataset_splits(cases, task_config("atrium"))
+    cv = {f["fold"]: f for f in json.loads((weights_dir() / "atrium.cv.json").read_text())["folds"]}
+    checked_sha = 0
+    for wdir in folds:
+        k = int(wdir.name.removeprefix("fold"))
+        lm = load_model("atrium", wdir)
+        val = lm.card["data"]["val_cases"]
+        assert sorted(val) == sorted(cases[i].case_id for i in splits[k - 1][1]) == sorted(cv[k]["val_cases"])
+        if cv[k].get("weights_sha256"):
+            assert cv[k]["weights_sha256"] == lm.card["weights_sha256"]
+            checked_sha += 1
+    assert checked_sha, "no kept fold has its weights' sha256 in atrium.cv.json"
+    # one fused (bSSFP) validation volume of the last kept fold, scored as the app runs it
+    wdir = folds[-1]
+    k = int(wdir.name.removeprefix("fold"))
+    lm = load_model("atrium", wdir)
+    case = next(c for c in cases if c.case_id in cv[k]["per_case"] and c.dataset == "Task02_Heart")
+    vol = mio.load_nifti_path(case.image_path)
+    truth = mio.load_nifti_path(case.label_path).data > 0
+    got = dice(segment_atrium(lm, vol).mask, truth)
+    assert abs(got - cv[k]["per_case"][case.case_id]["dice"]) < 0.005, (case.case_id, got)
