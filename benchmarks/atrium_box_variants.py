@@ -10,20 +10,17 @@ An experiment, not part of the app: the settings are changed in place for the ru
 """
 from __future__ import annotations
 
-import argparse
-import json
 import time
-from datetime import datetime, timezone
 
 import numpy as np
-import torch
 
 from core import atrium as A
 from core import io as mio
 from core import metrics as M
-from core.config import data_root
 from core.inference import load_model
 from core.precision import autocast
+
+from _oof import collect, write
 
 SETTINGS = [(2, 40.0), (4, 40.0), (2, 60.0), (4, 60.0)]  # (localisation stride, margin mm); first = the app's
 
@@ -61,16 +58,7 @@ def run_fold(wdir: str, root) -> dict[str, dict]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("folds", nargs="+", help="folders holding a fold's atrium.pt + atrium.json")
-    ap.add_argument("--data-root", default=None)
-    ap.add_argument("--json", required=True)
-    args = ap.parse_args()
-    torch.set_num_threads(min(2, torch.get_num_threads()))
-    root = data_root(args.data_root)
-    per_case = {}
-    for f in args.folds:
-        per_case.update(run_fold(f, root))
+    args, per_case = collect(__doc__, run_fold)
     names = [f"stride {s}, margin {m:g} mm" for s, m in SETTINGS]
     base = names[0]
     summary = {n: {"dice_mean": round(float(np.mean([r[n]["dice"] for r in per_case.values()])), 4),
@@ -78,13 +66,8 @@ def main() -> None:
                    "volumes_better": int(sum(r[n]["dice"] > r[base]["dice"] for r in per_case.values())),
                    "seconds_median": round(float(np.median([r[n]["seconds"] for r in per_case.values()])), 2)}
                for n in names}
-    rec = {"what": "fused-path box settings, out of fold: each kept CV model on its own fused (bSSFP) validation volumes",
-           "folds": args.folds, "app_setting": base, "n_volumes": len(per_case), "summary": summary,
-           "per_case": per_case, "threads": torch.get_num_threads(),
-           "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-    with open(args.json, "w") as fh:
-        json.dump(rec, fh, indent=1)
-    print(json.dumps(summary, indent=1))
+    write(args, "fused-path box settings, out of fold: each kept CV model on its own fused (bSSFP) validation volumes",
+          base, summary, per_case)
 
 
 if __name__ == "__main__":
