@@ -1,4 +1,5 @@
-"""Shared command line of the out-of-fold atrium experiments in this folder (not part of the app)."""
+"""Shared parts of the out-of-fold atrium experiments in this folder (not part of the app): the command line,
+each kept fold model with its own validation volumes of one path, the comparison with the app's setting."""
 from __future__ import annotations
 
 import argparse
@@ -6,9 +7,13 @@ import json
 from datetime import datetime, timezone
 from typing import Callable
 
+import numpy as np
 import torch
 
+from core import atrium as A
+from core import io as mio
 from core.config import data_root
+from core.inference import LoadedModel, load_model
 
 
 def collect(doc: str, run_fold: Callable[[str, object], dict]) -> tuple[argparse.Namespace, dict[str, dict]]:
@@ -24,6 +29,29 @@ def collect(doc: str, run_fold: Callable[[str, object], dict]) -> tuple[argparse
     for f in args.folds:
         per_case.update(run_fold(f, root))
     return args, per_case
+
+
+def fold_cases(wdir: str, root, fused: bool) -> tuple[LoadedModel, list[A.CanonicalCase]]:
+    """A kept fold model and its own validation volumes (canonical, with their masks) that take the fused
+    (``fused``) or the single-view path."""
+    lm = load_model("atrium", wdir)
+    views = tuple(lm.card["input_spec"].get("views", [2]))
+    val = set(lm.card["data"]["val_cases"])
+    vols = A.load_cases([c for c in mio.find_atrium_cases(root) if c.case_id in val])
+    return lm, [v for v in vols if (len(A.resolve_views(views, v.data.shape, v.spacing)) > 1) == fused]
+
+
+def compare(per_case: dict[str, dict], names: list[str], base: str) -> dict[str, dict]:
+    """Per setting: mean Dice, mean change against ``base`` (the app's), volumes better, median seconds."""
+    rows = list(per_case.values())
+    out = {}
+    for n in names:
+        diff = np.array([r[n]["dice"] - r[base]["dice"] for r in rows])
+        out[n] = {"dice_mean": round(float(np.mean([r[n]["dice"] for r in rows])), 4),
+                  "dice_change_vs_app_mean": round(float(diff.mean()), 4), "volumes_better": int((diff > 0).sum()),
+                  "volumes_worse_by_0.01": int((diff < -0.01).sum()),
+                  "seconds_median": round(float(np.median([r[n]["seconds"] for r in rows])), 2)}
+    return out
 
 
 def write(args: argparse.Namespace, what: str, app_setting: str, summary: dict, per_case: dict) -> None:
