@@ -155,6 +155,29 @@ def _flip_passes(model: nn.Module, x: torch.Tensor, flips: int, out: list[torch.
     return _passes(model, x, TTA_FLIPS[flips], out)
 
 
+# Four flips add two passes over the box around the plain pass's finding (about +30 % on a whole-chest
+# volume). Read along one view, a 256x256x130 bSSFP volume (8.5 M voxels on the model's grid) took 4.9-5.0 s
+# with four against 3.8-4.5 s with two on 2 CPU cores (la_003, 2026-12): above this size a single view keeps
+# two flips so that the 5 s goal holds. A cropped LGE slab is 0.5-0.8 M voxels.
+MAX_GRID_VOXELS_FOUR_FLIPS = 6_000_000
+
+
+def grid_voxels(shape: tuple[int, ...], spacing: tuple[float, float, float], axis: int, grid_mm: float) -> int:
+    """Pixels the model sees slicing a (X, Y, Z) volume along ``axis``: its slices resampled in-plane to
+    ``grid_mm``, times the number of slices."""
+    inplane = [float(shape[i]) * float(spacing[i]) / grid_mm for i in range(3) if i != axis]
+    return int(round(inplane[0])) * int(round(inplane[1])) * int(shape[axis])
+
+
+def capped_flips(flips: int, shape: tuple[int, ...], spacing: tuple[float, float, float], axis: int,
+                 grid_mm: float) -> int:
+    """``flips`` for a single view along ``axis``, but 2 instead of 4 on a volume above
+    MAX_GRID_VOXELS_FOUR_FLIPS (see there)."""
+    if flips > 2 and grid_voxels(shape, spacing, axis, grid_mm) > MAX_GRID_VOXELS_FOUR_FLIPS:
+        return 2
+    return flips
+
+
 def segment_view(model: nn.Module, data: np.ndarray, spacing: tuple[float, float, float], axis: int,
                  grid_mm: float, batch_size: int = 1, autocast_ctx=None, progress=None,
                  normalised: bool = False, flips: int = 1, flip_set=None, stride: int = 1) -> np.ndarray:
@@ -267,6 +290,8 @@ def segment_canonical(model: nn.Module, data: np.ndarray, spacing: tuple[float, 
     views = resolve_views(views, np.shape(data), spacing)
     if len(views) > 1:
         flips = 1  # fused views: one pass each (the flips were chosen for, and pay off on, a single view)
+    else:
+        flips = capped_flips(flips, np.shape(data), spacing, views[0], grid_mm)
     norm = pp.normalise_volume(np.asarray(data))
     acc = np.zeros(norm.shape, np.float32)
     masks = []
@@ -662,11 +687,11 @@ def choose_inference(model: nn.Module, vols: list[CanonicalCase], idx: list[int]
     single = [i for i in idx if len(resolve_views((2,), vols[i].data.shape, vols[i].spacing)) == 1]
     for i in tqdm(single or idx, desc="choose flips/threshold", leave=False):
         v = vols[i]
-        passes = flip_pass_probs(model, pp.normalise_volume(v.data), v.spacing, grid_mm,
-                                 slab_axis(v.data.shape, v.spacing), autocast_ctx=lambda: autocast_for(device, bf16),
-                                 n=max(TTA_CHOICES))
-        for f in TTA_CHOICES:
-            prob = np.mean(passes[:f], axis=0)
+        ax = slab_axis(v.data.shape, v.spacing)
+        passes = flip_pass_probs(model, pp.normalise_volume(v.data), v.spacing, grid_mm, ax,
+                                 autocast_ctx=lambda: autocast_for(device, bf16), n=max(TTA_CHOICES))
+        for f in TTA_CHOICES:  # as the app runs it: four flips only on a volume small enough (capped_flips)
+            prob = np.mean(passes[:capped_flips(f, v.data.shape, v.spacing, ax, grid_mm)], axis=0)
             for t in THRESHOLD_CHOICES:
                 d = M.dice(pp.largest_component(prob >= t), v.label)
                 dice.setdefault((f, t), {}).setdefault(v.dataset, []).append(d)
@@ -963,6 +988,77 @@ def _fold_weights(model: nn.Module, card: dict, cases: list, tr: list[int], va: 
                           "split": f"cross-validation fold {k}"}}
     save_checkpoint(state, fold_card, "atrium", Path(keep_weights) / f"fold{k}")
     return state_sha256(state)
+
+
+def rescore_folds(folds_dir, root=None, only: list[int] | None = None, out_dir=None) -> dict:
+    """Score kept fold models (``<folds_dir>/fold<K>``, as ``cross_validate(keep_weights=...)`` writes them) again
+    as the app runs now (``apply_inference_choice``: the current TTA_CHOICES and THRESHOLD_CHOICES), without
+    training: how an inference change reaches atrium.cv.json. Each model must be the one the CV file recorded
+    for its fold (weights' sha256 and split); its entry keeps the training facts (epochs, seconds, commit, sha)
+    and takes the new flips, threshold, per-case figures and quality check, with ``rescored`` (commit, date).
+    The fold's own card is updated the same way. Folds without a kept model are left as they are; the file's
+    ``scoring`` becomes CV_SCORING only when every fold in it has been scored with it. Returns the report."""
+    import json
+    from datetime import datetime, timezone
+    from pathlib import Path
+
+    from core import io as mio
+    from core.checkpoint import _atomic_write, _clean, git_commit
+    from core.config import data_root, weights_dir
+    from core.errors import MedImgError
+    from core.inference import load_model
+    from core.precision import native_bf16
+
+    root = data_root(root)
+    path = weights_dir(out_dir) / CV_FILE
+    cv = read_cv(out_dir)
+    if not cv:
+        raise MedImgError(f"no cross-validation record at {path}: run `python train_all.py --atrium-cv` first")
+    by_fold = {f["fold"]: f for f in cv["folds"]}
+    dirs = {int(d.name[4:]): d for d in sorted(Path(folds_dir).glob("fold*")) if d.name[4:].isdigit()}
+    run = sorted(set(only) if only else set(dirs) & set(by_fold))
+    missing = [k for k in run if k not in dirs or k not in by_fold]
+    if missing:
+        raise MedImgError(f"folds {missing} have no kept model in {folds_dir} or no entry in {path}")
+    smoke = bool(cv.get("smoke"))
+    cases = mio.find_atrium_cases(root)
+    if smoke:  # the volumes the smoke CV read, read as it read them
+        cases = first_per_dataset(cases, 4)
+    vols = load_cases(cases, smoke)
+    index = {c.case_id: i for i, c in enumerate(cases)}
+    cpu = torch.device("cpu")
+    bf16 = native_bf16(cpu)
+    now = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    for k in run:
+        rec = by_fold[k]
+        lm = load_model("atrium", dirs[k], optimize=False)
+        if rec.get("weights_sha256") != lm.card.get("weights_sha256"):
+            raise MedImgError(f"{dirs[k]} is not the model atrium.cv.json recorded for fold {k} (sha256 differs)")
+        if lm.card["data"]["val_cases"] != rec["val_cases"] or lm.card["data"]["train_cases"] != rec["train_cases"]:
+            raise MedImgError(f"{dirs[k]} was trained on another split than fold {k} of atrium.cv.json")
+        model = lm.model.to(memory_format=torch.channels_last)  # as training left it (the CV scored it so)
+        tr, va = [index[c] for c in rec["train_cases"]], [index[c] for c in rec["val_cases"]]
+        card: dict = {"input_spec": {"views": [2]}, "validation": {}}
+        apply_inference_choice(card, model, vols, tr, va, lm.grid_mm, cpu, bf16=bf16)
+        qc = card["quality_check"]
+        rec.update({"tta_flips": card["input_spec"]["tta_flips"], "threshold": card["threshold"],
+                    "per_dataset": card["validation"]["per_dataset"], "per_case": card["validation"]["per_case"],
+                    "quality_check": {k2: qc[k2] for k2 in ("limits", "limits_fused", "validation_fired",
+                                                            "validation_firing_rate", "validation_measures")},
+                    "scoring": CV_SCORING,
+                    "rescored": {"git_commit": git_commit(), "created": now,
+                                 "what": "the kept fold model scored again with the inference choices then current "
+                                         "(no training)"}})
+        fold_card = {**lm.card, "input_spec": {**lm.card["input_spec"], **card["input_spec"]},
+                     "threshold": card["threshold"], "quality_check": qc, "validation": card["validation"]}
+        _atomic_write(dirs[k] / "atrium.json", (json.dumps(_clean(fold_card), indent=1) + "\n").encode())
+    if all(f.get("scoring", cv.get("scoring")) == CV_SCORING for f in cv["folds"]):
+        cv["scoring"] = CV_SCORING
+        for f in cv["folds"]:
+            f.pop("scoring", None)
+    cv["created"] = now
+    _atomic_write(path, (json.dumps(_clean(cv), indent=1) + "\n").encode())
+    return cv
 
 
 def fold_record_from_card(card: dict) -> dict:
@@ -1320,7 +1416,12 @@ def foreign_firing(model: nn.Module, card: dict, root, device: torch.device, bf1
 if __name__ == "__main__":
     import sys
 
-    if sys.argv[1:2] == ["finish"]:  # rescore the committed all-volume model and rewrite its card
+    if sys.argv[1:2] == ["rescore"]:  # python -m core.atrium rescore <folds dir> [fold ...]
+        rep = rescore_folds(sys.argv[2], only=[int(a) for a in sys.argv[3:]] or None)
+        print({f["fold"]: {"flips": f["tta_flips"], "threshold": f["threshold"],
+                           **{ds: round(r["dice_mean"], 4) for ds, r in f["per_dataset"].items()}}
+               for f in rep["folds"]})
+    elif sys.argv[1:2] == ["finish"]:  # rescore the committed all-volume model and rewrite its card
         c = finish_card()
         print({"training_fit": {k: round(d["dice_mean"], 4) for k, d in c["training_fit"]["per_dataset"].items()},
                "quality_limits": c["quality_check"]["limits"],

@@ -329,6 +329,18 @@ def test_pick_setting_prefers_the_best_then_fewer_flips_and_threshold_near_half(
     assert A.pick_setting({(2, 0.3): 0.85, (2, 0.45): 0.8495, (2, 0.5): 0.84}) == (2, 0.45)
 
 
+def test_grid_voxels_and_the_four_flip_cap():
+    # 256 x 256 x 130 at 1.25 mm in-plane, sliced axially on a 1.25 mm grid: 256 * 256 * 130 pixels
+    assert A.grid_voxels((256, 256, 130), (1.25, 1.25, 1.37), 2, 1.25) == 256 * 256 * 130
+    # the same volume on a 2.5 mm grid: a quarter of the in-plane pixels; along axis 0: 130 * 1.37 / 2.5 ~ 71
+    assert A.grid_voxels((256, 256, 130), (1.25, 1.25, 1.37), 2, 2.5) == 128 * 128 * 130
+    assert A.grid_voxels((256, 256, 130), (1.25, 1.25, 1.37), 0, 2.5) == 128 * 71 * 256
+    big, lge = ((256, 256, 130), (1.25, 1.25, 1.37)), ((100, 72, 88), (1.25, 1.25, 0.625))
+    assert A.capped_flips(4, *big, 2, 1.25) == 2  # 8.5 M pixels: over the cap, two flips
+    assert A.capped_flips(4, *lge, 2, 1.25) == 4  # a cropped LGE slab keeps four
+    assert A.capped_flips(2, *big, 2, 1.25) == 2 and A.capped_flips(1, *big, 2, 1.25) == 1
+
+
 def test_flipped_passes_differ_from_the_plain_one_only_around_its_finding():
     import torch
 

@@ -67,3 +67,13 @@ def test_atrium_cv_folds_run_one_at_a_time_and_are_kept(heart_root, tmp_path):
         lm = load_model("atrium", tmp_path / "atrium-cv-folds" / f"fold{f['fold']}")
         assert lm.card["weights_sha256"] == f["weights_sha256"]
         assert lm.card["data"]["val_cases"] == f["val_cases"] and lm.threshold == f["threshold"]
+    # scoring the kept folds again with the same inference choices (no training) gives the same record
+    from core.atrium import rescore_folds
+
+    rep = rescore_folds(tmp_path / "atrium-cv-folds", root=heart_root, out_dir=tmp_path)
+    assert [f["fold"] for f in rep["folds"]] == [2, 3]
+    for old, new in zip(cv["folds"], rep["folds"]):
+        assert new["weights_sha256"] == old["weights_sha256"] and new["rescored"]["git_commit"]
+        assert (new["tta_flips"], new["threshold"]) == (old["tta_flips"], old["threshold"])
+        assert {c: r["dice"] for c, r in new["per_case"].items()} == {c: r["dice"] for c, r in old["per_case"].items()}
+    assert json.loads((tmp_path / "atrium.cv.json").read_text())["scoring"] == cv["scoring"]
