@@ -4,7 +4,8 @@ single-view path). Records Dice, seconds and whether the fold's quality check (f
 report the volume. An experiment, not part of the app.
 
     MEDIMG_DATA_ROOT=../shared/datasets PYTHONPATH=. python benchmarks/atrium_flips_oof.py \
-        benchmarks/cv-folds/atrium/fold1 benchmarks/cv-folds/atrium/fold5 --json benchmarks/logs/atrium-flips-oof.json
+        benchmarks/cv-folds/atrium/fold1 benchmarks/cv-folds/atrium/fold2 benchmarks/cv-folds/atrium/fold5 \
+        --json benchmarks/logs/atrium-flips-oof.json
 """
 from __future__ import annotations
 

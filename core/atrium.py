@@ -1104,6 +1104,18 @@ def cv_inference_setting(folds: list[dict]) -> tuple[int, float]:
     return max(sorted(set(flips)), key=flips.count), float(np.median([f["threshold"] for f in folds]))
 
 
+def set_cv_inference_setting(card: dict, cv: dict) -> dict:
+    """Put the folds' setting (``cv_inference_setting``) in an all-volume model's card: input_spec.tta_flips,
+    threshold and threshold_rule. Returns the card."""
+    flips, thr = cv_inference_setting(cv["folds"])
+    card["input_spec"]["tta_flips"] = flips
+    card["threshold"] = thr
+    card["threshold_rule"] = (f"{thr:g} on the mean probability of the views (or, with one view, of {flips} in-plane "
+                              "flip(s)), then the largest 3D connected component; flips: the choice of most "
+                              "cross-validation folds, threshold: the median of theirs")
+    return card
+
+
 def cv_complete(cv: dict | None) -> bool:
     """Whether a cross-validation record holds every planned fold (1..n_folds_planned)."""
     return bool(cv and cv.get("folds") and
@@ -1163,20 +1175,21 @@ def train_atrium(root, cfg, device: torch.device, smoke: bool = False, out_dir=N
         },
         "history": res.history, "best_epoch": res.best_epoch, "epochs_run": res.epochs_run,
         "train_time_s": round(res.seconds, 1), "kept_epoch_rule": "the last epoch (no validation volumes)",
-        "threshold": thr,
-        "threshold_rule": (f"{thr:g} on the mean probability of the views (or, with one view, of {flips} in-plane "
-                           "flip(s)), then the largest 3D connected component; "
-                           + ("flips: the choice of most cross-validation folds, threshold: the median of theirs"
-                              if complete else "the recipe's defaults (no cross-validation record)")),
+        "threshold": 0.5,
+        "threshold_rule": ("0.5 on the mean probability of the views (or, with one view, of 2 in-plane flips), then "
+                           "the largest 3D connected component; the recipe's defaults (no cross-validation record)"),
         "validation": {"n": 0, "what": "no validation volumes: every volume trained on"},
     })
+    if complete:
+        set_cv_inference_setting(card, cv)
     save_trained(model, card, spec.name, out_dir)
     return finish_card(out_dir, root, smoke=smoke)
 
 
 def finish_card(wdir=None, root=None, smoke: bool = False) -> dict:
-    """Complete the card of an all-volume atrium model (``train_atrium``) from its saved weights: score every
-    volume with the card's setting (bfloat16 where the CPU runs it natively, as the app does), fit the
+    """Complete the card of an all-volume atrium model (``train_atrium``) from its saved weights: take the
+    flips and threshold of the cross-validation folds as they stand now (``set_cv_inference_setting``), score every
+    volume with them (bfloat16 where the CPU runs it natively, as the app does), fit the
     quality check on them, measure it on non-atrium inputs, and put the pooled cross-validation figures in
     "validation" (the check's validation firing from the folds, each with its own limits). Rewrites the
     card; can be rerun on its own (``python -m core.atrium finish``)."""
@@ -1191,6 +1204,9 @@ def finish_card(wdir=None, root=None, smoke: bool = False) -> dict:
     root = data_root(root)
     lm = load_model("atrium", wdir, optimize=False)
     card = lm.card
+    cv = read_cv(wdir)
+    if cv_complete(cv):  # the folds' setting (their choices may have changed since training: a rerun, a rescore)
+        set_cv_inference_setting(card, cv)
     by_id = {c.case_id: c for c in mio.find_atrium_cases(root)}
     vols = load_cases([by_id[i] for i in card["data"]["train_cases"]], smoke)
     views = tuple(card["input_spec"].get("views", [2]))
@@ -1204,7 +1220,6 @@ def finish_card(wdir=None, root=None, smoke: bool = False) -> dict:
     card["training_fit"] = {"what": "this model on its own training volumes (all of them): how well it fits, not "
                                     "how it does on new data", "per_dataset": summarise(fit_cases),
                             "per_case": fit_cases}
-    cv = read_cv(wdir)
     if cv_complete(cv):
         pool = pool_folds(cv["folds"])
         from core import metrics as M
