@@ -31,6 +31,7 @@ def test_bench_smoke_run_writes_every_figure(tmp_path, capsys):
         assert f["speedup"] > 0 and f["optimised"]["median_s"] > 0 and f["baseline"]["median_s"] > 0
     assert res["precision"]["pneumonia"] == "float32" and res["precision"]["atrium"] in ("float32", "bfloat16")
     assert res["peak_memory_mb"] > 0 and res["threads"] >= 1 and "training" not in res
+    assert res["flush_denormal"] is True  # synthetic noise inputs: subnormals flushed (see core.bench.run)
     d = res["optimisation_output_change"]["xray_probability_abs_diff"]
     assert d is None or d < 1e-3  # None: the input check withholds a diagnosis for random pixels
     printed = capsys.readouterr().out
