@@ -933,10 +933,12 @@ def cross_validate(root, device: torch.device, out_dir=None, folds: int = 5, see
     path = (Path(out_dir) if out_dir else weights_dir()) / CV_FILE
     training = _clean(asdict(cfg))
     kept: list[dict] = []
+    replaced: dict[int, dict] = {}  # folds run again: their old entries, summarised in the new ones
     if path.is_file():
         prev = json.loads(path.read_text())
         if prev.get("training") == training and prev.get("scoring") == CV_SCORING and prev.get("smoke") == smoke:
             kept = [f for f in prev["folds"] if f["fold"] not in run]
+            replaced = {f["fold"]: f for f in prev["folds"] if f["fold"] in run}
     vols = load_cases(cases, smoke)
     bf16 = device.type == "cpu" and native_bf16(device)
     report: dict = {}
@@ -945,16 +947,14 @@ def cross_validate(root, device: torch.device, out_dir=None, folds: int = 5, see
         model, res, _ = fit_atrium(vols, tr, va, cfg, device, desc=f"atrium fold {k}")
         card: dict = {"input_spec": {"views": [2]}, "validation": {}}
         apply_inference_choice(card, model, vols, tr, va, grid, device, bf16=bf16)
-        qc = card["quality_check"]
         sha = _fold_weights(model, card, cases, tr, va, k, cfg, device, smoke, keep_weights)
-        kept.append({"fold": k, "train_cases": [cases[i].case_id for i in tr],
-                     "val_cases": [cases[i].case_id for i in va], "best_epoch": res.best_epoch,
-                     "epochs_run": res.epochs_run, "seconds": round(res.seconds, 1), "git_commit": git_commit(),
-                     "weights_sha256": sha,
-                     "tta_flips": card["input_spec"]["tta_flips"], "threshold": card["threshold"],
-                     "per_dataset": card["validation"]["per_dataset"], "per_case": card["validation"]["per_case"],
-                     "quality_check": {k2: qc[k2] for k2 in ("limits", "limits_fused", "validation_fired",
-                                                             "validation_firing_rate", "validation_measures")}})
+        entry = {"fold": k, "train_cases": [cases[i].case_id for i in tr],
+                 "val_cases": [cases[i].case_id for i in va], "best_epoch": res.best_epoch,
+                 "epochs_run": res.epochs_run, "seconds": round(res.seconds, 1), "git_commit": git_commit(),
+                 "weights_sha256": sha, **fold_scoring_fields(card)}
+        if k in replaced:
+            entry["previous_run"] = previous_run_summary(replaced[k], entry)
+        kept.append(entry)
         kept.sort(key=lambda f: f["fold"])
         report = {"task": "atrium", "what": f"cross-validation folds 1-{len(splits)} of the atrium recipe over both "
                   "datasets, by volume; folds not listed have not been run yet; the committed model is the recipe "
@@ -1041,11 +1041,7 @@ def rescore_folds(folds_dir, root=None, only: list[int] | None = None, out_dir=N
         card: dict = {"input_spec": {"views": [2]}, "validation": {}}
         apply_inference_choice(card, model, vols, tr, va, lm.grid_mm, cpu, bf16=bf16)
         qc = card["quality_check"]
-        rec.update({"tta_flips": card["input_spec"]["tta_flips"], "threshold": card["threshold"],
-                    "per_dataset": card["validation"]["per_dataset"], "per_case": card["validation"]["per_case"],
-                    "quality_check": {k2: qc[k2] for k2 in ("limits", "limits_fused", "validation_fired",
-                                                            "validation_firing_rate", "validation_measures")},
-                    "scoring": CV_SCORING,
+        rec.update({**fold_scoring_fields(card), "scoring": CV_SCORING,
                     "rescored": {"git_commit": git_commit(), "created": now,
                                  "what": "the kept fold model scored again with the inference choices then current "
                                          "(no training)"}})
@@ -1061,6 +1057,9 @@ def rescore_folds(folds_dir, root=None, only: list[int] | None = None, out_dir=N
     return cv
 
 
+CV_QUALITY_KEYS = ("limits", "limits_fused", "validation_fired", "validation_firing_rate", "validation_measures")
+
+
 def fold_record_from_card(card: dict) -> dict:
     """The cross-validation entry (the keys ``cross_validate`` writes) of a model trained on fold 1's split,
     from its own card: how fold 1 moves into atrium.cv.json when the committed model stops being fold 1."""
@@ -1070,8 +1069,65 @@ def fold_record_from_card(card: dict) -> dict:
             "git_commit": card["git_commit"], "weights_sha256": card.get("weights_sha256"),
             "tta_flips": int(v.get("tta_flips", 1)),
             "threshold": float(card["threshold"]), "per_dataset": v["per_dataset"], "per_case": v["per_case"],
-            "quality_check": {k: qc[k] for k in ("limits", "limits_fused", "validation_fired",
-                                                 "validation_firing_rate", "validation_measures")}}
+            "quality_check": {k: qc[k] for k in CV_QUALITY_KEYS}}
+
+
+def fold_scoring_fields(card: dict) -> dict:
+    """The scored part of a fold's atrium.cv.json entry, from a card ``apply_inference_choice`` filled:
+    tta_flips, threshold, per_dataset, per_case and the quality check's CV_QUALITY_KEYS."""
+    qc = card["quality_check"]
+    return {"tta_flips": card["input_spec"]["tta_flips"], "threshold": card["threshold"],
+            "per_dataset": card["validation"]["per_dataset"], "per_case": card["validation"]["per_case"],
+            "quality_check": {k: qc[k] for k in CV_QUALITY_KEYS}}
+
+
+def previous_run_summary(old: dict, new: dict) -> dict:
+    """What a fold's replaced entry said (commit, time, kept epoch, setting, Dice per dataset), kept in the entry
+    that replaces it, so a rerun that moves a fold's figures shows by how much; ``same_weights`` says whether
+    the rerun reproduced the old model (sha256)."""
+    return {"what": "the run of this fold that this entry replaced (same recipe, split and scoring)",
+            "git_commit": old.get("git_commit"), "seconds": old.get("seconds"), "best_epoch": old.get("best_epoch"),
+            "tta_flips": old.get("tta_flips"), "threshold": old.get("threshold"),
+            "weights_sha256": old.get("weights_sha256"),
+            "same_weights": bool(old.get("weights_sha256")) and old.get("weights_sha256") == new.get("weights_sha256"),
+            "dice_mean_per_dataset": {ds: r["dice_mean"] for ds, r in old["per_dataset"].items()}}
+
+
+def merge_cv_folds(src, folds: list[int] | None = None, out_dir=None) -> dict:
+    """Move fold entries from another atrium.cv.json (``src``: a CV run in a scratch weights folder) into the
+    one beside the weights, each replacing the entry of the same fold with ``previous_run`` (its summary).
+    Both must hold the same recipe, scoring and splits; ``folds``: those to move (default: every fold whose
+    entry differs). Returns the merged record, written in place."""
+    import json
+    from datetime import datetime, timezone
+    from pathlib import Path
+
+    from core.checkpoint import _atomic_write, _clean
+    from core.config import weights_dir
+    from core.errors import MedImgError
+
+    path = weights_dir(out_dir) / CV_FILE
+    dst, new = read_cv(out_dir), json.loads(Path(src).read_text())
+    if not dst:
+        raise MedImgError(f"no cross-validation record at {path}")
+    for key in ("training", "scoring", "smoke", "n_folds_planned"):
+        if dst.get(key) != new.get(key):
+            raise MedImgError(f"{src} differs from {path} in {key!r}: not the same cross-validation")
+    a, b = {f["fold"]: f for f in dst["folds"]}, {f["fold"]: f for f in new["folds"]}
+    move = sorted(folds) if folds else sorted(k for k in b if a.get(k) != b[k])
+    for k in move:
+        if k not in b:
+            raise MedImgError(f"{src} has no fold {k}")
+        if k in a and (a[k]["train_cases"], a[k]["val_cases"]) != (b[k]["train_cases"], b[k]["val_cases"]):
+            raise MedImgError(f"fold {k} of {src} was trained on another split than fold {k} of {path}")
+        entry = dict(b[k])
+        if k in a and "previous_run" not in entry:
+            entry["previous_run"] = previous_run_summary(a[k], entry)
+        a[k] = entry
+    dst["folds"] = [a[k] for k in sorted(a)]
+    dst["created"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    _atomic_write(path, (json.dumps(_clean(dst), indent=1) + "\n").encode())
+    return dst
 
 
 def pool_folds(folds: list[dict]) -> dict:
@@ -1435,6 +1491,12 @@ if __name__ == "__main__":
         rep = rescore_folds(sys.argv[2], only=[int(a) for a in sys.argv[3:]] or None)
         print({f["fold"]: {"flips": f["tta_flips"], "threshold": f["threshold"],
                            **{ds: round(r["dice_mean"], 4) for ds, r in f["per_dataset"].items()}}
+               for f in rep["folds"]})
+    elif sys.argv[1:2] == ["merge"]:  # python -m core.atrium merge <other atrium.cv.json> [fold ...]
+        rep = merge_cv_folds(sys.argv[2], folds=[int(a) for a in sys.argv[3:]] or None)
+        print({f["fold"]: {"flips": f["tta_flips"], "threshold": f["threshold"],
+                           **{ds: round(r["dice_mean"], 4) for ds, r in f["per_dataset"].items()},
+                           "previous": f.get("previous_run", {}).get("dice_mean_per_dataset")}
                for f in rep["folds"]})
     elif sys.argv[1:2] == ["finish"]:  # rescore the committed all-volume model and rewrite its card
         c = finish_card()

@@ -427,3 +427,37 @@ def test_acquisition_stress_reports_no_poor_mask_on_a_real_volume(lge_root):
         assert 0.0 <= r["dice"] <= 1.0
         assert not (r["reported"] and r["dice"] < 0.5), (name, r)
     assert res["summary"]["inverted contrast"]["n"] == 1
+
+
+def _cv_entry(fold: int, sha: str, dice: float) -> dict:
+    return {"fold": fold, "train_cases": [f"t{fold}"], "val_cases": [f"v{fold}"], "git_commit": "abc", "seconds": 10.0,
+            "best_epoch": 3, "tta_flips": 2, "threshold": 0.5, "weights_sha256": sha,
+            "per_dataset": {"all": {"dice_mean": dice}, "LA2018": {"dice_mean": dice}}}
+
+
+def test_merging_a_rerun_fold_keeps_what_the_replaced_run_said(tmp_path):
+    """`python -m core.atrium merge`: a fold rerun in a scratch folder replaces its entry, and the entry
+    carries the replaced run's figures; other folds, other recipes and other splits are refused or untouched."""
+    import json
+
+    from core.errors import MedImgError
+
+    head = {"task": "atrium", "training": {"epochs": 48}, "scoring": "s", "smoke": False, "n_folds_planned": 2}
+    (tmp_path / A.CV_FILE).write_text(json.dumps({**head, "folds": [_cv_entry(1, "a", 0.8), _cv_entry(2, "b", 0.9)]}))
+    src = tmp_path / "scratch.json"
+    src.write_text(json.dumps({**head, "folds": [_cv_entry(1, "a", 0.8), _cv_entry(2, "c", 0.85)]}))
+    cv = A.merge_cv_folds(src, out_dir=tmp_path)
+    assert [f["weights_sha256"] for f in cv["folds"]] == ["a", "c"]
+    assert "previous_run" not in cv["folds"][0]  # identical entries are not moved
+    prev = cv["folds"][1]["previous_run"]
+    assert prev["weights_sha256"] == "b" and prev["same_weights"] is False
+    assert prev["dice_mean_per_dataset"] == {"all": 0.9, "LA2018": 0.9}
+    assert json.loads((tmp_path / A.CV_FILE).read_text())["folds"] == cv["folds"]
+    src.write_text(json.dumps({**head, "training": {"epochs": 60}, "folds": [_cv_entry(2, "d", 0.9)]}))
+    with pytest.raises(MedImgError, match="training"):
+        A.merge_cv_folds(src, out_dir=tmp_path)
+    other = _cv_entry(2, "d", 0.9) | {"val_cases": ["t1"]}
+    src.write_text(json.dumps({**head, "folds": [other]}))
+    with pytest.raises(MedImgError, match="another split"):
+        A.merge_cv_folds(src, out_dir=tmp_path)
+    assert A.previous_run_summary(_cv_entry(2, "x", 0.9), _cv_entry(2, "x", 0.9))["same_weights"] is True

@@ -77,3 +77,11 @@ def test_atrium_cv_folds_run_one_at_a_time_and_are_kept(heart_root, tmp_path):
         assert (new["tta_flips"], new["threshold"]) == (old["tta_flips"], old["threshold"])
         assert {c: r["dice"] for c, r in new["per_case"].items()} == {c: r["dice"] for c, r in old["per_case"].items()}
     assert json.loads((tmp_path / "atrium.cv.json").read_text())["scoring"] == cv["scoring"]
+    # running a fold again replaces its entry and keeps what the replaced run said
+    assert train_main(["--atrium-cv", "--smoke", "--folds", "3", "--data-root", str(heart_root), "--device", "cpu",
+                       "--weights-dir", str(tmp_path)]) == 0
+    again = json.loads((tmp_path / "atrium.cv.json").read_text())["folds"]
+    assert again[0] == rep["folds"][0]
+    prev = again[1]["previous_run"]
+    assert prev["weights_sha256"] == rep["folds"][1]["weights_sha256"]
+    assert prev["dice_mean_per_dataset"] == {ds: r["dice_mean"] for ds, r in rep["folds"][1]["per_dataset"].items()}
