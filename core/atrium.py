@@ -1093,11 +1093,12 @@ def previous_run_summary(old: dict, new: dict) -> dict:
             "dice_mean_per_dataset": {ds: r["dice_mean"] for ds, r in old["per_dataset"].items()}}
 
 
-def merge_cv_folds(src, folds: list[int] | None = None, out_dir=None) -> dict:
+def merge_cv_folds(src, folds: list[int] | None = None, out_dir=None, machine_note: str | None = None) -> dict:
     """Move fold entries from another atrium.cv.json (``src``: a CV run in a scratch weights folder) into the
     one beside the weights, each replacing the entry of the same fold with ``previous_run`` (its summary).
     Both must hold the same recipe, scoring and splits; ``folds``: those to move (default: every fold whose
-    entry differs). Returns the merged record, written in place."""
+    entry differs); ``machine_note``: where the rerun ran, kept in each moved entry. Returns the merged record,
+    written in place."""
     import json
     from datetime import datetime, timezone
     from pathlib import Path
@@ -1123,6 +1124,8 @@ def merge_cv_folds(src, folds: list[int] | None = None, out_dir=None) -> dict:
         entry = dict(b[k])
         if k in a and "previous_run" not in entry:
             entry["previous_run"] = previous_run_summary(a[k], entry)
+        if machine_note:
+            entry["machine_note"] = machine_note
         a[k] = entry
     dst["folds"] = [a[k] for k in sorted(a)]
     dst["created"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
@@ -1492,8 +1495,11 @@ if __name__ == "__main__":
         print({f["fold"]: {"flips": f["tta_flips"], "threshold": f["threshold"],
                            **{ds: round(r["dice_mean"], 4) for ds, r in f["per_dataset"].items()}}
                for f in rep["folds"]})
-    elif sys.argv[1:2] == ["merge"]:  # python -m core.atrium merge <other atrium.cv.json> [fold ...]
-        rep = merge_cv_folds(sys.argv[2], folds=[int(a) for a in sys.argv[3:]] or None)
+    elif sys.argv[1:2] == ["merge"]:  # python -m core.atrium merge <other atrium.cv.json> [fold ...] [--note TEXT]
+        args = sys.argv[2:]
+        note = args.pop(args.index("--note") + 1) if "--note" in args else None
+        args = [a for a in args if a != "--note"]
+        rep = merge_cv_folds(args[0], folds=[int(a) for a in args[1:]] or None, machine_note=note)
         print({f["fold"]: {"flips": f["tta_flips"], "threshold": f["threshold"],
                            **{ds: round(r["dice_mean"], 4) for ds, r in f["per_dataset"].items()},
                            "previous": f.get("previous_run", {}).get("dice_mean_per_dataset")}

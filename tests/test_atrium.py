@@ -446,8 +446,9 @@ def test_merging_a_rerun_fold_keeps_what_the_replaced_run_said(tmp_path):
     (tmp_path / A.CV_FILE).write_text(json.dumps({**head, "folds": [_cv_entry(1, "a", 0.8), _cv_entry(2, "b", 0.9)]}))
     src = tmp_path / "scratch.json"
     src.write_text(json.dumps({**head, "folds": [_cv_entry(1, "a", 0.8), _cv_entry(2, "c", 0.85)]}))
-    cv = A.merge_cv_folds(src, out_dir=tmp_path)
+    cv = A.merge_cv_folds(src, out_dir=tmp_path, machine_note="rerun on CPU x")
     assert [f["weights_sha256"] for f in cv["folds"]] == ["a", "c"]
+    assert cv["folds"][1]["machine_note"] == "rerun on CPU x"
     assert "previous_run" not in cv["folds"][0]  # identical entries are not moved
     prev = cv["folds"][1]["previous_run"]
     assert prev["weights_sha256"] == "b" and prev["same_weights"] is False
