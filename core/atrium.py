@@ -580,6 +580,20 @@ def augment(x: torch.Tensor, y: torch.Tensor, gen: torch.Generator | None = None
     return torch.where(clean, x, out), y
 
 
+def slice_agreement(pred: np.ndarray, truth: np.ndarray, spacing: tuple[float, float, float],
+                    axis: int = 2) -> tuple[np.ndarray, np.ndarray]:
+    """(Dice per slice along ``axis``, NaN where both are empty; ``disagreement_cm2``) of two masks of one
+    grid, computed in the in-plane box around both (outside it both are background: same values)."""
+    from core import metrics as M
+
+    p, g = np.asarray(pred) > 0, np.asarray(truth) > 0
+    if p.any() or g.any():
+        box = list(M.union_box(p, g))
+        box[axis] = slice(None)  # every slice keeps its entry
+        p, g = p[tuple(box)], g[tuple(box)]
+    return M.per_slice_dice(p, g, axis), disagreement_cm2(p, g, spacing, axis)
+
+
 def disagreement_cm2(pred: np.ndarray, truth: np.ndarray, spacing: tuple[float, float, float],
                      axis: int = 2) -> np.ndarray:
     """Per slice along ``axis``: area (cm2) where prediction and truth disagree (false positive + false

@@ -105,7 +105,7 @@ def _surface(mask: np.ndarray) -> np.ndarray:
                                           border_value=0)
 
 
-def _union_box(a: np.ndarray, b: np.ndarray, margin: int = 0) -> tuple[slice, ...]:
+def union_box(a: np.ndarray, b: np.ndarray, margin: int = 0) -> tuple[slice, ...]:
     """Slices of the bounding box of ``a | b`` (both boolean, not both empty), widened by ``margin``
     voxels and clipped to the array."""
     u = a | b
@@ -125,7 +125,7 @@ def hd95(pred: np.ndarray, gt: np.ndarray, spacing=None) -> float:
     # Every surface voxel lies in the box around both masks, so the distance transforms need only that box
     # (one voxel wider, so that the erosion sees the same neighbours): same result, and a 256x256x130
     # volume's distance maps shrink from about 200 MB to a few MB in the app server.
-    box = _union_box(p, g, margin=1)
+    box = union_box(p, g, margin=1)
     p, g = p[box], g[box]
     sp, sg = _surface(p), _surface(g)
     dt_g = ndimage.distance_transform_edt(~sg, sampling=spacing)
@@ -156,6 +156,13 @@ def per_slice_dice(pred: np.ndarray, gt: np.ndarray, axis: int = 2) -> np.ndarra
 
 
 def segmentation_metrics(pred: np.ndarray, gt: np.ndarray, spacing) -> dict[str, float]:
+    """Dice, IoU, HD95 (mm), both volumes (mL) and the volume error (%) of two masks of one grid."""
+    pred, gt = np.asarray(pred) > 0, np.asarray(gt) > 0
+    if pred.any() or gt.any():
+        # outside the box around both masks every voxel is background in both: the same figures from the box
+        # alone, without passing over a whole 256x256x130 volume five times (0.3 s -> 0.05 s in the app)
+        box = union_box(pred, gt, margin=1)
+        pred, gt = pred[box], gt[box]
     return {
         "dice": dice(pred, gt),
         "iou": iou(pred, gt),

@@ -37,9 +37,13 @@ class Window:
 
 def percentile_window(values: np.ndarray, lo: float = 1.0, hi: float = 99.0, name: str = "") -> Window:
     """The window spanning the ``lo``-th to ``hi``-th percentile of ``values`` (sampled on large arrays)."""
-    v = np.asarray(values, dtype=np.float32).ravel()
-    if v.size > 2_000_000:  # percentiles of a 3D volume: a strided sample is as good and 10x cheaper
-        v = v[:: v.size // 1_000_000]
+    v = np.asarray(values)
+    if v.size > 2_000_000:
+        # percentiles of a 3D volume: every k-th voxel along each axis (~1 M or fewer) is as good, and taken
+        # as a view it spares copying the whole (often transposed) volume first (75 ms of 85 on 256x256x130)
+        k = int(np.ceil((v.size / 1_000_000) ** (1 / v.ndim)))
+        v = v[tuple(slice(None, None, k) for _ in range(v.ndim))]
+    v = np.asarray(v, dtype=np.float32).ravel()
     a, b = (float(x) for x in np.percentile(v, [lo, hi]))
     return Window((a + b) / 2, max(b - a, 1e-6), name or f"auto ({lo:g}-{hi:g} % of values)")
 

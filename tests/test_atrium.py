@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from core import atrium as A
+from core import metrics as M
 from core import io as mio
 from core.inference import load_model, segment_atrium
 
@@ -462,3 +463,21 @@ def test_merging_a_rerun_fold_keeps_what_the_replaced_run_said(tmp_path):
     with pytest.raises(MedImgError, match="another split"):
         A.merge_cv_folds(src, out_dir=tmp_path)
     assert A.previous_run_summary(_cv_entry(2, "x", 0.9), _cv_entry(2, "x", 0.9))["same_weights"] is True
+
+
+def test_slice_agreement_from_the_box_equals_the_whole_slices():
+    from scipy import ndimage
+
+    rng = np.random.default_rng(2)
+    g = ndimage.binary_dilation(rng.random((30, 28, 12)) > 0.995, iterations=2)
+    p = np.roll(g, 2, axis=0)
+    p[:, :, 0] = False
+    p[:3, :3, 0] = True  # a stray patch at the corner of one slice
+    sp = (1.25, 1.25, 2.0)
+    dice, dis = A.slice_agreement(p, g, sp)
+    np.testing.assert_array_equal(np.isnan(dice), np.isnan(M.per_slice_dice(p, g)))
+    np.testing.assert_allclose(dice[~np.isnan(dice)], M.per_slice_dice(p, g)[~np.isnan(dice)])
+    np.testing.assert_allclose(dis, A.disagreement_cm2(p, g, sp))
+    assert dice.shape == dis.shape == (12,)
+    d0, s0 = A.slice_agreement(np.zeros((5, 5, 3)), np.zeros((5, 5, 3)), sp)
+    assert np.isnan(d0).all() and (s0 == 0).all()

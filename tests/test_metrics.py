@@ -109,7 +109,7 @@ def test_hd95_on_the_masks_box_equals_the_whole_volume():
             p[0, :5, :5] = g[-1, -5:, -5:] = True
         sp = (1.25, 1.25, 1.37)
         assert M.hd95(p, g, sp) == pytest.approx(whole(p, g, sp), abs=1e-9)
-    assert M._union_box(np.eye(5, dtype=bool)[:, :3], np.zeros((5, 3), bool), margin=1) == (slice(0, 4), slice(0, 3))
+    assert M.union_box(np.eye(5, dtype=bool)[:, :3], np.zeros((5, 3), bool), margin=1) == (slice(0, 4), slice(0, 3))
 
 
 def test_volume_and_per_slice():
@@ -150,3 +150,21 @@ def test_agreement_known_values():
     assert a["mae"] == pytest.approx((0.1 + 0.1 + 0.2) / 3)
     assert a["bias"] == pytest.approx((0.1 - 0.1 + 0.2) / 3)
     assert a["pearson_r"] == pytest.approx(np.corrcoef([0.5, 0.6, 0.9], [0.4, 0.7, 0.7])[0, 1])
+
+
+def test_segmentation_metrics_from_the_box_equal_the_whole_volume_figures():
+    from scipy import ndimage
+
+    rng = np.random.default_rng(1)
+    sp = (1.25, 1.25, 1.37)
+    for k in range(4):
+        g = ndimage.binary_dilation(rng.random((40, 36, 20)) > 0.997, iterations=3)
+        p = np.roll(g, k, axis=1)
+        if k == 3:  # touching the edges
+            p[0, :5, :5] = True
+        got = M.segmentation_metrics(p.astype(np.uint8), g, sp)
+        assert got == pytest.approx({"dice": M.dice(p, g), "iou": M.iou(p, g), "hd95_mm": M.hd95(p, g, sp),
+                                     "volume_ml_pred": M.volume_ml(p, sp), "volume_ml_true": M.volume_ml(g, sp),
+                                     "volume_error_pct": M.volume_error_pct(p, g)}, abs=1e-12)
+    empty = M.segmentation_metrics(np.zeros((4, 4, 4)), np.zeros((4, 4, 4)), sp)
+    assert empty["dice"] == 1.0 and math.isnan(empty["hd95_mm"]) and empty["volume_ml_pred"] == 0.0

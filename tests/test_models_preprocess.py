@@ -146,6 +146,11 @@ def test_percentile_window_and_zoom_view():
 
     w = percentile_window(np.arange(101, dtype=np.float32), 10, 90)
     assert w.center == pytest.approx(50.0) and w.width == pytest.approx(80.0)
+    # a volume too large to read whole is sampled on a grid: 1st-99th percentile of 0..99 along z, in any order
+    vol = np.broadcast_to(np.arange(100, dtype=np.float32), (200, 200, 100))
+    for v in (vol, vol.transpose(2, 0, 1)[::-1]):
+        w = percentile_window(v)
+        assert w.center == pytest.approx(49.5, abs=0.5) and w.width == pytest.approx(97.0, abs=1.0)
     img = np.arange(100 * 80).reshape(100, 80)
     assert zoom_view(img, 1.0).shape == (100, 80)
     z = zoom_view(img, 2.0)  # centred: rows 25-74, columns 20-59

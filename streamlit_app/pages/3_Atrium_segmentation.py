@@ -98,8 +98,7 @@ if st.session_state.get(f"{NS}.mask_key", "none") != mask_key:
         if gt is not None:
             gt_c = A.to_canonical(gt, vol.affine, vol.spacing)[0]
             mets = M.segmentation_metrics(res.mask, gt, vol.spacing)
-            per_slice = M.per_slice_dice(mask_c, gt_c)
-            disagree = A.disagreement_cm2(mask_c, gt_c, sp_c)
+            per_slice, disagree = A.slice_agreement(mask_c, gt_c, sp_c)
     st.session_state.update({f"{NS}.mask_key": mask_key, f"{NS}.gt_c": gt_c, f"{NS}.metrics": mets,
                              f"{NS}.per_slice": per_slice, f"{NS}.disagree": disagree,
                              # drawn once per segmentation and mask: a slice change only moves its marker
