@@ -137,6 +137,9 @@ def main(argv: list[str] | None = None) -> int:
     import torch.distributed as dist
 
     if dist.is_initialized():
+        # every rank waits for rank 0's last writes before the group goes: a rank tearing down gloo while its
+        # peer still uses the group aborted once at exit (SIGABRT, "terminate called without an active exception")
+        dist.barrier()
         dist.destroy_process_group()
     return 1 if failed else 0
 

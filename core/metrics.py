@@ -160,7 +160,7 @@ def segmentation_metrics(pred: np.ndarray, gt: np.ndarray, spacing) -> dict[str,
     pred, gt = np.asarray(pred) > 0, np.asarray(gt) > 0
     if pred.any() or gt.any():
         # outside the box around both masks every voxel is background in both: the same figures from the box
-        # alone, without passing over a whole 256x256x130 volume five times (0.3 s -> 0.05 s in the app)
+        # alone, without passing over a whole 256x256x130 volume five times (0.29 s -> 0.10 s on la_003)
         box = union_box(pred, gt, margin=1)
         pred, gt = pred[box], gt[box]
     return {
