@@ -932,7 +932,7 @@ def cross_validate(root, device: torch.device, out_dir=None, folds: int = 5, see
     from pathlib import Path
 
     from core import io as mio
-    from core.checkpoint import _atomic_write, _clean, git_commit
+    from core.checkpoint import _clean, git_commit
     from core.config import weights_dir
     from core.precision import native_bf16
     from core.tasks import get_task
@@ -978,8 +978,7 @@ def cross_validate(root, device: torch.device, out_dir=None, folds: int = 5, see
                   "trained on every volume", "n_folds_planned": len(splits), "folds": kept, "training": training,
                   "scoring": CV_SCORING, "smoke": smoke,
                   "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-        path.parent.mkdir(parents=True, exist_ok=True)
-        _atomic_write(path, (json.dumps(_clean(report), indent=1) + "\n").encode())
+        write_cv(report, path)
     return report
 
 
@@ -1070,7 +1069,7 @@ def rescore_folds(folds_dir, root=None, only: list[int] | None = None, out_dir=N
         for f in cv["folds"]:
             f.pop("scoring", None)
     cv["created"] = now
-    _atomic_write(path, (json.dumps(_clean(cv), indent=1) + "\n").encode())
+    write_cv(cv, path)
     return cv
 
 
@@ -1120,7 +1119,6 @@ def merge_cv_folds(src, folds: list[int] | None = None, out_dir=None, machine_no
     from datetime import datetime, timezone
     from pathlib import Path
 
-    from core.checkpoint import _atomic_write, _clean
     from core.config import weights_dir
     from core.errors import MedImgError
 
@@ -1146,7 +1144,7 @@ def merge_cv_folds(src, folds: list[int] | None = None, out_dir=None, machine_no
         a[k] = entry
     dst["folds"] = [a[k] for k in sorted(a)]
     dst["created"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    _atomic_write(path, (json.dumps(_clean(dst), indent=1) + "\n").encode())
+    write_cv(dst, path)
     return dst
 
 
@@ -1190,6 +1188,17 @@ def set_cv_inference_setting(card: dict, cv: dict) -> dict:
                               "flip(s)), then the largest 3D connected component; flips: the choice of most "
                               "cross-validation folds, threshold: the median of theirs")
     return card
+
+
+def write_cv(cv: dict, path) -> None:
+    """Write a cross-validation record (atrium.cv.json) atomically, in the one form every writer uses."""
+    import json
+    from pathlib import Path
+
+    from core.checkpoint import _atomic_write, _clean
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    _atomic_write(Path(path), (json.dumps(_clean(cv), indent=1) + "\n").encode())
 
 
 def cv_complete(cv: dict | None) -> bool:
