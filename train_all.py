@@ -27,6 +27,20 @@ from core.errors import MedImgError
 from core.tasks import TASKS
 
 
+def train_task(task: str, root: Path, device, smoke: bool = False, out_dir: Path | None = None,
+               seed: int = 0, epochs: int | None = None, crop: int | None = None,
+               ema: float | None = None, spacing_mm: float | None = None) -> dict:
+    """Train one task with its registry defaults (or smoke settings) and write weights + card: each task's
+    own module trains it (core.pneumonia, core.cardiac, core.atrium) with the shared loop of core.train."""
+    from core import atrium, cardiac, pneumonia
+    from core.train import task_config
+
+    trainers = {"pneumonia": pneumonia.train_pneumonia, "cardiac": cardiac.train_cardiac,
+                "atrium": atrium.train_atrium}
+    cfg = task_config(task, smoke, seed, epochs, crop, ema, spacing_mm)
+    return trainers[task](Path(root), cfg, device, smoke=smoke, out_dir=out_dir)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tasks", nargs="+", choices=list(TASKS), default=list(TASKS))
@@ -57,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stdout)
     import torch
 
-    from core.train import dist_info, pick_device, train_task
+    from core.train import dist_info, pick_device
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # started by torchrun: one process per GPU (or CPU slot)
         import torch.distributed as dist

@@ -13,7 +13,8 @@ import torch
 from core import atrium as A
 from core import io as mio
 from core.config import data_root
-from core.inference import LoadedModel, load_model
+from core.inference import load_model
+from core.runtime import LoadedModel
 
 
 def collect(doc: str, run_fold: Callable[[str, object], dict]) -> tuple[argparse.Namespace, dict[str, dict]]:

@@ -12,6 +12,7 @@ whatever the header says that direction is.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -20,6 +21,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from core import preprocess as pp
+from core.explain import model_lock
+from core.io import Volume
+from core.metrics import volume_ml
+from core.precision import autocast
+from core.runtime import LoadedModel, release_memory
 
 VIEWS_ALL = (2, 0, 1)  # the axial view first: the others run around what it finds
 # A single-view model slices across the slab's thinnest direction when it is clearly thinner than the
@@ -425,6 +431,52 @@ def slice_uncertainty_cm2(prob: np.ndarray, spacing: tuple[float, float, float],
     return unsure.sum(axis=tuple(other)) * px_cm2
 
 
+def judge_with_card(m: dict[str, float], card: dict) -> QualityReport:
+    """Judge quality measures with the card's limits for the mode they were taken in (single or fused)."""
+    return judge(m, QualityRule.from_card(card, fused=bool(m.get("fused", 0.0))))
+
+
+# --------------------------------------------------------------------------- prediction (the app's path)
+
+
+@dataclass
+class AtriumResult:
+    mask: np.ndarray  # (X, Y, Z) uint8 on the input grid
+    volume_ml: float
+    spacing: tuple[float, float, float]
+    prob: np.ndarray | None = None  # (X, Y, Z) float16 mean probability of the views, on the input grid
+    quality: QualityReport | None = None  # whether the mask may be reported, and why not
+    views: tuple[int, ...] = (2,)  # axes of the canonical orientation actually segmented (and fused)
+
+    @property
+    def reliable(self) -> bool:
+        return self.quality is None or bool(self.quality.reliable)
+
+
+def segment_atrium(lm: LoadedModel, volume: Volume, batch_size: int = 8,
+                   progress: Callable[[float], None] | None = None) -> AtriumResult:
+    """Segment the left atrium and return a mask on the input's grid, with a quality verdict.
+
+    The volume is brought to the closest RAS orientation by its affine, segmented slice by slice (2.5D
+    U-Net) along each view the card lists, the views' probabilities averaged, the largest component
+    kept, and everything put back in the input's voxel order. The quality check (``judge``) says whether
+    the mask may be reported.
+    """
+    data_c, sp_c, orient = to_canonical(volume.data, volume.affine, volume.spacing)
+    views = tuple(int(v) for v in lm.card.get("input_spec", {}).get("views", [2]))
+    flips = int(lm.card.get("input_spec", {}).get("tta_flips", 1))
+    with model_lock(lm.model):
+        pred = segment_canonical(lm.model, data_c, sp_c, views, lm.grid_mm, lm.threshold, batch_size,
+                                 lambda: autocast(lm.precision), progress, flips=flips)
+    quality = judge_with_card(quality_measures(pred, sp_c, lm.threshold), lm.card)
+    mask = from_canonical(pred.mask, orient)
+    prob = from_canonical(pred.prob, orient)
+    views = pred.views  # the slab's own axis for a single-view model (resolve_views)
+    del pred, data_c
+    release_memory()
+    return AtriumResult(mask, volume_ml(mask, volume.spacing), volume.spacing, prob, quality, views)
+
+
 # --------------------------------------------------------------------------- training data
 
 
@@ -649,17 +701,24 @@ def first_per_dataset(cases: list, n: int) -> list:
     return [c for v in by.values() for c in v[:n]]
 
 
+def volume_folds(n: int, cfg, folds: int = 5) -> list[tuple[list[int], list[int]]]:
+    """(train, validation) indices of ``n`` volumes. Fold 1 is the committed model's split (``val_fraction``
+    of the volumes, seeded); the other volumes are divided into folds 2..``folds`` for cross-validation."""
+    order = np.random.default_rng(cfg.seed).permutation(n)
+    n_val = max(1, int(round(n * cfg.val_fraction)))
+    parts = [order[:n_val]] + [p for p in np.array_split(order[n_val:], max(1, folds - 1)) if len(p)]
+    return [(sorted(int(i) for i in order if i not in set(p.tolist())), sorted(int(i) for i in p)) for p in parts]
+
+
 def dataset_splits(cases: list, cfg, folds: int = 5) -> list[tuple[list[int], list[int]]]:
     """(train, validation) indices into ``cases`` per fold, split by volume within each dataset (fold 1:
     ``val_fraction`` of each dataset's volumes, seeded; the rest divided into folds 2..``folds``)."""
-    from core.train import _atrium_split
-
     by_ds: dict[str, list[int]] = {}
     for i, c in enumerate(cases):
         by_ds.setdefault(c.dataset, []).append(i)
     out: list[tuple[list[int], list[int]]] = [([], []) for _ in range(folds)]
     for idx in by_ds.values():
-        for k, (tr, va) in enumerate(_atrium_split(len(idx), cfg, folds)):
+        for k, (tr, va) in enumerate(volume_folds(len(idx), cfg, folds)):
             out[k][0].extend(idx[i] for i in tr)
             out[k][1].extend(idx[i] for i in va)
     return [(sorted(tr), sorted(va)) for tr, va in out if va]
@@ -831,11 +890,6 @@ def fit_quality_limits(train_quality: dict[str, dict], fused: bool = False) -> d
             "min_extent_mm": MIN_EXTENT_MM}
 
 
-def judge_with_card(m: dict[str, float], card: dict) -> QualityReport:
-    """Judge quality measures with the card's limits for the mode they were taken in (single or fused)."""
-    return judge(m, QualityRule.from_card(card, fused=bool(m.get("fused", 0.0))))
-
-
 def quality_check_record(train_quality: dict[str, dict], val_quality: dict[str, dict], setting: str) -> dict:
     """The card's quality_check: limits fitted on the training volumes for each mode (single view; three
     fused views, when enough training volumes took it), and how often they fire on the validation volumes."""
@@ -924,7 +978,7 @@ def cross_validate(root, device: torch.device, out_dir=None, folds: int = 5, see
     per dataset, as the app runs (``CV_SCORING``). Folds already in <weights>/atrium.cv.json from the same
     recipe and scoring are kept, so the folds can be run one session at a time; the file is rewritten after
     each fold. Each fold records its weights' sha256; with ``keep_weights`` (a folder) the fold's weights and
-    a card that ``load_model("atrium", <folder>/fold<K>)`` reads are written there too, so that a later
+    a card that ``core.inference.load_model("atrium", <folder>/fold<K>)`` reads are written there too, so that a later
     inference or quality-check change can be scored out of fold without training again."""
     import json
     from dataclasses import asdict
@@ -991,12 +1045,12 @@ def _fold_weights(model: nn.Module, card: dict, cases: list, tr: list[int], va: 
 
     from core.checkpoint import save_checkpoint
     from core.tasks import get_task
-    from core.train import _card_base, state_sha256
+    from core.train import card_base, state_sha256
 
     state = model.state_dict()
     if keep_weights is None:
         return state_sha256(state)
-    base = _card_base(get_task("atrium"), cfg, device, smoke)
+    base = card_base(get_task("atrium"), cfg, device, smoke)
     fold_card = {**base, "title": f"{base['title']}, cross-validation fold {k}",
                  "input_spec": {**base["input_spec"], **card["input_spec"]}, "threshold": card["threshold"],
                  "quality_check": card["quality_check"], "validation": card["validation"],
@@ -1022,7 +1076,7 @@ def rescore_folds(folds_dir, root=None, only: list[int] | None = None, out_dir=N
     from core.checkpoint import _atomic_write, _clean, git_commit
     from core.config import data_root, weights_dir
     from core.errors import MedImgError
-    from core.inference import load_model
+    from core.runtime import load_base
     from core.precision import native_bf16
 
     root = data_root(root)
@@ -1047,7 +1101,7 @@ def rescore_folds(folds_dir, root=None, only: list[int] | None = None, out_dir=N
     now = datetime.now(timezone.utc).isoformat(timespec="seconds")
     for k in run:
         rec = by_fold[k]
-        lm = load_model("atrium", dirs[k], optimize=False)
+        lm = load_base("atrium", dirs[k], optimize=False)
         if rec.get("weights_sha256") != lm.card.get("weights_sha256"):
             raise MedImgError(f"{dirs[k]} is not the model atrium.cv.json recorded for fold {k} (sha256 differs)")
         if lm.card["data"]["val_cases"] != rec["val_cases"] or lm.card["data"]["train_cases"] != rec["train_cases"]:
@@ -1229,7 +1283,7 @@ def train_atrium(root, cfg, device: torch.device, smoke: bool = False, out_dir=N
     from core import io as mio
     from core.errors import MedImgError
     from core.tasks import get_task
-    from core.train import _card_base, save_trained
+    from core.train import card_base, save_trained
 
     spec = get_task("atrium")
     cv = read_cv(out_dir)
@@ -1245,7 +1299,7 @@ def train_atrium(root, cfg, device: torch.device, smoke: bool = False, out_dir=N
     tr = list(range(len(vols)))
     model, res, n_slices = fit_atrium(vols, tr, [], cfg, device)
     flips, thr = cv_inference_setting(cv["folds"]) if complete else (2, 0.5)
-    card = _card_base(spec, cfg, device, smoke)
+    card = card_base(spec, cfg, device, smoke)
     card["input_spec"].update(views=[2], tta_flips=flips, view_rule=VIEW_RULE, orientation=ORIENTATION_RULE)
     per_ds = {ds: sum(v.dataset == ds for v in vols) for ds in sorted({v.dataset for v in vols})}
     card.update({
@@ -1283,11 +1337,11 @@ def finish_card(wdir=None, root=None, smoke: bool = False) -> dict:
     from core import io as mio
     from core.checkpoint import _atomic_write, _clean
     from core.config import data_root, weights_dir
-    from core.inference import load_model
+    from core.runtime import load_base
     from core.precision import native_bf16
 
     root = data_root(root)
-    lm = load_model("atrium", wdir, optimize=False)
+    lm = load_base("atrium", wdir, optimize=False)
     card = lm.card
     cv = read_cv(wdir)
     if cv_complete(cv):  # the folds' setting (their choices may have changed since training: a rerun, a rescore)

@@ -198,8 +198,8 @@ def _pct(p: float) -> str:
 
 
 def xray_report(result, image, case_name: str) -> CaseReport:
-    """Report of a chest radiograph (``core.inference.XRayResult`` and its ``core.io.Image2D``)."""
-    from core.inference import UNCERTAIN_MARGIN, verdict_band
+    """Report of a chest radiograph (``core.pneumonia.XRayResult`` and its ``core.io.Image2D``)."""
+    from core.runtime import UNCERTAIN_MARGIN, verdict_band
     from core.visualize import grey_rgb, heatmap_overlay
 
     info = [(str(k), str(v)) for k, v in (image.info or {}).items()]
@@ -227,8 +227,8 @@ def xray_report(result, image, case_name: str) -> CaseReport:
 
 
 def cardiac_report(result, case_name: str, diagnosis_model: dict | None = None) -> CaseReport:
-    """Report of a cine study (``core.inference.CardiacResult``); ``diagnosis_model`` is the five-class card."""
-    from core.inference import UNCERTAIN_MARGIN, verdict_band
+    """Report of a cine study (``core.cardiac.CardiacResult``); ``diagnosis_model`` is the five-class card."""
+    from core.runtime import UNCERTAIN_MARGIN, verdict_band
     from core.visualize import heatmap_overlay, label_overlay
 
     k = len(result.slices) // 2
@@ -291,7 +291,7 @@ def cardiac_report(result, case_name: str, diagnosis_model: dict | None = None) 
 
 def atrium_report(result, canonical: np.ndarray, mask_c: np.ndarray, case_name: str,
                   metrics: dict | None = None, truth_c: np.ndarray | None = None) -> CaseReport:
-    """Report of a left-atrium segmentation (``core.inference.AtriumResult``); ``canonical``/``mask_c``/``truth_c``
+    """Report of a left-atrium segmentation (``core.atrium.AtriumResult``); ``canonical``/``mask_c``/``truth_c``
     are the volume and masks in the canonical (RAS) orientation, (X, Y, Z)."""
     from core.visualize import mask_overlay, radiological_axial, with_orientation_markers
 

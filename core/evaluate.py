@@ -20,7 +20,10 @@ from core import metrics as M
 from core.checkpoint import _clean
 from core.config import data_root
 from core.errors import MedImgError
-from core.inference import load_model, predict_cardiac, predict_xray_batch, segment_atrium
+from core.atrium import segment_atrium
+from core.cardiac import predict_cardiac
+from core.inference import load_model
+from core.pneumonia import predict_xray_batch
 from core.precision import PRECISIONS
 from core.tasks import TASKS
 

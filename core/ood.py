@@ -22,6 +22,8 @@ from torch import nn
 from core.checkpoint import _atomic_write, _clean
 from core.config import data_root, weights_dir
 from core.errors import MissingWeightsError
+from core.explain import model_lock
+from core.runtime import LoadedModel, load_base
 
 QUANTILE = 0.995
 MARGIN = 1.2  # fixed a priori, not tuned on validation or OOD data
@@ -122,6 +124,23 @@ def guard_path(task: str, wdir=None) -> Path:
     return weights_dir(wdir) / f"{task}.ood.json"
 
 
+def ood_score(lm: LoadedModel, x: torch.Tensor) -> float:
+    """Out-of-distribution score of one model input (1, C, H, W) (above lm.guard.threshold: withhold);
+    0 without a guard."""
+    with model_lock(lm.model):
+        f = encoder_features(lm.model, x).numpy().astype(np.float64)
+    return float(lm.guard.score(f)[0]) if lm.guard is not None else 0.0
+
+
+def refused(lm: LoadedModel, x: torch.Tensor) -> np.ndarray:
+    """(N,) bool: which of the model inputs x (N, C, H, W) the guard refuses (none without a guard)."""
+    if lm.guard is None:
+        return np.zeros(len(x), bool)
+    with model_lock(lm.model):
+        f = encoder_features(lm.model, x).numpy().astype(np.float64)
+    return lm.guard.score(f) > lm.guard.threshold
+
+
 def load_guard(task: str, wdir=None) -> OODGuard:
     p = guard_path(task, wdir)
     if not p.is_file():
@@ -165,9 +184,7 @@ def _training_inputs(task: str, root: Path, card: dict) -> tuple[list, list]:
 
 def build_guard(task: str, root=None, wdir=None) -> dict:
     """Fit the guard on the committed model's training cases; measure false refusals on its validation cases."""
-    from core.inference import load_model
-
-    lm = load_model(task, wdir, with_guard=False, optimize=False)
+    lm = load_base(task, wdir, optimize=False)
     root = data_root(root)
     train, valid = _training_inputs(task, root, lm.card)
 

@@ -1,5 +1,6 @@
 """The pneumonia task in one place: acquisition augmentation, the shift-aware validation battery, the
-threshold rule, training, and the population check (is this a frontal radiograph of a young child?).
+threshold rule, training, the population check (is this a frontal radiograph of a young child?),
+calibration, and prediction on one radiograph (``predict_xray``).
 
 Images are handled in two stages: ``load`` gives (1, S, S) grey images in [0, 1] (percentile-stretched,
 resized as the Kermany copy was), and ``finish`` turns them into the model's input (histogram
@@ -12,10 +13,21 @@ import io as _io
 import json
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
+
+from core import preprocess as pp
+from core.checkpoint import load_state_dict
+from core.config import weights_dir
+from core.explain import gradcam, model_lock
+from core.io import Image2D
+from core.models import build_model
+from core.ood import ood_score, refused
+from core.runtime import LoadedModel, probabilities, release_memory
 
 # --------------------------------------------------------------------------- input transform
 
@@ -244,7 +256,6 @@ def load_images01(cases: list, size: int) -> torch.Tensor:
     from tqdm.auto import tqdm
 
     from core import io as mio
-    from core import preprocess as pp
 
     out = torch.empty(len(cases), 1, size, size, dtype=torch.float16)
     for i, c in enumerate(tqdm(cases, desc="read x-rays", leave=False, mininterval=2)):
@@ -267,7 +278,7 @@ def train_pneumonia(root, cfg, device: torch.device, smoke: bool = False, out_di
     from core import io as mio
     from core.models import build_model
     from core.tasks import get_task
-    from core.train import _card_base, batches, classifier_report, fit, patient_split, save_trained, set_seed
+    from core.train import card_base, batches, classifier_report, fit, patient_split, save_trained, set_seed
 
     spec = get_task("pneumonia")
     equalized = bool(spec.input_spec.get("equalize", False))
@@ -344,7 +355,7 @@ def train_pneumonia(root, cfg, device: torch.device, smoke: bool = False, out_di
         series[s] = {"n": int(sel.sum()), "mean_probability": float(p.mean()),
                      "share_called_pneumonia": float((p >= thr).mean()),
                      "what": "sensitivity" if pos.all() else "1 - specificity"}
-    card = _card_base(spec, cfg, device, smoke)
+    card = card_base(spec, cfg, device, smoke)
     card["training"]["monitor"] = "shift_auc"
     card.update({
         "threshold": thr,
@@ -428,7 +439,6 @@ def outside_split(files: list[tuple[str, str, str]], seed: int = 0) -> tuple[lis
 
 def _read01(data: bytes, name: str, size: int) -> torch.Tensor:
     from core import io as mio
-    from core import preprocess as pp
 
     img = mio.read_image_2d(data, name)
     return (pp.preprocess_xray(img.pixels, size) * 0.25 + 0.5).clamp(0, 1)
@@ -438,7 +448,6 @@ def mri_slices01(root, size: int, per_volume: int = 3, seed: int = 0) -> torch.T
     """Slices of the project's MRI datasets (ACDC cine frames, both atrium datasets) along random axes,
     as radiograph-sized [0, 1] images: examples of 'another modality' for the population check."""
     from core import io as mio
-    from core import preprocess as pp
 
     rng = np.random.default_rng(seed)
     paths = []
@@ -519,7 +528,7 @@ def train_population_gate(root, device: torch.device, pneumonia_card: dict, smok
     from core.checkpoint import save_checkpoint
     from core.models import build_model
     from core.precision import autocast_for
-    from core.train import _card_base, set_seed, task_config
+    from core.train import card_base, set_seed, task_config
     from core.tasks import get_task
 
     spec = get_task("pneumonia")
@@ -580,7 +589,7 @@ def train_population_gate(root, device: torch.device, pneumonia_card: dict, smok
     rates = {k: float(np.mean([h["refused"] for h in held.values() if h["kind"] == k]))
              for k in ("adult", "other") if any(h["kind"] == k for h in held.values())}
     cfg = task_config("pneumonia", smoke, seed)
-    card = _card_base(spec, cfg, device, smoke)
+    card = card_base(spec, cfg, device, smoke)
     card.update({
         "task": POPULATION_TASK,
         "title": "Pneumonia population check (frontal radiographs of young children)",
@@ -638,10 +647,9 @@ def calibrate(root, wdir=None, seed: int = 0) -> dict:
 
     from core import io as mio
     from core.checkpoint import _atomic_write, _clean
-    from core.config import weights_dir
-    from core.inference import load_model
+    from core.runtime import load_base
 
-    lm = load_model("pneumonia", wdir, with_guard=False)
+    lm = load_base("pneumonia", wdir)
     root = Path(root)
     val = lm.card["data"]["val_cases"]
     cases = {str(c.path.relative_to(root)): c for c in mio.find_xray_cases(root)}
@@ -666,7 +674,7 @@ def calibrate(root, wdir=None, seed: int = 0) -> dict:
                  "mean_probability": float(p[idx == b].mean()), "observed_rate": float(yy[idx == b].mean())}
                 for b in range(10) if (idx == b).any()]
 
-    from core.inference import verdict_band
+    from core.runtime import verdict_band
 
     thr_c = float(apply_platt(lm.threshold, slope, intercept))
     clean_c = apply_platt(probs["clean"], slope, intercept)
@@ -685,6 +693,119 @@ def calibrate(root, wdir=None, seed: int = 0) -> dict:
            "reliability_before": curve(pp_), "reliability_after": curve(cross)}
     _atomic_write(weights_dir(wdir) / CALIBRATION_FILE, (json.dumps(_clean(rep), indent=1) + "\n").encode())
     return rep
+
+
+# --------------------------------------------------------------------------- prediction (the app's path)
+
+
+def load_population(wdir=None) -> tuple[nn.Module, dict]:
+    """The population check (``pneumonia_population.pt`` + card), checksum-verified, eval mode."""
+    state, card = load_state_dict(POPULATION_TASK, wdir)
+    net = build_model(card["architecture"]["name"], **card["architecture"]["kwargs"])
+    net.load_state_dict(state)
+    net.eval()
+    return net, card
+
+
+def with_calibration(card: dict, wdir=None) -> dict:
+    """The card with ``calibration`` = (slope, intercept, method) from CALIBRATION_FILE when that file was
+    fitted on these very weights; the card unchanged otherwise."""
+    cal = weights_dir(wdir) / CALIBRATION_FILE
+    if not cal.is_file():
+        return card
+    c = json.loads(cal.read_text())
+    if c.get("weights_sha256") != card.get("weights_sha256"):
+        return card
+    # sigmoid(slope * logit(p) + intercept); older files hold a temperature only
+    slope = float(c.get("slope", 1 / float(c["temperature"])))
+    return {**card, "calibration": (slope, float(c.get("intercept", 0.0)), c.get("method", "temperature"))}
+
+
+def population_score(lm: LoadedModel, x01: torch.Tensor) -> np.ndarray:
+    """P(outside the population) for [0, 1] images (N, 1, S, S); zeros without a population check."""
+    if lm.population is None:
+        return np.zeros(len(x01))
+    net, _ = lm.population
+    with model_lock(net):
+        return gate_score(net, x01)
+
+
+@dataclass
+class XRayResult:
+    probability: float | None  # P(pneumonia); None when withheld
+    threshold: float
+    positive: bool | None
+    display: np.ndarray  # (H, W) in [0, 1], the image as the model saw it (stretched to a square)
+    heatmap: np.ndarray | None  # (H, W) in [0, 1] on the same grid as ``display``
+    ood_score: float = 0.0
+    withheld: str | None = None  # why no diagnosis is given, in words for the user
+    population_score: float = 0.0  # P(outside the model's population) from the population check
+    calibrated: bool = False  # probability and threshold are on the calibrated scale (see calibrate)
+
+
+WITHHELD_XRAY = ("This image does not look like the frontal chest radiographs the model was trained on, so no "
+                 "diagnosis is given. Check that it is a frontal chest X-ray.")
+WITHHELD_POPULATION = ("This image does not look like a frontal chest radiograph of a young child (about 1-5 years), "
+                       "the only population the model was trained and validated on; it may be an adult's radiograph, "
+                       "a lateral view, another body part or modality. No diagnosis is given.")
+
+
+def xray_inputs(lm: LoadedModel, pixels: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """(H, W) radiograph -> ([0, 1] image for display and the population check, model input), each (1, 1, S, S)."""
+    x01 = (pp.preprocess_xray(pixels, lm.input_size) * 0.25 + 0.5).clamp(0, 1)[None]
+    return x01, pp.preprocess_xray(pixels, lm.input_size, lm.equalize)[None]
+
+
+def predict_xray(lm: LoadedModel, image: Image2D, explain: bool = True) -> XRayResult:
+    """P(pneumonia) for one radiograph, the decision at the card's threshold, and Grad-CAM.
+
+    The diagnosis is withheld (``withheld`` set, probability None) for colour images and for inputs
+    whose encoder features lie outside the training distribution.
+    """
+    x01, x = xray_inputs(lm, image.pixels)
+    display = x01[0, 0].numpy()
+    score = ood_score(lm, x)
+    if image.colour:
+        return XRayResult(None, lm.threshold, None, display, None, score,
+                          "This is a colour image; chest radiographs are grey-scale, so no diagnosis is given.")
+    if lm.guard is not None and score > lm.guard.threshold:
+        return XRayResult(None, lm.threshold, None, display, None, score, WITHHELD_XRAY)
+    pop = float(population_score(lm, x01)[0])
+    if lm.population is not None and pop > float(lm.population[1]["threshold"]):
+        return XRayResult(None, lm.threshold, None, display, None, score, WITHHELD_POPULATION, pop)
+    prob = float(probabilities(lm, x)[0])
+    positive = prob >= lm.threshold
+    heat = xray_gradcam(lm, x, positive) if explain else None
+    cal = lm.card.get("calibration")
+    if cal:  # shown calibrated; the decision above is the same at the mapped threshold (the map is monotone)
+        a, b, _ = cal
+        return XRayResult(float(apply_platt(prob, a, b)), float(apply_platt(lm.threshold, a, b)), positive,
+                          display, heat, score, None, pop, calibrated=True)
+    return XRayResult(prob, lm.threshold, positive, display, heat, score, None, pop)
+
+
+def xray_gradcam(lm: LoadedModel, x: torch.Tensor, positive: bool) -> np.ndarray:
+    """Grad-CAM (H, W) in [0, 1] of the model input x (1, 1, S, S) for the decision ``positive``."""
+    heat = gradcam(lm.model, lm.model.gradcam_layer(), x, positive=positive)
+    release_memory()
+    return heat
+
+
+def xray_heatmap(lm: LoadedModel, image: Image2D, positive: bool) -> np.ndarray:
+    """The Grad-CAM map (H, W) in [0, 1], on the model's square input, for the decision ``positive`` of a
+    result predicted with ``explain=False`` (so that a page can show the verdict before the map)."""
+    return xray_gradcam(lm, xray_inputs(lm, image.pixels)[1], positive)
+
+
+def predict_xray_batch(lm: LoadedModel, pixels: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """(P(pneumonia), input-check refusal flags) for several (H, W) images, without Grad-CAM or withholding."""
+    x01 = torch.stack([(pp.preprocess_xray(p, lm.input_size) * 0.25 + 0.5).clamp(0, 1) for p in pixels])
+    x = pp.equalize_histogram(x01) if lm.equalize else x01
+    x = (x - 0.5) / 0.25
+    out = refused(lm, x)
+    if lm.population is not None:
+        out = out | (population_score(lm, x01) > float(lm.population[1]["threshold"]))
+    return probabilities(lm, x), out
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -132,7 +132,8 @@ class Analysis:
 def analyse_xray(lm, image, name: str, report: bool = True) -> Analysis:
     """A chest radiograph (``core.io.Image2D``) -> finding, probability, report."""
     from core import case_report as R
-    from core.inference import predict_xray, verdict_band
+    from core.pneumonia import predict_xray
+    from core.runtime import verdict_band
 
     row: dict[str, str] = {"case": name}
     res = predict_xray(lm, image, explain=report)
@@ -150,7 +151,8 @@ def analyse_xray(lm, image, name: str, report: bool = True) -> Analysis:
 def analyse_cardiac(lm, ed, es, name: str, report: bool = True) -> Analysis:
     """The ED and ES frames (``core.io.Volume``) of one study -> diagnosis, probabilities, report."""
     from core import case_report as R
-    from core.inference import predict_cardiac, verdict_band
+    from core.cardiac import predict_cardiac
+    from core.runtime import verdict_band
 
     row: dict[str, str] = {"case": name}
     res = predict_cardiac(lm, ed, es, explain=report)
@@ -176,7 +178,7 @@ def analyse_cardiac(lm, ed, es, name: str, report: bool = True) -> Analysis:
 
 def analyse_cine(lm, cine, name: str, report: bool = True) -> Analysis:
     """A 4D cine (``core.io.Cine``): ED and ES from the LV cavity curve, then ``analyse_cardiac``."""
-    from core.inference import cardiac_cycle
+    from core.cardiac import cardiac_cycle
 
     cyc = cardiac_cycle(lm, cine)
     out = analyse_cardiac(lm, cine.frame(cyc.ed), cine.frame(cyc.es), name, report)
@@ -188,7 +190,7 @@ def analyse_atrium(lm, vol, name: str, report: bool = True) -> Analysis:
     """A 3D volume (``core.io.Volume``) -> left-atrium mask on its grid, volume, quality verdict, report."""
     from core import atrium as A
     from core import case_report as R
-    from core.inference import segment_atrium
+    from core.atrium import segment_atrium
 
     res = segment_atrium(lm, vol)
     passed = res.reliable

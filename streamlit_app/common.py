@@ -25,7 +25,7 @@ from core.errors import MedImgError, MissingWeightsError  # noqa: E402
 from typing import TYPE_CHECKING  # noqa: E402
 
 if TYPE_CHECKING:  # the model code (torch) loads with the first model, not with the Home page
-    from core.inference import LoadedModel
+    from core.runtime import LoadedModel
 from core.samples import HOW_TO_GET, list_samples  # noqa: E402
 from core.tasks import TASKS  # noqa: E402
 

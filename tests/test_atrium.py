@@ -8,7 +8,8 @@ import pytest
 from core import atrium as A
 from core import metrics as M
 from core import io as mio
-from core.inference import load_model, segment_atrium
+from core.atrium import segment_atrium
+from core.inference import load_model
 
 
 # --------------------------------------------------------------------------- orientation (pure)

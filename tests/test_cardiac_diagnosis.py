@@ -96,7 +96,8 @@ def test_committed_classifier_is_tied_to_the_cardiac_weights():
 
 def test_one_validation_patient_end_to_end(acdc_root):
     from core import io as mio
-    from core.inference import load_model, predict_cardiac
+    from core.cardiac import predict_cardiac
+    from core.inference import load_model
 
     lm = load_model("cardiac")
     pid = lm.card["data"]["val_cases"][0]
@@ -141,7 +142,8 @@ def test_read_cine_keeps_frames_and_refuses_single_frames():
 
 def test_cine_built_from_a_real_patient_finds_ed_and_es(acdc_root):
     from core import io as mio
-    from core.inference import cardiac_cycle, load_model, predict_cardiac
+    from core.cardiac import cardiac_cycle, predict_cardiac
+    from core.inference import load_model
 
     lm = load_model("cardiac")
     case = next(c for c in mio.find_cardiac_cases(acdc_root) if c.patient_id == "patient001")

@@ -13,7 +13,9 @@ from core.case_report import (CaseReport, ReportImage, atrium_report, cardiac_re
                               xray_report)
 from core.checkpoint import read_card
 from core.constants import DISCLAIMER
-from core.inference import AtriumResult, CardiacResult, XRayResult
+from core.atrium import AtriumResult
+from core.cardiac import CardiacResult
+from core.pneumonia import XRayResult
 
 
 def _poppler() -> None:

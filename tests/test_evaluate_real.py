@@ -160,7 +160,8 @@ def test_kept_cv_fold_models_are_the_folds_of_the_cv_file_and_reproduce_their_sc
     (checksummed), validate on their fold's split, match the sha256 the CV file recorded for them, and
     segment one of their validation volumes to the Dice the CV file gives it."""
     from core.atrium import dataset_splits
-    from core.inference import load_model, segment_atrium
+    from core.atrium import segment_atrium
+    from core.inference import load_model
     from core.metrics import dice
     from core.train import task_config
 

@@ -15,7 +15,9 @@ from scipy import ndimage
 from core import io as mio
 from core.checkpoint import read_card
 from core.config import PROJECT_ROOT
-from core.inference import load_model, predict_cardiac, predict_xray, predict_xray_batch
+from core.cardiac import predict_cardiac
+from core.inference import load_model
+from core.pneumonia import predict_xray, predict_xray_batch
 
 RNG = np.random.default_rng(123)
 REPORT = PROJECT_ROOT / "test-artifacts" / "ood_report.json"

@@ -98,7 +98,8 @@ def test_outside_split_is_seeded_and_disjoint():
 def test_population_check_on_held_out_outside_images(outside_root):
     """The held-out third of outside_population (never used to fit the check) is withheld, the
     pneumonia model's own validation images are not."""
-    from core.inference import load_model, predict_xray
+    from core.inference import load_model
+    from core.pneumonia import predict_xray
     from core.io import read_image_2d
 
     lm = load_model("pneumonia")
@@ -118,7 +119,8 @@ def test_population_check_on_held_out_outside_images(outside_root):
 
 def test_heatmap_after_the_verdict_is_the_one_computed_with_it(xray_root):
     """The page shows the verdict first and the Grad-CAM map after it: the map is the same."""
-    from core.inference import load_model, predict_xray, xray_heatmap
+    from core.inference import load_model
+    from core.pneumonia import predict_xray, xray_heatmap
     from core.io import read_image_2d
 
     lm = load_model("pneumonia")
@@ -133,7 +135,8 @@ def test_heatmap_after_the_verdict_is_the_one_computed_with_it(xray_root):
 
 
 def test_validation_images_are_rarely_withheld(xray_root):
-    from core.inference import load_model, predict_xray_batch
+    from core.inference import load_model
+    from core.pneumonia import predict_xray_batch
     from core.io import read_image_2d
 
     lm = load_model("pneumonia")
@@ -191,7 +194,7 @@ def test_platt_recovers_a_known_map_and_keeps_the_order():
 
 
 def test_refer_band_by_hand():
-    from core.inference import verdict_band
+    from core.runtime import verdict_band
 
     assert verdict_band(0.30, 0.25, 0.10) == "uncertain"  # within 10 points of the threshold
     assert verdict_band(0.40, 0.25, 0.10) == "positive" and verdict_band(0.10, 0.25, 0.10) == "negative"
@@ -209,7 +212,7 @@ def test_warm_up_runs_every_stage_the_first_upload_needs(monkeypatch):
 
     lm = inf.load_model("pneumonia")
     calls = {"gradcam": 0, "prob": 0, "on_shared_model": None}
-    real_gradcam, real_prob = inf.gradcam, inf._prob
+    real_gradcam, real_prob = inf.gradcam, inf.probabilities
 
     def counting_gradcam(*a, **k):
         calls["gradcam"] += 1
@@ -221,7 +224,7 @@ def test_warm_up_runs_every_stage_the_first_upload_needs(monkeypatch):
         return real_prob(*a, **k)
 
     monkeypatch.setattr(inf, "gradcam", counting_gradcam)
-    monkeypatch.setattr(inf, "_prob", counting_prob)
+    monkeypatch.setattr(inf, "probabilities", counting_prob)
     inf.warm_up(lm)
     # Grad-CAM warmed on a copy: on the shared model its lock would keep an upload arriving meanwhile from
     # its verdict

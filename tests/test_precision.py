@@ -7,7 +7,9 @@ import pytest
 import torch
 
 from core.errors import MedImgError
-from core.inference import load_model, predict_cardiac, segment_atrium
+from core.atrium import segment_atrium
+from core.cardiac import predict_cardiac
+from core.inference import load_model
 from core.io import Volume
 from core.precision import PRECISION_ENV, PrecisionError, autocast, inference_precision, native_bf16
 

@@ -21,7 +21,8 @@ from test_e2e_browser import CHROMIUM, _free_port, _need_browser
 from core import io as mio
 from core.bench_browser import stop_server
 from core.config import PROJECT_ROOT
-from core.inference import load_model, predict_xray
+from core.inference import load_model
+from core.pneumonia import predict_xray
 
 N_SESSIONS = 20
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",

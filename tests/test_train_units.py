@@ -205,16 +205,16 @@ def test_task_config_overrides():
 
 def test_card_and_loaded_model_carry_the_training_grid():
     """A model trained on another in-plane grid says so in its card, and inference resamples to it."""
-    from core.inference import LoadedModel
+    from core.runtime import LoadedModel
     from core.tasks import get_task
-    from core.train import _card_base
+    from core.train import card_base
 
     spec = get_task("atrium")
     registry_mm = spec.input_spec["spacing_mm"]
-    card = _card_base(spec, TrainConfig(epochs=1, batch_size=1, spacing_mm=2.0), torch.device("cpu"), True)
+    card = card_base(spec, TrainConfig(epochs=1, batch_size=1, spacing_mm=2.0), torch.device("cpu"), True)
     assert card["input_spec"]["spacing_mm"] == 2.0 and card["training"]["spacing_mm"] == 2.0
     assert spec.input_spec["spacing_mm"] == registry_mm  # the registry is not changed
-    assert _card_base(spec, TrainConfig(epochs=1, batch_size=1), torch.device("cpu"), True)["input_spec"][
+    assert card_base(spec, TrainConfig(epochs=1, batch_size=1), torch.device("cpu"), True)["input_spec"][
         "spacing_mm"] == registry_mm
     assert LoadedModel(spec, torch.nn.Identity(), card).grid_mm == 2.0
 

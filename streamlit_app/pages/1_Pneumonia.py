@@ -50,7 +50,8 @@ if data is None:
     st.stop()
 
 lm = model_or_stop("pneumonia")
-from core.inference import UNCERTAIN_MARGIN, predict_xray, verdict_band, xray_heatmap  # noqa: E402  (torch: after the uploader)
+from core.pneumonia import predict_xray, xray_heatmap  # noqa: E402  (torch: after the uploader)
+from core.runtime import UNCERTAIN_MARGIN, verdict_band  # noqa: E402
 
 key = file_key(data)
 if st.session_state.get(f"{NS}.key") != key:

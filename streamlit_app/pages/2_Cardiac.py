@@ -43,7 +43,7 @@ if mode == "One 4D cine":
         if cine is None:
             st.stop()
         lm = model_or_stop("cardiac")
-        from core.inference import cardiac_cycle
+        from core.cardiac import cardiac_cycle
 
         with st.spinner(f"Segmenting all {cine.n_frames} frames to find end-diastole and end-systole…"), FOREGROUND:
             cycle = run_safely(lambda: cardiac_cycle(lm, cine), "The cine could not be analysed")
@@ -108,7 +108,7 @@ else:
         return ed, es
 
 lm = model_or_stop("cardiac")
-from core.inference import predict_cardiac  # noqa: E402  (torch: after the uploaders)
+from core.cardiac import predict_cardiac  # noqa: E402  (torch: after the uploaders)
 
 if st.session_state.get(f"{NS}.key") != key:
     # controls start from their defaults for a new study, so what they show is what the images are drawn with
@@ -154,7 +154,7 @@ if res.withheld:
     for j, c in enumerate(cols):
         c.image(np.rot90(res.slices[j]), caption=res.slice_labels[j], width="stretch", clamp=True)
     st.stop()
-from core.inference import UNCERTAIN_MARGIN, verdict_band  # noqa: E402
+from core.runtime import UNCERTAIN_MARGIN, verdict_band  # noqa: E402
 
 band = verdict_band(res.probability, res.threshold)
 if band == "uncertain":

@@ -53,7 +53,7 @@ else:
 
 lm = model_or_stop("atrium")
 from core import atrium as A  # noqa: E402  (torch: after the uploaders)
-from core.inference import segment_atrium  # noqa: E402
+from core.atrium import segment_atrium  # noqa: E402
 
 # Segmentation depends on the image only: adding or changing the mask recomputes the metrics, not the mask.
 seg_key = file_key(img_bytes)
