@@ -36,8 +36,11 @@ import torch
 from core import io as mio
 from core.config import data_root
 from core.errors import InvalidInputError
-from core.inference import (LoadedModel, cardiac_cycle, load_model, predict_cardiac, predict_xray,
-                            predict_xray_batch, segment_atrium)
+from core.atrium import segment_atrium
+from core.cardiac import cardiac_cycle, predict_cardiac
+from core.inference import load_model
+from core.pneumonia import predict_xray, predict_xray_batch
+from core.runtime import LoadedModel
 
 BASELINE = ("same weights in float32 without conv-BN folding and channels-last (and without bfloat16 for the "
             "U-Nets); atrium slices in batches of 8")
@@ -306,20 +309,18 @@ def alternatives(volume: mio.Volume, repeats: int = 3, train_step: bool = True) 
 
 def run(repeats: int = 10, root=None, train: bool = True, accuracy: bool = False, alt: bool = False) -> dict:
     """Every figure of the benchmark (see the module's docstring) as a dict."""
-    root = data_root(root)
-    inp = _inputs(root)
-    # Without the data the inputs are random noise, which drives float32 activations into subnormal numbers that
-    # some CPUs compute several times slower (a float32 U-Net pass on noise: 10.2 s against 1.6 s with them flushed,
-    # on one such 2-core CPU); real images do not. Flushing them keeps the baseline a measure of the model.
-    flush = any("synthetic" in s for s in inp["source"].values())
-    if flush:
-        torch.set_flush_denormal(True)
+    # Subnormal floats (below ~1e-38) are computed many times slower by some CPUs: on one 2-core CPU of this
+    # project a float32 U-Net pass took 10.2 s on noise and 25 s on a real LGE volume, against 1.6 s with them
+    # flushed to zero; bfloat16 passes were not slowed. Flushing keeps every float32 figure (the baseline, the
+    # precision check) a measure of the model rather than of that CPU's subnormal path, and changes outputs only
+    # below ~1e-38. It reaches torch's worker threads only when set before they start: before the first op here.
+    flush = torch.set_flush_denormal(True)
     try:
-        res = _run(repeats, root, inp, train, accuracy, alt)
+        root = data_root(root)
+        res = _run(repeats, root, _inputs(root), train, accuracy, alt)
     finally:
-        if flush:
-            torch.set_flush_denormal(False)
-    res["flush_denormal"] = flush
+        torch.set_flush_denormal(False)
+    res["flush_denormal"] = bool(flush)
     return res
 
 

@@ -20,8 +20,8 @@ def test_timeit_counts_warmup_and_repeats():
 
 
 def test_bench_smoke_run_writes_every_figure(tmp_path):
-    # its own process, as the benchmark is run: flushing subnormal floats (core.bench.run, for the synthetic inputs)
-    # reaches torch's worker threads only if it comes before they start, and this test session started them long ago
+    # its own process, as the benchmark is run: flushing subnormal floats (core.bench.run) reaches torch's worker
+    # threads only if it comes before they start, and this test session started them long ago
     import os
     import subprocess
     import sys
@@ -43,7 +43,7 @@ def test_bench_smoke_run_writes_every_figure(tmp_path):
         assert f["speedup"] > 0 and f["optimised"]["median_s"] > 0 and f["baseline"]["median_s"] > 0
     assert res["precision"]["pneumonia"] == "float32" and res["precision"]["atrium"] in ("float32", "bfloat16")
     assert res["peak_memory_mb"] > 0 and res["threads"] >= 1 and "training" not in res
-    assert res["flush_denormal"] is True  # synthetic noise inputs: subnormals flushed (see core.bench.run)
+    assert res["flush_denormal"] is True  # subnormals flushed on a CPU that can (x86 with SSE3; see core.bench.run)
     d = res["optimisation_output_change"]["xray_probability_abs_diff"]
     assert d is None or d < 1e-3  # None: the input check withholds a diagnosis for random pixels
     assert "baseline:" in proc.stdout and "speed-up x" in proc.stdout
