@@ -25,7 +25,7 @@ from core.explain import model_lock
 from core.io import Volume
 from core.metrics import volume_ml
 from core.precision import autocast
-from core.runtime import LoadedModel, release_memory
+from core.runtime import LoadedModel, load_base, release_memory
 
 VIEWS_ALL = (2, 0, 1)  # the axial view first: the others run around what it finds
 # A single-view model slices across the slab's thinnest direction when it is clearly thinner than the
@@ -1076,7 +1076,6 @@ def rescore_folds(folds_dir, root=None, only: list[int] | None = None, out_dir=N
     from core.checkpoint import _atomic_write, _clean, git_commit
     from core.config import data_root, weights_dir
     from core.errors import MedImgError
-    from core.runtime import load_base
     from core.precision import native_bf16
 
     root = data_root(root)
@@ -1337,7 +1336,6 @@ def finish_card(wdir=None, root=None, smoke: bool = False) -> dict:
     from core import io as mio
     from core.checkpoint import _atomic_write, _clean
     from core.config import data_root, weights_dir
-    from core.runtime import load_base
     from core.precision import native_bf16
 
     root = data_root(root)

@@ -36,7 +36,7 @@ from core.explain import gradcam, model_lock
 from core.io import Cine, Volume
 from core.ood import ood_score
 from core.precision import autocast
-from core.runtime import LoadedModel, release_memory
+from core.runtime import LoadedModel, load_base, release_memory
 
 if TYPE_CHECKING:  # annotations of the training functions; core.train is imported where they run
     from core.train import FitResult, TrainConfig
@@ -112,9 +112,6 @@ def mask_features(ed: np.ndarray, es: np.ndarray) -> dict[str, float]:
 
 def segment_frame(model, volume: np.ndarray, size: int) -> np.ndarray:
     """Every slice of one cine frame through CardiacNet's U-Net -> (size, size, Z) labels on the crop grid."""
-    import torch
-
-
     x = pp.cardiac_frame(volume, size, all_slices=True)[:, None]
     with torch.inference_mode():
         lab = torch.cat([model.unet(x[i : i + 16].float()).argmax(1) for i in range(0, len(x), 16)])
@@ -355,7 +352,6 @@ def build(root, wdir=None, seed: int = 0, folds: int = 5) -> dict:
     from core.calibration import binary_temperature, ece_if_calibrated
     from core.checkpoint import _atomic_write, _clean, git_commit
     from core.config import weights_dir
-    from core.runtime import load_base
 
     lm = load_base("cardiac", wdir, optimize=False)
     size = lm.input_size

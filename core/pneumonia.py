@@ -27,16 +27,14 @@ from core.explain import gradcam, model_lock
 from core.io import Image2D
 from core.models import build_model
 from core.ood import ood_score, refused
-from core.runtime import LoadedModel, probabilities, release_memory
+from core.runtime import LoadedModel, load_base, probabilities, release_memory, verdict_band
 
 # --------------------------------------------------------------------------- input transform
 
 
 def finish(x01: torch.Tensor, equalized: bool) -> torch.Tensor:
     """[0, 1] images (N, 1, H, W) -> model input."""
-    from core.preprocess import equalize_histogram
-
-    x = equalize_histogram(x01) if equalized else x01
+    x = pp.equalize_histogram(x01) if equalized else x01
     return (x - 0.5) / 0.25
 
 
@@ -647,7 +645,6 @@ def calibrate(root, wdir=None, seed: int = 0) -> dict:
 
     from core import io as mio
     from core.checkpoint import _atomic_write, _clean
-    from core.runtime import load_base
 
     lm = load_base("pneumonia", wdir)
     root = Path(root)
@@ -673,8 +670,6 @@ def calibrate(root, wdir=None, seed: int = 0) -> dict:
         return [{"bin": [float(edges[b]), float(edges[b + 1])], "n": int((idx == b).sum()),
                  "mean_probability": float(p[idx == b].mean()), "observed_rate": float(yy[idx == b].mean())}
                 for b in range(10) if (idx == b).any()]
-
-    from core.runtime import verdict_band
 
     thr_c = float(apply_platt(lm.threshold, slope, intercept))
     clean_c = apply_platt(probs["clean"], slope, intercept)
