@@ -39,6 +39,7 @@ from core.errors import InvalidInputError
 from core.atrium import segment_atrium
 from core.cardiac import cardiac_cycle, predict_cardiac
 from core.inference import load_model
+from core.precision import flush_subnormals
 from core.pneumonia import predict_xray, predict_xray_batch
 from core.runtime import LoadedModel
 
@@ -309,12 +310,10 @@ def alternatives(volume: mio.Volume, repeats: int = 3, train_step: bool = True) 
 
 def run(repeats: int = 10, root=None, train: bool = True, accuracy: bool = False, alt: bool = False) -> dict:
     """Every figure of the benchmark (see the module's docstring) as a dict."""
-    # Subnormal floats (below ~1e-38) are computed many times slower by some CPUs: on one 2-core CPU of this
-    # project a float32 U-Net pass took 10.2 s on noise and 25 s on a real LGE volume, against 1.6 s with them
-    # flushed to zero; bfloat16 passes were not slowed. Flushing keeps every float32 figure (the baseline, the
-    # precision check) a measure of the model rather than of that CPU's subnormal path, and changes outputs only
-    # below ~1e-38. It reaches torch's worker threads only when set before they start: before the first op here.
-    flush = torch.set_flush_denormal(True)
+    # as the app does (core.precision.flush_subnormals): every float32 figure (the baseline, the precision check)
+    # then measures the model rather than a CPU's slow path for subnormal numbers (a float32 U-Net pass took
+    # 10.2 s on noise and 25 s on a real LGE volume, against 1.6 s flushed, on one 2-core CPU of this project)
+    flush = flush_subnormals()
     try:
         root = data_root(root)
         res = _run(repeats, root, _inputs(root), train, accuracy, alt)

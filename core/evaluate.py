@@ -24,7 +24,7 @@ from core.atrium import segment_atrium
 from core.cardiac import predict_cardiac
 from core.inference import load_model
 from core.pneumonia import predict_xray_batch
-from core.precision import PRECISIONS
+from core.precision import PRECISIONS, flush_subnormals
 from core.tasks import TASKS
 
 
@@ -220,6 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--precision", default=None, choices=PRECISIONS,
                     help="inference precision (default: $MEDIMG_PRECISION, else auto = what the app uses)")
     args = ap.parse_args(argv)
+    flush_subnormals()  # before the first torch operation (see there)
     try:
         res = evaluate(args.task, data_root(args.data_root), args.weights, args.only_validation, args.precision,
                        args.split, args.label)

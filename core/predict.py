@@ -247,6 +247,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--masks", type=Path, default=None, help="atrium: folder for the predicted masks (NIfTI)")
     ap.add_argument("--weights", type=Path, default=None, help="weights folder (default ./weights)")
     args = ap.parse_args(argv)
+    from core.precision import flush_subnormals
+
+    flush_subnormals()  # before the first torch operation (see there)
     if args.masks is not None and args.task != "atrium":
         ap.error("--masks applies to --task atrium only")
     for d in (args.reports, args.masks):

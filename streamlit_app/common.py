@@ -82,6 +82,9 @@ def _warm_up_queue() -> list[str]:
 
     def work() -> None:
         from core.inference import warm_up  # the heavy imports (torch, grad-cam) happen here, off the page
+        from core.precision import flush_subnormals
+
+        flush_subnormals()  # as every page run does before its first model call (model_or_stop)
 
         while order:
             try:
@@ -133,6 +136,13 @@ def weights_or_stop(task: str) -> None:
 
 
 def model_or_stop(task: str) -> LoadedModel:
+    """The task's cached model, loading it if needed; stops the page with a plain message when its weights
+    are missing. Called by a page before its first model call in a run: it also sets this run's thread to
+    treat subnormal floats as zero (core.precision.flush_subnormals; Streamlit runs each script run in a
+    thread of its own, and torch's workers copy the mode of the thread that creates them)."""
+    from core.precision import flush_subnormals
+
+    flush_subnormals()
     warm_up_in_background(task)
     try:
         return get_model(task)

@@ -11,7 +11,7 @@ from core.atrium import segment_atrium
 from core.cardiac import predict_cardiac
 from core.inference import load_model
 from core.io import Volume
-from core.precision import PRECISION_ENV, PrecisionError, autocast, inference_precision, native_bf16
+from core.precision import PRECISION_ENV, PrecisionError, autocast, flush_subnormals, inference_precision, native_bf16
 
 CPU = torch.device("cpu")
 AUTO_CPU = "bfloat16" if native_bf16(CPU) else "float32"
@@ -81,3 +81,37 @@ def test_bfloat16_outputs_stay_close_to_float32():
                 for p in ("float32", "bfloat16"))
     assert abs(p32.probability - p16.probability) < 0.05
     assert p16.segmentation.shape == p32.segmentation.shape
+
+
+def _in_thread(fn):
+    """fn() run in a new thread; its result."""
+    import threading
+
+    out = {}
+    t = threading.Thread(target=lambda: out.setdefault("r", fn()))
+    t.start()
+    t.join()
+    return out["r"]
+
+
+def test_flush_subnormals_reaches_the_calling_thread_and_the_threads_it_starts():
+    tiny = torch.tensor([1e-39], dtype=torch.float32)  # subnormal in float32 (below ~1.18e-38)
+    assert 0 < float(tiny[0]) < 1.18e-38
+
+    def product() -> float:
+        return float((tiny * 1.0)[0])  # a subnormal input: read as 0 when flushed
+
+    def plain() -> float:
+        torch.set_flush_denormal(False)
+        return product()
+
+    assert _in_thread(plain) == pytest.approx(1e-39, rel=1e-3)
+
+    def flushed_then_child() -> tuple[bool, float, float]:
+        ok = flush_subnormals()
+        return ok, product(), _in_thread(product)  # the child thread copies its creator's mode
+
+    ok, here, child = _in_thread(flushed_then_child)
+    if not ok:
+        pytest.skip("this CPU has no flush-to-zero mode (torch.set_flush_denormal returned False)")
+    assert here == 0.0 and child == 0.0

@@ -70,6 +70,9 @@ chosen = series[ri]
 case_name = f"{studies[si]['date']} series {chosen['number'] or '?'} {chosen['description']}".strip()
 
 if st.button("Open and analyse this series", type="primary", key=f"{NS}.open"):
+    from core.precision import flush_subnormals
+
+    flush_subnormals()  # this run's model calls: see streamlit_app/common.py, model_or_stop
     st.session_state.pop(f"{NS}.stored", None)
     with st.spinner("Fetching the series and running the model…"):
         dss = run_safely(lambda: P.fetch_series(pacs, study_uid, chosen["series_uid"]), "Fetching the series")
