@@ -124,21 +124,24 @@ def guard_path(task: str, wdir=None) -> Path:
     return weights_dir(wdir) / f"{task}.ood.json"
 
 
-def ood_score(lm: LoadedModel, x: torch.Tensor) -> float:
-    """Out-of-distribution score of one model input (1, C, H, W) (above lm.guard.threshold: withhold);
-    0 without a guard."""
+def guard_scores(lm: LoadedModel, x: torch.Tensor) -> np.ndarray:
+    """(N,) out-of-distribution scores of the model inputs x (N, C, H, W) (above lm.guard.threshold:
+    withhold); zeros without a guard."""
+    if lm.guard is None:
+        return np.zeros(len(x))
     with model_lock(lm.model):
         f = encoder_features(lm.model, x).numpy().astype(np.float64)
-    return float(lm.guard.score(f)[0]) if lm.guard is not None else 0.0
+    return lm.guard.score(f)
+
+
+def ood_score(lm: LoadedModel, x: torch.Tensor) -> float:
+    """The score of one model input (1, C, H, W); 0 without a guard."""
+    return float(guard_scores(lm, x)[0])
 
 
 def refused(lm: LoadedModel, x: torch.Tensor) -> np.ndarray:
     """(N,) bool: which of the model inputs x (N, C, H, W) the guard refuses (none without a guard)."""
-    if lm.guard is None:
-        return np.zeros(len(x), bool)
-    with model_lock(lm.model):
-        f = encoder_features(lm.model, x).numpy().astype(np.float64)
-    return lm.guard.score(f) > lm.guard.threshold
+    return guard_scores(lm, x) > lm.guard.threshold if lm.guard is not None else np.zeros(len(x), bool)
 
 
 def load_guard(task: str, wdir=None) -> OODGuard:

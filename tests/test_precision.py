@@ -95,8 +95,9 @@ def _in_thread(fn):
 
 
 def test_flush_subnormals_reaches_the_calling_thread_and_the_threads_it_starts():
-    tiny = torch.tensor([1e-39], dtype=torch.float32)  # subnormal in float32 (below ~1.18e-38)
-    assert 0 < float(tiny[0]) < 1.18e-38
+    # a subnormal float32 (~1.0e-39, below ~1.18e-38) from its bits: no float arithmetic, so it is made the same
+    # whether or not this test's thread already flushes (earlier tests may have flushed the main thread)
+    tiny = torch.tensor([0x000AE398], dtype=torch.int32).view(torch.float32)
 
     def product() -> float:
         return float((tiny * 1.0)[0])  # a subnormal input: read as 0 when flushed
