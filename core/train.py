@@ -1,4 +1,6 @@
-"""One training loop for all tasks, plus the per-task data preparation around it.
+"""One training loop for all tasks, and the helpers the task modules train with (seeding, batches, splits,
+augmentation, cards); each task's own data and training live in its module (core.pneumonia, core.cardiac,
+core.atrium).
 
 ``fit`` is task-agnostic: seeded, validation each epoch, best checkpoint by a named validation
 metric, early stopping, per-epoch history of loss and metric on train and validation.
