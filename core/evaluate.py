@@ -2,6 +2,8 @@
 
     python -m core.evaluate --task {pneumonia,cardiac,atrium} --data-root DIR [--weights DIR] [--json OUT]
                             [--only-validation] [--precision {auto,float32,bfloat16}]
+    python -m core.evaluate --task atrium --data-root DIR --cv-folds benchmarks/cv-folds/atrium --layout-stress
+                            [--acquisition-stress] --json OUT   (the stress checks out of fold, pooled)
 
 Prints (and optionally writes) JSON. A case that cannot be read is named under "failed" and
 counted in "n_failed"; it is never skipped silently.
@@ -199,6 +201,48 @@ def evaluate(task: str, root, wdir=None, only_validation: bool = False, precisio
     return _clean(res)
 
 
+def stress_out_of_fold(folds_dir, root, layout: bool = True, acquisition: bool = False) -> dict:
+    """The atrium stress checks (``core.atrium.layout_stress`` / ``acquisition_stress``) of every volume out of
+    fold: each kept cross-validation model (``<folds_dir>/fold<K>``, weights + card with its own threshold, flips
+    and quality limits) on its own validation volumes, pooled. Each model must be the one the committed
+    atrium.cv.json recorded for its fold (sha256), and every fold of that file must be there. JSON-safe dict
+    with ``cv_folds`` (fold -> weights sha256) instead of one ``weights_sha256``."""
+    from datetime import datetime, timezone
+
+    from core.atrium import acquisition_stress, layout_stress, read_cv, stress_summary
+
+    cv = read_cv()
+    if not cv:
+        raise MedImgError("no atrium cross-validation record (weights/atrium.cv.json) to check the fold models against")
+    recorded = {int(f["fold"]): f for f in cv["folds"]}
+    dirs = {int(d.name[4:]): d for d in sorted(Path(folds_dir).glob("fold*")) if d.name[4:].isdigit()}
+    if sorted(dirs) != sorted(recorded):
+        raise MedImgError(f"{folds_dir} holds folds {sorted(dirs)}; atrium.cv.json records folds {sorted(recorded)}")
+    all_cases = mio.find_atrium_cases(Path(root))
+    checks = {"layout_stress": layout_stress} if layout else {}
+    if acquisition:
+        checks["acquisition_stress"] = acquisition_stress
+    per_case: dict[str, dict] = {k: {} for k in checks}
+    used, shas = [], {}
+    for k, d in sorted(dirs.items()):
+        lm = load_model("atrium", d)
+        if lm.card.get("weights_sha256") != recorded[k].get("weights_sha256"):
+            raise MedImgError(f"{d} is not the model atrium.cv.json recorded for fold {k} (sha256 differs)")
+        val = set(recorded[k]["val_cases"])
+        cases = [c for c in all_cases if c.case_id in val]
+        for key, fn in checks.items():
+            for variant, rows in fn(lambda v: segment_atrium(lm, v), cases)["per_case"].items():
+                per_case[key].setdefault(variant, {}).update(rows)
+        used += cases
+        shas[str(k)] = lm.card["weights_sha256"]
+    out = {"task": "atrium", "data_root": str(root), "cases": "every volume, out of fold (each by the fold model "
+           "that did not train on it, at that fold's threshold, flips and quality limits)", "n": len(used),
+           "cv_folds": shas, "evaluated": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    for key in checks:
+        out[key] = {"summary": stress_summary(per_case[key], used), "per_case": per_case[key]}
+    return _clean(out)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m core.evaluate", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -217,10 +261,25 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--acquisition-stress", action="store_true",
                     help="atrium: also score each case after strong noise, gamma, bias field, inverted contrast "
                          "and blur (core.atrium.ACQUISITION_SHIFTS)")
+    ap.add_argument("--cv-folds", default=None, metavar="DIR",
+                    help="atrium, with --layout-stress/--acquisition-stress: run the checks out of fold instead, each "
+                         "kept cross-validation model in DIR/fold<K> on its own validation volumes, pooled")
     ap.add_argument("--precision", default=None, choices=PRECISIONS,
                     help="inference precision (default: $MEDIMG_PRECISION, else auto = what the app uses)")
     args = ap.parse_args(argv)
     flush_subnormals()  # before the first torch operation (see there)
+    if args.cv_folds:
+        if args.task != "atrium" or not (args.layout_stress or args.acquisition_stress):
+            print("error: --cv-folds is for --task atrium with --layout-stress and/or --acquisition-stress",
+                  file=sys.stderr)
+            return 2
+        try:
+            res = stress_out_of_fold(args.cv_folds, data_root(args.data_root), args.layout_stress,
+                                     args.acquisition_stress)
+        except MedImgError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        return _emit(res, args.json)
     try:
         res = evaluate(args.task, data_root(args.data_root), args.weights, args.only_validation, args.precision,
                        args.split, args.label)
@@ -237,11 +296,15 @@ def main(argv: list[str] | None = None) -> int:
             res["layout_stress"] = _clean(layout_stress(lambda v: segment_atrium(lm, v), cases))
         if args.acquisition_stress:
             res["acquisition_stress"] = _clean(acquisition_stress(lambda v: segment_atrium(lm, v), cases))
+    return _emit(res, args.json)
+
+
+def _emit(res: dict, json_path: str | None) -> int:
     text = json.dumps(res, indent=1)
     print(text)
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(text + "\n")
+    if json_path:
+        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(json_path).write_text(text + "\n")
     return 0
 
 

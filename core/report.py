@@ -89,6 +89,7 @@ def markdown(wdir=None) -> str:
 
 BENCH_FILE = "benchmarks/cpu-2core.json"
 LAYOUT_FILE = "benchmarks/logs/atrium-layout-stress-validation.json"
+LAYOUT_OOF_FILE = "benchmarks/logs/atrium-layout-stress-oof.json"  # `--cv-folds`: every volume, out of fold
 ACQUISITION_FILE = "benchmarks/logs/atrium-acquisition-stress-validation.json"
 
 
@@ -132,13 +133,18 @@ def atrium_rows(card: dict, wdir=None) -> list[str]:
     return seg
 
 
-# The atrium stress checks written by `python -m core.evaluate --task atrium --only-validation --layout-stress
-# | --acquisition-stress --json FILE`: JSON key -> (file, what was done to the volumes, name of the variant column)
+# The atrium stress checks written by `python -m core.evaluate --task atrium [--only-validation | --cv-folds DIR]
+# --layout-stress | --acquisition-stress --json FILE`: JSON key -> (files, most preferred first: the first that is of
+# the current weights or of their cross-validation is shown; what was done to the volumes; the variant column)
 STRESS_CHECKS = {
-    "layout_stress": (LAYOUT_FILE, "Atrium layout check, voxels transposed and the header left as it was", "layout"),
-    "acquisition_stress": (ACQUISITION_FILE, "Atrium acquisition check, each volume changed as a poor scan or another "
-                           "scanner might change it (far beyond the training augmentation)", "change"),
+    "layout_stress": ((LAYOUT_OOF_FILE, LAYOUT_FILE), "Atrium layout check, voxels transposed and the header left as "
+                      "it was", "layout"),
+    "acquisition_stress": ((ACQUISITION_FILE,), "Atrium acquisition check, each volume changed as a poor scan or "
+                           "another scanner might change it (far beyond the training augmentation)", "change"),
 }
+OUT_OF_FOLD = ("every volume of both datasets out of fold (each by the cross-validation fold model that did not train "
+               "on it, at that fold's threshold, flips and quality limits; the committed model is the same recipe "
+               "trained on all of them)")
 
 
 def stress_checks(wdir=None) -> list[dict]:
@@ -156,25 +162,35 @@ def stress_checks(wdir=None) -> list[dict]:
         card = read_card("atrium", wdir)
     except (OSError, ValueError, MissingWeightsError):
         return []
-    folds = {f.get("weights_sha256"): f["fold"] for f in (read_cv(wdir) or {}).get("folds", [])}
+    cv_folds = (read_cv(wdir) or {}).get("folds", [])
+    folds = {f.get("weights_sha256"): f["fold"] for f in cv_folds}
+    fold_shas = {str(f["fold"]): f.get("weights_sha256") for f in cv_folds}
     out = []
-    for key, (file, title, column) in STRESS_CHECKS.items():
-        try:
-            res = json.loads((PROJECT_ROOT / file).read_text())
-        except (OSError, ValueError):
-            continue
-        if key not in res or not res.get("weights_sha256"):
-            continue
-        if res["weights_sha256"] == card.get("weights_sha256"):
-            whose = "the validation volumes"
-        elif res["weights_sha256"] in folds:  # measured before the committed model was trained on every volume
-            whose = (f"the validation volumes of the cross-validation fold-{folds[res['weights_sha256']]} model, the "
-                     "same recipe (the committed model trained on every volume, so none is left to check it on)")
-        else:
-            continue
-        rows = [{"variant": name, "dataset": DATASET_NAMES.get(ds, ds), **d}
-                for name, r in res[key]["summary"].items() for ds, d in r.get("per_dataset", {}).items()]
-        out.append({"title": title, "file": file, "column": column, "whose": whose, "rows": rows})
+    for key, (files, title, column) in STRESS_CHECKS.items():
+        for file in files:
+            try:
+                res = json.loads((PROJECT_ROOT / file).read_text())
+            except (OSError, ValueError):
+                continue
+            if key not in res:
+                continue
+            if res.get("cv_folds"):  # pooled out of fold: every fold model of the current CV, and only those
+                if res["cv_folds"] != fold_shas:
+                    continue
+                whose = OUT_OF_FOLD
+            elif not res.get("weights_sha256"):
+                continue
+            elif res["weights_sha256"] == card.get("weights_sha256"):
+                whose = "the validation volumes"
+            elif res["weights_sha256"] in folds:  # measured before the committed model was trained on every volume
+                whose = (f"the validation volumes of the cross-validation fold-{folds[res['weights_sha256']]} model, "
+                         "the same recipe (the committed model trained on every volume, so none is left to check it on)")
+            else:
+                continue
+            rows = [{"variant": name, "dataset": DATASET_NAMES.get(ds, ds), **d}
+                    for name, r in res[key]["summary"].items() for ds, d in r.get("per_dataset", {}).items()]
+            out.append({"title": title, "file": file, "column": column, "whose": whose, "rows": rows})
+            break
     return out
 
 
