@@ -11,7 +11,7 @@ import pytest
 
 from core import io as mio
 from core.checkpoint import read_card
-from core.config import weights_dir
+from core.config import PROJECT_ROOT, weights_dir
 from core.report import read_validation_eval
 from core.evaluate import main as evaluate_main
 
@@ -189,3 +189,27 @@ def test_kept_cv_fold_models_are_the_folds_of_the_cv_file_and_reproduce_their_sc
     truth = mio.load_nifti_path(case.label_path).data > 0
     got = dice(segment_atrium(lm, vol).mask, truth)
     assert abs(got - cv[k]["per_case"][case.case_id]["dice"]) < 0.005, (case.case_id, got)
+
+
+def test_stress_out_of_fold_scores_every_volume_once_by_the_fold_that_held_it_out(heart_root, lge_root, monkeypatch):
+    """`python -m core.evaluate --cv-folds`: each kept fold model gets exactly its own validation volumes (so every
+    volume once, out of fold), and the file records the fold models' sha256. The check itself is replaced by a
+    recorder here (the real one segments every volume five times: core.evaluate's command line runs it)."""
+    from core import atrium as A
+    from core import io as mio
+    from core.evaluate import stress_out_of_fold
+
+    seen: list[set] = []
+
+    def recorder(segment, cases):
+        seen.append({c.case_id for c in cases})
+        return {"per_case": {"as stored": {c.case_id: {"dice": 0.9, "reported": True} for c in cases}}}
+
+    monkeypatch.setattr(A, "layout_stress", recorder)
+    res = stress_out_of_fold(PROJECT_ROOT / "benchmarks/cv-folds/atrium", lge_root)
+    cv = A.read_cv()
+    assert res["cv_folds"] == {str(f["fold"]): f["weights_sha256"] for f in cv["folds"]}
+    assert seen == [set(f["val_cases"]) for f in sorted(cv["folds"], key=lambda f: f["fold"])]
+    every = {c.case_id for c in mio.find_atrium_cases(lge_root)}
+    assert set(res["layout_stress"]["per_case"]["as stored"]) == every and res["n"] == len(every) == 96
+    assert res["layout_stress"]["summary"]["as stored"]["per_dataset"]["LA2018"]["n"] == 80

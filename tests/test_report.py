@@ -143,3 +143,30 @@ def test_sample_cases_say_truly_whether_the_weights_trained_on_them():
             if "training volume" in item["name"]:
                 assert case in data["train_cases"], (task, case)
             assert "validation" in item["name"] or "training volume" in item["name"], item["name"]
+
+
+def test_stress_checks_prefer_the_out_of_fold_file_only_when_its_folds_are_the_cv(tmp_path, monkeypatch):
+    """A pooled out-of-fold stress file is shown when its fold models are exactly the CV's (by sha256); with one
+    fold model replaced it is passed over for the next file of the check."""
+    import json
+
+    from core import report as R
+    from core.atrium import read_cv
+
+    cv = read_cv()
+    assert cv, "weights/atrium.cv.json is committed"
+    shas = {str(f["fold"]): f["weights_sha256"] for f in cv["folds"]}
+    summary = {"as stored": {"n": 2, "dice_mean": 0.8, "reported": 2, "reported_with_dice_under_0.5": 0,
+                             "per_dataset": {"LA2018": {"n": 2, "dice_mean": 0.8, "reported": 2,
+                                                        "reported_with_dice_under_0.5": 0, "reported_dice_min": 0.7}}}}
+    oof, other = tmp_path / "oof.json", tmp_path / "other.json"
+    oof.write_text(json.dumps({"cv_folds": shas, "layout_stress": {"summary": summary}}))
+    other.write_text(json.dumps({"weights_sha256": shas["1"], "layout_stress": {"summary": {}}}))
+    monkeypatch.setattr(R, "STRESS_CHECKS", {"layout_stress": ((str(oof), str(other)), "Layout", "layout")})
+    (c,) = R.stress_checks()
+    assert c["whose"] == R.OUT_OF_FOLD and c["file"] == str(oof)
+    assert c["rows"] == [{"variant": "as stored", "dataset": "LGE-MRI, 2018 LA challenge", "n": 2, "dice_mean": 0.8,
+                          "reported": 2, "reported_with_dice_under_0.5": 0, "reported_dice_min": 0.7}]
+    oof.write_text(json.dumps({"cv_folds": {**shas, "1": "0" * 64}, "layout_stress": {"summary": summary}}))
+    (c,) = R.stress_checks()
+    assert c["file"] == str(other) and "fold-1 model" in c["whose"] and c["rows"] == []
