@@ -91,6 +91,7 @@ BENCH_FILE = "benchmarks/cpu-2core.json"
 LAYOUT_FILE = "benchmarks/logs/atrium-layout-stress-validation.json"
 LAYOUT_OOF_FILE = "benchmarks/logs/atrium-layout-stress-oof.json"  # `--cv-folds`: every volume, out of fold
 ACQUISITION_FILE = "benchmarks/logs/atrium-acquisition-stress-validation.json"
+ACQUISITION_OOF_FILE = "benchmarks/logs/atrium-acquisition-stress-oof.json"  # `--cv-folds`: every volume, out of fold
 
 
 def atrium_rows(card: dict, wdir=None) -> list[str]:
@@ -139,7 +140,7 @@ def atrium_rows(card: dict, wdir=None) -> list[str]:
 STRESS_CHECKS = {
     "layout_stress": ((LAYOUT_OOF_FILE, LAYOUT_FILE), "Atrium layout check, voxels transposed and the header left as "
                       "it was", "layout"),
-    "acquisition_stress": ((ACQUISITION_FILE,), "Atrium acquisition check, each volume changed as a poor scan or "
+    "acquisition_stress": ((ACQUISITION_OOF_FILE, ACQUISITION_FILE), "Atrium acquisition check, each volume changed as a poor scan or "
                            "another scanner might change it (far beyond the training augmentation)", "change"),
 }
 OUT_OF_FOLD = ("every volume of both datasets out of fold (each by the cross-validation fold model that did not train "
