@@ -97,6 +97,29 @@ def test_quality_measures_on_a_hand_made_prediction():
     assert m["fused"] == 1.0  # two view masks: judged by the fused limits
 
 
+def test_mask_brightness_known_values_and_a_dark_mask_is_withheld():
+    """The share of the image darker than the mask's mean (known values), and the check's fixed floor: a mask on
+    the dark part of a scan (a dark-blood or inverted image) is withheld; without the image nothing is judged."""
+    prob = np.zeros((10, 10, 10), np.float32)
+    prob[2:6, 2:6, 2:6] = 0.9
+    raw = prob >= 0.5
+    pred = A.AtriumPrediction(prob, [raw], raw.astype(np.uint8))
+    img = np.arange(1000, dtype=np.float32).reshape(10, 10, 10)  # every voxel value once
+    inside = img[raw].mean()
+    m = A.quality_measures(pred, (2.0, 2.0, 2.0), image=img)
+    assert m["mask_brightness"] == pytest.approx((img < inside).mean())
+    bright = A.quality_measures(pred, (2.0, 2.0, 2.0), image=np.where(raw, 5.0, 1.0).astype(np.float32))
+    dark = A.quality_measures(pred, (2.0, 2.0, 2.0), image=np.where(raw, 1.0, 5.0).astype(np.float32))
+    assert bright["mask_brightness"] == pytest.approx(1 - 64 / 1000) and dark["mask_brightness"] == 0.0
+    assert "mask_brightness" not in A.quality_measures(pred, (2.0, 2.0, 2.0))
+    rule = A.QualityRule()
+    assert rule.min_mask_brightness == A.MIN_MASK_BRIGHTNESS == 0.5
+    assert A.judge(_m(mask_brightness=0.9), rule).reliable
+    q = A.judge(_m(mask_brightness=0.03), rule)
+    assert not q.reliable and any("darker than 97% of the scan" in r for r in q.reasons), q.reasons
+    assert A.judge(_m(), rule).reliable  # measured without the image: not judged
+
+
 def test_fitted_limits_per_mode_and_judged_by_the_mode():
     single = {f"s{i}": {"uncertain_ratio": 0.2 + 0.01 * i, "view_agreement": 1.0, "fused": 0.0} for i in range(10)}
     fused = {f"f{i}": {"uncertain_ratio": 0.8, "view_agreement": 0.7, "fused": 1.0} for i in range(6)}

@@ -181,13 +181,16 @@ with right:
 with st.expander("Quality check: the measures behind the verdict"):
     r = A.QualityRule.from_card(lm.card)
     mm = q.measures
+    bright = mm.get("mask_brightness")
     st.table({"measure": ["volume (mL)", "share of the raw mask in the largest piece", "uncertain voxels / mask voxels",
-                          "agreement between slice directions (Dice)", "smallest field of view (mm)"],
+                          "agreement between slice directions (Dice)", "smallest field of view (mm)",
+                          "share of the scan darker than the segmented region (blood is bright)"],
               "value": [f"{mm['volume_ml']:.1f}", f"{mm['kept_fraction']:.2f}", f"{mm['uncertain_ratio']:.2f}",
-                        f"{mm['view_agreement']:.2f}", f"{mm['min_extent_mm']:.0f}"],
+                        f"{mm['view_agreement']:.2f}", f"{mm['min_extent_mm']:.0f}",
+                        "-" if bright is None else f"{bright:.2f}"],
               "accepted": [f"{r.volume_range_ml[0]:.0f}-{r.volume_range_ml[1]:.0f}", f">= {r.min_kept_fraction:.2f}",
                            f"<= {r.max_uncertain_ratio:.2f}", f">= {r.min_view_agreement:.2f}",
-                           f">= {r.min_extent_mm:.0f}"]})
+                           f">= {r.min_extent_mm:.0f}", f">= {r.min_mask_brightness:.2f}"]})
 
 from core.case_report import atrium_report, case_stem, render_pdf, with_training_note  # noqa: E402
 
