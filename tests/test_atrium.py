@@ -505,3 +505,21 @@ def test_slice_agreement_from_the_box_equals_the_whole_slices():
     assert dice.shape == dis.shape == (12,)
     d0, s0 = A.slice_agreement(np.zeros((5, 5, 3)), np.zeros((5, 5, 3)), sp)
     assert np.isnan(d0).all() and (s0 == 0).all()
+
+
+def test_an_inverted_bssfp_volume_is_withheld_as_not_bright_blood(heart_root):
+    """The out-of-fold acquisition check found fold 3's model reporting MSD la_022 with inverted contrast (Dice 0.02,
+    128 mL) through every other limit; the brightness floor withholds it, and the volume as stored is reported."""
+    from core.config import PROJECT_ROOT
+
+    lm = load_model("atrium", PROJECT_ROOT / "benchmarks/cv-folds/atrium/fold3")
+    assert "la_022" in lm.card["data"]["val_cases"]  # out of fold for this model
+    (c,) = [c for c in mio.find_atrium_cases(heart_root) if c.case_id == "la_022"]
+    vol = mio.load_nifti_path(c.image_path)
+    d = np.asarray(vol.data, np.float32)
+    stored = segment_atrium(lm, vol)
+    inverted = segment_atrium(lm, mio.Volume(A.ACQUISITION_SHIFTS["inverted contrast"](d, None), vol.affine,
+                                             vol.spacing, "inverted"))
+    assert stored.reliable and stored.quality.measures["mask_brightness"] > 0.9
+    assert not inverted.reliable and inverted.quality.measures["mask_brightness"] < 0.1
+    assert any("darker than" in r for r in inverted.quality.reasons), inverted.quality.reasons
