@@ -1076,6 +1076,28 @@ def _fold_weights(model: nn.Module, card: dict, cases: list, tr: list[int], va: 
     return state_sha256(state)
 
 
+def kept_fold_dirs(folds_dir) -> dict:
+    """The kept fold models in ``folds_dir`` by fold number: its ``fold<K>`` folders, as
+    ``cross_validate(keep_weights=...)`` writes them (weights + card each)."""
+    from pathlib import Path
+
+    return {int(d.name[4:]): d for d in sorted(Path(folds_dir).glob("fold*")) if d.name[4:].isdigit()}
+
+
+def check_fold_model(card: dict, rec: dict, where) -> None:
+    """Raise ``MedImgError`` unless the model whose ``card`` was read from ``where`` is the one ``rec`` (a fold
+    entry of atrium.cv.json) recorded: the same weights (sha256) trained on the same split. Figures computed
+    with another model would otherwise be filed under that fold without a word."""
+    from core.errors import MedImgError
+
+    k = rec.get("fold")
+    if rec.get("weights_sha256") != card.get("weights_sha256"):
+        raise MedImgError(f"{where} is not the model atrium.cv.json recorded for fold {k} (sha256 differs)")
+    data = card.get("data", {})
+    if data.get("val_cases") != rec.get("val_cases") or data.get("train_cases") != rec.get("train_cases"):
+        raise MedImgError(f"{where} was trained on another split than fold {k} of atrium.cv.json")
+
+
 def rescore_folds(folds_dir, root=None, only: list[int] | None = None, out_dir=None) -> dict:
     """Score kept fold models (``<folds_dir>/fold<K>``, as ``cross_validate(keep_weights=...)`` writes them) again
     as the app runs now (``apply_inference_choice``: the current TTA_CHOICES and THRESHOLD_CHOICES), without
@@ -1086,7 +1108,6 @@ def rescore_folds(folds_dir, root=None, only: list[int] | None = None, out_dir=N
     ``scoring`` becomes CV_SCORING only when every fold in it has been scored with it. Returns the report."""
     import json
     from datetime import datetime, timezone
-    from pathlib import Path
 
     from core import io as mio
     from core.checkpoint import _atomic_write, _clean, git_commit
@@ -1100,7 +1121,7 @@ def rescore_folds(folds_dir, root=None, only: list[int] | None = None, out_dir=N
     if not cv:
         raise MedImgError(f"no cross-validation record at {path}: run `python train_all.py --atrium-cv` first")
     by_fold = {f["fold"]: f for f in cv["folds"]}
-    dirs = {int(d.name[4:]): d for d in sorted(Path(folds_dir).glob("fold*")) if d.name[4:].isdigit()}
+    dirs = kept_fold_dirs(folds_dir)
     run = sorted(set(only) if only else set(dirs) & set(by_fold))
     missing = [k for k in run if k not in dirs or k not in by_fold]
     if missing:
@@ -1117,10 +1138,7 @@ def rescore_folds(folds_dir, root=None, only: list[int] | None = None, out_dir=N
     for k in run:
         rec = by_fold[k]
         lm = load_base("atrium", dirs[k], optimize=False)
-        if rec.get("weights_sha256") != lm.card.get("weights_sha256"):
-            raise MedImgError(f"{dirs[k]} is not the model atrium.cv.json recorded for fold {k} (sha256 differs)")
-        if lm.card["data"]["val_cases"] != rec["val_cases"] or lm.card["data"]["train_cases"] != rec["train_cases"]:
-            raise MedImgError(f"{dirs[k]} was trained on another split than fold {k} of atrium.cv.json")
+        check_fold_model(lm.card, rec, dirs[k])
         model = lm.model.to(memory_format=torch.channels_last)  # as training left it (the CV scored it so)
         tr, va = [index[c] for c in rec["train_cases"]], [index[c] for c in rec["val_cases"]]
         card: dict = {"input_spec": {"views": [2]}, "validation": {}}

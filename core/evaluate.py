@@ -209,13 +209,14 @@ def stress_out_of_fold(folds_dir, root, layout: bool = True, acquisition: bool =
     with ``cv_folds`` (fold -> weights sha256) instead of one ``weights_sha256``."""
     from datetime import datetime, timezone
 
-    from core.atrium import acquisition_stress, layout_stress, read_cv, stress_summary
+    from core.atrium import (acquisition_stress, check_fold_model, kept_fold_dirs, layout_stress, read_cv,
+                             stress_summary)
 
     cv = read_cv()
     if not cv:
         raise MedImgError("no atrium cross-validation record (weights/atrium.cv.json) to check the fold models against")
     recorded = {int(f["fold"]): f for f in cv["folds"]}
-    dirs = {int(d.name[4:]): d for d in sorted(Path(folds_dir).glob("fold*")) if d.name[4:].isdigit()}
+    dirs = kept_fold_dirs(folds_dir)
     if sorted(dirs) != sorted(recorded):
         raise MedImgError(f"{folds_dir} holds folds {sorted(dirs)}; atrium.cv.json records folds {sorted(recorded)}")
     all_cases = mio.find_atrium_cases(Path(root))
@@ -226,8 +227,7 @@ def stress_out_of_fold(folds_dir, root, layout: bool = True, acquisition: bool =
     used, shas = [], {}
     for k, d in sorted(dirs.items()):
         lm = load_model("atrium", d)
-        if lm.card.get("weights_sha256") != recorded[k].get("weights_sha256"):
-            raise MedImgError(f"{d} is not the model atrium.cv.json recorded for fold {k} (sha256 differs)")
+        check_fold_model(lm.card, recorded[k], d)
         val = set(recorded[k]["val_cases"])
         cases = [c for c in all_cases if c.case_id in val]
         for key, fn in checks.items():

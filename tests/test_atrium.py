@@ -489,6 +489,23 @@ def test_merging_a_rerun_fold_keeps_what_the_replaced_run_said(tmp_path):
     assert A.previous_run_summary(_cv_entry(2, "x", 0.9), _cv_entry(2, "x", 0.9))["same_weights"] is True
 
 
+def test_a_kept_fold_model_must_be_the_one_the_cv_recorded(tmp_path):
+    """Rescoring and the out-of-fold stress checks file figures under a fold: both refuse a model whose weights
+    or split differ from that fold's entry in atrium.cv.json, and find the kept folders by number."""
+    from core.errors import MedImgError
+
+    for name in ("fold2", "fold10", "fold1", "foldx", "other"):
+        (tmp_path / name).mkdir()
+    assert {k: d.name for k, d in A.kept_fold_dirs(tmp_path).items()} == {1: "fold1", 2: "fold2", 10: "fold10"}
+    rec = _cv_entry(2, "abc", 0.9)
+    card = {"weights_sha256": "abc", "data": {"train_cases": rec["train_cases"], "val_cases": rec["val_cases"]}}
+    A.check_fold_model(card, rec, tmp_path / "fold2")  # the recorded model: no error
+    with pytest.raises(MedImgError, match="fold 2 .*sha256 differs"):
+        A.check_fold_model({**card, "weights_sha256": "abd"}, rec, tmp_path / "fold2")
+    with pytest.raises(MedImgError, match="another split than fold 2"):
+        A.check_fold_model({**card, "data": {**card["data"], "val_cases": ["x"]}}, rec, tmp_path / "fold2")
+
+
 def test_slice_agreement_from_the_box_equals_the_whole_slices():
     from scipy import ndimage
 
