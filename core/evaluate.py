@@ -201,20 +201,22 @@ def evaluate(task: str, root, wdir=None, only_validation: bool = False, precisio
     return _clean(res)
 
 
-def stress_out_of_fold(folds_dir, root, layout: bool = True, acquisition: bool = False) -> dict:
+def stress_out_of_fold(folds_dir, root, layout: bool = True, acquisition: bool = False, cv_dir=None) -> dict:
     """The atrium stress checks (``core.atrium.layout_stress`` / ``acquisition_stress``) of every volume out of
     fold: each kept cross-validation model (``<folds_dir>/fold<K>``, weights + card with its own threshold, flips
-    and quality limits) on its own validation volumes, pooled. Each model must be the one the committed
-    atrium.cv.json recorded for its fold (sha256), and every fold of that file must be there. JSON-safe dict
-    with ``cv_folds`` (fold -> weights sha256) instead of one ``weights_sha256``."""
+    and quality limits) on its own validation volumes, pooled. Each model must be the one the atrium.cv.json
+    in ``cv_dir`` (default: the committed weights folder) recorded for its fold (sha256 and split), and every fold
+    of that file must be there. JSON-safe dict with ``cv_folds`` (fold -> weights sha256) instead of one
+    ``weights_sha256``."""
     from datetime import datetime, timezone
 
     from core.atrium import (acquisition_stress, check_fold_model, kept_fold_dirs, layout_stress, read_cv,
                              stress_summary)
 
-    cv = read_cv()
+    cv = read_cv(cv_dir)
     if not cv:
-        raise MedImgError("no atrium cross-validation record (weights/atrium.cv.json) to check the fold models against")
+        raise MedImgError(f"no atrium cross-validation record (atrium.cv.json in {cv_dir or 'weights/'}) to check "
+                          "the fold models against")
     recorded = {int(f["fold"]): f for f in cv["folds"]}
     dirs = kept_fold_dirs(folds_dir)
     if sorted(dirs) != sorted(recorded):
@@ -263,7 +265,8 @@ def main(argv: list[str] | None = None) -> int:
                          "and blur (core.atrium.ACQUISITION_SHIFTS)")
     ap.add_argument("--cv-folds", default=None, metavar="DIR",
                     help="atrium, with --layout-stress/--acquisition-stress: run the checks out of fold instead, each "
-                         "kept cross-validation model in DIR/fold<K> on its own validation volumes, pooled")
+                         "kept cross-validation model in DIR/fold<K> on its own validation volumes, pooled; the "
+                         "models must be those of the atrium.cv.json in --weights")
     ap.add_argument("--precision", default=None, choices=PRECISIONS,
                     help="inference precision (default: $MEDIMG_PRECISION, else auto = what the app uses)")
     args = ap.parse_args(argv)
@@ -275,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         try:
             res = stress_out_of_fold(args.cv_folds, data_root(args.data_root), args.layout_stress,
-                                     args.acquisition_stress)
+                                     args.acquisition_stress, cv_dir=args.weights)
         except MedImgError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2

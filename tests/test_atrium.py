@@ -506,6 +506,23 @@ def test_a_kept_fold_model_must_be_the_one_the_cv_recorded(tmp_path):
         A.check_fold_model({**card, "data": {**card["data"], "val_cases": ["x"]}}, rec, tmp_path / "fold2")
 
 
+def test_out_of_fold_stress_checks_the_folds_against_the_cv_file_it_is_given(tmp_path):
+    """`core.evaluate --cv-folds DIR --weights W`: the fold models are checked against W's atrium.cv.json (e.g. a
+    candidate recipe's CV in benchmarks/), before any volume is read."""
+    import json
+
+    from core.errors import MedImgError
+    from core.evaluate import stress_out_of_fold
+
+    folds = tmp_path / "folds"
+    (folds / "fold1").mkdir(parents=True)
+    with pytest.raises(MedImgError, match="no atrium cross-validation record"):
+        stress_out_of_fold(folds, tmp_path, cv_dir=tmp_path / "nowhere")
+    (tmp_path / A.CV_FILE).write_text(json.dumps({"folds": [_cv_entry(1, "a", 0.8), _cv_entry(2, "b", 0.9)]}))
+    with pytest.raises(MedImgError, match=r"holds folds \[1\]; atrium.cv.json records folds \[1, 2\]"):
+        stress_out_of_fold(folds, tmp_path, cv_dir=tmp_path)
+
+
 def test_slice_agreement_from_the_box_equals_the_whole_slices():
     from scipy import ndimage
 
