@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -999,7 +1000,6 @@ def cross_validate(root, device: torch.device, out_dir=None, folds: int = 5, see
     import json
     from dataclasses import asdict
     from datetime import datetime, timezone
-    from pathlib import Path
 
     from core import io as mio
     from core.checkpoint import _clean, git_commit
@@ -1057,8 +1057,6 @@ def _fold_weights(model: nn.Module, card: dict, cases: list, tr: list[int], va: 
     """sha256 of a fold model's weights as ``save_checkpoint`` writes them; with ``keep_weights``, the pair
     (weights + a card in the trained models' form, with the fold's inference setting, quality limits and split)
     in <keep>/fold<k>."""
-    from pathlib import Path
-
     from core.checkpoint import save_checkpoint
     from core.tasks import get_task
     from core.train import card_base, state_sha256
@@ -1076,11 +1074,9 @@ def _fold_weights(model: nn.Module, card: dict, cases: list, tr: list[int], va: 
     return state_sha256(state)
 
 
-def kept_fold_dirs(folds_dir) -> dict:
+def kept_fold_dirs(folds_dir) -> dict[int, Path]:
     """The kept fold models in ``folds_dir`` by fold number: its ``fold<K>`` folders, as
     ``cross_validate(keep_weights=...)`` writes them (weights + card each)."""
-    from pathlib import Path
-
     return {int(d.name[4:]): d for d in sorted(Path(folds_dir).glob("fold*")) if d.name[4:].isdigit()}
 
 
@@ -1204,7 +1200,6 @@ def merge_cv_folds(src, folds: list[int] | None = None, out_dir=None, machine_no
     written in place."""
     import json
     from datetime import datetime, timezone
-    from pathlib import Path
 
     from core.config import weights_dir
     from core.errors import MedImgError
@@ -1280,7 +1275,6 @@ def set_cv_inference_setting(card: dict, cv: dict) -> dict:
 def write_cv(cv: dict, path) -> None:
     """Write a cross-validation record (atrium.cv.json) atomically, in the one form every writer uses."""
     import json
-    from pathlib import Path
 
     from core.checkpoint import _atomic_write, _clean
 
@@ -1297,7 +1291,6 @@ def cv_complete(cv: dict | None) -> bool:
 def read_cv(out_dir=None) -> dict | None:
     """atrium.cv.json beside the weights, or None."""
     import json
-    from pathlib import Path
 
     from core.config import weights_dir
 
@@ -1541,8 +1534,6 @@ def foreign_inputs(root, n_cine: int = 10, n_stacks: int = 5, n_noise: int = 5, 
     """Volumes that are not left-atrium MRI, by kind: ACDC cine frames (ED and ES of ``n_cine`` patients,
     their own affines), chest X-rays stacked as volumes (40 radiographs each), noise (uniform, Gaussian,
     smoothed). Each item: (name, data (X, Y, Z), affine 4x4, spacing)."""
-    from pathlib import Path
-
     from scipy import ndimage
 
     from core import io as mio
