@@ -1,6 +1,6 @@
 """Compare two atrium cross-validation files fold by fold, out of fold (no model is run).
 
-    python benchmarks/atrium_cv_compare.py weights/atrium.cv.json benchmarks/cv-folds-64ep/atrium.cv.json \
+    python benchmarks/atrium_cv_compare.py benchmarks/cv-folds-48ep/atrium.cv.json weights/atrium.cv.json \
         [--json out.json]
 
 For the folds both files hold (same split required), per dataset: mean Dice of each, how many volumes the second

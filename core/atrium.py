@@ -1298,6 +1298,22 @@ def read_cv(out_dir=None) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
+def check_cv_recipe(cfg, cv: dict) -> None:
+    """Refuse to train the all-volume model with another recipe than the one cross-validated: its card would
+    carry figures of a model it is not. ``cfg``: the TrainConfig about to be trained; ``cv``: atrium.cv.json."""
+    from dataclasses import asdict
+
+    from core.checkpoint import _clean
+    from core.errors import MedImgError
+
+    now, then = _clean(asdict(cfg)), cv.get("training", {})
+    diff = sorted(k for k in set(now) | set(then) if now.get(k) != then.get(k))
+    if diff:
+        raise MedImgError("the cross-validation in atrium.cv.json was run with another training recipe ("
+                          + ", ".join(f"{k}: {then.get(k)!r} there, {now.get(k)!r} now" for k in diff)
+                          + "): train with the same settings (e.g. --epochs), or cross-validate this recipe first")
+
+
 def train_atrium(root, cfg, device: torch.device, smoke: bool = False, out_dir=None) -> dict:
     """The committed atrium model: the cross-validated recipe trained on every volume of both datasets.
     Nothing is left to validate on, so the last epoch is kept (over the five folds the last epoch's
@@ -1318,6 +1334,8 @@ def train_atrium(root, cfg, device: torch.device, smoke: bool = False, out_dir=N
         raise MedImgError("the atrium model is trained on every volume once its recipe is cross-validated: run "
                           "`python train_all.py --atrium-cv` (folds 1-5) first, so that atrium.cv.json holds every "
                           "fold's figures and inference setting")
+    if complete and not smoke:
+        check_cv_recipe(cfg, cv)
     cases = mio.find_atrium_cases(root)
     if smoke:
         cases = first_per_dataset(cases, 3)

@@ -90,7 +90,7 @@ TASKS: dict[str, TaskSpec] = {
         accepted_inputs=("nifti",),
         monitor="dice",
         dataset="MSD Task02_Heart bSSFP (Task02_Heart/) + 2018 LA challenge LGE-MRI (LA2018/)",
-        train_defaults={"epochs": 48, "batch_size": 32, "lr": 2e-3, "patience": 48, "crop": 128,
+        train_defaults={"epochs": 64, "batch_size": 32, "lr": 2e-3, "patience": 48, "crop": 128,
                         "samples_per_epoch": 4000},
         bf16_inference=True,
         intended_use="3D cardiac MRI of adults, bSSFP (as MSD, King's College London) or LGE (as the 2018 Utah "
