@@ -1,0 +1,68 @@
+"""Out-of-fold check of a cheaper localisation on the fused (wide-volume) path: the app finds the box around the
+atrium by segmenting every 2nd slice of the first view (``core.atrium.LOCALISE_STRIDE``), about half of the fused
+path's time on a 256x256x130 volume; would every 3rd or 4th slice give the same masks?
+
+Each kept cross-validation model segments its own validation volumes that take the fused path: localised at
+each stride (timed), then the three views run once each in that box, averaged, thresholded at the fold's
+threshold and cut to the largest component, as the app does. Seconds are the localisation plus the three views.
+An experiment, not part of the app.
+
+    MEDIMG_DATA_ROOT=../shared/datasets PYTHONPATH=. python benchmarks/atrium_localise_stride_oof.py \
+        benchmarks/cv-folds/atrium/fold1 ... fold5 --json benchmarks/logs/atrium-localise-stride-oof.json
+"""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from core import atrium as A
+from core import metrics as M
+from core import preprocess as pp
+from core.precision import autocast
+
+from _oof import collect, compare, fold_cases, write
+
+STRIDES = {"every 2nd slice (the app)": 2, "every 3rd slice": 3, "every 4th slice": 4}
+
+
+def run_fold(wdir: str, root) -> dict[str, dict]:
+    """{case: {variant: {dice, seconds, box}}} for the fold's validation volumes that take the fused path."""
+    lm, vols = fold_cases(wdir, root, fused=True)
+    spec_views = tuple(lm.card["input_spec"].get("views", [2]))
+    ctx = lambda: autocast(lm.precision)  # noqa: E731
+    out: dict[str, dict] = {}
+    for v in vols:
+        views = A.resolve_views(spec_views, v.data.shape, v.spacing)
+        norm = pp.normalise_volume(np.asarray(v.data))
+        row: dict = {"dataset": v.dataset, "fold_threshold": lm.threshold}
+        for name, stride in STRIDES.items():
+            A.LOCALISE_STRIDE = stride
+            try:
+                t0 = time.perf_counter()
+                box = A.localise(lm.model, norm, v.spacing, views[0], lm.grid_mm, lm.threshold, 8, ctx)
+                assert box is not None, f"{v.case_id}: localisation found nothing (the app would take its fallback)"
+                sub = np.ascontiguousarray(norm[box])
+                prob = np.mean([A.segment_view(lm.model, sub, v.spacing, ax, lm.grid_mm, 8, ctx, normalised=True)
+                                for ax in views], axis=0)
+                secs = time.perf_counter() - t0
+            finally:
+                A.LOCALISE_STRIDE = STRIDES["every 2nd slice (the app)"]
+            mask = np.zeros(norm.shape, np.uint8)
+            mask[box] = pp.largest_component(prob >= lm.threshold)
+            row[name] = {"dice": round(M.dice(mask, v.label), 4), "seconds": round(secs, 2),
+                         "box": [[s.start, s.stop] for s in box]}
+        out[v.case_id] = row
+        print(v.case_id, {k: (r["dice"], r["seconds"]) for k, r in row.items() if k in STRIDES}, flush=True)
+    return out
+
+
+def main() -> None:
+    args, per_case = collect(__doc__, run_fold)
+    names = list(STRIDES)
+    write(args, "fused-path localisation stride, out of fold: each kept CV model on its own fused (bSSFP) "
+          "validation volumes, at the fold's threshold", names[0], compare(per_case, names, names[0]), per_case)
+
+
+if __name__ == "__main__":
+    main()
