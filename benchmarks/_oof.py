@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 from datetime import datetime, timezone
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -40,6 +40,17 @@ def fold_cases(wdir: str, root, fused: bool) -> tuple[LoadedModel, list[A.Canoni
     val = set(lm.card["data"]["val_cases"])
     vols = A.load_cases([c for c in mio.find_atrium_cases(root) if c.case_id in val])
     return lm, [v for v in vols if (len(A.resolve_views(views, v.data.shape, v.spacing)) > 1) == fused]
+
+
+def fused_fold_volumes(wdir: str, root) -> Iterator[tuple[LoadedModel, A.CanonicalCase, tuple[int, ...], Callable]]:
+    """(fold model, volume, its fused views, a fresh precision context) for each of a kept fold model's own
+    validation volumes that take the fused path."""
+    from core.precision import autocast
+
+    lm, vols = fold_cases(wdir, root, fused=True)
+    spec_views = tuple(lm.card["input_spec"].get("views", [2]))
+    for v in vols:
+        yield lm, v, A.resolve_views(spec_views, v.data.shape, v.spacing), lambda: autocast(lm.precision)
 
 
 def compare(per_case: dict[str, dict], names: list[str], base: str) -> dict[str, dict]:

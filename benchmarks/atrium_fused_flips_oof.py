@@ -19,9 +19,8 @@ import numpy as np
 from core import atrium as A
 from core import metrics as M
 from core import preprocess as pp
-from core.precision import autocast
 
-from _oof import collect, compare, fold_cases, write
+from _oof import collect, compare, fused_fold_volumes, write
 
 # name -> (flips per view, weight of each view in the mean: the first listed view is the slicing axis the
 # app localises along)
@@ -32,12 +31,8 @@ VARIANTS = {"1 pass per view (the app)": (1, (1, 1, 1)), "2 flips per view": (2,
 
 def run_fold(wdir: str, root) -> dict[str, dict]:
     """{case: {variant: {dice, seconds}}} for the fold's validation volumes that take the fused path."""
-    lm, vols = fold_cases(wdir, root, fused=True)
-    spec_views = tuple(lm.card["input_spec"].get("views", [2]))
-    ctx = lambda: autocast(lm.precision)  # noqa: E731
     out: dict[str, dict] = {}
-    for v in vols:
-        views = A.resolve_views(spec_views, v.data.shape, v.spacing)
+    for lm, v, views, ctx in fused_fold_volumes(wdir, root):
         t0 = time.perf_counter()
         norm = pp.normalise_volume(np.asarray(v.data))
         box = A.localise(lm.model, norm, v.spacing, views[0], lm.grid_mm, lm.threshold, 8, ctx)

@@ -19,21 +19,16 @@ import numpy as np
 from core import atrium as A
 from core import metrics as M
 from core import preprocess as pp
-from core.precision import autocast
 
-from _oof import collect, compare, fold_cases, write
+from _oof import collect, compare, fused_fold_volumes, write
 
 STRIDES = {"every 2nd slice (the app)": 2, "every 3rd slice": 3, "every 4th slice": 4}
 
 
 def run_fold(wdir: str, root) -> dict[str, dict]:
     """{case: {variant: {dice, seconds, box}}} for the fold's validation volumes that take the fused path."""
-    lm, vols = fold_cases(wdir, root, fused=True)
-    spec_views = tuple(lm.card["input_spec"].get("views", [2]))
-    ctx = lambda: autocast(lm.precision)  # noqa: E731
     out: dict[str, dict] = {}
-    for v in vols:
-        views = A.resolve_views(spec_views, v.data.shape, v.spacing)
+    for lm, v, views, ctx in fused_fold_volumes(wdir, root):
         norm = pp.normalise_volume(np.asarray(v.data))
         row: dict = {"dataset": v.dataset, "fold_threshold": lm.threshold}
         for name, stride in STRIDES.items():
