@@ -31,6 +31,7 @@ def run_fold(wdir: str, root) -> dict[str, dict]:
     for lm, v, views, ctx in fused_fold_volumes(wdir, root):
         norm = pp.normalise_volume(np.asarray(v.data))
         row: dict = {"dataset": v.dataset, "fold_threshold": lm.threshold}
+        app_stride = A.LOCALISE_STRIDE
         for name, stride in STRIDES.items():
             A.LOCALISE_STRIDE = stride
             try:
@@ -42,7 +43,7 @@ def run_fold(wdir: str, root) -> dict[str, dict]:
                                 for ax in views], axis=0)
                 secs = time.perf_counter() - t0
             finally:
-                A.LOCALISE_STRIDE = STRIDES["every 2nd slice (the app)"]
+                A.LOCALISE_STRIDE = app_stride
             mask = np.zeros(norm.shape, np.uint8)
             mask[box] = pp.largest_component(prob >= lm.threshold)
             row[name] = {"dice": round(M.dice(mask, v.label), 4), "seconds": round(secs, 2),

@@ -998,11 +998,10 @@ def cross_validate(root, device: torch.device, out_dir=None, folds: int = 5, see
     a card that ``core.inference.load_model("atrium", <folder>/fold<K>)`` reads are written there too, so that a later
     inference or quality-check change can be scored out of fold without training again."""
     import json
-    from dataclasses import asdict
     from datetime import datetime, timezone
 
     from core import io as mio
-    from core.checkpoint import _clean, git_commit
+    from core.checkpoint import git_commit
     from core.config import weights_dir
     from core.precision import native_bf16
     from core.tasks import get_task
@@ -1018,7 +1017,7 @@ def cross_validate(root, device: torch.device, out_dir=None, folds: int = 5, see
     if any(k < 1 or k > len(splits) for k in run):
         raise ValueError(f"folds must lie in 1..{len(splits)}; got {run}")
     path = (Path(out_dir) if out_dir else weights_dir()) / CV_FILE
-    training = _clean(asdict(cfg))
+    training = recipe_record(cfg)
     kept: list[dict] = []
     replaced: dict[int, dict] = {}  # folds run again: their old entries, summarised in the new ones
     if path.is_file():
@@ -1298,15 +1297,21 @@ def read_cv(out_dir=None) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def check_cv_recipe(cfg, cv: dict) -> None:
-    """Refuse to train the all-volume model with another recipe than the one cross-validated: its card would
-    carry figures of a model it is not. ``cfg``: the TrainConfig about to be trained; ``cv``: atrium.cv.json."""
+def recipe_record(cfg) -> dict:
+    """A TrainConfig as atrium.cv.json records it under "training" (JSON-clean)."""
     from dataclasses import asdict
 
     from core.checkpoint import _clean
+
+    return _clean(asdict(cfg))
+
+
+def check_cv_recipe(cfg, cv: dict) -> None:
+    """Refuse to train the all-volume model with another recipe than the one cross-validated: its card would
+    carry figures of a model it is not. ``cfg``: the TrainConfig about to be trained; ``cv``: atrium.cv.json."""
     from core.errors import MedImgError
 
-    now, then = _clean(asdict(cfg)), cv.get("training", {})
+    now, then = recipe_record(cfg), cv.get("training", {})
     diff = sorted(k for k in set(now) | set(then) if now.get(k) != then.get(k))
     if diff:
         raise MedImgError("the cross-validation in atrium.cv.json was run with another training recipe ("

@@ -563,16 +563,14 @@ def test_the_all_volume_model_is_trained_with_the_cross_validated_recipe(tmp_pat
     """`train_all.py --tasks atrium` refuses a recipe other than the one in atrium.cv.json (its card would carry
     the figures of another recipe), before reading any data; the same recipe passes the check."""
     import json
-    from dataclasses import asdict
 
     import torch
 
-    from core.checkpoint import _clean
     from core.errors import MedImgError
     from core.train import task_config
 
     cv_cfg = task_config("atrium", epochs=64)
-    head = {"task": "atrium", "training": _clean(asdict(cv_cfg)), "scoring": "s", "smoke": False,
+    head = {"task": "atrium", "training": A.recipe_record(cv_cfg), "scoring": "s", "smoke": False,
             "n_folds_planned": 2}
     (tmp_path / A.CV_FILE).write_text(json.dumps({**head, "folds": [_cv_entry(1, "a", 0.8), _cv_entry(2, "b", 0.9)]}))
     A.check_cv_recipe(cv_cfg, A.read_cv(tmp_path))  # the same recipe: no error
