@@ -14,6 +14,7 @@ from core import atrium as A
 from core import io as mio
 from core.config import data_root
 from core.inference import load_model
+from core.precision import cpu_description
 from core.runtime import LoadedModel
 
 
@@ -67,10 +68,11 @@ def compare(per_case: dict[str, dict], names: list[str], base: str) -> dict[str,
 
 
 def write(args: argparse.Namespace, what: str, app_setting: str, summary: dict, per_case: dict) -> None:
-    """The experiment's JSON (summary, per case, folds, threads, date) to ``args.json``; the summary to stdout."""
+    """The experiment's JSON (summary, per case, folds, threads, CPU, date) to ``args.json``; the summary to
+    stdout. The seconds are this CPU's (``core.precision.cpu_description``)."""
     rec = {"what": what, "folds": args.folds, "app_setting": app_setting, "n_volumes": len(per_case),
            "summary": summary, "per_case": per_case, "threads": torch.get_num_threads(),
-           "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+           "cpu": cpu_description(), "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     with open(args.json, "w") as fh:
         json.dump(rec, fh, indent=1)
     print(json.dumps(summary, indent=1))

@@ -8,7 +8,7 @@ those passes, thresholded at the fold's threshold and cut to the largest compone
 variant are the localisation plus the passes it uses (timed one by one). An experiment, not part of the app.
 
     MEDIMG_DATA_ROOT=../shared/datasets PYTHONPATH=. python benchmarks/atrium_fused_flips_oof.py \
-        benchmarks/cv-folds/atrium/fold1 ... fold5 --json benchmarks/logs/atrium-fused-flips-oof.json
+        benchmarks/cv-folds/atrium/fold1 ... fold5 --json benchmarks/logs/atrium-fused-flips-64ep-oof.json
 """
 from __future__ import annotations
 

@@ -39,7 +39,7 @@ from core.errors import InvalidInputError
 from core.atrium import segment_atrium
 from core.cardiac import cardiac_cycle, predict_cardiac
 from core.inference import load_model
-from core.precision import flush_subnormals
+from core.precision import cpu_description, flush_subnormals
 from core.pneumonia import predict_xray, predict_xray_batch
 from core.runtime import LoadedModel
 
@@ -326,7 +326,8 @@ def run(repeats: int = 10, root=None, train: bool = True, accuracy: bool = False
 def _run(repeats: int, root, inp: dict, train: bool, accuracy: bool, alt: bool) -> dict:
     res: dict = {
         "torch": torch.__version__, "threads": torch.get_num_threads(), "device": "cpu",
-        "machine": f"{platform.machine()} {platform.processor() or ''}".strip(), "python": platform.python_version(),
+        "machine": f"{platform.machine()} {platform.processor() or ''}".strip(), "cpu": cpu_description(),
+        "python": platform.python_version(),
         "baseline": BASELINE, "inputs": inp["source"], "figures": {},
     }
     opt = {t: load_model(t) for t in ("pneumonia", "cardiac", "atrium")}

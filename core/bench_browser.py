@@ -259,8 +259,10 @@ def main(argv: list[str] | None = None) -> int:
     samples = measure(Path(root), args.repeats)
     import torch
 
+    from core.precision import cpu_description
+
     out = {"what": "browser step times of the real app (median of repeats), core.bench_browser",
-           "machine": {"cpu": platform.machine(), "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
+           "machine": {"cpu": platform.machine(), "cpu_model": cpu_description(), "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
                        "torch": torch.__version__, "browser": "chromium (headless)"},
            "git_commit": _git_commit(), "measured": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
            "goals_s": GOALS_S, "steps": summarise(samples)}

@@ -21,6 +21,32 @@ PRECISION_ENV = "MEDIMG_PRECISION"
 PRECISIONS = ("auto", "float32", "bfloat16")
 
 
+def cpu_description(cpuinfo: str | None = None) -> str:
+    """The CPU's model name and its bfloat16 hardware, e.g. "AMD EPYC (AVX512-BF16, no AMX)", from
+    /proc/cpuinfo (or the text ``cpuinfo``); "unknown CPU" where it cannot be read. Timings depend on both:
+    the atrium U-Net's bfloat16 passes ran about 1.5x faster on a 2-core Xeon with AMX than on a 2-core
+    EPYC with AVX512-BF16 alone."""
+    if cpuinfo is None:
+        try:
+            with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+                cpuinfo = f.read()
+        except OSError:
+            return "unknown CPU"
+    fields: dict[str, str] = {}
+    for line in cpuinfo.splitlines():
+        key, sep, value = line.partition(":")
+        if sep and key.strip() not in fields:
+            fields[key.strip()] = value.strip()
+    if "model name" not in fields and "flags" not in fields:
+        return "unknown CPU"
+    name = fields.get("model name") or "unknown CPU"
+    flags = set(fields.get("flags", "").split())
+    units = ["AMX" if "amx_bf16" in flags else "no AMX"]
+    if "avx512_bf16" in flags:
+        units.insert(0, "AVX512-BF16")
+    return f"{name} ({', '.join(units)})"
+
+
 class PrecisionError(MedImgError, ValueError):
     """An unknown precision was asked for (argument or environment)."""
 

@@ -318,7 +318,8 @@ def perf_markdown() -> list[str]:
     if not path.is_file():
         return []
     b = json.loads(path.read_text())
-    rows = ["", f"Performance ({BENCH_FILE}: {b['machine']}, torch {b['torch']}, {b['threads']} CPU threads, "
+    cpu = f"{b['machine']}" + (f", {b['cpu']}" if b.get("cpu") else "")
+    rows = ["", f"Performance ({BENCH_FILE}: {cpu}, torch {b['torch']}, {b['threads']} CPU threads, "
                 f"no GPU; baseline = {b['baseline']}):", "",
             "| step | median (s) | p95 (s) | baseline median (s) | speed-up |", "|---|---|---|---|---|"]
     for name, f in b["figures"].items():
@@ -357,7 +358,7 @@ def felt_markdown() -> list[str]:
         return []
     b = json.loads(path.read_text())
     m = b["machine"]
-    rows = ["", f"What a user waits for in the browser ({FELT_FILE}, `python -m core.bench_browser`; {m['cpu']}, "
+    rows = ["", f"What a user waits for in the browser ({FELT_FILE}, `python -m core.bench_browser`; {m.get('cpu_model', m['cpu'])}, "
                 f"{m['threads']} threads, {m['browser']}, measured {b['measured'][:10]}; median of n repeats, each "
                 "in a new session unless said):", "", "| step | median (s) | range (s) | n | goal (s) |", "|---|---|---|---|---|"]
     for k, r in b["steps"].items():

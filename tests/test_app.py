@@ -107,6 +107,8 @@ def test_atrium_sample_segmentation_and_slider(heart_root):
     z0 = at.slider(key="atr.z").value
     at.button(key="atr.next").click().run()
     assert at.slider(key="atr.z").value == z0 + 1
+    # the note is filled in after the slice image (it need not hold the image back) and stays on every rerun
+    assert "This input is in the model's training data (la_" in _text(at)
     at.button(key="atr.worst").click().run()
     assert not at.exception
     at.toggle(key="atr.show_gt").set_value(False).run()

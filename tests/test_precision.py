@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from core import precision as P
 from core.errors import MedImgError
 from core.atrium import segment_atrium
 from core.cardiac import predict_cardiac
@@ -116,3 +117,14 @@ def test_flush_subnormals_reaches_the_calling_thread_and_the_threads_it_starts()
     if not ok:
         pytest.skip("this CPU has no flush-to-zero mode (torch.set_flush_denormal returned False)")
     assert here == 0.0 and child == 0.0
+
+
+def test_cpu_description_names_the_model_and_its_bfloat16_units():
+    xeon = "processor\t: 0\nmodel name\t: Intel(R) Xeon(R) Platinum 8481C\nflags\t\t: fpu avx512_bf16 amx_bf16 amx_tile\n"
+    epyc = "processor\t: 0\nmodel name\t: AMD EPYC\nflags\t\t: fpu avx2 avx512f avx512_bf16\n\nprocessor\t: 1\n"
+    old = "processor\t: 0\nmodel name\t: Old CPU\nflags\t\t: fpu avx2\n"
+    assert P.cpu_description(xeon) == "Intel(R) Xeon(R) Platinum 8481C (AVX512-BF16, AMX)"
+    assert P.cpu_description(epyc) == "AMD EPYC (AVX512-BF16, no AMX)"
+    assert P.cpu_description(old) == "Old CPU (no AMX)"
+    assert P.cpu_description("") == "unknown CPU"
+    assert isinstance(P.cpu_description(), str)  # this machine's, whatever it is

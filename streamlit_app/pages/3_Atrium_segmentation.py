@@ -72,7 +72,6 @@ if st.session_state.get(f"{NS}.key") != seg_key:
     data_c, sp_c, orient = A.to_canonical(vol.data, vol.affine, vol.spacing)
     st.session_state.update({
         f"{NS}.key": seg_key, f"{NS}.vol": vol, f"{NS}.res": res, f"{NS}.name": name,
-        f"{NS}.training_case": training_case_of(lm, vol.data),
         f"{NS}.canon": (data_c, sp_c, A.to_canonical(res.mask, vol.affine, vol.spacing)[0],
                         A.to_canonical(res.prob, vol.affine, vol.spacing)[0]),
     })
@@ -101,8 +100,9 @@ if st.session_state.get(f"{NS}.mask_key", "none") != mask_key:
             per_slice, disagree = A.slice_agreement(mask_c, gt_c, sp_c)
     st.session_state.update({f"{NS}.mask_key": mask_key, f"{NS}.gt_c": gt_c, f"{NS}.metrics": mets,
                              f"{NS}.per_slice": per_slice, f"{NS}.disagree": disagree,
-                             # drawn once per segmentation and mask: a slice change only moves its marker
-                             f"{NS}.strip": slice_strip(st.session_state[f"{NS}.unsure"], per_slice),
+                             # drawn (after the slice image) once per segmentation and mask: a slice change
+                             # only moves its marker
+                             f"{NS}.strip": None,
                              # a mask just given is shown; none: the switch is off (and disabled)
                              f"{NS}.show_gt": gt_c is not None})
 gt_c = st.session_state[f"{NS}.gt_c"]
@@ -111,8 +111,8 @@ per_slice = st.session_state[f"{NS}.per_slice"]
 disagree = st.session_state[f"{NS}.disagree"]
 
 st.markdown(f"**Result for: {name}**")
-train_case = st.session_state.get(f"{NS}.training_case")
-training_notice(train_case)
+# filled at the end of the run: the training-case fingerprint (~0.1-0.2 s) need not hold back the slice image
+notice_slot = st.empty()
 q = res.quality
 if res.reliable:
     st.success(f"Left-atrium volume (predicted): **{res.volume_ml:.1f} mL** — quality check passed.")
@@ -173,10 +173,18 @@ with right:
     if per_slice is not None:
         d = per_slice[z]
         st.markdown(f"Slice Dice: **{d:.3f}**" if np.isfinite(d) else "Slice Dice: n/a (no atrium in either mask)")
+    if st.session_state[f"{NS}.strip"] is None:
+        st.session_state[f"{NS}.strip"] = slice_strip(unsure, per_slice)
     # a still image, not an interactive chart: the browser redraws it at once on every slice change
     st.image(st.session_state[f"{NS}.strip"].marked(z), width="stretch",
              caption=("Dice per slice and " if per_slice is not None else "") + "uncertain area per slice; the red "
              "line marks the slice shown")
+
+if f"{NS}.training_case" not in st.session_state:  # once per segmentation (reset_namespace clears it)
+    st.session_state[f"{NS}.training_case"] = training_case_of(lm, vol.data)
+train_case = st.session_state[f"{NS}.training_case"]
+with notice_slot:
+    training_notice(train_case)
 
 with st.expander("Quality check: the measures behind the verdict"):
     r = A.QualityRule.from_card(lm.card)
