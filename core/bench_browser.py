@@ -8,8 +8,10 @@ Starts `streamlit run streamlit_app/Home.py` on localhost, drives Debian's chrom
 
 - server start to Home rendered (a fresh server per repeat);
 - opening a module page, to its file uploader: in a new tab (the browser loads the app's front end first;
-  the pneumonia page, and the cardiac and atrium pages as a step of their own), and by clicking its link on
-  Home (what a user does; the front end is already loaded);
+  the pneumonia page, and the cardiac and atrium pages as a step of their own; each tab in a fresh browser
+  context, so with an empty cache, as at a user's first visit), in a new tab of a browser that has opened the
+  app before (its cache holds the front end), and by clicking its link on Home (what a user does; the front
+  end is already loaded);
 - the first chest X-ray after start, upload to verdict and to its Grad-CAM heatmap (the model may still be
   loading; the page shows the verdict before the heatmap);
 - chest X-rays read one after another in one tab (each a new file), upload to verdict and to the Grad-CAM
@@ -18,7 +20,8 @@ Starts `streamlit run streamlit_app/Home.py` on localhost, drives Debian's chrom
 - then adding its ground-truth mask, to the Dice shown;
 - for reference, two bare Streamlit apps (not this app; written to a temporary folder) opened in a new tab:
   a one-page app with one file uploader, at its root address; and a page of a multipage app (Home + pages/,
-  as this app) at its own address, the framework's own floor under "open a module page".
+  as this app) at its own address, the framework's own floor under "open a module page" (also in a browser
+  that has opened it before).
 
 Each repeat uses a new browser page, i.e. a new Streamlit session (results are kept per session, so a
 repeat is not served from an earlier one). Writes medians, all repeats and the machine to ``--json``;
@@ -49,13 +52,15 @@ TIMEOUT_MS = 120_000
 FELT_FILE = "benchmarks/felt-cpu-2core.json"
 # the goals of issue #17 (seconds), shown beside the measured medians
 GOALS_S = {"server_start_to_home": 4.0, "open_module_page": 1.0, "open_other_module_page": 1.0,
-           "open_module_page_from_home": 1.0, "first_xray_upload_to_verdict": 1.0,
+           "open_module_page_from_home": 1.0, "open_module_page_warm_browser": 1.0, "first_xray_upload_to_verdict": 1.0,
            "later_xray_upload_to_verdict": 0.4, "later_xray_upload_to_heatmap": 0.75,
            "atrium_upload_to_volume": 2.5, "atrium_add_mask_to_dice": 1.0}
 STEP_NAMES = {"server_start_to_home": "server start to Home",
               "open_module_page": "open a module page in a new tab (loads the app's front end), to its uploader",
               "open_other_module_page": "open the cardiac or the atrium page in a new tab, to its uploader",
               "open_module_page_from_home": "open a module page from Home's link (same tab), to its uploader",
+              "open_module_page_warm_browser": "open a module page in a new tab of a browser that has opened the "
+                                               "app before (its cache holds the front end), to its uploader",
               "first_xray_upload_to_verdict": "first chest X-ray after start: upload to verdict",
               "first_xray_upload_to_heatmap": "first chest X-ray after start: upload to Grad-CAM heatmap shown",
               "first_xray_in_tab_upload_to_heatmap": "a new tab's first chest X-ray (server warm): upload to heatmap",
@@ -65,7 +70,9 @@ STEP_NAMES = {"server_start_to_home": "server start to Home",
               "atrium_add_mask_to_dice": "then adding its ground-truth mask: to Dice shown",
               "bare_streamlit_page_new_tab": "reference: a bare Streamlit page (one uploader, not this app), new tab",
               "bare_multipage_page_new_tab": "reference: a page of a bare multipage Streamlit app (one uploader "
-                                             "each, not this app) at its own address, new tab"}
+                                             "each, not this app) at its own address, new tab",
+              "bare_multipage_page_warm_browser": "reference: the same bare multipage page, new tab of a browser "
+                                                  "that has opened it before"}
 # The reference pages: what Streamlit's front end alone costs on this machine. A one-page app at its root
 # address; and a page of a multipage app (Home + pages/, as this app) opened at its own address
 # (/Page_name), which is what "open a module page in a new tab" does: the floor under that step.
@@ -119,6 +126,33 @@ def _wait_health(url: str) -> None:
     raise RuntimeError("streamlit did not start")
 
 
+VIEWPORT = {"width": 1400, "height": 1100}
+
+
+def _open_to_uploader(ctx, url: str) -> float:
+    """Seconds from opening a new tab in the browser context ``ctx`` at ``url`` to the page's first file
+    uploader."""
+    t = time.time()
+    pg = ctx.new_page()
+    pg.set_default_timeout(TIMEOUT_MS)
+    pg.goto(url)
+    pg.locator("input[type=file]").first.wait_for(state="attached")
+    dt = time.time() - t
+    pg.close()
+    return dt
+
+
+def _warm_browser_opens(browser, urls: list[str]) -> list[float]:
+    """New tabs of one browser context that has opened ``urls[0]`` once before (not timed): a user's browser
+    that has visited the app, its cache holding the front end. Seconds to the uploader for each of ``urls``."""
+    ctx = browser.new_context(viewport=VIEWPORT)
+    try:
+        _open_to_uploader(ctx, urls[0])
+        return [_open_to_uploader(ctx, u) for u in urls]
+    finally:
+        ctx.close()
+
+
 def measure(root: Path, repeats: int = 5, log_dir: Path | None = None) -> dict[str, list[float]]:
     """Run every step ``repeats`` times (server starts: min(repeats, 3)); seconds per step."""
     from playwright.sync_api import sync_playwright
@@ -135,7 +169,7 @@ def measure(root: Path, repeats: int = 5, log_dir: Path | None = None) -> dict[s
                                     args=ARGS)
 
         def page_at(url: str):
-            pg = browser.new_page(viewport={"width": 1400, "height": 1100})
+            pg = browser.new_page(viewport=VIEWPORT)
             pg.set_default_timeout(TIMEOUT_MS)
             pg.goto(url)
             return pg
@@ -175,6 +209,9 @@ def measure(root: Path, repeats: int = 5, log_dir: Path | None = None) -> dict[s
                             pg.locator("input[type=file]").first.wait_for(state="attached")
                             s["open_other_module_page"].append(time.time() - t)
                             pg.close()
+                    pages = ("Pneumonia", "Cardiac", "Atrium_segmentation")
+                    s["open_module_page_warm_browser"] += _warm_browser_opens(
+                        browser, [f"{url}/{pages[k % 3]}" for k in range(repeats)])
                     # a reader's session: one tab, one radiograph after another (each a new file, so nothing is
                     # served from an earlier result); the tab's first upload also loads the page's front-end
                     # components, timed on its own
@@ -243,6 +280,8 @@ def measure(root: Path, repeats: int = 5, log_dir: Path | None = None) -> dict[s
                         s[key].append(time.time() - t)
                         pg.close()
                     s[key].pop(0)
+                    if key == "bare_multipage_page_new_tab":
+                        s["bare_multipage_page_warm_browser"] += _warm_browser_opens(browser, [url + where] * repeats)
                 finally:
                     stop_server(proc)
         browser.close()

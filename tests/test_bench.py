@@ -78,3 +78,19 @@ def test_browser_bench_summary_and_readme_rows(tmp_path, monkeypatch):
     monkeypatch.setattr("core.config.PROJECT_ROOT", tmp_path)
     rows = report.felt_markdown()
     assert f"| {BB.STEP_NAMES['open_module_page']} | 0.70 | 0.50-0.90 | 3 | 1.0 |" in rows
+
+
+def test_felt_and_performance_headers_name_the_cpu_model(tmp_path, monkeypatch):
+    from core import bench_browser as BB
+    from core import report
+
+    (tmp_path / "benchmarks").mkdir()
+    machine = {"cpu": "x86_64", "cpu_model": "AMD EPYC (AVX512-BF16, no AMX)", "threads": 2,
+               "browser": "chromium (headless)"}
+    (tmp_path / BB.FELT_FILE).write_text(json.dumps({
+        "machine": machine, "measured": "2026-12-05T11:00:00Z", "goals_s": BB.GOALS_S,
+        "steps": BB.summarise({"open_module_page_warm_browser": [0.6, 0.8, 0.7]})}))
+    monkeypatch.setattr("core.config.PROJECT_ROOT", tmp_path)
+    rows = report.felt_markdown()
+    assert "AMD EPYC (AVX512-BF16, no AMX)" in rows[1]
+    assert f"| {BB.STEP_NAMES['open_module_page_warm_browser']} | 0.70 | 0.60-0.80 | 3 | 1.0 |" in rows
