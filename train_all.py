@@ -24,6 +24,7 @@ from pathlib import Path
 
 from core.config import PROJECT_ROOT, data_root
 from core.errors import MedImgError
+from core.precision import cpu_description
 from core.tasks import TASKS
 
 
@@ -175,7 +176,7 @@ def _write_run_record(out: Path | None, args: argparse.Namespace, argv: list[str
         "spacing_override": args.spacing,
         "seed": args.seed,
         "device": str(device), "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
-        "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
+        "machine": f"{platform.machine()} {platform.processor() or ''}".strip(), "cpu": cpu_description(),
         "torch": torch.__version__, "git_commit": git_commit(),
         "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }

@@ -291,7 +291,7 @@ def run_markdown(wdir=None) -> list[str]:
         return []
     parts = ", ".join(f"{t} {s / 60:.1f} min" for t, s in r["seconds_per_task"].items())
     return ["", f"`{r['command']}` took **{r['total_s'] / 60:.1f} min** for {len(r['tasks'])} task(s) "
-                f"on {r['machine']} ({r['cpu_count']} cores, {r['threads']} threads, device {r['device']}, "
+                f"on {r['machine']}{', ' + r['cpu'] if r.get('cpu') else ''} ({r['cpu_count']} cores, {r['threads']} threads, device {r['device']}, "
                 f"torch {r['torch']}): {parts}, each with reading its data, its validation or scoring and fitting "
                 "its input or quality check (weights/train_all.run.json)."]
 
