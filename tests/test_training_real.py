@@ -75,7 +75,12 @@ def test_atrium_cv_folds_run_one_at_a_time_and_are_kept(heart_root, tmp_path):
     for old, new in zip(cv["folds"], rep["folds"]):
         assert new["weights_sha256"] == old["weights_sha256"] and new["rescored"]["git_commit"]
         assert (new["tta_flips"], new["threshold"]) == (old["tta_flips"], old["threshold"])
-        assert {c: r["dice"] for c, r in new["per_case"].items()} == {c: r["dice"] for c, r in old["per_case"].items()}
+        # the same Dice up to the last bits of bfloat16 arithmetic: on a CPU with AVX512-BF16 but no AMX the
+        # scoring during training and the rescoring of the saved weights differ by ~2e-5 (an AMD EPYC; exactly
+        # equal on a Xeon with AMX), as the same weights in another memory layout take other oneDNN kernels
+        # there; a different scoring (threshold, flips, volumes) moves Dice by far more than 1e-3
+        old_dice = {c: r["dice"] for c, r in old["per_case"].items()}
+        assert {c: r["dice"] for c, r in new["per_case"].items()} == pytest.approx(old_dice, abs=1e-3)
     assert json.loads((tmp_path / "atrium.cv.json").read_text())["scoring"] == cv["scoring"]
     # running a fold again replaces its entry and keeps what the replaced run said
     assert train_main(["--atrium-cv", "--smoke", "--folds", "3", "--data-root", str(heart_root), "--device", "cpu",
