@@ -42,6 +42,7 @@ import tempfile
 import time
 import urllib.request
 from pathlib import Path
+from typing import Any, Callable
 
 from core.config import PROJECT_ROOT, data_root
 
@@ -52,9 +53,9 @@ TIMEOUT_MS = 120_000
 FELT_FILE = "benchmarks/felt-cpu-2core.json"
 # the goals of issue #17 (seconds), shown beside the measured medians
 GOALS_S = {"server_start_to_home": 4.0, "open_module_page": 1.0, "open_other_module_page": 1.0,
-           "open_module_page_from_home": 1.0, "open_module_page_warm_browser": 1.0, "first_xray_upload_to_verdict": 1.0,
-           "later_xray_upload_to_verdict": 0.4, "later_xray_upload_to_heatmap": 0.75,
-           "atrium_upload_to_volume": 2.5, "atrium_add_mask_to_dice": 1.0}
+           "open_module_page_from_home": 1.0, "open_module_page_warm_browser": 1.0,
+           "first_xray_upload_to_verdict": 1.0, "later_xray_upload_to_verdict": 0.4,
+           "later_xray_upload_to_heatmap": 0.75, "atrium_upload_to_volume": 2.5, "atrium_add_mask_to_dice": 1.0}
 STEP_NAMES = {"server_start_to_home": "server start to Home",
               "open_module_page": "open a module page in a new tab (loads the app's front end), to its uploader",
               "open_other_module_page": "open the cardiac or the atrium page in a new tab, to its uploader",
@@ -129,13 +130,19 @@ def _wait_health(url: str) -> None:
 VIEWPORT = {"width": 1400, "height": 1100}
 
 
-def _open_to_uploader(ctx, url: str) -> float:
-    """Seconds from opening a new tab in the browser context ``ctx`` at ``url`` to the page's first file
-    uploader."""
-    t = time.time()
-    pg = ctx.new_page()
+def _new_tab(opener: Callable[[], Any], url: str):
+    """A new tab from ``opener`` (``Browser.new_page`` with the viewport: a fresh context, empty cache; or
+    ``BrowserContext.new_page``: a tab of a browser that keeps its cache), navigated to ``url``."""
+    pg = opener()
     pg.set_default_timeout(TIMEOUT_MS)
     pg.goto(url)
+    return pg
+
+
+def _open_to_uploader(opener: Callable[[], Any], url: str) -> float:
+    """Seconds from opening a new tab (``_new_tab``) at ``url`` to the page's first file uploader."""
+    t = time.time()
+    pg = _new_tab(opener, url)
     pg.locator("input[type=file]").first.wait_for(state="attached")
     dt = time.time() - t
     pg.close()
@@ -147,8 +154,8 @@ def _warm_browser_opens(browser, urls: list[str]) -> list[float]:
     that has visited the app, its cache holding the front end. Seconds to the uploader for each of ``urls``."""
     ctx = browser.new_context(viewport=VIEWPORT)
     try:
-        _open_to_uploader(ctx, urls[0])
-        return [_open_to_uploader(ctx, u) for u in urls]
+        _open_to_uploader(ctx.new_page, urls[0])
+        return [_open_to_uploader(ctx.new_page, u) for u in urls]
     finally:
         ctx.close()
 
@@ -168,11 +175,11 @@ def measure(root: Path, repeats: int = 5, log_dir: Path | None = None) -> dict[s
         browser = p.chromium.launch(executable_path=CHROMIUM if Path(CHROMIUM).exists() else shutil.which("chromium"),
                                     args=ARGS)
 
+        def cold_tab():  # a tab in a fresh context: nothing of the app cached
+            return browser.new_page(viewport=VIEWPORT)
+
         def page_at(url: str):
-            pg = browser.new_page(viewport=VIEWPORT)
-            pg.set_default_timeout(TIMEOUT_MS)
-            pg.goto(url)
-            return pg
+            return _new_tab(cold_tab, url)
 
         for r in range(min(repeats, 3)):
             port = _free_port()
@@ -198,17 +205,9 @@ def measure(root: Path, repeats: int = 5, log_dir: Path | None = None) -> dict[s
                 pg.close()
                 if r == 0:
                     for k in range(repeats):
-                        t = time.time()
-                        pg = page_at(f"{url}/Pneumonia")
-                        pg.locator("input[type=file]").first.wait_for(state="attached")
-                        s["open_module_page"].append(time.time() - t)
-                        pg.close()
+                        s["open_module_page"].append(_open_to_uploader(cold_tab, f"{url}/Pneumonia"))
                         for other in ("Cardiac", "Atrium_segmentation"):
-                            t = time.time()
-                            pg = page_at(f"{url}/{other}")
-                            pg.locator("input[type=file]").first.wait_for(state="attached")
-                            s["open_other_module_page"].append(time.time() - t)
-                            pg.close()
+                            s["open_other_module_page"].append(_open_to_uploader(cold_tab, f"{url}/{other}"))
                     pages = ("Pneumonia", "Cardiac", "Atrium_segmentation")
                     s["open_module_page_warm_browser"] += _warm_browser_opens(
                         browser, [f"{url}/{pages[k % 3]}" for k in range(repeats)])
@@ -273,13 +272,8 @@ def measure(root: Path, repeats: int = 5, log_dir: Path | None = None) -> dict[s
                 proc = _start(port, log_dir / f"felt-bench-{key}.log", app)
                 try:
                     _wait_health(url)
-                    for _ in range(repeats + 1):  # the first one apart: the server's first session
-                        t = time.time()
-                        pg = page_at(url + where)
-                        pg.locator("input[type=file]").first.wait_for(state="attached")
-                        s[key].append(time.time() - t)
-                        pg.close()
-                    s[key].pop(0)
+                    # the first one apart: the server's first session
+                    s[key] += [_open_to_uploader(cold_tab, url + where) for _ in range(repeats + 1)][1:]
                     if key == "bare_multipage_page_new_tab":
                         s["bare_multipage_page_warm_browser"] += _warm_browser_opens(browser, [url + where] * repeats)
                 finally:

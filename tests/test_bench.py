@@ -94,3 +94,52 @@ def test_felt_and_performance_headers_name_the_cpu_model(tmp_path, monkeypatch):
     rows = report.felt_markdown()
     assert "AMD EPYC (AVX512-BF16, no AMX)" in rows[1]
     assert f"| {BB.STEP_NAMES['open_module_page_warm_browser']} | 0.70 | 0.60-0.80 | 3 | 1.0 |" in rows
+
+
+def test_browser_bench_new_tab_helpers_open_wait_and_close():
+    from core import bench_browser as BB
+
+    calls: list = []
+
+    class Locator:
+        first = property(lambda self: self)
+
+        def wait_for(self, state: str) -> None:
+            calls.append(("wait", state))
+
+    class Page:
+        def set_default_timeout(self, ms: int) -> None:
+            calls.append(("timeout", ms))
+
+        def goto(self, url: str) -> None:
+            calls.append(("goto", url))
+
+        def locator(self, css: str) -> Locator:
+            calls.append(("locator", css))
+            return Locator()
+
+        def close(self) -> None:
+            calls.append(("close",))
+
+    class Context:  # what BB._warm_browser_opens gets from Browser.new_context
+        def new_page(self) -> Page:
+            calls.append(("new_page",))
+            return Page()
+
+        def close(self) -> None:
+            calls.append(("context_close",))
+
+    class Browser:
+        def new_context(self, viewport: dict) -> Context:
+            calls.append(("new_context", viewport))
+            return Context()
+
+    dt = BB._open_to_uploader(Context().new_page, "http://x/Cardiac")
+    assert dt >= 0
+    assert calls == [("new_page",), ("timeout", BB.TIMEOUT_MS), ("goto", "http://x/Cardiac"),
+                     ("locator", "input[type=file]"), ("wait", "attached"), ("close",)]
+    calls.clear()
+    times = BB._warm_browser_opens(Browser(), ["http://x/A", "http://x/B"])
+    assert len(times) == 2  # the first visit (to fill the cache) is not timed
+    assert [c[1] for c in calls if c[0] == "goto"] == ["http://x/A", "http://x/A", "http://x/B"]
+    assert calls[0] == ("new_context", BB.VIEWPORT) and calls[-1] == ("context_close",)
