@@ -30,15 +30,21 @@ from core.tasks import TASKS
 
 def train_task(task: str, root: Path, device, smoke: bool = False, out_dir: Path | None = None,
                seed: int = 0, epochs: int | None = None, crop: int | None = None,
-               ema: float | None = None, spacing_mm: float | None = None) -> dict:
+               ema: float | None = None, spacing_mm: float | None = None, time_budget: bool = True) -> dict:
     """Train one task with its registry defaults (or smoke settings) and write weights + card: each task's
-    own module trains it (core.pneumonia, core.cardiac, core.atrium) with the shared loop of core.train."""
+    own module trains it (core.pneumonia, core.cardiac, core.atrium) with the shared loop of core.train.
+    ``time_budget``: hold the task to its registry budget (``TaskSpec.train_budget``; not in a smoke run)."""
+    from dataclasses import replace
+
     from core import atrium, cardiac, pneumonia
-    from core.train import task_config
+    from core.train import TimeBudget, task_config
 
     trainers = {"pneumonia": pneumonia.train_pneumonia, "cardiac": cardiac.train_cardiac,
                 "atrium": atrium.train_atrium}
     cfg = task_config(task, smoke, seed, epochs, crop, ema, spacing_mm)
+    budget = TASKS[task].train_budget
+    if time_budget and budget and not smoke:
+        cfg = replace(cfg, time_budget=TimeBudget(*budget))
     return trainers[task](Path(root), cfg, device, smoke=smoke, out_dir=out_dir)
 
 
@@ -52,6 +58,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--epochs", type=int, default=None, help="override the registry's epoch count")
+    ap.add_argument("--no-time-budget", action="store_true",
+                    help="run every epoch of the schedule however long it takes (by default a task whose schedule "
+                         "would overrun its budget on this machine, 30 min for pneumonia and cardiac, 90 for the "
+                         "atrium, runs fewer epochs, never under half; its card says so)")
     ap.add_argument("--crop", type=int, default=None,
                     help="atrium: side of the training crops (multiple of 16; default the registry's 128)")
     ap.add_argument("--ema", type=float, default=None,
@@ -101,12 +111,14 @@ def main(argv: list[str] | None = None) -> int:
     failed = False
     t_start = time.time()
     timings: dict[str, float] = {}
+    schedules: dict[str, dict] = {}
     for task in args.tasks:
         t0 = time.time()
         try:
             card = train_task(task, root, device, smoke=args.smoke, out_dir=out, seed=args.seed, epochs=args.epochs,
                               crop=args.crop if TASKS[task].kind == "segmentation" else None, ema=args.ema,
-                              spacing_mm=args.spacing if TASKS[task].kind == "segmentation" else None)
+                              spacing_mm=args.spacing if TASKS[task].kind == "segmentation" else None,
+                              time_budget=not args.no_time_budget)
         except MedImgError as exc:
             print(f"[{task}] not trained: {exc}", file=sys.stderr)
             failed = True
@@ -145,10 +157,12 @@ def main(argv: list[str] | None = None) -> int:
         v = card["validation"]
         summary = {k: v[k] for k in ("auc", "accuracy", "dice_mean") if k in v}
         timings[task] = round(time.time() - t0, 1)
+        if card.get("training", {}).get("schedule"):
+            schedules[task] = card["training"]["schedule"]
         print(f"[{task}] done in {time.time() - t0:.0f} s, best epoch {card['best_epoch']}/{card['epochs_run']}: "
               f"{json.dumps(summary)}")
     if dist_info()[0] == 0 and timings:
-        _write_run_record(out, args, argv, device, timings, time.time() - t_start)
+        _write_run_record(out, args, argv, device, timings, time.time() - t_start, schedules)
     import torch.distributed as dist
 
     if dist.is_initialized():
@@ -160,8 +174,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _write_run_record(out: Path | None, args: argparse.Namespace, argv: list[str] | None, device, timings: dict,
-                      total_s: float) -> None:
-    """<weights>/train_all.run.json: how long this run took, per task and in all, and where."""
+                      total_s: float, schedules: dict | None = None) -> None:
+    """<weights>/train_all.run.json: how long this run took, per task and in all, and where, with each task's
+    time budget and the schedule it ran (shortened or not)."""
     import platform
 
     import torch
@@ -174,6 +189,9 @@ def _write_run_record(out: Path | None, args: argparse.Namespace, argv: list[str
         "tasks": list(timings), "seconds_per_task": timings, "total_s": round(total_s, 1),
         "smoke": args.smoke, "epochs_override": args.epochs, "crop_override": args.crop, "ema_override": args.ema,
         "spacing_override": args.spacing,
+        "time_budget_min": None if args.no_time_budget or args.smoke else
+        {t: TASKS[t].train_budget[0] for t in timings if TASKS[t].train_budget},
+        "schedules": schedules or {},
         "seed": args.seed,
         "device": str(device), "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
         "machine": f"{platform.machine()} {platform.processor() or ''}".strip(), "cpu": cpu_description(),

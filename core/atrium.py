@@ -1303,7 +1303,9 @@ def recipe_record(cfg) -> dict:
 
     from core.checkpoint import _clean
 
-    return _clean(asdict(cfg))
+    rec = _clean(asdict(cfg))
+    rec.pop("time_budget", None)  # train_all's limit on this machine, not part of the recipe
+    return rec
 
 
 def check_cv_recipe(cfg, cv: dict) -> None:
@@ -1349,6 +1351,11 @@ def train_atrium(root, cfg, device: torch.device, smoke: bool = False, out_dir=N
     model, res, n_slices = fit_atrium(vols, tr, [], cfg, device)
     flips, thr = cv_inference_setting(cv["folds"]) if complete else (2, 0.5)
     card = card_base(spec, cfg, device, smoke)
+    card["training"]["schedule"] = res.schedule
+    if res.shortened_at is not None:
+        card["training"]["schedule"]["note"] = (
+            f"the time budget cut the {cfg.epochs}-epoch schedule to {res.epochs_planned} epochs on this machine; "
+            "the cross-validated figures are those of the full schedule")
     card["input_spec"].update(views=[2], tta_flips=flips, view_rule=VIEW_RULE, orientation=ORIENTATION_RULE)
     per_ds = {ds: sum(v.dataset == ds for v in vols) for ds in sorted({v.dataset for v in vols})}
     card.update({

@@ -718,9 +718,10 @@ def _fit_cardiac_head(net: nn.Module, d: _CardiacData, y: torch.Tensor, tr: np.n
 
 
 def _fit_cardiac(d: _CardiacData, y: torch.Tensor, tr: np.ndarray, va: np.ndarray, cfg: TrainConfig,
-                 device: torch.device, desc: str) -> tuple[nn.Module, FitResult, dict, np.ndarray]:
+                 device: torch.device, desc: str, runs_left: int = 1) -> tuple[nn.Module, FitResult, dict, np.ndarray]:
     """Stage 1: the U-Net segments every ED and ES slice of the training patients (best epoch by the
-    validation patients' mean foreground Dice). Stage 2: the head on shape descriptors."""
+    validation patients' mean foreground Dice). Stage 2: the head on shape descriptors. ``runs_left``:
+    this fold and those after it, which share what is left of the time budget (``core.train.fit``)."""
     from core.models import build_model
     from core.tasks import get_task
     from core.train import batches, fit, intensity_jitter, predict_logits, random_affine, set_seed
@@ -757,7 +758,7 @@ def _fit_cardiac(d: _CardiacData, y: torch.Tensor, tr: np.ndarray, va: np.ndarra
         dices = [M.dice((pred == c).numpy(), (m_va == c).numpy()) for c in (1, 2, 3)]
         return {"loss": loss, "dice": float(np.mean(dices))}
 
-    res = fit(unet, train_batches, step, validate, cfg, "dice", desc=desc)
+    res = fit(unet, train_batches, step, validate, cfg, "dice", desc=desc, runs_left=runs_left)
     head = _fit_cardiac_head(model, d, y, tr, cfg, device)
     model.eval()
     with torch.no_grad():
@@ -793,10 +794,12 @@ def train_cardiac(root: Path, cfg: TrainConfig, device: torch.device, smoke: boo
     committed = None
     for k in range(folds):
         tr, va = splits[k]
-        model, res, head, p = _fit_cardiac(data, y, tr, va, cfg, device, desc=f"cardiac fold {k + 1}")
+        model, res, head, p = _fit_cardiac(data, y, tr, va, cfg, device, desc=f"cardiac fold {k + 1}",
+                                           runs_left=folds - k)
         oof[va] = p
         at_half = M.classification_metrics(labels[va], p, 0.5)
         fold_reports.append({"fold": k + 1, "n_val": len(va), "best_epoch": res.best_epoch,
+                             "epochs_run": res.epochs_run,
                              "val_seg_dice": res.best_value,
                              "val_auc": auc_or_nan(labels[va], p), "val_accuracy_at_0.5": at_half["accuracy"],
                              "val_sensitivity_at_0.5": at_half["sensitivity"],
@@ -809,6 +812,7 @@ def train_cardiac(root: Path, cfg: TrainConfig, device: torch.device, smoke: boo
     # the committed model's own validation patients alone.
     thr = M.youden_threshold(labels[done], oof[done]) if len(np.unique(labels[done])) == 2 else 0.5
     card = card_base(spec, cfg, device, smoke)
+    card["training"]["schedule"] = res.schedule  # the committed fold's; each fold's epochs_run is in its report
     card["training"]["monitor"] = "dice"  # stage 1 keeps the epoch with the best segmentation Dice
     card.update({
         "threshold": thr,

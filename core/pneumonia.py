@@ -354,6 +354,7 @@ def train_pneumonia(root, cfg, device: torch.device, smoke: bool = False, out_di
                      "share_called_pneumonia": float((p >= thr).mean()),
                      "what": "sensitivity" if pos.all() else "1 - specificity"}
     card = card_base(spec, cfg, device, smoke)
+    card["training"]["schedule"] = res.schedule
     card["training"]["monitor"] = "shift_auc"
     card.update({
         "threshold": thr,

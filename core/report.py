@@ -293,7 +293,17 @@ def run_markdown(wdir=None) -> list[str]:
     return ["", f"`{r['command']}` took **{r['total_s'] / 60:.1f} min** for {len(r['tasks'])} task(s) "
                 f"on {r['machine']}{', ' + r['cpu'] if r.get('cpu') else ''} ({r['cpu_count']} cores, {r['threads']} threads, device {r['device']}, "
                 f"torch {r['torch']}): {parts}, each with reading its data, its validation or scoring and fitting "
-                "its input or quality check (weights/train_all.run.json)."]
+                "its input or quality check (weights/train_all.run.json)." + _shortened_note(r)]
+
+
+def _shortened_note(run: dict) -> str:
+    """Which schedules the time budget shortened in a run record, in words ("" if none)."""
+    cut = [f"{t} {s['epochs_planned']} epochs" + (" per fold" if t == "cardiac" else "")
+           for t, s in run.get("schedules", {}).items() if s.get("shortened_at_epoch")]
+    if not cut:
+        return ""
+    return (" On this machine the time budget shortened the schedule: " + ", ".join(cut)
+            + " (the registry's full schedule with `--no-time-budget`).")
 
 
 def shape_markdown(wdir=None) -> list[str]:

@@ -25,6 +25,10 @@ class TaskSpec:
     # inference may use bfloat16 where the hardware runs it natively ("auto" precision): only where it
     # pays and the outputs hold (python -m core.bench --accuracy); the X-ray CNN gains nothing from it
     bf16_inference: bool = False
+    # train_all's wall-clock budget on 2 CPU cores: (minutes, share kept for what is not epochs: reading the
+    # data, scoring, checks, calibration, as measured on the slower of the CPUs seen); on a machine where the
+    # schedule would overrun it, core.train.fit shortens the schedule (never under half) and the card says so
+    train_budget: tuple[float, float] | None = None
     intended_use: str = ""  # the population and input the model was trained and validated for, in words
 
     def __post_init__(self) -> None:
@@ -55,6 +59,7 @@ TASKS: dict[str, TaskSpec] = {
         monitor="shift_auc",
         dataset="Kermany et al. 2018 chest X-rays, official training split (chest_xray/train)",
         train_defaults={"epochs": 20, "batch_size": 64, "lr": 1e-3, "patience": 20, "ema": 0.99},
+        train_budget=(30, 0.4),  # population check + calibration after the epochs: 8.6-10.4 min of 23-26
         intended_use="frontal (PA/AP) chest radiographs of young children (about 1-5 years), as in the Guangzhou "
                      "paediatric cohort; adult, lateral and other images are withheld by a population check",
     ),
@@ -73,6 +78,7 @@ TASKS: dict[str, TaskSpec] = {
         monitor="auc",
         dataset="ACDC (Bernard et al. 2018), ED and ES frames (ACDC/)",
         train_defaults={"epochs": 20, "batch_size": 16, "lr": 1e-3, "patience": 20},
+        train_budget=(30, 0.15),  # 5 folds: heads, out-of-fold scoring, diagnosis model: 3.3 min of 34.8
         bf16_inference=True,
         intended_use="short-axis cine MRI (bSSFP) of adults, ED and ES frames or a 4D cine, as in ACDC (Dijon); "
                      "other centres, field strengths and children untested",
@@ -92,6 +98,7 @@ TASKS: dict[str, TaskSpec] = {
         dataset="MSD Task02_Heart bSSFP (Task02_Heart/) + 2018 LA challenge LGE-MRI (LA2018/)",
         train_defaults={"epochs": 64, "batch_size": 32, "lr": 2e-3, "patience": 48, "crop": 128,
                         "samples_per_epoch": 4000},
+        train_budget=(90, 0.08),  # reading 96 volumes, scoring them, the quality check: 3 min of 88.2
         bf16_inference=True,
         intended_use="3D cardiac MRI of adults, bSSFP (as MSD, King's College London) or LGE (as the 2018 Utah "
                      "challenge), any slice plane; other sequences and centres untested",

@@ -13,7 +13,7 @@ import platform
 import random
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -32,9 +32,54 @@ from core.tasks import TaskSpec, get_task
 log = logging.getLogger("medimg.train")
 
 
+@dataclass(frozen=True)
+class TimeBudget:
+    """Wall-clock budget of one task's training (``train_all``): ``minutes`` in all, of which the share
+    ``reserve`` is kept for what is not epochs (reading the data, scoring, checks, calibration), counted from
+    ``started`` (``time.time()``). ``fit`` shortens a schedule that would overrun it on a slow machine."""
+
+    minutes: float
+    reserve: float
+    started: float = field(default_factory=time.time)
+
+    def __post_init__(self) -> None:
+        if self.minutes <= 0:
+            raise ValueError(f"minutes must be > 0, got {self.minutes}")
+        if not (0 <= self.reserve < 1):
+            raise ValueError(f"reserve must be in [0, 1), got {self.reserve}")
+
+    @property
+    def epochs_end(self) -> float:
+        """``time.time()`` by which every epoch of the task must have ended."""
+        return self.started + 60 * self.minutes * (1 - self.reserve)
+
+    def run_end(self, runs_left: int, now: float | None = None) -> float:
+        """When the epochs of the next of ``runs_left`` equal fits (cross-validation folds) must end: the
+        time left for epochs, shared equally."""
+        if runs_left < 1:
+            raise ValueError(f"runs_left must be >= 1, got {runs_left}")
+        now = time.time() if now is None else now
+        return now + max(0.0, self.epochs_end - now) / runs_left
+
+
+def planned_epochs(total: int, done: int, epoch_s: float, seconds_left: float, floor: int) -> int:
+    """Length of a schedule of ``total`` epochs, ``done`` of them run at ``epoch_s`` seconds each, when
+    ``seconds_left`` remain for epochs: as many as fit, never more than ``total``, never under ``floor``
+    (nor under ``done``). Below ``floor`` a shorter run would cost more quality than overrunning."""
+    if total < 1 or done < 0 or floor < 1:
+        raise ValueError("total and floor must be >= 1 and done >= 0")
+    fits = int(max(0.0, seconds_left) // epoch_s) if epoch_s > 0 else total
+    return max(min(total, done + fits), min(floor, total), done)
+
+
+def cosine_lr(lr: float, eta_min: float, epoch: int, total: int) -> float:
+    """The cosine schedule's learning rate after ``epoch`` of ``total`` epochs (torch's CosineAnnealingLR)."""
+    return eta_min + (lr - eta_min) * (1 + math.cos(math.pi * min(epoch, total) / total)) / 2
+
+
 @dataclass
 class TrainConfig:
-    """Hyper-parameters of one training run."""
+    """Hyper-parameters of one training run (and, from ``train_all``, the task's time budget)."""
 
     epochs: int
     batch_size: int
@@ -48,6 +93,7 @@ class TrainConfig:
     ema: float | None = None  # decay of an exponential moving average of the weights, validated and kept
     spacing_mm: float | None = None  # segmentation: in-plane grid (mm) to train at; None = the registry's
     samples_per_epoch: int | None = None  # sampled training crops per epoch (atrium); None = every slice once
+    time_budget: TimeBudget | None = None  # None: the whole schedule, however long it takes
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 1 or self.patience < 1:
@@ -127,6 +173,14 @@ class FitResult:
     best_value: float
     epochs_run: int
     seconds: float
+    epochs_planned: int = 0  # the schedule's length in the end (cfg.epochs unless the time budget shortened it)
+    shortened_at: int | None = None  # the epoch after which the time budget shortened the schedule
+
+    @property
+    def schedule(self) -> dict:
+        """What the card says about the schedule actually run."""
+        return {"epochs_planned": self.epochs_planned, "epochs_run": self.epochs_run,
+                "shortened_at_epoch": self.shortened_at}
 
 
 def fit(
@@ -138,6 +192,7 @@ def fit(
     monitor: str,
     desc: str = "train",
     keep_last: bool = False,
+    runs_left: int = 1,
 ) -> FitResult:
     """Train with Adam, validating every epoch and keeping the state with the best ``monitor``.
 
@@ -147,6 +202,11 @@ def fit(
     step: it is less noisy from epoch to epoch than the raw weights, so the kept epoch is less of a
     lucky draw on a small validation set. With ``keep_last`` (training on every case, nothing left to
     validate on) the last epoch's state is kept and returned.
+
+    With ``cfg.time_budget`` this fit, the first of ``runs_left`` alike, may use its share of the time left
+    for epochs; after each epoch, if the rest of the schedule would not end in time at the epochs' pace so
+    far (the first, warm-up epoch left out), the cosine schedule is shortened to what fits (not under half
+    its length) and anneals to the same final rate over the epochs that remain.
     """
     set_seed(cfg.seed)
     plain = model.to(memory_format=torch.channels_last)  # faster convolutions on CPU (oneDNN) and GPU
@@ -156,7 +216,10 @@ def fit(
 
         model = DistributedDataParallel(plain, device_ids=[device.index] if device.type == "cuda" else None)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs, eta_min=cfg.lr * 0.02)
+    eta_min = cfg.lr * 0.02
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs, eta_min=eta_min)
+    total, shortened_at, durations = cfg.epochs, None, []
+    run_end = cfg.time_budget.run_end(runs_left) if cfg.time_budget is not None else None
     ema = None
     if cfg.ema:
         from torch.optim.swa_utils import AveragedModel
@@ -168,6 +231,7 @@ def fit(
     t0 = time.time()
     bar = tqdm(range(1, cfg.epochs + 1), desc=desc, leave=False, mininterval=2)
     for epoch in bar:
+        t_epoch = time.time()
         model.train()
         losses, mets, weights = [], [], []
         for batch in train_batches(epoch):
@@ -182,7 +246,11 @@ def fit(
             losses.append(float(loss.detach()) * n)
             mets.append(met * n)
             weights.append(n)
-        sched.step()
+        if shortened_at is None:
+            sched.step()
+        else:
+            for g in opt.param_groups:
+                g["lr"] = cosine_lr(cfg.lr, eta_min, epoch, total)
         if dist_info()[1] > 1:
             # batch-norm statistics were updated on each process's own batches: take rank 0's everywhere
             import torch.distributed as dist
@@ -213,9 +281,34 @@ def fit(
         if epoch - best_epoch >= cfg.patience:
             log.info("%s: early stop at epoch %d (best %d)", desc, epoch, best_epoch)
             break
+        durations.append(time.time() - t_epoch)
+        if run_end is not None and epoch < total:
+            pace = float(np.mean(durations[1:])) if len(durations) > 1 else durations[0]
+            new_total = _agreed(planned_epochs(total, epoch, pace, run_end - time.time(), math.ceil(cfg.epochs / 2)))
+            if new_total < total:
+                log.info("%s: schedule shortened from %d to %d epochs to end within the time budget (%.1f s per "
+                         "epoch on this machine)", desc, total, new_total, pace)
+                total, shortened_at = new_total, epoch
+                for g in opt.param_groups:  # the next epoch's rate on the shortened cosine
+                    g["lr"] = cosine_lr(cfg.lr, eta_min, epoch, total)
+                bar.total = total
+        if epoch >= total:
+            break
     plain.to(memory_format=torch.contiguous_format)  # saved weights and later inference use the plain layout
     plain.load_state_dict(best_state)
-    return FitResult(best_state, history, best_epoch, best_value, len(history), time.time() - t0)
+    return FitResult(best_state, history, best_epoch, best_value, len(history), time.time() - t0,
+                     epochs_planned=total, shortened_at=shortened_at)
+
+
+def _agreed(n: int) -> int:
+    """Rank 0's ``n`` on every process under DDP (all must run the same epochs); ``n`` otherwise."""
+    if dist_info()[1] <= 1:
+        return n
+    import torch.distributed as dist
+
+    t = torch.tensor([n])
+    dist.broadcast(t, 0)
+    return int(t)
 
 
 def ema_decay(decay: float, n_averaged: int) -> float:

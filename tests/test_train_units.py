@@ -231,5 +231,107 @@ def test_report_states_the_run_record(tmp_path):
     (tmp_path / "train_all.run.json").write_text(json.dumps(rec))
     text = "\n".join(run_markdown(tmp_path))
     assert "**10.0 min** for 2 task(s)" in text and "pneumonia 4.0 min, cardiac 6.0 min" in text
+    assert "shortened" not in text
+    cut = {"pneumonia": {"epochs_planned": 20, "epochs_run": 20, "shortened_at_epoch": None},
+           "cardiac": {"epochs_planned": 16, "epochs_run": 16, "shortened_at_epoch": 1}}
+    (tmp_path / "train_all.run.json").write_text(json.dumps({**rec, "schedules": cut}))
+    text = "\n".join(run_markdown(tmp_path))
+    assert "time budget shortened the schedule: cardiac 16 epochs per fold" in text and "pneumonia 20" not in text
     (tmp_path / "train_all.run.json").write_text(json.dumps({**rec, "smoke": True}))
     assert run_markdown(tmp_path) == []  # smoke runs say nothing about training time
+
+
+def test_planned_epochs_fits_the_time_left_within_its_bounds():
+    from core.train import planned_epochs
+
+    # cardiac fold on the slower CPU: 2 epochs done at 18.7 s, 270 s left -> 14 more
+    assert planned_epochs(20, 2, 18.7, 270.0, 10) == 16
+    assert planned_epochs(20, 2, 1.0, 1e6, 10) == 20  # never longer than the schedule
+    assert planned_epochs(20, 2, 100.0, 50.0, 10) == 10  # never under the floor
+    assert planned_epochs(20, 15, 100.0, -5.0, 10) == 15  # nor under what has run
+    assert planned_epochs(4, 1, 10.0, 0.0, 10) == 4  # a floor above the schedule is the schedule
+    with pytest.raises(ValueError):
+        planned_epochs(0, 0, 1.0, 1.0, 1)
+
+
+def test_cosine_lr_is_torchs_cosine_annealing():
+    from core.train import cosine_lr
+
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=2e-3)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=7, eta_min=4e-5)
+    for e in range(1, 8):
+        opt.step()
+        sched.step()
+        assert opt.param_groups[0]["lr"] == pytest.approx(cosine_lr(2e-3, 4e-5, e, 7), rel=1e-9)
+    assert cosine_lr(2e-3, 4e-5, 0, 7) == pytest.approx(2e-3) and cosine_lr(2e-3, 4e-5, 9, 7) == pytest.approx(4e-5)
+
+
+def test_time_budget_shares_the_time_left_for_epochs():
+    from core.train import TimeBudget
+
+    b = TimeBudget(30, 0.15, started=1000.0)
+    assert b.epochs_end == pytest.approx(1000.0 + 1530.0)
+    assert b.run_end(5, now=1007.0) == pytest.approx(1007.0 + 1523.0 / 5)
+    assert b.run_end(1, now=9999.0) == 9999.0  # past the end: nothing left
+    for bad in ({"minutes": 0, "reserve": 0.1}, {"minutes": 30, "reserve": 1.0}):
+        with pytest.raises(ValueError):
+            TimeBudget(**bad)
+    with pytest.raises(ValueError):
+        b.run_end(0)
+
+
+def _clocked_fit(monkeypatch, budget, epochs: int = 10, seconds_per_epoch: float = 10.0):
+    """``fit`` on a tiny model with a fake clock that advances ``seconds_per_epoch`` per epoch."""
+    import types
+
+    import core.train as T
+
+    clock = [0.0]
+    monkeypatch.setattr(T, "time", types.SimpleNamespace(time=lambda: clock[0]))
+    x, y = torch.randn(8, 3), torch.randn(8, 1)
+    model = torch.nn.Linear(3, 1)
+
+    def train_batches(epoch):
+        yield x, y
+
+    def step(m, batch):
+        clock[0] += seconds_per_epoch
+        return torch.nn.functional.mse_loss(m(batch[0]), batch[1]), 0.0
+
+    def validate(m):
+        return {"loss": 0.0, "score": 0.0}
+
+    cfg = TrainConfig(epochs=epochs, batch_size=8, lr=0.1, mixed_precision=False, time_budget=budget)
+    return T.fit(model, train_batches, step, validate, cfg, "score", keep_last=True), cfg
+
+
+def test_fit_shortens_a_schedule_that_would_overrun_its_budget(monkeypatch):
+    from core.train import TimeBudget
+
+    # 60 s for epochs at 10 s each: 10 planned, 6 fit; the cosine still anneals to its floor on the last one
+    res, cfg = _clocked_fit(monkeypatch, TimeBudget(1, 0.0, started=0.0))
+    assert (res.epochs_run, res.epochs_planned, res.shortened_at) == (6, 6, 1)
+    assert res.history[-1]["lr"] == pytest.approx(cfg.lr * 0.02)
+    assert res.schedule == {"epochs_planned": 6, "epochs_run": 6, "shortened_at_epoch": 1}
+    # far too slow: not under half the schedule
+    res, _ = _clocked_fit(monkeypatch, TimeBudget(1, 0.0, started=0.0), seconds_per_epoch=100.0)
+    assert res.epochs_run == 5
+    # time enough, or no budget: the whole schedule, as torch's cosine
+    for budget in (TimeBudget(60, 0.0, started=0.0), None):
+        res, cfg = _clocked_fit(monkeypatch, budget)
+        assert (res.epochs_run, res.epochs_planned, res.shortened_at) == (10, 10, None)
+        assert res.history[-1]["lr"] == pytest.approx(cfg.lr * 0.02)
+
+
+def test_every_task_has_a_time_budget_and_the_atrium_recipe_ignores_it():
+    from dataclasses import replace
+
+    from core import atrium as A
+    from core.tasks import TASKS
+    from core.train import TimeBudget, task_config
+
+    assert {t: s.train_budget[0] for t, s in TASKS.items()} == {"pneumonia": 30, "cardiac": 30, "atrium": 90}
+    assert all(0 < s.train_budget[1] < 0.5 for s in TASKS.values())
+    cfg = task_config("atrium")
+    # a budget is this machine's limit, not the recipe: the cross-validated recipe still matches
+    assert A.recipe_record(replace(cfg, time_budget=TimeBudget(90, 0.08))) == A.recipe_record(cfg)
