@@ -296,6 +296,17 @@ def run_markdown(wdir=None) -> list[str]:
                 "its input or quality check (weights/train_all.run.json)." + _shortened_note(r)]
 
 
+def schedule_note(card: dict) -> str:
+    """" (the 64-epoch schedule cut to 61 by the time budget on that machine)" when train_all's time budget
+    shortened the schedule of the model a card describes; "" otherwise."""
+    t = card.get("training", {})
+    s = t.get("schedule") or {}
+    if not s.get("shortened_at_epoch"):
+        return ""
+    return (f" (the {t.get('epochs', '?')}-epoch schedule cut to {s['epochs_planned']} by the time budget on "
+            "the training machine)")
+
+
 def _shortened_note(run: dict) -> str:
     """Which schedules the time budget shortened in a run record, in words ("" if none)."""
     cut = [f"{t} {s['epochs_planned']} epochs" + (" per fold" if t == "cardiac" else "")

@@ -174,7 +174,7 @@ class FitResult:
     epochs_run: int
     seconds: float
     epochs_planned: int = 0  # the schedule's length in the end (cfg.epochs unless the time budget shortened it)
-    shortened_at: int | None = None  # the epoch after which the time budget shortened the schedule
+    shortened_at: int | None = None  # the epoch after which the time budget (last) shortened the schedule
 
     @property
     def schedule(self) -> dict:
@@ -291,6 +291,7 @@ def fit(
                 total, shortened_at = new_total, epoch
                 for g in opt.param_groups:  # the next epoch's rate on the shortened cosine
                     g["lr"] = cosine_lr(cfg.lr, eta_min, epoch, total)
+                rec["lr"] = opt.param_groups[0]["lr"]  # the history gives the rate the next epoch runs at
                 bar.total = total
         if epoch >= total:
             break

@@ -335,3 +335,12 @@ def test_every_task_has_a_time_budget_and_the_atrium_recipe_ignores_it():
     cfg = task_config("atrium")
     # a budget is this machine's limit, not the recipe: the cross-validated recipe still matches
     assert A.recipe_record(replace(cfg, time_budget=TimeBudget(90, 0.08))) == A.recipe_record(cfg)
+
+
+def test_schedule_note_names_a_cut_schedule_only():
+    from core.report import schedule_note
+
+    cut = {"training": {"epochs": 64, "schedule": {"epochs_planned": 61, "epochs_run": 61, "shortened_at_epoch": 2}}}
+    assert schedule_note(cut) == " (the 64-epoch schedule cut to 61 by the time budget on the training machine)"
+    full = {"training": {"epochs": 20, "schedule": {"epochs_planned": 20, "epochs_run": 20, "shortened_at_epoch": None}}}
+    assert schedule_note(full) == "" and schedule_note({"training": {"epochs": 20}}) == ""  # committed cards: no record

@@ -10,7 +10,7 @@ from core.checkpoint import read_card
 from core.errors import MissingWeightsError
 from core.precision import PrecisionError, inference_precision
 from core.report import (DATASET_NAMES, SHAPE_NAMES, atrium_cross_validation, external_evaluations,
-                         read_validation_eval, stress_checks)
+                         read_validation_eval, schedule_note, stress_checks)
 from core.tasks import TASKS
 
 NS = "metrics"
@@ -308,7 +308,7 @@ st.markdown(f"- Dataset: {d['dataset']}\n- Split: {d['split']}\n"
             f"- Training: {card['train_time_s']:.0f} s on {card['device']}, "
             + (f"kept epoch {card['best_epoch']} of {card['epochs_run']}: {card['kept_epoch_rule']}"
                if card.get("kept_epoch_rule") else f"best epoch {card['best_epoch']} of {card['epochs_run']}")
-            + f", seed {card['training']['seed']}, "
+            + schedule_note(card) + f", seed {card['training']['seed']}, "
             f"{card['training'].get('precision', 'float32')}, torch {card['torch_version']}")
 try:
     prec = inference_precision(bf16_allowed=spec.bf16_inference)
