@@ -297,8 +297,8 @@ def run_markdown(wdir=None) -> list[str]:
 
 
 def schedule_note(card: dict) -> str:
-    """" (the 64-epoch schedule cut to 61 by the time budget on that machine)" when train_all's time budget
-    shortened the schedule of the model a card describes; "" otherwise."""
+    """The phrase " (the 64-epoch schedule cut to 61 by the time budget on the training machine)" when
+    train_all's time budget shortened the schedule of the model a card describes; "" otherwise."""
     t = card.get("training", {})
     s = t.get("schedule") or {}
     if not s.get("shortened_at_epoch"):
