@@ -1378,7 +1378,9 @@ def train_atrium(root, cfg, device: torch.device, smoke: bool = False, out_dir=N
     if complete:
         set_cv_inference_setting(card, cv)
     save_trained(model, card, spec.name, out_dir)
-    return finish_card(out_dir, root, smoke=smoke)
+    card = finish_card(out_dir, root, smoke=smoke)
+    calibrate_int8(out_dir, root, smoke=smoke)
+    return card
 
 
 def finish_card(wdir=None, root=None, smoke: bool = False) -> dict:
@@ -1439,6 +1441,45 @@ def finish_card(wdir=None, root=None, smoke: bool = False) -> dict:
     path = weights_dir(wdir) / "atrium.json"
     _atomic_write(path, (_json.dumps(_clean(card), indent=1) + "\n").encode())
     return card
+
+
+INT8_CALIBRATION_PER_DATASET = 3  # training volumes per dataset the int8 activation ranges are observed on
+
+
+def calibrate_int8(wdir=None, root=None, smoke: bool = False) -> dict:
+    """Give the saved atrium weights an int8 model (core.quantize): observe the network's activation ranges
+    while it segments the first INT8_CALIBRATION_PER_DATASET of its training volumes per dataset exactly as
+    the app does (float32 passes), save them beside the weights (``atrium.int8.pt`` and its card
+    ``atrium.int8.json``, tied to the weights' sha256), and measure the quality check on non-atrium inputs
+    (``foreign_firing``) with the int8 model. Rerunnable on its own (``python -m core.atrium int8``); needs
+    no cross-validation. Returns the ranges' card."""
+    from core import io as mio
+    from core import quantize
+    from core.config import data_root
+
+    root = data_root(root)
+    lm = load_base("atrium", wdir, precision="float32")  # batch norm folded, as the int8 model is built
+    by_id = {c.case_id: c for c in mio.find_atrium_cases(root)}
+    cases = first_per_dataset([by_id[i] for i in lm.card["data"]["train_cases"] if i in by_id],
+                              INT8_CALIBRATION_PER_DATASET)
+    vols = load_cases(cases, smoke)
+    views = tuple(int(v) for v in lm.card["input_spec"].get("views", [2]))
+    flips = int(lm.card["input_spec"].get("tta_flips", 1))
+
+    def feed(observer: nn.Module) -> None:
+        for v in vols:
+            segment_canonical(observer, v.data, v.spacing, views, lm.grid_mm, lm.threshold, 8, None, flips=flips)
+
+    q8, state = quantize.calibrate(lm.model, feed)
+    info = {"what": "activation ranges of these atrium weights for 8-bit integer inference (core.quantize)",
+            "scheme": "static post-training quantisation, PyTorch FX, x86 backend: weights per output channel, "
+                      "activations per tensor (histogram observers); transposed convolutions stay float32",
+            "calibration_cases": [c.case_id for c in cases],
+            "calibration": f"the first {INT8_CALIBRATION_PER_DATASET} training volumes of each dataset, segmented as "
+                           "the app does (float32 passes)", "smoke": smoke}
+    if not smoke:
+        info["quality_check_foreign_inputs"] = foreign_firing(q8, lm.card, root, torch.device("cpu"), bf16=False)
+    return quantize.save_ranges(state, info, "atrium", lm.card["weights_sha256"], wdir)
 
 
 # --------------------------------------------------------------------------- robustness check
@@ -1637,6 +1678,10 @@ if __name__ == "__main__":
                            **{ds: round(r["dice_mean"], 4) for ds, r in f["per_dataset"].items()},
                            "previous": f.get("previous_run", {}).get("dice_mean_per_dataset")}
                for f in rep["folds"]})
+    elif sys.argv[1:2] == ["int8"]:  # give the committed weights their int8 activation ranges
+        c = calibrate_int8()
+        print({k: c[k] for k in ("calibration_cases", "ranges_sha256")},
+              {k: f"{r['fired']}/{r['n']}" for k, r in c.get("quality_check_foreign_inputs", {}).items()})
     elif sys.argv[1:2] == ["finish"]:  # rescore the committed all-volume model and rewrite its card
         c = finish_card()
         print({"training_fit": {k: round(d["dice_mean"], 4) for k, d in c["training_fit"]["per_dataset"].items()},

@@ -240,6 +240,12 @@ def alternatives(volume: mio.Volume, repeats: int = 3, train_step: bool = True) 
         "torchscript_trace_freeze_float32": lambda: torch.jit.freeze(torch.jit.trace(m, x[:1])),
         "torch_compile_float32": lambda: torch.compile(m),
     }
+    q8 = load_model("atrium", precision="int8")  # the app's int8 model, where the weights carry its ranges
+    if q8.precision == "int8":
+        runtimes["eager_int8"] = lambda: q8.model
+    else:
+        out["inference"]["eager_int8"] = {"skipped": "no int8 activation ranges for these weights (or no quantised "
+                                                     "kernels in this torch): python -m core.atrium int8"}
     try:
         import onnxruntime as ort
 

@@ -392,24 +392,25 @@ def precision_markdown(pc: dict | None) -> list[str]:
     """What the app's inference precision changes against float32 (`python -m core.bench --accuracy`)."""
     if not pc:
         return []
-    rows = ["", "What bfloat16 inference changes against float32 (same file, `--accuracy`; every case of the "
-                "shared data through both precisions, and the card's validation cases scored in each):", ""]
+    rows = ["", "What the app's inference precision changes against float32 (same file, `--accuracy`; every case of "
+                "the shared data through both precisions, and the card's validation cases scored in each):", ""]
     for task, r in pc.items():
         if r.get("app_precision") == "float32":
             rows.append(f"- {task}: float32 in the app, nothing changes.")
             continue
-        v32, v16 = r.get("validation_float32"), r.get(f"validation_{r['app_precision']}")
+        app = r["app_precision"]
+        v32, v16 = r.get("validation_float32"), r.get(f"validation_{app}")
         if "probability_max_abs_change" in r:
-            rows.append(f"- {task} ({r['n_cases']} studies): P(disease) changes by at most "
+            rows.append(f"- {task} ({app}, {r['n_cases']} studies): P(disease) changes by at most "
                         f"{r['probability_max_abs_change']:.4f} (mean {r['probability_mean_abs_change']:.5f}); "
                         f"decisions changed at the card's threshold: {r['decisions_changed']}. Validation "
-                        f"({v32['n']} patients) float32 / bfloat16: AUC {v32['auc']:.3f} / {v16['auc']:.3f}, "
+                        f"({v32['n']} patients) float32 / {app}: AUC {v32['auc']:.3f} / {v16['auc']:.3f}, "
                         f"accuracy {v32['accuracy']:.3f} / {v16['accuracy']:.3f}, LV EF mean absolute difference "
                         f"{v32['lv_ef_mae']:.4f} / {v16['lv_ef_mae']:.4f}.")
         else:
-            rows.append(f"- {task} ({r['n_cases']} volumes): Dice between the bfloat16 and float32 masks "
+            rows.append(f"- {task} ({app}, {r['n_cases']} volumes): Dice between the {app} and float32 masks "
                         f"{r['mask_dice_vs_float32_min']:.4f} at worst (mean {r['mask_dice_vs_float32_mean']:.4f})."
-                        + (f" Validation ({v32['n']} volumes) 3D Dice float32 / bfloat16: {v32['dice_mean']:.4f} / "
+                        + (f" Validation ({v32['n']} volumes) 3D Dice float32 / {app}: {v32['dice_mean']:.4f} / "
                            f"{v16['dice_mean']:.4f}." if v32 and v16 else ""))
     return rows
 
@@ -419,7 +420,7 @@ def alternatives_markdown(alt: dict | None) -> list[str]:
     if not alt:
         return []
     rows = ["", f"Other runtimes (same file, `--alternatives`; {alt['what']}; median over repeats after warm-up; "
-                "none but bfloat16 autocast is used by the app):", "",
+                "the app uses eager bfloat16 autocast, or eager int8 where core.precision picks it):", "",
             "| runtime | median (s) | speed-up over eager float32 | largest probability change |", "|---|---|---|---|"]
     for name, r in alt["inference"].items():
         if "median_s" in r:

@@ -60,19 +60,41 @@ def load_base(task: str, wdir=None, optimize: bool = True, precision: str | None
     (no input checks or companion models; core.inference.load_model adds those).
 
     ``optimize`` folds batch norm, uses channels-last memory and the resolved ``precision`` ("auto",
-    "float32" or "bfloat16"; else $MEDIMG_PRECISION; "auto": bfloat16 where the task's registry entry
-    allows it and the CPU runs it natively, see core.precision); ``optimize=False`` is the plain float32
-    model (the benchmark's baseline, and what training-time tools score)."""
+    "float32", "bfloat16" or "int8"; else $MEDIMG_PRECISION; see core.precision.inference_precision); with
+    "int8" the model is the quantised network built from the weights and their saved activation ranges
+    (core.quantize). ``optimize=False`` is the plain float32 model (the benchmark's baseline, and what
+    training-time tools score)."""
     spec = get_task(task)
-    prec = inference_precision(precision, bf16_allowed=spec.bf16_inference) if optimize else "float32"
     state, card = load_state_dict(task, wdir)
+    prec = task_precision(spec, card, wdir, precision) if optimize else "float32"
     arch = card.get("architecture", {})
     model = build_model(arch.get("name", spec.architecture), **arch.get("kwargs", spec.model_kwargs))
     model.load_state_dict(state)
     model.eval()
     if optimize:
         optimize_for_inference(model)
+    if prec == "int8":
+        from core import quantize
+
+        model = quantize.from_observer_state(model, quantize.load_ranges(task, card["weights_sha256"], wdir))
     return LoadedModel(spec, model, card, precision=prec)
+
+
+def int8_ready(spec: TaskSpec, card: dict, wdir=None) -> bool:
+    """Whether the task's weights (their ``card``) can run as int8 here: the registry allows it, activation
+    ranges observed on these very weights lie beside them, and this torch has the quantised kernels."""
+    if not spec.int8_inference:
+        return False
+    from core import quantize
+
+    return quantize.engine_available() and quantize.read_ranges_card(
+        spec.name, card.get("weights_sha256", ""), wdir) is not None
+
+
+def task_precision(spec: TaskSpec, card: dict, wdir=None, requested: str | None = None) -> str:
+    """The precision the app infers the task in with these weights (``card``): core.precision's choice
+    given the registry and whether an int8 model is ready (``int8_ready``)."""
+    return inference_precision(requested, bf16_allowed=spec.bf16_inference, int8_ready=int8_ready(spec, card, wdir))
 
 
 def probabilities(lm: LoadedModel, x: torch.Tensor) -> np.ndarray:

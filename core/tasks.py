@@ -25,6 +25,9 @@ class TaskSpec:
     # inference may use bfloat16 where the hardware runs it natively ("auto" precision): only where it
     # pays and the outputs hold (python -m core.bench --accuracy); the X-ray CNN gains nothing from it
     bf16_inference: bool = False
+    # inference may run 8-bit integer passes where the weights carry activation ranges observed on their
+    # training volumes (core.quantize) and "auto" precision picks them (core.precision.inference_precision)
+    int8_inference: bool = False
     # train_all's wall-clock budget on 2 CPU cores: (minutes, share kept for what is not epochs: reading the
     # data, scoring, checks, calibration, as measured on the slower of the CPUs seen); on a machine where the
     # schedule would overrun it, core.train.fit shortens the schedule (never under half) and the card says so
@@ -100,6 +103,7 @@ TASKS: dict[str, TaskSpec] = {
                         "samples_per_epoch": 4000},
         train_budget=(90, 0.08),  # reading 96 volumes, scoring them, the quality check: 3 min of 88.2
         bf16_inference=True,
+        int8_inference=True,
         intended_use="3D cardiac MRI of adults, bSSFP (as MSD, King's College London) or LGE (as the 2018 Utah "
                      "challenge), any slice plane; other sequences and centres untested",
     ),

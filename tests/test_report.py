@@ -20,14 +20,16 @@ def test_precision_and_runtime_lines_from_known_values():
                       "probability_mean_abs_change": 0.00037, "decisions_changed": 1,
                       "validation_float32": {"n": 17, "auc": 1.0, "accuracy": 16 / 17, "lv_ef_mae": 0.0398},
                       "validation_bfloat16": {"n": 17, "auc": 1.0, "accuracy": 1.0, "lv_ef_mae": 0.0397}},
-          "atrium": {"app_precision": "bfloat16", "n_cases": 16, "mask_dice_vs_float32_min": 0.99893,
+          "atrium": {"app_precision": "int8", "n_cases": 16, "mask_dice_vs_float32_min": 0.99893,
                      "mask_dice_vs_float32_mean": 0.99946, "validation_float32": {"n": 3, "dice_mean": 0.89082},
-                     "validation_bfloat16": {"n": 3, "dice_mean": 0.89073}}}
+                     "validation_int8": {"n": 3, "dice_mean": 0.89073}}}
     text = "\n".join(precision_markdown(pc))
     assert "- pneumonia: float32 in the app, nothing changes." in text
     assert "at most 0.0111 (mean 0.00037); decisions changed at the card's threshold: 1" in text
     assert "accuracy 0.941 / 1.000" in text
-    assert "0.9989 at worst (mean 0.9995)" in text and "0.8908 / 0.8907" in text
+    assert "- cardiac (bfloat16, 80 studies)" in text and "float32 / bfloat16: AUC 1.000 / 1.000" in text
+    assert "- atrium (int8, 16 volumes): Dice between the int8 and float32 masks 0.9989 at worst (mean 0.9995)" in text
+    assert "3D Dice float32 / int8: 0.8908 / 0.8907" in text
     assert precision_markdown(None) == [] and alternatives_markdown(None) == []
     alt = {"what": "atrium U-Net", "inference": {
         "eager_float32": {"median_s": 2.0, "speedup_vs_eager_float32": 1.0, "max_abs_prob_diff_vs_eager_float32": 0.0},

@@ -8,7 +8,8 @@ import streamlit as st
 from common import DISCLAIMER
 from core.checkpoint import read_card
 from core.errors import MissingWeightsError
-from core.precision import PrecisionError, inference_precision
+from core.precision import PrecisionError
+from core.runtime import task_precision
 from core.report import (DATASET_NAMES, SHAPE_NAMES, atrium_cross_validation, external_evaluations,
                          read_validation_eval, schedule_note, stress_checks)
 from core.tasks import TASKS
@@ -311,10 +312,13 @@ st.markdown(f"- Dataset: {d['dataset']}\n- Split: {d['split']}\n"
             + schedule_note(card) + f", seed {card['training']['seed']}, "
             f"{card['training'].get('precision', 'float32')}, torch {card['torch_version']}")
 try:
-    prec = inference_precision(bf16_allowed=spec.bf16_inference)
+    prec = task_precision(spec, card)
     st.markdown(f"- Inference in this app: {prec}" + (
         " autocast (this CPU runs bfloat16 natively; what it changes against float32 is measured in the "
-        "README's Speed section; `MEDIMG_PRECISION=float32` turns it off)" if prec == "bfloat16" else ""))
+        "README's Speed section; `MEDIMG_PRECISION=float32` turns it off)" if prec == "bfloat16" else
+        " (8-bit integer passes with activation ranges observed on training volumes, faster on this CPU; what "
+        "they change is measured in the README's Speed section; `MEDIMG_PRECISION=bfloat16` or `float32` turns "
+        "them off)" if prec == "int8" else ""))
 except PrecisionError as exc:
     st.error(str(exc))
 with st.expander("Full model card (JSON)"):
