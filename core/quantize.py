@@ -78,12 +78,13 @@ def prepare(model: UNet2D) -> nn.Module:
 
 
 def convert(prepared: nn.Module, depth: int) -> Int8UNet:
-    """The int8 model from an observing copy that has seen its calibration inputs."""
+    """The int8 model from an observing copy that has seen its calibration inputs (``prepared`` is used up:
+    take ``observer_state`` first if it is wanted)."""
     from torch.ao.quantization.quantize_fx import convert_fx
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        q = convert_fx(copy.deepcopy(prepared))
+        q = convert_fx(prepared)
     return Int8UNet(q, depth).eval()
 
 
@@ -93,7 +94,8 @@ def calibrate(model: UNet2D, run: Callable[[nn.Module], None]) -> tuple[Int8UNet
     prepared = prepare(model)
     with torch.inference_mode():
         run(prepared)
-    return convert(prepared, model.depth), observer_state(prepared)
+    state = observer_state(prepared)
+    return convert(prepared, model.depth), state
 
 
 def observer_state(prepared: nn.Module) -> dict[str, torch.Tensor]:

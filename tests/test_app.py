@@ -172,6 +172,10 @@ def test_metrics_page_each_task():
             assert len(cm.value.columns) == 2
         else:
             assert "Inference in this app: " in _text(at)
+        if task == "atrium":  # int8 with the committed activation ranges, except on AMX CPUs (core.precision)
+            from core.precision import has_amx
+
+            assert f"Inference in this app: {'bfloat16' if has_amx() else 'int8'}" in _text(at)
 
 
 def spec_kind(task: str) -> str:
