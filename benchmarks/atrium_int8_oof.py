@@ -1,8 +1,8 @@
 """Out-of-fold check of an 8-bit integer (int8) atrium network against the app's bfloat16 one: same masks, less
 time? Static post-training quantisation (PyTorch FX, x86 backend): weights per channel, activations per tensor,
-their ranges observed while each fold model segments a few of its own *training* volumes (the first
-CALIB_PER_DATASET of each dataset in its training list) exactly as the app does (as
-``core.atrium.calibrate_int8`` does for the app's weights).
+their ranges observed on a few of each fold model's own *training* volumes (the first CALIB_PER_DATASET of each
+dataset in its training list) as ``core.atrium.calibrate_int8`` does for the app's weights
+(``core.atrium.int8_calibration_feed``).
 
 Each kept cross-validation model then segments each of its own validation volumes twice, as the app does (its
 views, flips and threshold): bfloat16 autocast (the app) and int8; Dice against the expert mask, seconds, the
@@ -26,7 +26,7 @@ from core.quantize import calibrate
 
 from _oof import collect, write
 
-CALIB_PER_DATASET = 3
+CALIB_PER_DATASET = A.INT8_CALIBRATION_PER_DATASET
 NAMES = ["bfloat16 (the app)", "int8"]
 
 
@@ -47,14 +47,9 @@ def run_fold(wdir: str, root) -> dict[str, dict]:
     train = set(lm.card["data"]["train_cases"])
     calib_cases = A.first_per_dataset([c for c in cases if c.case_id in train], CALIB_PER_DATASET)
     t0 = time.perf_counter()
-    calib = A.load_cases(calib_cases)
     flips = int(lm.card["input_spec"].get("tta_flips", 1))
-
-    def feed(m):
-        for c in calib:
-            A.segment_canonical(m, c.data, c.spacing, spec_views, lm.grid_mm, lm.threshold, 8, None, flips=flips)
-
-    q8, _ = calibrate(lm.model, feed)
+    q8, _ = calibrate(lm.model, A.int8_calibration_feed(A.load_cases(calib_cases), spec_views, lm.grid_mm,
+                                                        lm.threshold, flips))
     print(f"{wdir}: calibrated on {[c.case_id for c in calib_cases]} in {time.perf_counter() - t0:.0f} s", flush=True)
     val = set(lm.card["data"]["val_cases"])
     out: dict[str, dict] = {}

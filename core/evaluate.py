@@ -226,9 +226,10 @@ def stress_out_of_fold(folds_dir, root, layout: bool = True, acquisition: bool =
     if acquisition:
         checks["acquisition_stress"] = acquisition_stress
     per_case: dict[str, dict] = {k: {} for k in checks}
-    used, shas = [], {}
+    used, shas, precisions = [], {}, {}
     for k, d in sorted(dirs.items()):
         lm = load_model("atrium", d)
+        precisions[str(k)] = lm.precision
         check_fold_model(lm.card, recorded[k], d)
         val = set(recorded[k]["val_cases"])
         cases = [c for c in all_cases if c.case_id in val]
@@ -239,7 +240,8 @@ def stress_out_of_fold(folds_dir, root, layout: bool = True, acquisition: bool =
         shas[str(k)] = lm.card["weights_sha256"]
     out = {"task": "atrium", "data_root": str(root), "cases": "every volume, out of fold (each by the fold model "
            "that did not train on it, at that fold's threshold, flips and quality limits)", "n": len(used),
-           "cv_folds": shas, "evaluated": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+           "cv_folds": shas, "inference_precision": precisions,
+           "evaluated": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     for key in checks:
         out[key] = {"summary": stress_summary(per_case[key], used), "per_case": per_case[key]}
     return _clean(out)

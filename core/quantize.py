@@ -48,7 +48,7 @@ class Int8UNet(nn.Module):
 def qconfig_mapping():
     """The x86 backend's default (per-channel weights, per-tensor activations), with the transposed
     convolutions left in float: quantised, they gave outputs unrelated to the float model's with torch 2.14.1's
-    x86 and fbgemm engines (every pixel wrong on a real volume), and they are 4 small layers of 27."""
+    x86 and fbgemm engines (every pixel wrong on a real volume), and they are 4 of the 23 convolution layers."""
     from torch.ao.quantization import get_default_qconfig_mapping
 
     return get_default_qconfig_mapping("x86").set_object_type(nn.ConvTranspose2d, None)

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import shutil
 
+import numpy as np
+
 import pytest
 import torch
 from torch import nn
@@ -183,3 +185,32 @@ def test_committed_atrium_model_has_int8_ranges_and_picks_them_where_it_should(m
     assert all(r["fired"] == r["n"] for r in rc["quality_check_foreign_inputs"].values())
     assert load_model("atrium").precision == ("bfloat16" if has_amx() else "int8")
     assert load_model("atrium", precision="float32").precision == "float32"
+
+
+def test_atrium_calibration_feed_sees_the_volumes_then_augmented_training_crops(monkeypatch):
+    """The int8 ranges are observed on the calibration volumes segmented as the app does, then on
+    INT8_AUGMENTED_BATCHES batches of 32 augmented 128x128 training crops (core.atrium.int8_calibration_feed)."""
+    from core import atrium as A
+
+    class Recorder(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.shapes: list[tuple[int, ...]] = []
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            self.shapes.append(tuple(x.shape))
+            return torch.zeros(x.shape[0], 1, *x.shape[2:])
+
+    monkeypatch.setattr(A, "INT8_AUGMENTED_BATCHES", 3)  # the app's 20 take a while; the rule is the same
+    rng = np.random.default_rng(0)
+    zz, yy, xx = np.meshgrid(np.arange(20), np.arange(64), np.arange(64), indexing="ij")
+    lab = ((xx - 32) ** 2 + (yy - 30) ** 2 + 4 * (zz - 10) ** 2 < 12**2).astype(np.uint8).transpose(2, 1, 0)
+    vols = [A.CanonicalCase(f"c{i}", ds, (lab * 2 + rng.normal(0, 0.3, lab.shape)).astype(np.float32), lab,
+                            (1.25, 1.25, 2.5)) for i, ds in enumerate(("MSD", "LGE"))]
+    rec = Recorder()
+    A.int8_calibration_feed(vols, (2,), 1.25, 0.5, 1)(rec)
+    crops = [s for s in rec.shapes if s == (32, 3, 128, 128)]
+    assert len(crops) == 3
+    whole = [s for s in rec.shapes if s != (32, 3, 128, 128)]
+    assert whole and all(s[1:] == (3, 64, 64) for s in whole)  # the volumes' own slices on the model's grid
+    assert sum(s[0] for s in whole) >= 2 * 20 // 2  # both volumes, at least every second slice
