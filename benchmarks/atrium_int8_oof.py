@@ -44,8 +44,7 @@ def run_fold(wdir: str, root) -> dict[str, dict]:
     lm = load_model("atrium", wdir)
     spec_views = tuple(lm.card["input_spec"].get("views", [2]))
     cases = mio.find_atrium_cases(root)
-    train = set(lm.card["data"]["train_cases"])
-    calib_cases = A.first_per_dataset([c for c in cases if c.case_id in train], CALIB_PER_DATASET)
+    calib_cases = A.int8_calibration_cases(lm.card["data"]["train_cases"], cases)
     t0 = time.perf_counter()
     flips = int(lm.card["input_spec"].get("tta_flips", 1))
     q8, _ = calibrate(lm.model, A.int8_calibration_feed(A.load_cases(calib_cases), spec_views, lm.grid_mm,

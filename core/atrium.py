@@ -1473,6 +1473,13 @@ def int8_calibration_feed(vols: list[CanonicalCase], views: tuple[int, ...], gri
     return feed
 
 
+def int8_calibration_cases(train_ids: list[str], cases: list) -> list:
+    """The cases (of ``cases``) the int8 ranges of weights trained on ``train_ids`` are observed on: the first
+    INT8_CALIBRATION_PER_DATASET training cases of each dataset."""
+    by_id = {c.case_id: c for c in cases}
+    return first_per_dataset([by_id[i] for i in train_ids if i in by_id], INT8_CALIBRATION_PER_DATASET)
+
+
 def calibrate_int8(wdir=None, root=None, smoke: bool = False) -> dict:
     """Give the saved atrium weights an int8 model (core.quantize): observe the network's activation ranges
     on the first INT8_CALIBRATION_PER_DATASET of its training volumes per dataset (``int8_calibration_feed``),
@@ -1485,9 +1492,7 @@ def calibrate_int8(wdir=None, root=None, smoke: bool = False) -> dict:
 
     root = data_root(root)
     lm = load_base("atrium", wdir, precision="float32")  # batch norm folded, as the int8 model is built
-    by_id = {c.case_id: c for c in mio.find_atrium_cases(root)}
-    cases = first_per_dataset([by_id[i] for i in lm.card["data"]["train_cases"] if i in by_id],
-                              INT8_CALIBRATION_PER_DATASET)
+    cases = int8_calibration_cases(lm.card["data"]["train_cases"], mio.find_atrium_cases(root))
     views = tuple(int(v) for v in lm.card["input_spec"].get("views", [2]))
     flips = int(lm.card["input_spec"].get("tta_flips", 1))
     feed = int8_calibration_feed(load_cases(cases, smoke), views, lm.grid_mm, lm.threshold, flips)

@@ -63,6 +63,14 @@ class SmallCNN(nn.Module):
         return self.features[-1]
 
 
+def check_unet_input(x: torch.Tensor, depth: int) -> None:
+    """ValueError unless the sides (H, W) of x (N, C, H, W) are multiples of 2**depth (a U-Net's pooling)."""
+    h, w = x.shape[-2:]
+    m = 2**depth
+    if h % m or w % m:
+        raise ValueError(f"U-Net input sides must be multiples of {m}, got {h} x {w}")
+
+
 class UNet2D(nn.Module):
     """2D U-Net: encoder-decoder with skip connections.
 
@@ -102,10 +110,7 @@ class UNet2D(nn.Module):
         return self.out(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h, w = x.shape[-2:]
-        m = 2**self.depth
-        if h % m or w % m:
-            raise ValueError(f"U-Net input sides must be multiples of {m}, got {h} x {w}")
+        check_unet_input(x, self.depth)
         z, skips = self.encode(x)
         return self.decode(z, skips)
 

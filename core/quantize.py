@@ -15,7 +15,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from core.models import UNet2D
+from core.models import UNet2D, check_unet_input
 
 
 class _Body(nn.Module):
@@ -39,9 +39,7 @@ class Int8UNet(nn.Module):
         self.depth = depth
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        m = 2**self.depth
-        if x.shape[-2] % m or x.shape[-1] % m:
-            raise ValueError(f"U-Net input sides must be multiples of {m}, got {x.shape[-2]} x {x.shape[-1]}")
+        check_unet_input(x, self.depth)
         return self.body(x.float().contiguous())
 
 
