@@ -196,9 +196,11 @@ def test_atrium_calibration_feed_sees_the_volumes_then_augmented_training_crops(
         def __init__(self) -> None:
             super().__init__()
             self.shapes: list[tuple[int, ...]] = []
+            self.inputs: list[torch.Tensor] = []
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             self.shapes.append(tuple(x.shape))
+            self.inputs.append(x.clone())
             return torch.zeros(x.shape[0], 1, *x.shape[2:])
 
     monkeypatch.setattr(A, "INT8_AUGMENTED_BATCHES", 3)  # the app's 20 take a while; the rule is the same
@@ -214,3 +216,12 @@ def test_atrium_calibration_feed_sees_the_volumes_then_augmented_training_crops(
     whole = [s for s in rec.shapes if s != (32, 3, 128, 128)]
     assert whole and all(s[1:] == (3, 64, 64) for s in whole)  # the volumes' own slices on the model's grid
     assert sum(s[0] for s in whole) >= 2 * 20 // 2  # both volumes, at least every second slice
+    # the same inputs again, whatever the global random state (the same weights always get the same ranges),
+    # and the global state is left as it was
+    torch.manual_seed(123)
+    torch.rand(7)
+    state = torch.random.get_rng_state()
+    again = Recorder()
+    A.int8_calibration_feed(vols, (2,), 1.25, 0.5, 1)(again)
+    assert len(again.inputs) == len(rec.inputs) and all(torch.equal(a, b) for a, b in zip(rec.inputs, again.inputs))
+    assert torch.equal(torch.random.get_rng_state(), state)
