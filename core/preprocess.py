@@ -115,7 +115,9 @@ def preprocess_cardiac(ed: np.ndarray, es: np.ndarray, size: int = CARDIAC_SIZE)
 def normalise_volume(data: np.ndarray) -> np.ndarray:
     """Clip to the 0.5-99.5 percentiles and z-score (float32, same shape)."""
     sub = data[:: max(1, data.shape[0] // 64), :: max(1, data.shape[1] // 64), :]
-    lo, hi = np.percentile(sub, [0.5, 99.5])
+    lo, hi = (float(v) for v in np.percentile(sub, [0.5, 99.5]))
+    # Python floats: a float32 volume is clipped in float32 (NumPy 2 would widen it to a float64 copy for
+    # float64 bounds; same values after the cast back)
     x = np.clip(data, lo, hi).astype(np.float32, copy=False)
     # in place: a 256x256x130 volume is 34 MB per copy, and the app's memory goal is tight
     mean, std = float(x.mean()), max(float(x.std()), 1e-6)

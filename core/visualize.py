@@ -206,7 +206,8 @@ def slice_strip(unsure: np.ndarray, per_slice: np.ndarray | None = None, width_p
         axes[0].plot(x, per_slice, color="tab:blue", lw=1.2)
         axes[0].set_ylim(0, 1.05)
         axes[0].set_title("Dice per slice", fontsize=9, loc="left")
-    axes[-1].bar(x, unsure, width=1.0, color="orange")
+    # one filled step outline, not one bar patch per slice (the same picture in a tenth of the time)
+    axes[-1].stairs(unsure, np.arange(nz + 1) + 0.5, fill=True, color="orange")
     axes[-1].set_title("Uncertain area per slice (cm², probability 0.2-0.8)", fontsize=9, loc="left")
     axes[-1].set_xlabel("axial slice", fontsize=9)
     for ax in axes:

@@ -100,6 +100,9 @@ def test_atrium_sample_segmentation_and_slider(heart_root):
     assert not at.exception
     text = _text(at)
     assert "mL" in text and "3D Dice" in text and "Slice Dice" in text
+    # the scan drawn while the model worked has made way for the result: one slice image, with its mask
+    captions = [m.caption for im in at.get("image") for m in im.proto.imgs]
+    assert not any("segmenting" in c for c in captions) and sum("axial slice" in c for c in captions) == 1
     assert "training data: its Dice shows the fit" in text  # a sample the model trained on says so
     # and the input itself is recognised as a training volume (by fingerprint, as an upload would be)
     assert "This input is in the model's training data (la_" in text

@@ -119,6 +119,9 @@ def test_browser_bench_new_tab_helpers_open_wait_and_close():
             calls.append(("locator", css))
             return Locator()
 
+        def wait_for_function(self, js: str, arg=None, polling=None) -> None:
+            calls.append(("wait_fn", "input[type=file]" in js, arg, polling))
+
         def close(self) -> None:
             calls.append(("close",))
 
@@ -137,8 +140,13 @@ def test_browser_bench_new_tab_helpers_open_wait_and_close():
 
     dt = BB._open_to_uploader(Context().new_page, "http://x/Cardiac")
     assert dt >= 0
+    # the uploader is waited for on every animation frame (Playwright's locator waits re-check only every
+    # 500 ms after the first 0.3 s, which put up to 0.5 s on a timed step)
     assert calls == [("new_page",), ("timeout", BB.TIMEOUT_MS), ("goto", "http://x/Cardiac"),
-                     ("locator", "input[type=file]"), ("wait", "attached"), ("close",)]
+                     ("wait_fn", True, None, "raf"), ("close",)]
+    calls.clear()
+    BB.wait_text(Page(), "Slice Dice", "3D Dice")
+    assert calls == [("wait_fn", False, ["Slice Dice", "3D Dice"], "raf")]
     calls.clear()
     times = BB._warm_browser_opens(Browser(), ["http://x/A", "http://x/B"])
     assert len(times) == 2  # the first visit (to fill the cache) is not timed

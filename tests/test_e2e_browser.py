@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -219,6 +220,10 @@ def test_atrium_upload_and_slider(server, browser, heart_root, tmp_path):
     inputs = page.locator("input[type=file]")
     t = time.time()
     inputs.nth(0).set_input_files(str(base / "imagesTr" / "la_021.nii.gz"))
+    # the scan is shown while the model works (a segmentation faster than the browser's look may skip it)
+    page.get_by_text(re.compile("as loaded; segmenting the left atrium|Axial slices in the radiological "
+                                "view")).first.wait_for()
+    _record("felt_atrium_upload_to_scan_s", round(time.time() - t, 2))
     page.get_by_text("Axial slices in the radiological view").first.wait_for()
     _record("felt_atrium_upload_to_result_s", round(time.time() - t, 2))
     _wait_idle(page)
@@ -231,6 +236,7 @@ def test_atrium_upload_and_slider(server, browser, heart_root, tmp_path):
     assert page.get_by_role("switch", name="Show ground-truth mask").is_checked()
     assert _images(page, 1) >= 1
     assert "3D Dice" in page.inner_text("body") and "mL" in page.inner_text("body")
+    assert "segmenting the left atrium" not in page.inner_text("body")  # the preview made way for the result
     # an uploaded file, not a sample: la_021 is a training volume of the committed model, and the page says so
     assert "This input is in the model's training data (la_021)" in page.inner_text("body")
 

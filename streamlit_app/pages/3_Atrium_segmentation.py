@@ -51,6 +51,18 @@ else:
     st.info("Upload a 3D MRI volume (and optionally its mask), or pick a sample case.")
     st.stop()
 
+
+def show_scan_preview(data_c: np.ndarray, name: str) -> None:
+    """The middle axial slice of a canonical (X, Y, Z) volume, as the viewer will draw it, before any mask."""
+    from core.visualize import grey_rgb, percentile_window, with_orientation_markers
+
+    k = data_c.shape[2] // 2
+    left, _ = st.columns([3, 2])
+    left.image(with_orientation_markers(grey_rgb(radiological_axial(data_c[:, :, k]), percentile_window(data_c))),
+               caption=f"{name} — axial slice {k + 1} of {data_c.shape[2]} as loaded; segmenting the left atrium…",
+               width="stretch")
+
+
 lm = model_or_stop("atrium")
 from core import atrium as A  # noqa: E402  (torch: after the uploaders)
 from core.atrium import segment_atrium  # noqa: E402
@@ -62,14 +74,19 @@ if st.session_state.get(f"{NS}.key") != seg_key:
     vol = run_safely(lambda: read_volume_any(img_bytes, "image"), "The volume cannot be used")
     if vol is None:
         st.stop()
+    data_c, sp_c, orient = A.to_canonical(vol.data, vol.affine, vol.spacing)
     bar = ThrottledProgress("Segmenting slices…")
+    # the scan is shown while the model works (seconds on a CPU): one sees at once which file was taken
+    preview = st.empty()
+    with preview.container():
+        show_scan_preview(data_c, name)
     with FOREGROUND:
         res = run_safely(lambda: segment_atrium(lm, vol, progress=bar),
                          "The volume could not be segmented")
     bar.empty()
+    preview.empty()
     if res is None:
         st.stop()
-    data_c, sp_c, orient = A.to_canonical(vol.data, vol.affine, vol.spacing)
     st.session_state.update({
         f"{NS}.key": seg_key, f"{NS}.vol": vol, f"{NS}.res": res, f"{NS}.name": name,
         f"{NS}.canon": (data_c, sp_c, A.to_canonical(res.mask, vol.affine, vol.spacing)[0],
