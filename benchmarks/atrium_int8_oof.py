@@ -40,7 +40,8 @@ def _run(lm, model, v, views, ctx):
                   "volume_ml": round(A.volume_ml(pred.mask, v.spacing), 2), "reliable": bool(q.reliable)}
 
 
-def run_fold(wdir: str, root) -> dict[str, dict]:
+def calibrated_fold(wdir: str, root):
+    """(fold model, its int8 model calibrated as the app's, its views, its validation volumes (canonical))."""
     lm = load_model("atrium", wdir)
     spec_views = tuple(lm.card["input_spec"].get("views", [2]))
     cases = mio.find_atrium_cases(root)
@@ -51,8 +52,13 @@ def run_fold(wdir: str, root) -> dict[str, dict]:
                                                         lm.threshold, flips))
     print(f"{wdir}: calibrated on {[c.case_id for c in calib_cases]} in {time.perf_counter() - t0:.0f} s", flush=True)
     val = set(lm.card["data"]["val_cases"])
+    return lm, q8, spec_views, A.load_cases([c for c in cases if c.case_id in val])
+
+
+def run_fold(wdir: str, root) -> dict[str, dict]:
+    lm, q8, spec_views, vols = calibrated_fold(wdir, root)
     out: dict[str, dict] = {}
-    for v in A.load_cases([c for c in cases if c.case_id in val]):
+    for v in vols:
         views = A.resolve_views(spec_views, v.data.shape, v.spacing)
         pb, rb = _run(lm, lm.model, v, spec_views, lambda: autocast(lm.precision))
         pq, rq = _run(lm, q8, v, spec_views, None)
