@@ -2,6 +2,8 @@
 overlays, a per-slice Dice and uncertainty strip, the quality verdict, and the volume when it holds."""
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import streamlit as st
 
@@ -74,12 +76,18 @@ if st.session_state.get(f"{NS}.key") != seg_key:
     vol = run_safely(lambda: read_volume_any(img_bytes, "image"), "The volume cannot be used")
     if vol is None:
         st.stop()
-    data_c, sp_c, orient = A.to_canonical(vol.data, vol.affine, vol.spacing)
+    canon = run_safely(lambda: A.to_canonical(vol.data, vol.affine, vol.spacing), "The volume cannot be used")
+    if canon is None:
+        st.stop()
+    data_c, sp_c, orient = canon
     bar = ThrottledProgress("Segmenting slices…")
     # the scan is shown while the model works (seconds on a CPU): one sees at once which file was taken
     preview = st.empty()
     with preview.container():
-        show_scan_preview(data_c, name)
+        try:
+            show_scan_preview(data_c, name)
+        except Exception as exc:  # noqa: BLE001 - a courtesy, not a result: the segmentation reports what is wrong
+            logging.getLogger("medimg.app").warning("scan preview not drawn: %s", type(exc).__name__)
     with FOREGROUND:
         res = run_safely(lambda: segment_atrium(lm, vol, progress=bar),
                          "The volume could not be segmented")
