@@ -595,6 +595,10 @@ def augment(x: torch.Tensor, y: torch.Tensor, gen: torch.Generator | None = None
     rotation/scale/shift. Contrast: gamma, a smooth multiplicative bias field, contrast and offset,
     Gaussian blur or noise, and rarely an inverted contrast, so that a sequence the model has not seen
     degrades gracefully instead of collapsing.
+
+    ``gen`` drives the flips and the intensity changes; the small rotation/scale/shift
+    (``core.train.random_affine``) draws from torch's global generator, so a caller that needs the same batch
+    twice seeds that too (training seeds it; ``int8_calibration_feed`` seeds it locally).
     """
     from core.train import random_affine
 
