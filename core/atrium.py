@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from core import preprocess as pp
-from core.explain import model_lock
+from core.concurrency import model_lock
 from core.io import Volume
 from core.metrics import volume_ml
 from core.precision import autocast

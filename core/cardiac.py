@@ -32,7 +32,8 @@ from core import io as mio
 from core import metrics as M
 from core import preprocess as pp
 from core.errors import InvalidInputError
-from core.explain import gradcam, model_lock
+from core.concurrency import model_lock
+from core.explain import gradcam
 from core.io import Cine, Volume
 from core.ood import ood_score
 from core.precision import autocast

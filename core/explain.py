@@ -1,21 +1,11 @@
 """Grad-CAM through the pytorch-grad-cam package; hooks are released after each call."""
 from __future__ import annotations
 
-import threading
-
 import numpy as np
 import torch
 from torch import nn
 
-# One lock per model: Grad-CAM registers hooks on the shared (cached) module, so two threads
-# explaining with the same model at once would read each other's activations.
-_LOCKS: dict[int, threading.Lock] = {}
-_LOCKS_GUARD = threading.Lock()
-
-
-def model_lock(model: nn.Module) -> threading.Lock:
-    with _LOCKS_GUARD:
-        return _LOCKS.setdefault(id(model), threading.Lock())
+from core.concurrency import model_lock
 
 
 def gradcam(model: nn.Module, layer: nn.Module, x: torch.Tensor, positive: bool = True) -> np.ndarray:

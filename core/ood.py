@@ -22,7 +22,7 @@ from torch import nn
 from core.checkpoint import _atomic_write, _clean
 from core.config import data_root, weights_dir
 from core.errors import MissingWeightsError
-from core.explain import model_lock
+from core.concurrency import model_lock
 from core.runtime import LoadedModel, load_base
 
 QUANTILE = 0.995

@@ -23,7 +23,8 @@ from torch import nn
 from core import preprocess as pp
 from core.checkpoint import load_state_dict
 from core.config import weights_dir
-from core.explain import gradcam, model_lock
+from core.concurrency import model_lock
+from core.explain import gradcam
 from core.io import Image2D
 from core.models import build_model
 from core.ood import ood_score, refused

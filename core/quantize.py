@@ -15,6 +15,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from core.concurrency import fx_tracing
 from core.models import UNet2D, check_unet_input
 
 
@@ -69,7 +70,8 @@ def prepare(model: UNet2D) -> nn.Module:
     body = _Body(net).eval()
     # FX graph-mode quantisation is marked for migration to torchao; it is the pinned torch's (2.14.1) eager,
     # kernel-backed int8 path, used here on purpose, so its notices are not passed on
-    with warnings.catch_warnings():
+    # fx_tracing: the tracer patches every module's __call__ in the process while it runs (see core.concurrency)
+    with warnings.catch_warnings(), fx_tracing():
         warnings.simplefilter("ignore")
         example = torch.zeros(1, model.down[0][0].in_channels, 2**model.depth, 2**model.depth)
         return prepare_fx(body, qconfig_mapping(), example_inputs=(example,))
@@ -80,7 +82,7 @@ def convert(prepared: nn.Module, depth: int) -> Int8UNet:
     take ``observer_state`` first if it is wanted)."""
     from torch.ao.quantization.quantize_fx import convert_fx
 
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), fx_tracing():
         warnings.simplefilter("ignore")
         q = convert_fx(prepared)
     return Int8UNet(q, depth).eval()

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from core.checkpoint import load_state_dict
-from core.explain import model_lock
+from core.concurrency import model_lock
 from core.models import build_model, optimize_for_inference
 from core.precision import autocast, inference_precision
 from core.tasks import TaskSpec, get_task

@@ -186,7 +186,8 @@ def run_safely(fn: Callable[[], Any], what: str) -> Any | None:
     except MedImgError as exc:
         st.error(f"{what}: {exc}")
     except Exception as exc:  # noqa: BLE001 - the page must stay usable whatever happens
-        log.error("unexpected %s during %s", type(exc).__name__, what)
+        # the traceback goes to the server's log (for whoever maintains it), never to the page
+        log.error("unexpected %s during %s", type(exc).__name__, what, exc_info=exc)
         st.error(f"{what}: the file could not be processed ({type(exc).__name__}). "
                  "Check that it is the expected kind of image.")
     return None
