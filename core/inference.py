@@ -13,6 +13,7 @@ from collections.abc import Callable
 import numpy as np
 
 from core import atrium, cardiac, pneumonia
+from core.concurrency import model_lock
 from core.explain import gradcam
 from core.io import Volume
 from core.ood import load_guard, ood_score
@@ -62,7 +63,8 @@ def warm_up(lm: LoadedModel, pause: Callable[[], None] | None = None) -> None:
             # lock, so an upload arriving meanwhile would wait for it before its verdict (kernels warmed on the
             # copy serve the model too: they are cached per shape, not per module)
             pause()
-            twin = copy.deepcopy(lm.model)
+            with model_lock(lm.model):  # not mid-call: a user's Grad-CAM hooks and gradient flags stay off the copy
+                twin = copy.deepcopy(lm.model)
             gradcam(twin, twin.gradcam_layer(), x, positive=True)
         elif lm.spec.name == "cardiac":
             v = Volume(rng.random((128, 128, 10)).astype(np.float32), np.eye(4), (1.0, 1.0, 1.0))
