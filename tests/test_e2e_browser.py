@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import socket
 import subprocess
@@ -19,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from conftest import IN_CI
+from core.bench_browser import wait_text, wait_uploader  # polled on every frame: the timings are not 0.5 s late
 from core.config import PROJECT_ROOT
 
 CHROMIUM = os.environ.get("MEDIMG_CHROMIUM", "/usr/bin/chromium")
@@ -138,8 +138,8 @@ def _shot(page, name: str) -> None:
 
 def test_home_cold_start(server, browser):
     page = _page(browser, server["url"])
-    page.get_by_text("not a medical device").first.wait_for()
-    page.get_by_text("validation AUC").first.wait_for()
+    wait_text(page, "not a medical device")
+    wait_text(page, "validation AUC")
     _record("cold_start_to_first_render_s", round(time.time() - server["t0"], 2))
     page.get_by_text("3D Dice").first.wait_for()  # the last card drawn too, before the screenshot
     _shot(page, "0_home")
@@ -150,11 +150,11 @@ def test_pneumonia_upload(server, browser, xray_root):
     f = xray_root / "chest_xray" / "train" / "PNEUMONIA" / "person996_bacteria_2924.jpeg"
     t = time.time()
     page = _page(browser, f"{server['url']}/Pneumonia")
-    page.locator("input[type=file]").first.wait_for(state="attached")
+    wait_uploader(page)
     _record("felt_open_module_page_s", round(time.time() - t, 2))
     t = time.time()
     page.locator("input[type=file]").first.set_input_files(str(f))
-    page.get_by_text("P(pneumonia) =").first.wait_for()
+    wait_text(page, "P(pneumonia) =")
     _record("felt_first_xray_upload_to_verdict_s", round(time.time() - t, 2))
     _wait_idle(page)
     assert _images(page, 2) >= 2
@@ -221,15 +221,14 @@ def test_atrium_upload_and_slider(server, browser, heart_root, tmp_path):
     t = time.time()
     inputs.nth(0).set_input_files(str(base / "imagesTr" / "la_021.nii.gz"))
     # the scan is shown while the model works (a segmentation faster than the browser's look may skip it)
-    page.get_by_text(re.compile("as loaded; segmenting the left atrium|Axial slices in the radiological "
-                                "view")).first.wait_for()
+    wait_text(page, "as loaded; segmenting the left atrium", "Axial slices in the radiological view")
     _record("felt_atrium_upload_to_scan_s", round(time.time() - t, 2))
-    page.get_by_text("Axial slices in the radiological view").first.wait_for()
+    wait_text(page, "Axial slices in the radiological view")
     _record("felt_atrium_upload_to_result_s", round(time.time() - t, 2))
     _wait_idle(page)
     t = time.time()
     inputs.nth(1).set_input_files(str(base / "labelsTr" / "la_021.nii.gz"))
-    page.get_by_text("Slice Dice").first.wait_for()
+    wait_text(page, "Slice Dice")
     _record("felt_atrium_add_mask_to_dice_s", round(time.time() - t, 2))
     _wait_idle(page)
     # the mask just added is shown: its switch turned on by itself
