@@ -135,11 +135,13 @@ def weights_or_stop(task: str) -> None:
         st.stop()
 
 
-def model_or_stop(task: str) -> LoadedModel:
+def model_or_stop(task: str, before_stop: Callable[[], None] | None = None) -> LoadedModel:
     """The task's cached model, loading it if needed; stops the page with a plain message when its weights
-    are missing. Called by a page before its first model call in a run: it also sets this run's thread to
-    treat subnormal floats as zero (core.precision.flush_subnormals; Streamlit runs each script run in a
-    thread of its own, and torch's workers copy the mode of the thread that creates them)."""
+    are missing or it cannot be started (``before_stop``, if given, runs first: e.g. to remove a "working…"
+    element, which cannot be changed once the page is stopped). Called by a page before its first model call
+    in a run: it also sets this run's thread to treat subnormal floats as zero (core.precision.flush_subnormals;
+    Streamlit runs each script run in a thread of its own, and torch's workers copy the mode of the thread
+    that creates them)."""
     from core.precision import flush_subnormals
 
     flush_subnormals()
@@ -147,11 +149,13 @@ def model_or_stop(task: str) -> LoadedModel:
     try:
         return get_model(task)
     except MissingWeightsError as exc:
-        st.error(f"The {TASKS[task].title} model is not available. {exc}")
-        st.stop()
+        message = f"The {TASKS[task].title} model is not available. {exc}"
     except MedImgError as exc:  # e.g. an unknown $MEDIMG_PRECISION: a setting of the server, not of the upload
-        st.error(f"The {TASKS[task].title} model cannot be started: {exc}")
-        st.stop()
+        message = f"The {TASKS[task].title} model cannot be started: {exc}"
+    if before_stop is not None:
+        before_stop()
+    st.error(message)
+    st.stop()
 
 
 @st.cache_resource(show_spinner=False)

@@ -245,6 +245,8 @@ def test_metrics_page_names_a_bad_precision_setting(monkeypatch, heart_root):
     st.cache_resource.clear()
     assert not at.exception
     assert any("cannot be started" in e.value and "MEDIMG_PRECISION" in e.value for e in at.error)
+    # the scan preview (drawn before the model is asked for) does not stay beside the reason
+    assert not any("segmenting" in c.value for c in at.caption) and not at.get("image")
 
 
 def test_missing_weights_message(monkeypatch, tmp_path):

@@ -65,7 +65,6 @@ def show_scan_preview(data_c: np.ndarray, name: str) -> None:
                width="stretch")
 
 
-lm = model_or_stop("atrium")
 from core import atrium as A  # noqa: E402  (torch: after the uploaders)
 from core.atrium import segment_atrium  # noqa: E402
 
@@ -88,6 +87,9 @@ if st.session_state.get(f"{NS}.key") != seg_key:
             show_scan_preview(data_c, name)
         except Exception as exc:  # noqa: BLE001 - a courtesy, not a result: the segmentation reports what is wrong
             logging.getLogger("medimg.app").warning("scan preview not drawn: %s", type(exc).__name__)
+    # the model is asked for after the preview: just after the server starts it may still be loading (~1.5 s);
+    # if it cannot be started, no "segmenting…" stays beside the reason
+    lm = model_or_stop("atrium", before_stop=lambda: (bar.empty(), preview.empty()))
     with FOREGROUND:
         res = run_safely(lambda: segment_atrium(lm, vol, progress=bar),
                          "The volume could not be segmented")
@@ -107,6 +109,7 @@ if st.session_state.get(f"{NS}.key") != seg_key:
     # the slider counts slices from 1, as a viewer does
     st.session_state[f"{NS}.z"] = int(zs[len(zs) // 2]) + 1 if len(zs) else nz0 // 2 + 1
 
+lm = model_or_stop("atrium")
 vol = st.session_state[f"{NS}.vol"]
 res = st.session_state[f"{NS}.res"]
 name = st.session_state[f"{NS}.name"]
