@@ -141,6 +141,16 @@ class AtriumPrediction:
     view_masks: list[np.ndarray]  # per view, (X, Y, Z) bool (p >= threshold) before post-processing
     mask: np.ndarray  # (X, Y, Z) uint8 on the canonical grid, largest component
     views: tuple[int, ...] = (2,)  # canonical axes actually sliced along (see resolve_views)
+    # where the views ran, when not the whole volume: outside it prob is 0 and every mask is empty, so the
+    # measures over the volume can be taken over the box alone (same numbers, a fraction of the work)
+    box: tuple[slice, slice, slice] | None = None
+
+
+def _embed(part: np.ndarray, box: tuple[slice, slice, slice], shape: tuple[int, ...], fill=0) -> np.ndarray:
+    """A ``shape`` array of ``fill`` with ``part`` at ``box``."""
+    out = np.full(shape, fill, part.dtype) if fill else np.zeros(shape, part.dtype)
+    out[box] = part
+    return out
 
 
 # In-plane flips averaged at inference (test-time augmentation); the model was trained on all eight
@@ -305,29 +315,29 @@ def segment_canonical(model: nn.Module, data: np.ndarray, spacing: tuple[float, 
     else:
         flips = capped_flips(flips, np.shape(data), spacing, views[0], grid_mm)
     norm = pp.normalise_volume(np.asarray(data))
-    acc = np.zeros(norm.shape, np.float32)
     masks = []
     box = None
     if roi and len(views) > 1:
         box = localise(model, norm, spacing, views[0], grid_mm, threshold, batch_size, autocast_ctx,
                        (lambda f: progress(f / (len(views) + 1))) if progress else None)
         if box is not None:  # every view, the first too, runs on the box around the atrium found
+            # Outside the box every view's probability is 0, so sums, the mask's largest piece and the quality
+            # measures are taken over the box alone (~0.2-0.3 s less on a 256x256x130 volume than over the
+            # whole volume), with the same numbers; full-size arrays are filled only for the result.
+            sub = np.ascontiguousarray(norm[box])
+            acc = np.zeros(sub.shape, np.float32)
             for k, ax in enumerate(views):
                 cb = (lambda f, k=k: progress((k + 1 + f) / (len(views) + 1))) if progress else None
-                p = np.zeros(norm.shape, np.float32)
-                p[box] = segment_view(model, np.ascontiguousarray(norm[box]), spacing, ax, grid_mm, batch_size,
-                                      autocast_ctx, cb, normalised=True)
-                masks.append(p >= threshold)
+                p = segment_view(model, sub, spacing, ax, grid_mm, batch_size, autocast_ctx, cb, normalised=True)
+                masks.append(_embed(p >= threshold, box, norm.shape, fill=threshold <= 0))
                 acc += p
-            prob = acc / len(views)
-            # outside the box every view's probability is 0, so the largest piece lies in it: labelling the box
-            # alone gives the same mask (~0.2 s less on a 256x256x130 volume)
+            prob_box = acc / len(views)
+            prob = _embed(prob_box.astype(np.float16), box, norm.shape)
             if threshold > 0:
-                mask = np.zeros(norm.shape, np.uint8)
-                mask[box] = pp.largest_component(prob[box] >= threshold)
-            else:
-                mask = pp.largest_component(prob >= threshold)
-            return AtriumPrediction(prob.astype(np.float16), masks, mask, views)
+                return AtriumPrediction(prob, masks, _embed(pp.largest_component(prob_box >= threshold), box,
+                                                            norm.shape), views, box)
+            return AtriumPrediction(prob, masks, pp.largest_component(prob >= threshold), views)
+    acc = np.zeros(norm.shape, np.float32)
     for k, ax in enumerate(views):
         cb = (lambda f, k=k: progress((k + f) / len(views))) if progress else None
         if k == 0 or box is None:
@@ -366,21 +376,26 @@ def quality_measures(pred: AtriumPrediction, spacing: tuple[float, float, float]
     field of view and, given the ``image`` (X, Y, Z) on the mask's grid, the mask's brightness: the share of
     the image's voxels darker than the mean inside the mask (see MIN_MASK_BRIGHTNESS)."""
     vox_ml = float(np.prod(spacing)) / 1000.0
-    raw = pred.prob >= threshold
-    n_raw = int(raw.sum())
-    n_mask = int(pred.mask.sum())
     lo, hi = UNCERTAIN_BAND
-    unsure = int(((pred.prob > lo) & (pred.prob < hi)).sum())
+    # outside pred.box nothing is counted (prob 0: below a positive threshold and the uncertain band; masks
+    # empty), so the counts over the box are those over the volume
+    r = pred.box if pred.box is not None and threshold > 0 and lo >= 0 else (slice(None),) * 3
+    prob = pred.prob[r]
+    n_raw = int((prob >= threshold).sum())
+    n_mask = int(pred.mask.sum())
+    unsure = int(((prob > lo) & (prob < hi)).sum())
     agree = [1.0]
     for i in range(len(pred.view_masks)):
         for j in range(i + 1, len(pred.view_masks)):
-            a, b = pred.view_masks[i], pred.view_masks[j]
+            a, b = pred.view_masks[i][r], pred.view_masks[j][r]
             s = int(a.sum()) + int(b.sum())
             agree.append(2 * int((a & b).sum()) / s if s else 1.0)
     bright = {}
     if image is not None and n_mask:
         img = np.asarray(image, dtype=np.float32)
-        bright = {"mask_brightness": float((img < float(img[pred.mask > 0].mean())).mean())}
+        # the mask's voxels in the same order as over the whole volume (a box keeps C order): the same mean
+        inside = float(img[r][pred.mask[r] > 0].mean())
+        bright = {"mask_brightness": float((img < inside).mean())}
     return {
         **bright,
         "volume_ml": n_mask * vox_ml,

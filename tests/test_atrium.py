@@ -97,6 +97,26 @@ def test_quality_measures_on_a_hand_made_prediction():
     assert m["fused"] == 1.0  # two view masks: judged by the fused limits
 
 
+def test_quality_measures_over_the_views_box_equal_those_over_the_volume():
+    """The fused path passes the box its views ran in (nothing outside it): the measures taken over the box are
+    exactly those over the whole volume, the known values of the hand-made prediction included."""
+    rng = np.random.default_rng(3)
+    prob = np.zeros((12, 14, 10), np.float32)
+    box = (slice(2, 9), slice(3, 12), slice(1, 8))
+    prob[box] = rng.random((7, 9, 7)).astype(np.float32)
+    views = [prob >= 0.5, np.roll(prob, 1, axis=0) >= 0.5, prob >= 0.4]
+    views = [v & np.pad(np.ones((7, 9, 7), bool), ((2, 3), (3, 2), (1, 2))) for v in views]  # empty outside
+    mask = A.pp.largest_component(prob >= 0.5)
+    img = rng.random(prob.shape).astype(np.float32)
+    whole = A.quality_measures(A.AtriumPrediction(prob.astype(np.float16), views, mask, (2, 0, 1)), (1.5, 1.5, 2.0),
+                               0.5, img)
+    boxed = A.quality_measures(A.AtriumPrediction(prob.astype(np.float16), views, mask, (2, 0, 1), box),
+                               (1.5, 1.5, 2.0), 0.5, img)
+    assert boxed == whole
+    assert whole["kept_fraction"] == pytest.approx(mask.sum() / (prob.astype(np.float16) >= 0.5).sum())
+    assert whole["volume_ml"] == pytest.approx(mask.sum() * 1.5 * 1.5 * 2.0 / 1000)
+
+
 def test_mask_brightness_known_values_and_a_dark_mask_is_withheld():
     """The share of the image darker than the mask's mean (known values), and the check's fixed floor: a mask on
     the dark part of a scan (a dark-blood or inverted image) is withheld; without the image nothing is judged."""
@@ -400,6 +420,12 @@ def test_fused_mask_is_the_largest_piece_of_the_whole_probability_map():
     assert pred.views == (2, 0, 1)
     whole = pp.largest_component(pred.prob.astype(np.float32) >= 0.5)
     assert pred.mask.sum() == 20 ** 3 and np.array_equal(pred.mask, whole)
+    # what the quality measures rely on when they count over the box alone: nothing outside it
+    assert pred.box is not None
+    outside = np.ones(vol.shape, bool)
+    outside[pred.box] = False
+    assert not pred.prob[outside].any() and not any(m[outside].any() for m in pred.view_masks)
+    assert not pred.mask[outside].any()
 
 
 # --------------------------------------------------------------------------- acquisition stress
