@@ -122,6 +122,9 @@ def test_browser_bench_new_tab_helpers_open_wait_and_close():
         def wait_for_function(self, js: str, arg=None, polling=None) -> None:
             calls.append(("wait_fn", "input[type=file]" in js, arg, polling))
 
+        def evaluate(self, js: str, arg=None) -> None:
+            calls.append(("evaluate", "MutationObserver" in js, arg))
+
         def close(self) -> None:
             calls.append(("close",))
 
@@ -146,7 +149,8 @@ def test_browser_bench_new_tab_helpers_open_wait_and_close():
                      ("wait_fn", True, None, "raf"), ("close",)]
     calls.clear()
     BB.wait_text(Page(), "Slice Dice", "3D Dice")
-    assert calls == [("wait_fn", False, ["Slice Dice", "3D Dice"], "raf")]
+    # the text is checked whenever the page changes (no check of the page's text on every frame)
+    assert calls == [("evaluate", True, [["Slice Dice", "3D Dice"], BB.TIMEOUT_MS])]
     calls.clear()
     times = BB._warm_browser_opens(Browser(), ["http://x/A", "http://x/B"])
     assert len(times) == 2  # the first visit (to fill the cache) is not timed

@@ -315,3 +315,21 @@ def test_pacs_study_opened_and_result_sent_back(server, browser, orthanc, heart_
     page.close()
     back = {r["modality"] for r in P.list_series(pacs, study)}
     assert back == {"MR", "OT", "SEG"}
+
+
+def test_the_benchmark_wait_sees_a_change_at_once_and_gives_up_after_its_limit(browser, monkeypatch):
+    """core.bench_browser.wait_text, on a plain page: text that appears 0.3 s later is seen then (not at the next
+    poll), text that never appears ends in an error after the limit."""
+    from core import bench_browser as BB
+
+    page = browser.new_page()
+    page.set_content("<body><p id='a'>segmenting</p></body>")
+    page.evaluate("() => { window.__t = 0; setTimeout(() => { document.getElementById('a').textContent = "
+                  "'Slice Dice 0.912'; window.__t = Date.now(); }, 300); }")
+    BB.wait_text(page, "Slice Dice")
+    seen_ms = page.evaluate("() => Date.now() - window.__t")
+    assert page.evaluate("() => window.__t") > 0 and seen_ms < 250  # a 500 ms poll would be ~470 ms late
+    monkeypatch.setattr(BB, "TIMEOUT_MS", 300)
+    with pytest.raises(Exception, match="timed out waiting for never there"):
+        BB.wait_text(page, "never there")
+    page.close()
