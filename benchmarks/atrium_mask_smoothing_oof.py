@@ -1,0 +1,66 @@
+"""Out-of-fold check of smoothing the app's atrium mask with a 1-voxel morphological closing and/or opening (6-connected
+cross, then the largest piece again), a post-processing that costs no network pass: would it raise Dice on both
+datasets?
+
+Each kept cross-validation model segments its own validation volumes (fused and single-view paths alike) as the app
+does (views, flips and threshold from the fold's card), and every variant is applied to that one mask. The fold
+models have no int8 ranges, so this is the bfloat16 path. An experiment, not part of the app.
+
+    MEDIMG_DATA_ROOT=../shared/datasets PYTHONPATH=. python benchmarks/atrium_mask_smoothing_oof.py \
+        benchmarks/cv-folds/atrium/fold1 ... fold5 --json benchmarks/logs/atrium-mask-smoothing-oof.json
+"""
+from __future__ import annotations
+
+import numpy as np
+from scipy import ndimage
+
+from core import atrium as A
+from core import metrics as M
+from core import preprocess as pp
+from core.precision import autocast
+
+from _oof import collect, compare, fold_cases, write
+
+
+def _close(m: np.ndarray) -> np.ndarray:
+    return pp.largest_component(ndimage.binary_closing(m, iterations=1)).astype(bool) | m
+
+
+def _open(m: np.ndarray) -> np.ndarray:
+    return pp.largest_component(ndimage.binary_opening(m, iterations=1)).astype(bool)
+
+
+VARIANTS = {"the app's mask": lambda m: m, "closing": _close, "opening": _open,
+            "opening, then closing": lambda m: _close(_open(m)), "closing, then opening": lambda m: _open(_close(m))}
+
+
+def run_fold(wdir: str, root) -> dict[str, dict]:
+    """{case: {dataset, variant: {dice}}} for all the fold's validation volumes."""
+    out: dict[str, dict] = {}
+    for fused in (True, False):
+        lm, vols = fold_cases(wdir, root, fused=fused)
+        spec = lm.card["input_spec"]
+        views, flips = tuple(spec.get("views", [2])), int(spec.get("tta_flips", 1))
+        for v in vols:
+            pred = A.segment_canonical(lm.model, v.data, v.spacing, views, lm.grid_mm, lm.threshold, 8,
+                                       lambda: autocast(lm.precision), flips=flips)
+            m = pred.mask.astype(bool)
+            row: dict = {"dataset": v.dataset, "fused": fused}
+            for name, f in VARIANTS.items():
+                row[name] = {"dice": round(float(M.dice(f(m).astype(np.uint8), v.label)), 4), "seconds": 0.0}
+            out[v.case_id] = row
+            print(v.case_id, {k: r["dice"] for k, r in row.items() if k in VARIANTS}, flush=True)
+    return out
+
+
+def main() -> None:
+    args, per_case = collect(__doc__, run_fold)
+    names = list(VARIANTS)
+    summary = {ds: compare({k: r for k, r in per_case.items() if r["dataset"] == ds}, names, names[0])
+               for ds in sorted({r["dataset"] for r in per_case.values()})}
+    write(args, "atrium mask smoothing, out of fold: each kept CV model on its own validation volumes (both paths, "
+          "bfloat16), variants applied to the app's mask; per dataset", names[0], summary, per_case)
+
+
+if __name__ == "__main__":
+    main()
