@@ -102,8 +102,6 @@ if st.session_state.get(f"{NS}.key") != seg_key:
         f"{NS}.canon": (data_c, sp_c, A.to_canonical(res.mask, vol.affine, vol.spacing)[0],
                         A.to_canonical(res.prob, vol.affine, vol.spacing)[0]),
     })
-    # per-slice uncertain area: once per segmentation, not on every slider move
-    st.session_state[f"{NS}.unsure"] = A.slice_uncertainty_cm2(st.session_state[f"{NS}.canon"][3].astype(np.float32), sp_c)
     zs = np.nonzero(st.session_state[f"{NS}.canon"][2].any(axis=(0, 1)))[0]
     nz0 = data_c.shape[2]
     # the slider counts slices from 1, as a viewer does
@@ -196,6 +194,10 @@ with left:
                "(R/L/A/P markers from the file's header orientation).")
 with right:
     area = mask_c[:, :, z].sum() * px_cm2
+    if st.session_state.get(f"{NS}.unsure") is None:
+        # per-slice uncertain area: once per segmentation (not on every slider move), after the slice image is
+        # drawn (~40 ms over a 256x256x130 volume that need not delay it)
+        st.session_state[f"{NS}.unsure"] = A.slice_uncertainty_cm2(prob_c.astype(np.float32), sp_c)
     unsure = st.session_state[f"{NS}.unsure"]
     st.markdown(f"**Slice {z + 1}/{nz}**: predicted atrium area {area:.1f} cm²; uncertain area {unsure[z]:.1f} cm²")
     if per_slice is not None:
