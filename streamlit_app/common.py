@@ -9,6 +9,7 @@ import os
 import sys
 import threading
 import time
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -190,8 +191,10 @@ def run_safely(fn: Callable[[], Any], what: str) -> Any | None:
     except MedImgError as exc:
         st.error(f"{what}: {exc}")
     except Exception as exc:  # noqa: BLE001 - the page must stay usable whatever happens
-        # the traceback goes to the server's log (for whoever maintains it), never to the page
-        log.error("unexpected %s during %s", type(exc).__name__, what, exc_info=exc)
+        # where it happened goes to the server's log (for whoever maintains it), never to the page; the
+        # exception's message does not, as it may quote the upload (nothing of an upload is logged)
+        log.error("unexpected %s during %s, raised at:\n%s", type(exc).__name__, what,
+                  "".join(traceback.format_tb(exc.__traceback__)).rstrip())
         st.error(f"{what}: the file could not be processed ({type(exc).__name__}). "
                  "Check that it is the expected kind of image.")
     return None
