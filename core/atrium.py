@@ -202,11 +202,13 @@ def capped_flips(flips: int, shape: tuple[int, ...], spacing: tuple[float, float
 
 def segment_view(model: nn.Module, data: np.ndarray, spacing: tuple[float, float, float], axis: int,
                  grid_mm: float, batch_size: int = 1, autocast_ctx=None, progress=None,
-                 normalised: bool = False, flips: int = 1, flip_set=None, stride: int = 1) -> np.ndarray:
+                 normalised: bool = False, flips: int = 1, flip_set=None, stride: int = 1,
+                 slices: list[int] | None = None) -> np.ndarray:
     """Probabilities (X, Y, Z) of one pass of the 2.5D U-Net along ``axis`` of a canonical volume,
     averaged over ``flips`` in-plane flips (1, 2 or 4; see TTA_FLIPS), or over ``flip_set`` (a tuple of
     flip dims) when given. ``autocast_ctx``: a callable giving a fresh precision context (or None for float32).
-    ``stride`` > 1: only every stride-th slice along ``axis`` (0, stride, ...) is segmented, the rest left 0."""
+    ``stride`` > 1: only every stride-th slice along ``axis`` (0, stride, ...) is segmented, the rest left 0;
+    ``slices``: only these slices along ``axis`` (ascending) are segmented, the rest left 0."""
     import contextlib
 
     if flips not in TTA_FLIPS:
@@ -217,13 +219,16 @@ def segment_view(model: nn.Module, data: np.ndarray, spacing: tuple[float, float
     v = view(data, axis)
     padded, geom = pp.atrium_padded(v, view_spacing(spacing, axis), grid_mm, normalised=normalised)
     n = v.shape[2]
-    todo = list(range(0, n, stride))
-    prob = torch.zeros(n, *padded.shape[1:]) if stride > 1 else torch.empty(n, *padded.shape[1:])
+    todo = list(range(0, n, stride)) if slices is None else [int(i) for i in slices]
+    sparse = stride > 1 or slices is not None
+    if slices is not None and (todo != sorted(set(todo)) or (todo and not 0 <= todo[0] <= todo[-1] < n)):
+        raise ValueError(f"slices must be ascending indices below {n}")
+    prob = torch.zeros(n, *padded.shape[1:]) if sparse else torch.empty(n, *padded.shape[1:])
     w = 2 * pp.ATRIUM_CONTEXT + 1
     with torch.inference_mode(), (autocast_ctx() if autocast_ctx else contextlib.nullcontext()):
         for b in range(0, len(todo), batch_size):
             idx = todo[b:b + batch_size]
-            x = (pp.atrium_window(padded, idx[0], idx[-1] + 1) if stride == 1
+            x = (pp.atrium_window(padded, idx[0], idx[-1] + 1) if not sparse
                  else torch.stack([padded[i:i + w] for i in idx]))
             prob[idx] = _passes(model, x, dims_list)
             if progress:
@@ -283,17 +288,32 @@ def localise(model: nn.Module, norm: np.ndarray, spacing: tuple[float, float, fl
              ) -> tuple[slice, slice, slice] | None:
     """Where the atrium is in a normalised canonical volume: the box (``roi_box``, ROI_MARGIN_MM of context)
     around the largest piece found by segmenting every LOCALISE_STRIDE-th slice along ``axis``; None if none."""
+    return localise_pass(model, norm, spacing, axis, grid_mm, threshold, batch_size, autocast_ctx, progress)[0]
+
+
+def localise_pass(model: nn.Module, norm: np.ndarray, spacing: tuple[float, float, float], axis: int,
+                  grid_mm: float, threshold: float = 0.5, batch_size: int = 1, autocast_ctx=None, progress=None
+                  ) -> tuple[tuple[slice, slice, slice] | None, np.ndarray]:
+    """``localise``'s box and the probabilities (X, Y, Z) it was found from: the view along ``axis`` on every
+    LOCALISE_STRIDE-th slice (0, stride, ...; the other slices 0)."""
     s = LOCALISE_STRIDE
     p = segment_view(model, norm, spacing, axis, grid_mm, batch_size, autocast_ctx, progress, normalised=True,
                      stride=s)
     sub = np.take(p, range(0, p.shape[axis], s), axis=axis) >= threshold  # the slices segmented, side by side
     core_ = pp.largest_component(sub)
     if not core_.any():
-        return None
+        return None, p
     sp = tuple(x * s if i == axis else x for i, x in enumerate(spacing))
     box = list(roi_box(core_.astype(np.float32), sp))
     box[axis] = slice(box[axis].start * s, min(p.shape[axis], box[axis].stop * s))
-    return tuple(box)
+    return tuple(box), p
+
+
+def localised_slices(box: tuple[slice, slice, slice], axis: int, stride: int = 0) -> np.ndarray:
+    """Which slices along ``axis`` of the box ``box`` the localising pass segmented (bool, one per slice):
+    those at multiples of ``stride`` (LOCALISE_STRIDE if 0) in the whole volume."""
+    stride = stride or LOCALISE_STRIDE
+    return np.arange(box[axis].start, box[axis].stop) % stride == 0
 
 
 def segment_canonical(model: nn.Module, data: np.ndarray, spacing: tuple[float, float, float],
@@ -303,7 +323,8 @@ def segment_canonical(model: nn.Module, data: np.ndarray, spacing: tuple[float, 
 
     With several views and ``roi``, the atrium is first localised (``localise``: the first view on every
     LOCALISE_STRIDE-th slice), then every view runs only on the box around it (plus ``ROI_MARGIN_MM`` of
-    context; outside it the probability is 0): three views cost about one pass instead of three. When the
+    context; outside it the probability is 0): three views cost about one pass instead of three. The first
+    view keeps the localising pass's probabilities on the slices that pass read (``localised_slices``). When the
     localising pass finds nothing, the first view runs on the whole volume and the others around what it
     finds (on the whole volume too if it finds nothing), so a volume the model cannot read at a glance still
     gets every chance.
@@ -318,17 +339,30 @@ def segment_canonical(model: nn.Module, data: np.ndarray, spacing: tuple[float, 
     masks = []
     box = None
     if roi and len(views) > 1:
-        box = localise(model, norm, spacing, views[0], grid_mm, threshold, batch_size, autocast_ctx,
-                       (lambda f: progress(f / (len(views) + 1))) if progress else None)
+        box, loc = localise_pass(model, norm, spacing, views[0], grid_mm, threshold, batch_size, autocast_ctx,
+                                 (lambda f: progress(f / (len(views) + 1))) if progress else None)
         if box is not None:  # every view, the first too, runs on the box around the atrium found
             # Outside the box every view's probability is 0, so sums, the mask's largest piece and the quality
             # measures are taken over the box alone (~0.2-0.3 s less on a 256x256x130 volume than over the
             # whole volume), with the same numbers; full-size arrays are filled only for the result.
             sub = np.ascontiguousarray(norm[box])
             acc = np.zeros(sub.shape, np.float32)
+            # The first view's slices that the localising pass segmented keep its probabilities (read over the
+            # whole slice, not the box): the box pass runs on the others only. Out of fold (16 MSD volumes, five
+            # fold models) this beat re-segmenting them in the box on all three measures: Dice 0.8977 -> 0.8986
+            # (12 volumes better, none worse by 0.01), HD95 6.80 -> 6.67 mm, volume error +1.7 -> +0.7 %, and it
+            # saves half of that pass (benchmarks/atrium_localise_reuse_oof.py).
+            done = localised_slices(box, views[0])
             for k, ax in enumerate(views):
                 cb = (lambda f, k=k: progress((k + 1 + f) / (len(views) + 1))) if progress else None
-                p = segment_view(model, sub, spacing, ax, grid_mm, batch_size, autocast_ctx, cb, normalised=True)
+                if k == 0:
+                    p = segment_view(model, sub, spacing, ax, grid_mm, batch_size, autocast_ctx, cb, normalised=True,
+                                     slices=np.flatnonzero(~done).tolist())
+                    keep = [slice(None)] * 3
+                    keep[ax] = done
+                    p[tuple(keep)] = loc[box][tuple(keep)]
+                else:
+                    p = segment_view(model, sub, spacing, ax, grid_mm, batch_size, autocast_ctx, cb, normalised=True)
                 masks.append(_embed(p >= threshold, box, norm.shape, fill=threshold <= 0))
                 acc += p
             prob_box = acc / len(views)

@@ -355,6 +355,52 @@ def test_strided_pass_segments_every_other_slice_like_the_plain_pass():
         A.segment_view(_CentreSlice(), vol, (1.25, 1.25, 1.25), 2, 1.25, stride=0)
 
 
+def test_pass_on_chosen_slices_matches_the_plain_pass_there_and_is_zero_elsewhere():
+    vol = np.random.default_rng(1).random((16, 16, 9)).astype(np.float32)
+    full = A.segment_view(_CentreSlice(), vol, (1.25, 1.25, 1.25), 2, 1.25, batch_size=3, normalised=True)
+    some = A.segment_view(_CentreSlice(), vol, (1.25, 1.25, 1.25), 2, 1.25, batch_size=2, normalised=True,
+                          slices=[1, 4, 5, 8])
+    assert np.allclose(some[:, :, [1, 4, 5, 8]], full[:, :, [1, 4, 5, 8]], atol=1e-6)
+    assert not some[:, :, [0, 2, 3, 6, 7]].any()
+    none = A.segment_view(_CentreSlice(), vol, (1.25, 1.25, 1.25), 2, 1.25, normalised=True, slices=[])
+    assert none.shape == vol.shape and not none.any()
+    for bad in ([4, 1], [1, 1], [9], [-1]):
+        with pytest.raises(ValueError):
+            A.segment_view(_CentreSlice(), vol, (1.25, 1.25, 1.25), 2, 1.25, normalised=True, slices=bad)
+
+
+def test_localised_slices_are_the_volume_s_multiples_of_the_stride():
+    box = (slice(0, 4), slice(0, 4), slice(3, 9))
+    assert A.localised_slices(box, 2, 2).tolist() == [False, True, False, True, False, True]  # 4, 6, 8
+    assert A.localised_slices(box, 0, 3).tolist() == [True, False, False, True]  # 0, 3
+
+
+def test_fused_first_view_reuses_the_localising_pass_on_the_slices_it_read():
+    class Counting(_CentreSlice):  # counts the slices it is given, per input width
+        def __init__(self):
+            super().__init__()
+            self.seen: list[tuple[int, int]] = []
+
+        def forward(self, x):
+            self.seen.append((x.shape[0], x.shape[-1] * x.shape[-2]))
+            return super().forward(x)
+
+    vol = np.full((100, 100, 100), -3.0, np.float32)
+    vol[30:50, 30:50, 30:50] = 3.0
+    m = Counting()
+    pred = A.segment_canonical(m, vol, (1.25,) * 3, (2, 0, 1), 1.25, batch_size=16)
+    box = pred.box
+    n_box = [b.stop - b.start for b in box]
+    done = A.localised_slices(box, 2)
+    loc_slices = len(range(0, 100, A.LOCALISE_STRIDE))
+    # the localising pass, then the first view on the box's other slices only, then the two other views
+    assert sum(n for n, _ in m.seen) == loc_slices + int((~done).sum()) + n_box[0] + n_box[1]
+    assert pred.mask.sum() == 20 ** 3
+    # the first view's mask: the localising pass's reading on its slices, the box pass's on the others
+    first = pred.view_masks[0]
+    assert first[30:50, 30:50, 30:50].all() and first.sum() == 20 ** 3
+
+
 def test_localise_boxes_the_bright_blob_with_its_margin():
     vol = np.full((64, 64, 64), -3.0, np.float32)
     vol[20:30, 30:40, 10:21] = 3.0  # "atrium": sigmoid(30) = 1 there, sigmoid(-30) = 0 elsewhere
