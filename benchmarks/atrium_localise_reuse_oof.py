@@ -4,7 +4,10 @@ it finds, and then runs the first view again inside that box. Those localising p
 of the same slices at another crop alignment (the U-Net is not shift-invariant below 2**depth pixels), at no
 extra cost. Variants: the app's three box views; the first view averaged with the localising pass on the slices
 it covered (every 2nd); the localising pass added to the fusion as a fourth view on those slices; the
-localising pass in place of the first view's box pass on its slices (which would save half of that pass).
+localising pass in place of the first view's box pass on its slices (which would save half of that pass); that,
+with the first view's probabilities then blended 1/4, 1/2, 1/4 across neighbouring slices, so that every slice mixes
+the two readings half and half (alternating readings make the mask's area step from slice to slice: ``roughness``,
+the mean absolute second difference of the per-slice mask area along the first view, over the mean area).
 
 Each kept cross-validation model segments its own validation volumes that take the fused path, at the fold's
 threshold, cut to the largest component, as the app does. Dice, HD95 and volume error per variant. An
@@ -24,7 +27,22 @@ from core import preprocess as pp
 from _oof import collect, compare, fused_fold_volumes, write
 
 VARIANTS = ("three box views (the app)", "first view averaged with the localising pass",
-            "localising pass as a fourth view", "first view: the localising pass where it ran, the box pass elsewhere")
+            "localising pass as a fourth view", "first view: the localising pass where it ran, the box pass elsewhere",
+            "as the last, then the first view blended 1/4, 1/2, 1/4 across its slices")
+
+
+def _blend(p: np.ndarray, axis: int) -> np.ndarray:
+    """p blended 1/4, 1/2, 1/4 with its neighbours along ``axis`` (edge slices repeated)."""
+    q = np.moveaxis(p, axis, 0)
+    pad = np.concatenate([q[:1], q, q[-1:]])
+    return np.moveaxis(0.25 * pad[:-2] + 0.5 * pad[1:-1] + 0.25 * pad[2:], 0, axis)
+
+
+def _roughness(mask: np.ndarray, axis: int) -> float:
+    """Mean absolute second difference of the mask's per-slice area along ``axis``, over the mean area."""
+    a = mask.sum(axis=tuple(i for i in range(3) if i != axis)).astype(float)
+    a = a[a > 0]
+    return float(np.abs(np.diff(a, 2)).mean() / a.mean()) if len(a) > 2 else float("nan")
 
 
 def run_fold(wdir: str, root) -> dict[str, dict]:
@@ -49,12 +67,14 @@ def run_fold(wdir: str, root) -> dict[str, dict]:
         fused = {VARIANTS[0]: three,
                  VARIANTS[1]: (avg_first + sum(ps[1:])) / len(views),
                  VARIANTS[2]: np.where(covered, (sum(ps) + lb) / (len(views) + 1), three),
-                 VARIANTS[3]: (np.where(covered, lb, ps[0]) + sum(ps[1:])) / len(views)}
-        row: dict = {"dataset": v.dataset, "fold_threshold": lm.threshold, "box": [[b.start, b.stop] for b in box]}
+                 VARIANTS[3]: (np.where(covered, lb, ps[0]) + sum(ps[1:])) / len(views),
+                 VARIANTS[4]: (_blend(np.where(covered, lb, ps[0]), views[0]) + sum(ps[1:])) / len(views)}
+        row: dict = {"dataset": v.dataset, "fold_threshold": lm.threshold, "box": [[b.start, b.stop] for b in box],
+                     "expert_mask_roughness": round(_roughness(v.label.astype(bool), views[0]), 4)}
         for name, prob in fused.items():
             mask = np.zeros(norm.shape, np.uint8)
             mask[box] = pp.largest_component(prob >= lm.threshold)
-            row[name] = {"dice": round(M.dice(mask, v.label), 4),
+            row[name] = {"dice": round(M.dice(mask, v.label), 4), "roughness": round(_roughness(mask, views[0]), 4),
                          "hd95": round(M.hd95(mask, v.label, v.spacing), 3),
                          "volume_error_pct": round(M.volume_error_pct(mask, v.label), 2), "seconds": 0.0}
         out[v.case_id] = row
@@ -70,6 +90,9 @@ def main() -> None:
         rows = list(per_case.values())
         summary[n]["hd95_mean"] = round(float(np.mean([r[n]["hd95"] for r in rows])), 3)
         summary[n]["volume_error_pct_mean"] = round(float(np.mean([r[n]["volume_error_pct"] for r in rows])), 2)
+        summary[n]["roughness_mean"] = round(float(np.mean([r[n]["roughness"] for r in rows])), 4)
+    summary["expert masks"] = {"roughness_mean": round(float(np.mean(
+        [r["expert_mask_roughness"] for r in per_case.values()])), 4)}
     write(args, "fused path: the localising pass reused as a view, out of fold: each kept CV model on its own fused "
           "(bSSFP) validation volumes, at the fold's threshold", names[0], summary, per_case)
 
