@@ -67,6 +67,23 @@ def compare(per_case: dict[str, dict], names: list[str], base: str) -> dict[str,
     return out
 
 
+def mask_scores(mask: np.ndarray, label: np.ndarray, spacing) -> dict[str, float]:
+    """Dice, HD95 (mm) and signed volume error (%) of a mask against the expert one, rounded as the logs keep them."""
+    from core import metrics as M
+
+    return {"dice": round(float(M.dice(mask, label)), 4), "hd95": round(float(M.hd95(mask, label, spacing)), 3),
+            "volume_error_pct": round(float(M.volume_error_pct(mask, label)), 2)}
+
+
+def add_means(summary: dict[str, dict], per_case: dict[str, dict], names: list[str],
+              keys: dict[str, int]) -> None:
+    """Add ``<key>_mean`` (rounded to ``keys[key]`` digits) over the cases to each setting's summary row."""
+    rows = list(per_case.values())
+    for n in names:
+        for key, digits in keys.items():
+            summary[n][f"{key}_mean"] = round(float(np.mean([r[n][key] for r in rows])), digits)
+
+
 def write(args: argparse.Namespace, what: str, app_setting: str, summary: dict, per_case: dict) -> None:
     """The experiment's JSON (summary, per case, folds, threads, CPU, date) to ``args.json``; the summary to
     stdout. The seconds are this CPU's (``core.precision.cpu_description``)."""

@@ -21,10 +21,9 @@ from __future__ import annotations
 import numpy as np
 
 from core import atrium as A
-from core import metrics as M
 from core import preprocess as pp
 
-from _oof import collect, compare, fused_fold_volumes, write
+from _oof import add_means, collect, compare, fused_fold_volumes, mask_scores, write
 
 VARIANTS = ("three box views (the app)", "first view averaged with the localising pass",
             "localising pass as a fourth view", "first view: the localising pass where it ran, the box pass elsewhere",
@@ -74,9 +73,8 @@ def run_fold(wdir: str, root) -> dict[str, dict]:
         for name, prob in fused.items():
             mask = np.zeros(norm.shape, np.uint8)
             mask[box] = pp.largest_component(prob >= lm.threshold)
-            row[name] = {"dice": round(M.dice(mask, v.label), 4), "roughness": round(_roughness(mask, views[0]), 4),
-                         "hd95": round(M.hd95(mask, v.label, v.spacing), 3),
-                         "volume_error_pct": round(M.volume_error_pct(mask, v.label), 2), "seconds": 0.0}
+            row[name] = {**mask_scores(mask, v.label, v.spacing), "roughness": round(_roughness(mask, views[0]), 4),
+                         "seconds": 0.0}
         out[v.case_id] = row
         print(v.case_id, {k: (r["dice"], r["hd95"]) for k, r in row.items() if k in VARIANTS}, flush=True)
     return out
@@ -86,11 +84,7 @@ def main() -> None:
     args, per_case = collect(__doc__, run_fold)
     names = list(VARIANTS)
     summary = compare(per_case, names, names[0])
-    for n in names:
-        rows = list(per_case.values())
-        summary[n]["hd95_mean"] = round(float(np.mean([r[n]["hd95"] for r in rows])), 3)
-        summary[n]["volume_error_pct_mean"] = round(float(np.mean([r[n]["volume_error_pct"] for r in rows])), 2)
-        summary[n]["roughness_mean"] = round(float(np.mean([r[n]["roughness"] for r in rows])), 4)
+    add_means(summary, per_case, names, {"hd95": 3, "volume_error_pct": 2, "roughness": 4})
     summary["expert masks"] = {"roughness_mean": round(float(np.mean(
         [r["expert_mask_roughness"] for r in per_case.values()])), 4)}
     write(args, "fused path: the localising pass reused as a view, out of fold: each kept CV model on its own fused "

@@ -16,11 +16,10 @@ import numpy as np
 from scipy import ndimage
 
 from core import atrium as A
-from core import metrics as M
 from core import preprocess as pp
 from core.precision import autocast
 
-from _oof import collect, compare, fold_cases, write
+from _oof import add_means, collect, compare, fold_cases, mask_scores, write
 
 
 def _close(m: np.ndarray, iterations: int = 1) -> np.ndarray:
@@ -49,10 +48,7 @@ def run_fold(wdir: str, root) -> dict[str, dict]:
             m = pred.mask.astype(bool)
             row: dict = {"dataset": v.dataset, "fused": fused}
             for name, f in VARIANTS.items():
-                sm = f(m).astype(np.uint8)
-                row[name] = {"dice": round(float(M.dice(sm, v.label)), 4),
-                             "hd95": round(float(M.hd95(sm, v.label, v.spacing)), 3),
-                             "volume_error_pct": round(float(M.volume_error_pct(sm, v.label)), 2), "seconds": 0.0}
+                row[name] = {**mask_scores(f(m).astype(np.uint8), v.label, v.spacing), "seconds": 0.0}
             out[v.case_id] = row
             print(v.case_id, {k: r["dice"] for k, r in row.items() if k in VARIANTS}, flush=True)
     return out
@@ -65,13 +61,12 @@ def main() -> None:
     for ds in sorted({r["dataset"] for r in per_case.values()}):
         rows = {k: r for k, r in per_case.items() if r["dataset"] == ds}
         summary[ds] = compare(rows, names, names[0])
+        add_means(summary[ds], rows, names, {"hd95": 3, "volume_error_pct": 2})
+        hd0 = np.array([r[names[0]]["hd95"] for r in rows.values()])
         for n in names:
             hd = np.array([r[n]["hd95"] for r in rows.values()])
-            hd0 = np.array([r[names[0]]["hd95"] for r in rows.values()])
-            summary[ds][n].update({
-                "hd95_mean": round(float(np.mean(hd)), 3), "hd95_worse_volumes": int((hd > hd0 + 1e-9).sum()),
-                "hd95_worst_change": round(float(np.max(hd - hd0)), 3),
-                "volume_error_pct_mean": round(float(np.mean([r[n]["volume_error_pct"] for r in rows.values()])), 2)})
+            summary[ds][n].update({"hd95_worse_volumes": int((hd > hd0 + 1e-9).sum()),
+                                   "hd95_worst_change": round(float(np.max(hd - hd0)), 3)})
     write(args, "atrium mask smoothing, out of fold: each kept CV model on its own validation volumes (both paths, "
           "bfloat16), variants applied to the app's mask; per dataset", names[0], summary, per_case)
 
