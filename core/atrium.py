@@ -316,6 +316,16 @@ def localised_slices(box: tuple[slice, slice, slice], axis: int, stride: int = 0
     return np.arange(box[axis].start, box[axis].stop) % stride == 0
 
 
+def blend_slices(p: np.ndarray, axis: int) -> np.ndarray:
+    """``p`` (any 3D shape) with each slice along ``axis`` blended 1/4, 1/2, 1/4 with its two neighbours (the
+    edge slices repeated, so a constant stays constant and the sum along ``axis`` is kept away from the edges)."""
+    if not 0 <= axis < p.ndim:
+        raise ValueError(f"axis {axis} is not an axis of a {p.ndim}-D array")
+    q = np.moveaxis(p, axis, 0)
+    pad = np.concatenate([q[:1], q, q[-1:]])
+    return np.moveaxis(0.25 * pad[:-2] + 0.5 * pad[1:-1] + 0.25 * pad[2:], 0, axis).astype(p.dtype, copy=False)
+
+
 def segment_canonical(model: nn.Module, data: np.ndarray, spacing: tuple[float, float, float],
                       views: tuple[int, ...], grid_mm: float, threshold: float = 0.5, batch_size: int = 1,
                       autocast_ctx=None, progress=None, roi: bool = True, flips: int = 1) -> AtriumPrediction:
@@ -324,7 +334,8 @@ def segment_canonical(model: nn.Module, data: np.ndarray, spacing: tuple[float, 
     With several views and ``roi``, the atrium is first localised (``localise``: the first view on every
     LOCALISE_STRIDE-th slice), then every view runs only on the box around it (plus ``ROI_MARGIN_MM`` of
     context; outside it the probability is 0): three views cost about one pass instead of three. The first
-    view keeps the localising pass's probabilities on the slices that pass read (``localised_slices``). When the
+    view keeps the localising pass's probabilities on the slices that pass read (``localised_slices``), then is
+    blended across its slices (``blend_slices``). When the
     localising pass finds nothing, the first view runs on the whole volume and the others around what it
     finds (on the whole volume too if it finds nothing), so a volume the model cannot read at a glance still
     gets every chance.
@@ -362,6 +373,13 @@ def segment_canonical(model: nn.Module, data: np.ndarray, spacing: tuple[float, 
                     keep = [slice(None)] * 3
                     keep[ax] = done
                     p[tuple(keep)] = loc[tuple(keep)]
+                    # Every 2nd slice is now read over the whole slice and the others in the box: two readings
+                    # whose areas differ a little, so the mask's area stepped from slice to slice (roughness 0.052
+                    # against the expert's 0.018). Blending each slice with its neighbours mixes the two readings
+                    # half and half on every slice: out of fold (the 16 MSD volumes, five fold models) roughness
+                    # 0.052 -> 0.022, Dice 0.8986 -> 0.8991, HD95 6.67 -> 6.66 mm, volume error +0.7 -> +0.9 %
+                    # (benchmarks/atrium_localise_reuse_oof.py, last variant).
+                    p = blend_slices(p, ax)
                 else:
                     p = segment_view(model, sub, spacing, ax, grid_mm, batch_size, autocast_ctx, cb, normalised=True)
                 masks.append(_embed(p >= threshold, box, norm.shape, fill=threshold <= 0))

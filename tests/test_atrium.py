@@ -375,6 +375,20 @@ def test_localised_slices_are_the_volume_s_multiples_of_the_stride():
     assert A.localised_slices(box, 0, 3).tolist() == [True, False, False, True]  # 0, 3
 
 
+def test_blend_slices_known_values():
+    p = np.zeros((2, 3, 5), np.float32)
+    p[:, :, 1::2] = 1.0  # alternating slices along the last axis: 0 1 0 1 0
+    b = A.blend_slices(p, 2)
+    assert b.dtype == np.float32 and b.shape == p.shape
+    np.testing.assert_allclose(b[0, 0], [0.25, 0.5, 0.5, 0.5, 0.25])  # edges repeated: 0.75*0 + 0.25*1
+    np.testing.assert_allclose(A.blend_slices(np.full((4, 3, 2), 0.7, np.float32), 0), 0.7, rtol=1e-6)
+    q = np.zeros((5, 1, 1))
+    q[2] = 1.0
+    np.testing.assert_allclose(A.blend_slices(q, 0)[:, 0, 0], [0, 0.25, 0.5, 0.25, 0])  # the sum is kept
+    with pytest.raises(ValueError):
+        A.blend_slices(p, 3)
+
+
 def test_fused_first_view_reuses_the_localising_pass_on_the_slices_it_read():
     class Counting(_CentreSlice):  # counts the slices it is given
         def __init__(self):
@@ -396,7 +410,8 @@ def test_fused_first_view_reuses_the_localising_pass_on_the_slices_it_read():
     # the localising pass, then the first view on the box's other slices only, then the two other views
     assert sum(m.seen) == loc_slices + int((~done).sum()) + n_box[0] + n_box[1]
     assert pred.mask.sum() == 20 ** 3
-    # the first view's mask: the localising pass's reading on its slices, the box pass's on the others
+    # the first view's mask: the localising pass's reading on its slices, the box pass's on the others, blended
+    # across slices (the cube's edge slices keep 3/4 of their reading: still inside at threshold 0.5)
     first = pred.view_masks[0]
     assert first[30:50, 30:50, 30:50].all() and first.sum() == 20 ** 3
 
