@@ -9,6 +9,7 @@ import functools
 import gzip
 import io
 import json
+import math
 import re
 import warnings
 import zlib
@@ -79,9 +80,16 @@ def sniff_format(data: bytes) -> str | None:
         return "dicom"
     if data.startswith(GZIP_MAGIC):
         return "gzip"
-    if len(data) >= 348 and data[344:348] in (b"n+1\x00", b"ni1\x00", b"n+2\x00"):
+    if len(data) >= 348 and data[344:348] in (b"n+1\x00", b"ni1\x00"):
+        return "nifti"
+    if is_nifti2(data):
         return "nifti"
     return None
+
+
+def is_nifti2(data: bytes) -> bool:
+    """Whether ``data`` starts with a single-file NIfTI-2 header (540 bytes, its magic at byte 4, not 344)."""
+    return len(data) >= 12 and data[4:12] == b"n+2\x00\r\n\x1a\n"
 
 
 def _check_2d(arr: np.ndarray, what: str) -> np.ndarray:
@@ -337,11 +345,11 @@ def read_nifti(data: bytes, name: str = "", expect_3d: bool = True, _allow_4d: b
         if fmt in ("png", "jpeg", "dicom"):
             raise InvalidInputError(f"This is a {fmt.upper()} image, not a NIfTI volume (.nii or .nii.gz).")
         raise InvalidInputError("The file is not a NIfTI volume (.nii or .nii.gz), or it is corrupt.")
-    cls = nib.Nifti2Image if raw[344:348] == b"n+2\x00" else nib.Nifti1Image
+    cls = nib.Nifti2Image if is_nifti2(raw) else nib.Nifti1Image
     try:
         img = cls.from_bytes(raw)
         shape = tuple(int(s) for s in img.shape)
-        n_vox = int(np.prod(shape)) if shape else 0
+        n_vox = math.prod(shape) if shape else 0  # Python ints: np.prod wraps a huge header's product to ~0
         if n_vox > MAX_VOXELS:
             raise InvalidInputError(f"The volume is implausibly large ({' x '.join(map(str, shape))} voxels).")
         needed = int(img.header.get_data_offset()) + n_vox * np.dtype(img.get_data_dtype()).itemsize

@@ -112,6 +112,31 @@ def test_nifti_keeps_affine_and_spacing():
         np.testing.assert_allclose(v.data, arr, atol=1e-6)
 
 
+def test_nifti2_single_file_is_read():
+    # NIfTI-2 keeps its magic at byte 4 (not 344 as NIfTI-1): such files were once refused as "not NIfTI"
+    import nibabel as nib
+
+    aff = np.diag([1.5, 1.5, 3.0, 1.0])
+    arr = RNG.random((32, 30, 8)).astype(np.float32)
+    raw = nib.Nifti2Image(arr, aff).to_bytes()
+    assert mio.sniff_format(raw[:400]) == "nifti" and mio.is_nifti2(raw)
+    for data in (raw, gzip.compress(raw)):
+        v = mio.read_image_volume(data, "v.nii")
+        np.testing.assert_allclose(v.data, arr)
+        np.testing.assert_allclose(v.spacing, (1.5, 1.5, 3.0))
+
+
+def test_nifti_header_whose_voxel_count_overflows_int64_is_refused():
+    import struct
+
+    import nibabel as nib
+
+    raw = bytearray(nib.Nifti2Image(np.zeros((40, 40, 4), np.float32), np.eye(4)).to_bytes())
+    struct.pack_into("<8q", raw, 16, 3, 2**32, 2**32, 4, 1, 1, 1, 1)  # product 2**66: 0 in int64
+    with pytest.raises(InvalidInputError, match="implausibly large"):
+        mio.read_nifti(bytes(raw))
+
+
 def test_nifti_singleton_4d_is_3d():
     v = mio.read_image_volume(nifti_bytes(RNG.random((20, 20, 6, 1)).astype(np.float32)))
     assert v.data.shape == (20, 20, 6)
