@@ -345,6 +345,9 @@ def read_nifti(data: bytes, name: str = "", expect_3d: bool = True, _allow_4d: b
         if fmt in ("png", "jpeg", "dicom"):
             raise InvalidInputError(f"This is a {fmt.upper()} image, not a NIfTI volume (.nii or .nii.gz).")
         raise InvalidInputError("The file is not a NIfTI volume (.nii or .nii.gz), or it is corrupt.")
+    if raw[344:348] == b"ni1\x00":  # the voxels live in a separate .img file that was not uploaded
+        raise InvalidInputError("This is the header (.hdr) of a two-file NIfTI pair, without its voxels (.img). "
+                                "Convert the pair to a single .nii or .nii.gz file and upload that.")
     cls = nib.Nifti2Image if is_nifti2(raw) else nib.Nifti1Image
     try:
         img = cls.from_bytes(raw)

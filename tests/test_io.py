@@ -169,6 +169,11 @@ def test_nifti_truncated_corrupt_and_wrong_type():
         mio.read_nifti(png_bytes(IMG))
     with pytest.raises(InvalidInputError, match="empty"):
         mio.read_nifti(b"")
+    import nibabel as nib
+
+    header_only = nib.Nifti1Pair(np.zeros((20, 20, 6), np.float32), np.eye(4)).header.binaryblock
+    with pytest.raises(InvalidInputError, match="two-file NIfTI pair"):
+        mio.read_nifti(header_only)
 
 
 def test_gzip_bomb_is_refused(monkeypatch):
