@@ -67,6 +67,13 @@ def compare(per_case: dict[str, dict], names: list[str], base: str) -> dict[str,
     return out
 
 
+def roughness(mask: np.ndarray, axis: int) -> float:
+    """Mean absolute second difference of the mask's per-slice area along ``axis``, over the mean area."""
+    a = mask.sum(axis=tuple(i for i in range(3) if i != axis)).astype(float)
+    a = a[a > 0]
+    return float(np.abs(np.diff(a, 2)).mean() / a.mean()) if len(a) > 2 else float("nan")
+
+
 def mask_scores(mask: np.ndarray, label: np.ndarray, spacing) -> dict[str, float]:
     """Dice, HD95 (mm) and signed volume error (%) of a mask against the expert one, rounded as the logs keep them."""
     from core import metrics as M

@@ -23,7 +23,7 @@ import numpy as np
 from core import atrium as A
 from core import preprocess as pp
 
-from _oof import add_means, collect, compare, fused_fold_volumes, mask_scores, write
+from _oof import add_means, collect, compare, fused_fold_volumes, mask_scores, roughness, write
 
 VARIANTS = ("three box views (the app)", "first view averaged with the localising pass",
             "localising pass as a fourth view", "first view: the localising pass where it ran, the box pass elsewhere",
@@ -35,13 +35,6 @@ def _blend(p: np.ndarray, axis: int) -> np.ndarray:
     q = np.moveaxis(p, axis, 0)
     pad = np.concatenate([q[:1], q, q[-1:]])
     return np.moveaxis(0.25 * pad[:-2] + 0.5 * pad[1:-1] + 0.25 * pad[2:], 0, axis)
-
-
-def _roughness(mask: np.ndarray, axis: int) -> float:
-    """Mean absolute second difference of the mask's per-slice area along ``axis``, over the mean area."""
-    a = mask.sum(axis=tuple(i for i in range(3) if i != axis)).astype(float)
-    a = a[a > 0]
-    return float(np.abs(np.diff(a, 2)).mean() / a.mean()) if len(a) > 2 else float("nan")
 
 
 def run_fold(wdir: str, root) -> dict[str, dict]:
@@ -69,11 +62,11 @@ def run_fold(wdir: str, root) -> dict[str, dict]:
                  VARIANTS[3]: (np.where(covered, lb, ps[0]) + sum(ps[1:])) / len(views),
                  VARIANTS[4]: (_blend(np.where(covered, lb, ps[0]), views[0]) + sum(ps[1:])) / len(views)}
         row: dict = {"dataset": v.dataset, "fold_threshold": lm.threshold, "box": [[b.start, b.stop] for b in box],
-                     "expert_mask_roughness": round(_roughness(v.label.astype(bool), views[0]), 4)}
+                     "expert_mask_roughness": round(roughness(v.label.astype(bool), views[0]), 4)}
         for name, prob in fused.items():
             mask = np.zeros(norm.shape, np.uint8)
             mask[box] = pp.largest_component(prob >= lm.threshold)
-            row[name] = {**mask_scores(mask, v.label, v.spacing), "roughness": round(_roughness(mask, views[0]), 4),
+            row[name] = {**mask_scores(mask, v.label, v.spacing), "roughness": round(roughness(mask, views[0]), 4),
                          "seconds": 0.0}
         out[v.case_id] = row
         print(v.case_id, {k: (r["dice"], r["hd95"]) for k, r in row.items() if k in VARIANTS}, flush=True)
