@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import time
 
-import numpy as np
-
 from core import atrium as A
 
 from _oof import add_means, collect, compare, fused_fold_volumes, mask_scores, roughness, write
@@ -44,7 +42,7 @@ def run_fold(wdir: str, root) -> dict[str, dict]:
             row[name] = {**mask_scores(pred.mask, v.label, v.spacing),
                          "roughness": round(roughness(pred.mask, views[0]), 4), "seconds": round(secs, 2)}
         out[v.case_id] = row
-        print(v.case_id, {k: (r["dice"], r["seconds"]) for k, r in row.items() if k in VARIANTS}, flush=True)
+        print(v.case_id, {k: (r["dice"], r["hd95"], r["seconds"]) for k, r in row.items() if k in VARIANTS}, flush=True)
     return out
 
 
