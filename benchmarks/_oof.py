@@ -54,8 +54,10 @@ def fused_fold_volumes(wdir: str, root) -> Iterator[tuple[LoadedModel, A.Canonic
         yield lm, v, A.resolve_views(spec_views, v.data.shape, v.spacing), lambda: autocast(lm.precision)
 
 
-def compare(per_case: dict[str, dict], names: list[str], base: str) -> dict[str, dict]:
-    """Per setting: mean Dice, mean change against ``base`` (the app's), volumes better, median seconds."""
+def compare(per_case: dict[str, dict], names: list[str], base: str,
+            means: dict[str, int] | None = None) -> dict[str, dict]:
+    """Per setting: mean Dice, mean change against ``base`` (the app's), volumes better, median seconds, and the
+    means of the ``means`` keys (``add_means``)."""
     rows = list(per_case.values())
     out = {}
     for n in names:
@@ -64,6 +66,8 @@ def compare(per_case: dict[str, dict], names: list[str], base: str) -> dict[str,
                   "dice_change_vs_app_mean": round(float(diff.mean()), 4), "volumes_better": int((diff > 0).sum()),
                   "volumes_worse_by_0.01": int((diff < -0.01).sum()),
                   "seconds_median": round(float(np.median([r[n]["seconds"] for r in rows])), 2)}
+    if means:
+        add_means(out, per_case, names, means)
     return out
 
 

@@ -23,18 +23,11 @@ import numpy as np
 from core import atrium as A
 from core import preprocess as pp
 
-from _oof import add_means, collect, compare, fused_fold_volumes, mask_scores, roughness, write
+from _oof import collect, compare, fused_fold_volumes, mask_scores, roughness, write
 
 VARIANTS = ("three box views (the app)", "first view averaged with the localising pass",
             "localising pass as a fourth view", "first view: the localising pass where it ran, the box pass elsewhere",
             "as the last, then the first view blended 1/4, 1/2, 1/4 across its slices")
-
-
-def _blend(p: np.ndarray, axis: int) -> np.ndarray:
-    """p blended 1/4, 1/2, 1/4 with its neighbours along ``axis`` (edge slices repeated)."""
-    q = np.moveaxis(p, axis, 0)
-    pad = np.concatenate([q[:1], q, q[-1:]])
-    return np.moveaxis(0.25 * pad[:-2] + 0.5 * pad[1:-1] + 0.25 * pad[2:], 0, axis)
 
 
 def run_fold(wdir: str, root) -> dict[str, dict]:
@@ -60,7 +53,7 @@ def run_fold(wdir: str, root) -> dict[str, dict]:
                  VARIANTS[1]: (avg_first + sum(ps[1:])) / len(views),
                  VARIANTS[2]: np.where(covered, (sum(ps) + lb) / (len(views) + 1), three),
                  VARIANTS[3]: (np.where(covered, lb, ps[0]) + sum(ps[1:])) / len(views),
-                 VARIANTS[4]: (_blend(np.where(covered, lb, ps[0]), views[0]) + sum(ps[1:])) / len(views)}
+                 VARIANTS[4]: (A.blend_slices(np.where(covered, lb, ps[0]), views[0]) + sum(ps[1:])) / len(views)}
         row: dict = {"dataset": v.dataset, "fold_threshold": lm.threshold, "box": [[b.start, b.stop] for b in box],
                      "expert_mask_roughness": round(roughness(v.label.astype(bool), views[0]), 4)}
         for name, prob in fused.items():
@@ -76,8 +69,7 @@ def run_fold(wdir: str, root) -> dict[str, dict]:
 def main() -> None:
     args, per_case = collect(__doc__, run_fold)
     names = list(VARIANTS)
-    summary = compare(per_case, names, names[0])
-    add_means(summary, per_case, names, {"hd95": 3, "volume_error_pct": 2, "roughness": 4})
+    summary = compare(per_case, names, names[0], {"hd95": 3, "volume_error_pct": 2, "roughness": 4})
     summary["expert masks"] = {"roughness_mean": round(float(np.mean(
         [r["expert_mask_roughness"] for r in per_case.values()])), 4)}
     write(args, "fused path: the localising pass reused as a view, out of fold: each kept CV model on its own fused "

@@ -19,7 +19,7 @@ import time
 
 from core import atrium as A
 
-from _oof import add_means, collect, compare, fused_fold_volumes, mask_scores, roughness, write
+from _oof import collect, compare, fused_fold_volumes, mask_scores, roughness, write
 
 VARIANTS = {"every 2nd slice (the app)": 2, "every 3rd slice": 3, "every 4th slice": 4}
 
@@ -49,8 +49,7 @@ def run_fold(wdir: str, root) -> dict[str, dict]:
 def main() -> None:
     args, per_case = collect(__doc__, run_fold)
     names = list(VARIANTS)
-    summary = compare(per_case, names, names[0])
-    add_means(summary, per_case, names, {"hd95": 3, "volume_error_pct": 2, "roughness": 4})
+    summary = compare(per_case, names, names[0], {"hd95": 3, "volume_error_pct": 2, "roughness": 4})
     write(args, "fused-path localisation stride with the localising pass reused and the first view blended, out "
           "of fold: each kept CV model through segment_canonical on its own fused (bSSFP) validation volumes, at "
           "the fold's threshold", names[0], summary, per_case)

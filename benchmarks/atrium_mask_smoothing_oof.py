@@ -19,7 +19,7 @@ from core import atrium as A
 from core import preprocess as pp
 from core.precision import autocast
 
-from _oof import add_means, collect, compare, fold_cases, mask_scores, write
+from _oof import collect, compare, fold_cases, mask_scores, write
 
 
 def _close(m: np.ndarray, iterations: int = 1) -> np.ndarray:
@@ -60,8 +60,7 @@ def main() -> None:
     summary = {}
     for ds in sorted({r["dataset"] for r in per_case.values()}):
         rows = {k: r for k, r in per_case.items() if r["dataset"] == ds}
-        summary[ds] = compare(rows, names, names[0])
-        add_means(summary[ds], rows, names, {"hd95": 3, "volume_error_pct": 2})
+        summary[ds] = compare(rows, names, names[0], {"hd95": 3, "volume_error_pct": 2})
         hd0 = np.array([r[names[0]]["hd95"] for r in rows.values()])
         for n in names:
             hd = np.array([r[n]["hd95"] for r in rows.values()])

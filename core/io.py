@@ -80,9 +80,7 @@ def sniff_format(data: bytes) -> str | None:
         return "dicom"
     if data.startswith(GZIP_MAGIC):
         return "gzip"
-    if len(data) >= 348 and data[344:348] in (b"n+1\x00", b"ni1\x00"):
-        return "nifti"
-    if is_nifti2(data):
+    if (len(data) >= 348 and data[344:348] in (b"n+1\x00", b"ni1\x00")) or is_nifti2(data):
         return "nifti"
     return None
 
