@@ -84,6 +84,63 @@ def radiological_axial(slice_ras: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(np.asarray(slice_ras)[::-1, ::-1].T)
 
 
+@dataclass(frozen=True)
+class Plane:
+    """A viewing plane of a canonical RAS volume (X, Y, Z): the ``axis`` its slices cut across, the letters
+    at the image's (top, bottom, left, right) edges, where the anatomy lies in words, and the order of its
+    slices along ``axis``."""
+
+    name: str
+    axis: int
+    markers: tuple[str, str, str, str]
+    layout: str
+    order: str
+
+
+# As radiologists read each plane (the radiological convention): the same flips serve all three
+# (``radiological_slice``), since every remaining axis of a RAS volume runs towards R, A or S.
+PLANES = {
+    "axial": Plane("axial", 2, ("A", "P", "R", "L"), "anterior at the top, the patient's right on the image's left",
+                   "inferior → superior"),
+    "coronal": Plane("coronal", 1, ("S", "I", "R", "L"), "superior at the top, the patient's right on the image's left",
+                     "posterior → anterior"),
+    "sagittal": Plane("sagittal", 0, ("S", "I", "A", "P"), "superior at the top, anterior on the image's left",
+                      "the patient's left → right"),
+}
+
+
+def radiological_slice(vol_ras: np.ndarray, plane: Plane, index: int) -> np.ndarray:
+    """Slice ``index`` across ``plane.axis`` of a canonical RAS volume (X, Y, Z) -> image (rows, cols) with
+    ``plane.markers`` at its edges: both remaining axes flipped (so R, A, S come first) and the later one on
+    the rows (axial: rows Y, cols X; coronal: rows Z, cols X; sagittal: rows Z, cols Y)."""
+    if not 0 <= index < vol_ras.shape[plane.axis]:
+        raise IndexError(f"{plane.name} slice {index} is outside 0..{vol_ras.shape[plane.axis] - 1}")
+    return radiological_axial(np.take(vol_ras, index, axis=plane.axis))
+
+
+def plane_pixel_mm(spacing: tuple[float, float, float], plane: Plane) -> tuple[float, float]:
+    """(row height, column width) in mm of ``radiological_slice``'s image of a volume with voxel ``spacing``."""
+    a, b = (spacing[i] for i in range(3) if i != plane.axis)
+    return float(b), float(a)
+
+
+def square_pixels(img: np.ndarray, row_mm: float, col_mm: float, max_ratio: float = 16.0) -> np.ndarray:
+    """``img`` (H, W[, C]) with its rows or its columns repeated (nearest neighbour) so that a pixel is as
+    tall as it is wide: a coronal or sagittal slice of a volume whose slices are thicker than its pixels
+    would otherwise look squashed. The longer side is stretched, by at most ``max_ratio``."""
+    if not (row_mm > 0 and col_mm > 0):
+        raise ValueError(f"pixel sizes must be positive, got {row_mm} x {col_mm} mm")
+    ratio = min(max(row_mm, col_mm) / min(row_mm, col_mm), max_ratio)
+    if ratio < 1.02:  # within 2 %: not visible
+        return img
+    h, w = img.shape[:2]
+    if row_mm > col_mm:
+        rows = np.minimum(((np.arange(int(round(h * ratio))) + 0.5) / ratio).astype(int), h - 1)
+        return np.ascontiguousarray(img[rows])
+    cols = np.minimum(((np.arange(int(round(w * ratio))) + 0.5) / ratio).astype(int), w - 1)
+    return np.ascontiguousarray(img[:, cols])
+
+
 def with_orientation_markers(rgb: np.ndarray, markers: tuple[str, str, str, str] = ("A", "P", "R", "L"),
                              min_side: int = 320) -> np.ndarray:
     """Upscale (nearest) an RGB image to at least ``min_side`` pixels and write orientation letters at the
@@ -183,11 +240,12 @@ class SliceStrip:
         return out
 
 
-def slice_strip(unsure: np.ndarray, per_slice: np.ndarray | None = None, width_px: int = 560) -> SliceStrip:
+def slice_strip(unsure: np.ndarray, per_slice: np.ndarray | None = None, width_px: int = 560,
+                xlabel: str = "axial slice") -> SliceStrip:
     """The atrium page's strip: Dice per slice (when a reference mask is given; NaN where neither mask has
     atrium) above the uncertain area per slice (cm²), slices 1..nz on a shared x axis.
 
-    ``unsure`` (nz,) cm²; ``per_slice`` (nz,) Dice or None."""
+    ``unsure`` (nz,) cm²; ``per_slice`` (nz,) Dice or None; ``xlabel`` names the slices (their plane)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -209,7 +267,7 @@ def slice_strip(unsure: np.ndarray, per_slice: np.ndarray | None = None, width_p
     # one filled step outline, not one bar patch per slice (the same picture in a tenth of the time)
     axes[-1].stairs(unsure, np.arange(nz + 1) + 0.5, fill=True, color="orange")
     axes[-1].set_title("Uncertain area per slice (cm², probability 0.2-0.8)", fontsize=9, loc="left")
-    axes[-1].set_xlabel("axial slice", fontsize=9)
+    axes[-1].set_xlabel(xlabel, fontsize=9)
     for ax in axes:
         ax.set_xlim(0.5, nz + 0.5)
         ax.tick_params(labelsize=8)

@@ -116,6 +116,19 @@ def test_atrium_sample_segmentation_and_slider(heart_root):
     assert not at.exception
     at.toggle(key="atr.show_gt").set_value(False).run()
     assert "predicted atrium" in _text(at)
+    # the other planes: their own slider, strip and markers; the axial position is kept while they are shown
+    z_axial = at.slider(key="atr.z").value
+    at.radio(key="atr.plane").set_value("sagittal").run()
+    assert not at.exception
+    captions = [m.caption for im in at.get("image") for m in im.proto.imgs]
+    assert sum("sagittal slice" in c for c in captions) == 1
+    assert "superior at the top, anterior on the image's left" in _text(at)
+    z0 = at.slider(key="atr.z0").value
+    assert at.slider(key="atr.z0").max == 256  # MSD volumes are 256 voxels along x
+    at.button(key="atr.next").click().run()
+    assert at.slider(key="atr.z0").value == z0 + 1 and "Slice Dice" in _text(at)
+    at.radio(key="atr.plane").set_value("axial").run()
+    assert at.slider(key="atr.z").value == z_axial
 
 
 def _image_bytes(at: AppTest) -> list[str]:

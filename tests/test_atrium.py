@@ -286,6 +286,45 @@ def test_orientation_markers_are_drawn():
     assert (top[..., 0] > 200).any()  # the yellow "A"
 
 
+def test_planes_show_each_slice_as_a_radiologist_reads_it():
+    from core.visualize import PLANES, plane_pixel_mm, radiological_slice
+
+    # a RAS volume (X, Y, Z) whose voxel value says where it is: 100 x + 10 y + z
+    x, y, z = np.meshgrid(np.arange(3), np.arange(4), np.arange(5), indexing="ij")
+    vol = 100 * x + 10 * y + z
+    ax_img = radiological_slice(vol, PLANES["axial"], 2)
+    assert ax_img.shape == (4, 3) and ax_img[0, 0] == 232  # top-left: most anterior (y 3), most right (x 2)
+    cor = radiological_slice(vol, PLANES["coronal"], 1)
+    # rows: superior (z 4) at the top; columns: the patient's right (x 2) on the left; every pixel at y = 1
+    assert cor.shape == (5, 3) and cor[0, 0] == 214 and cor[-1, -1] == 10 and np.all(cor // 10 % 10 == 1)
+    sag = radiological_slice(vol, PLANES["sagittal"], 0)
+    # rows: superior at the top; columns: anterior (y 3) on the left; every pixel at x = 0
+    assert sag.shape == (5, 4) and sag[0, 0] == 34 and sag[-1, -1] == 0 and np.all(sag // 100 == 0)
+    assert PLANES["coronal"].markers == ("S", "I", "R", "L") and PLANES["sagittal"].markers == ("S", "I", "A", "P")
+    with pytest.raises(IndexError):
+        radiological_slice(vol, PLANES["sagittal"], 3)
+    # (row height, column width) in mm: axial rows are y, coronal and sagittal rows are z
+    sp = (1.0, 2.0, 3.0)
+    assert plane_pixel_mm(sp, PLANES["axial"]) == (2.0, 1.0)
+    assert plane_pixel_mm(sp, PLANES["coronal"]) == (3.0, 1.0)
+    assert plane_pixel_mm(sp, PLANES["sagittal"]) == (3.0, 2.0)
+
+
+def test_square_pixels_stretches_thick_slices_to_true_shape():
+    from core.visualize import square_pixels
+
+    img = np.arange(6).reshape(2, 3)
+    assert square_pixels(img, 1.0, 1.0) is img  # square already
+    tall = square_pixels(img, 2.0, 1.0)  # rows twice as tall as wide: each row twice
+    assert tall.tolist() == [[0, 1, 2], [0, 1, 2], [3, 4, 5], [3, 4, 5]]
+    wide = square_pixels(img, 0.625, 1.25)  # an LGE coronal slice: columns twice as wide as rows are tall
+    assert wide.tolist() == [[0, 0, 1, 1, 2, 2], [3, 3, 4, 4, 5, 5]]
+    assert square_pixels(np.zeros((4, 4, 3)), 1.0, 1.5).shape == (4, 6, 3)  # colour images too
+    assert square_pixels(np.zeros((2, 2)), 100.0, 1.0).shape == (32, 2)  # at most 16x
+    with pytest.raises(ValueError):
+        square_pixels(img, 0.0, 1.0)
+
+
 
 def test_slice_strip_marks_the_slice_shown():
     from core.visualize import slice_strip

@@ -13,7 +13,7 @@ from common import (DISCLAIMER, FOREGROUND, ThrottledProgress, display_controls,
 from core import metrics as M
 from core.dicom_series import read_volume_any
 from core.io import nifti_to_bytes, read_mask
-from core.visualize import mask_overlay, radiological_axial, slice_strip
+from core.visualize import PLANES, mask_overlay, radiological_axial, radiological_slice, slice_strip
 
 NS = "atr"
 st.set_page_config(page_title="Left-atrium segmentation", page_icon="🫀", layout="wide")
@@ -102,39 +102,30 @@ if st.session_state.get(f"{NS}.key") != seg_key:
         f"{NS}.canon": (data_c, sp_c, A.to_canonical(res.mask, vol.affine, vol.spacing)[0],
                         A.to_canonical(res.prob, vol.affine, vol.spacing)[0]),
     })
-    zs = np.nonzero(st.session_state[f"{NS}.canon"][2].any(axis=(0, 1)))[0]
-    nz0 = data_c.shape[2]
-    # the slider counts slices from 1, as a viewer does
-    st.session_state[f"{NS}.z"] = int(zs[len(zs) // 2]) + 1 if len(zs) else nz0 // 2 + 1
 
 lm = model_or_stop("atrium")
 vol = st.session_state[f"{NS}.vol"]
 res = st.session_state[f"{NS}.res"]
 name = st.session_state[f"{NS}.name"]
 data_c, sp_c, mask_c, prob_c = st.session_state[f"{NS}.canon"]
-nz = data_c.shape[2]
-px_cm2 = sp_c[0] * sp_c[1] / 100
 
 mask_key = file_key(mask_bytes) if mask_bytes is not None else None
 if st.session_state.get(f"{NS}.mask_key", "none") != mask_key:
-    gt = gt_c = mets = per_slice = disagree = None
+    gt = gt_c = mets = None
     if mask_bytes is not None:
         gt = run_safely(lambda: read_mask(mask_bytes, vol, "mask"), "The mask was refused")
         if gt is not None:
             gt_c = A.to_canonical(gt, vol.affine, vol.spacing)[0]
             mets = M.segmentation_metrics(res.mask, gt, vol.spacing)
-            per_slice, disagree = A.slice_agreement(mask_c, gt_c, sp_c)
     st.session_state.update({f"{NS}.mask_key": mask_key, f"{NS}.gt_c": gt_c, f"{NS}.metrics": mets,
-                             f"{NS}.per_slice": per_slice, f"{NS}.disagree": disagree,
-                             # drawn (after the slice image) once per segmentation and mask: a slice change
-                             # only moves its marker
-                             f"{NS}.strip": None,
+                             # per plane (its axis), computed when the plane is first shown, once per mask:
+                             # (Dice, disagreement) per slice, and the strip drawn after the slice image (a
+                             # slice change only moves its marker)
+                             f"{NS}.agree": {}, f"{NS}.strip": {},
                              # a mask just given is shown; none: the switch is off (and disabled)
                              f"{NS}.show_gt": gt_c is not None})
 gt_c = st.session_state[f"{NS}.gt_c"]
 mets = st.session_state[f"{NS}.metrics"]
-per_slice = st.session_state[f"{NS}.per_slice"]
-disagree = st.session_state[f"{NS}.disagree"]
 
 st.markdown(f"**Result for: {name}**")
 # filled at the end of the run: the training-case fingerprint (~0.1-0.2 s) need not hold back the slice image
@@ -157,14 +148,39 @@ else:
     st.caption("Upload the ground-truth mask to see Dice, IoU and HD95.")
 
 
+# Axial by default; coronal and sagittal too, as a radiologist pages through a 3D study. The planes come from
+# the header, which some converted datasets get wrong (the MSD Task02_Heart files call their sagittal slices
+# axial): with all three at hand the reader finds the anatomy whatever the header says.
+plane = PLANES[st.radio("Plane (as the file's header gives it)", list(PLANES), format_func=str.capitalize,
+                        horizontal=True, key=f"{NS}.plane",
+                        help="If the anatomy does not match the plane's name and markers, the file's header "
+                             "orientation is wrong; the volume and Dice do not depend on it.")]
+ax = plane.axis
+n_ax = data_c.shape[ax]
+# the slider's key per plane ("atr.z" for axial); the position of a plane not shown in a run is kept aside
+# (its slider's state is dropped when it is not drawn) and restored when the plane comes back
+zkey = f"{NS}.z" if ax == 2 else f"{NS}.z{ax}"
+pos = st.session_state.setdefault(f"{NS}.pos", {})
+if zkey not in st.session_state:
+    if ax in pos:
+        st.session_state[zkey] = pos[ax]
+    else:  # the middle of the predicted mask across this plane (of the volume if empty); counted from 1
+        zs = np.nonzero(mask_c.any(axis=tuple(i for i in range(3) if i != ax)))[0]
+        st.session_state[zkey] = int(zs[len(zs) // 2]) + 1 if len(zs) else n_ax // 2 + 1
+agree = st.session_state[f"{NS}.agree"]
+if gt_c is not None and ax not in agree:
+    agree[ax] = A.slice_agreement(mask_c, gt_c, sp_c, axis=ax)
+per_slice, disagree = agree.get(ax, (None, None))
+
+
 def _step(delta: int) -> None:
-    st.session_state[f"{NS}.z"] = int(np.clip(st.session_state[f"{NS}.z"] + delta, 1, nz))
+    st.session_state[zkey] = int(np.clip(st.session_state[zkey] + delta, 1, n_ax))
 
 
 def _worst() -> None:
     # the slice with the largest area of disagreement (false positive + false negative), not the lowest
     # slice Dice: an edge slice with a few stray pixels has Dice 0 but matters little
-    st.session_state[f"{NS}.z"] = int(np.argmax(disagree)) + 1
+    st.session_state[zkey] = int(np.argmax(disagree)) + 1
 
 
 b1, b2, b3, _ = st.columns([1, 1, 2, 4])
@@ -172,7 +188,8 @@ b1.button("◀ Previous", on_click=_step, args=(-1,), key=f"{NS}.prev")
 b2.button("Next ▶", on_click=_step, args=(1,), key=f"{NS}.next")
 if disagree is not None and disagree.max() > 0:
     b3.button("Jump to largest disagreement", on_click=_worst, key=f"{NS}.worst")
-z = st.slider("Axial slice (inferior → superior, from the file's header)", 1, nz, key=f"{NS}.z") - 1
+z = st.slider(f"{plane.name.capitalize()} slice ({plane.order}, from the file's header)", 1, n_ax, key=zkey) - 1
+pos[ax] = z + 1
 
 t1, t2 = st.columns(2)
 show_pred = t1.toggle("Show predicted mask", value=True, key=f"{NS}.show_pred")
@@ -180,33 +197,38 @@ show_gt = t2.toggle("Show ground-truth mask", key=f"{NS}.show_gt", disabled=gt_c
 show_gt = show_gt and gt_c is not None
 
 win, zoom, fx, fy = display_controls(NS, data_c)
-img, entries = mask_overlay(radiological_axial(data_c[:, :, z]), radiological_axial(mask_c[:, :, z]),
-                            radiological_axial(gt_c[:, :, z]) if gt_c is not None else None, show_pred, show_gt,
+img, entries = mask_overlay(radiological_slice(data_c, plane, z), radiological_slice(mask_c, plane, z),
+                            radiological_slice(gt_c, plane, z) if gt_c is not None else None, show_pred, show_gt,
                             window=win)
 left, right = st.columns([3, 2])
 with left:
-    from core.visualize import with_orientation_markers, zoom_view
+    from core.visualize import plane_pixel_mm, square_pixels, with_orientation_markers, zoom_view
 
-    st.image(with_orientation_markers(zoom_view(img, zoom, fx, fy)), caption=f"{name} — axial slice {z + 1} of {nz}"
-             + (f", zoom {zoom:g}x" if zoom > 1 else ""), width="stretch")
+    st.image(with_orientation_markers(square_pixels(zoom_view(img, zoom, fx, fy), *plane_pixel_mm(sp_c, plane)),
+                                      plane.markers),
+             caption=f"{name} — {plane.name} slice {z + 1} of {n_ax}" + (f", zoom {zoom:g}x" if zoom > 1 else ""),
+             width="stretch")
     legend(entries)
-    st.caption("Axial slices in the radiological view: anterior at the top, the patient's right on the image's left "
-               "(R/L/A/P markers from the file's header orientation).")
+    st.caption(f"{plane.name.capitalize()} slices in the radiological view: {plane.layout} (plane and "
+               "R/L/A/P/S/I markers from the file's header orientation).")
 with right:
-    area = mask_c[:, :, z].sum() * px_cm2
-    if st.session_state.get(f"{NS}.unsure") is None:
-        # per-slice uncertain area: once per segmentation (not on every slider move), after the slice image is
-        # drawn (~40 ms over a 256x256x130 volume that need not delay it)
-        st.session_state[f"{NS}.unsure"] = A.slice_uncertainty_cm2(prob_c.astype(np.float32), sp_c)
-    unsure = st.session_state[f"{NS}.unsure"]
-    st.markdown(f"**Slice {z + 1}/{nz}**: predicted atrium area {area:.1f} cm²; uncertain area {unsure[z]:.1f} cm²")
+    other = [i for i in range(3) if i != ax]
+    area = np.take(mask_c, z, axis=ax).sum() * sp_c[other[0]] * sp_c[other[1]] / 100
+    unsure_by_plane = st.session_state.setdefault(f"{NS}.unsure", {})
+    if ax not in unsure_by_plane:
+        # per-slice uncertain area: once per segmentation and plane (not on every slider move), after the slice
+        # image is drawn (~40 ms over a 256x256x130 volume that need not delay it)
+        unsure_by_plane[ax] = A.slice_uncertainty_cm2(prob_c.astype(np.float32), sp_c, axis=ax)
+    unsure = unsure_by_plane[ax]
+    st.markdown(f"**Slice {z + 1}/{n_ax}**: predicted atrium area {area:.1f} cm²; uncertain area {unsure[z]:.1f} cm²")
     if per_slice is not None:
         d = per_slice[z]
         st.markdown(f"Slice Dice: **{d:.3f}**" if np.isfinite(d) else "Slice Dice: n/a (no atrium in either mask)")
-    if st.session_state[f"{NS}.strip"] is None:
-        st.session_state[f"{NS}.strip"] = slice_strip(unsure, per_slice)
+    strips = st.session_state[f"{NS}.strip"]
+    if ax not in strips:
+        strips[ax] = slice_strip(unsure, per_slice, xlabel=f"{plane.name} slice")
     # a still image, not an interactive chart: the browser redraws it at once on every slice change
-    st.image(st.session_state[f"{NS}.strip"].marked(z), width="stretch",
+    st.image(strips[ax].marked(z), width="stretch",
              caption=("Dice per slice and " if per_slice is not None else "") + "uncertain area per slice; the red "
              "line marks the slice shown")
 
