@@ -164,6 +164,7 @@ def test_metrics_page_each_task():
     for task in ("pneumonia", "cardiac", "atrium"):
         at.radio(key="metrics.task").set_value(task).run()
         assert not at.exception
+        assert not _internal_column_names(at), task
         assert len(at.get("plotly_chart")) >= 2
         assert len(at.dataframe) >= 1
         if task == "cardiac":
@@ -192,6 +193,18 @@ def test_metrics_page_each_task():
             from core.precision import has_amx
 
             assert f"Inference in this app: {'bfloat16' if has_amx() else 'int8'}" in _text(at)
+
+
+def _internal_column_names(at: AppTest) -> list[str]:
+    """Column and index names of the page's tables written as code (snake_case, e.g. "hd95_mm") rather than
+    words a reader knows."""
+    import re
+
+    names = []
+    for t in [*at.table, *at.dataframe]:
+        v = t.value
+        names += [str(c) for c in v.columns] + [str(v.index.name)]
+    return [n for n in names if re.fullmatch(r"[a-z0-9]+(_[a-z0-9]+)+", n)]
 
 
 def spec_kind(task: str) -> str:

@@ -27,6 +27,22 @@ def _matching_file(name: str, card: dict) -> dict | None:
     rec = _json.loads(path.read_text()) if path.is_file() else None
     return rec if rec and rec.get("weights_sha256") == card.get("weights_sha256") else None
 
+# per-volume columns as written by core.atrium, in words
+PER_VOLUME_COLUMNS = {"dice": "3D Dice", "iou": "IoU", "hd95_mm": "HD95 (mm)", "volume_ml_pred": "volume, predicted (mL)",
+                      "volume_ml_true": "volume, expert mask (mL)", "volume_error_pct": "volume error (%)",
+                      "dataset": "dataset", "views": "slice directions fused"}
+
+
+def per_volume_table(per_case: dict[str, dict]) -> pd.DataFrame:
+    """One row per atrium volume (its case id), columns named for a reader (PER_VOLUME_COLUMNS)."""
+    df = pd.DataFrame(per_case).T.rename_axis("volume")
+    if "dataset" in df:
+        df["dataset"] = df["dataset"].map(lambda d: DATASET_NAMES.get(d, d))
+    if "views" in df:  # the canonical axes read, e.g. [2, 0, 1]: how many directions were fused is what matters
+        df["views"] = df["views"].map(lambda v: len(v) if isinstance(v, (list, tuple)) else v)
+    return df.rename(columns=PER_VOLUME_COLUMNS)
+
+
 st.set_page_config(page_title="Training & metrics", page_icon="📈", layout="wide")
 st.title("Training curves and validation metrics")
 st.caption(DISCLAIMER + " All numbers are validation or cross-validation figures read from weights/*.json.")
@@ -118,7 +134,9 @@ if spec.kind == "binary":
         st.dataframe(pd.DataFrame(sv["conditions"]).T.rename_axis("condition"), key=f"{NS}.shift")
         if sv.get("by_series"):
             st.markdown("**By acquisition series** (validation images, clean): share called pneumonia")
-            st.table(pd.DataFrame(sv["by_series"]).T.rename_axis("series"))
+            st.table(pd.DataFrame(sv["by_series"]).T.rename_axis("series").rename(columns={
+                "n": "images", "mean_probability": "mean P(pneumonia) (model output, before calibration)",
+                "share_called_pneumonia": "share called pneumonia (at the threshold)", "what": "which is the"}))
     if task == "pneumonia":
         from core.pneumonia import CALIBRATION_FILE
 
@@ -255,7 +273,7 @@ else:
             st.markdown("On volumes that are not left-atrium MRI it fired on " + "; ".join(
                 f"{r['fired']} of {r['n']} {k}" for k, r in qc["foreign_inputs"].items()) + ".")
     if v.get("n") and not pooled:
-        st.dataframe(pd.DataFrame(v["per_case"]).T.rename_axis("case"), key=f"{NS}.per_case")
+        st.dataframe(per_volume_table(v["per_case"]), key=f"{NS}.per_case")
     if cv:
         whose = ("the committed model is this recipe trained on all of them" if pooled
                  else "fold 1 is the committed model; folds not listed have not been run yet")
@@ -269,7 +287,7 @@ else:
                                 "quality check fired": len(r["fired"]),
                                 "reported with Dice < 0.5": len(r["reported_below_0_5"])}
                                for k, r in cv["per_dataset"].items()]))
-        st.dataframe(pd.DataFrame(cv["per_case"]).T.rename_axis("case"), key=f"{NS}.cv_per_case")
+        st.dataframe(per_volume_table(cv["per_case"]), key=f"{NS}.cv_per_case")
     for sc in stress_checks():
         with st.expander(f"{sc['title']}: {sc['whose']}"):
             st.caption("Does the quality check keep a poor mask from being reported when the scan is unlike the "
