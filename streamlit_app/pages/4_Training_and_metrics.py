@@ -40,7 +40,9 @@ def per_volume_table(per_case: dict[str, dict]) -> pd.DataFrame:
         df["dataset"] = df["dataset"].map(lambda d: DATASET_NAMES.get(d, d))
     if "views" in df:  # the canonical axes read, e.g. [2, 0, 1]: how many directions were fused is what matters
         df["views"] = df["views"].map(lambda v: len(v) if isinstance(v, (list, tuple)) else v)
-    return df.rename(columns=PER_VOLUME_COLUMNS)
+    digits = {"dice": 3, "iou": 3, "hd95_mm": 1, "volume_ml_pred": 1, "volume_ml_true": 1, "volume_error_pct": 1}
+    return df.astype({c: float for c in digits if c in df}).round(
+        {c: d for c, d in digits.items() if c in df}).rename(columns=PER_VOLUME_COLUMNS)
 
 
 st.set_page_config(page_title="Training & metrics", page_icon="📈", layout="wide")
@@ -66,7 +68,9 @@ with c1:
     fig.add_scatter(x=hist["epoch"], y=hist["train_loss"], name="train loss")
     if validated:
         fig.add_scatter(x=hist["epoch"], y=hist["val_loss"], name="validation loss")
-    fig.add_vline(x=card["best_epoch"], line_dash="dot", annotation_text=kept)
+    fig.add_vline(x=card["best_epoch"], line_dash="dot", annotation_text=kept,
+                  # on the last epoch the label would widen the axis to twice the epochs: written to its left
+                  annotation_position="top left" if card["best_epoch"] >= hist["epoch"].max() else "top right")
     fig.update_layout(title="Loss per epoch", xaxis_title="epoch", height=340)
     st.plotly_chart(fig, key=f"{NS}.loss")
 METRIC_NAMES = {"auc": "validation ROC AUC", "dice": "validation 3D Dice",
@@ -249,7 +253,7 @@ else:
         st.markdown(f"**{v['n']} validation volumes**: mean 3D Dice **{v['dice_mean']:.3f}** (95 % CI {lo:.3f}-{hi:.3f}), "
                     f"IoU {v['iou_mean']:.3f}, HD95 {v['hd95_mm_mean']:.2f} mm, volume error {v['volume_error_pct_mean']:+.1f} %.")
         st.markdown("**Per dataset** (validation volumes; 95 % CIs of the mean by bootstrap)")
-        st.table(pd.DataFrame([{"dataset": k, "volumes": r["n"], "3D Dice": f"{r['dice_mean']:.3f} "
+        st.table(pd.DataFrame([{"dataset": DATASET_NAMES.get(k, k), "volumes": r["n"], "3D Dice": f"{r['dice_mean']:.3f} "
                                 f"({r['dice_ci95'][0]:.3f}-{r['dice_ci95'][1]:.3f})", "lowest Dice": f"{r['dice_min']:.3f}",
                                 "HD95 (mm)": f"{r['hd95_mm_mean']:.1f}",
                                 "|volume error| (%)": f"{r['abs_volume_error_pct_mean']:.1f}"}
@@ -280,7 +284,7 @@ else:
         st.markdown(f"**Cross-validation of the recipe, folds {', '.join(map(str, cv['folds']))} of "
                     f"{cv['n_folds_planned']}** ({whose}; each of these {cv['n']} volumes is scored by a model that "
                     "did not train on it, as the app runs it, with that model's own quality-check limits)")
-        st.table(pd.DataFrame([{"dataset": k, "volumes": r["n"], "3D Dice": f"{r['dice_mean']:.3f} "
+        st.table(pd.DataFrame([{"dataset": DATASET_NAMES.get(k, k), "volumes": r["n"], "3D Dice": f"{r['dice_mean']:.3f} "
                                 f"({r['dice_ci95'][0]:.3f}-{r['dice_ci95'][1]:.3f})", "lowest Dice": f"{r['dice_min']:.3f}",
                                 "HD95 (mm)": f"{r['hd95_mm_mean']:.1f}",
                                 "|volume error| (%)": f"{r['abs_volume_error_pct_mean']:.1f}",
