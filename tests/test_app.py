@@ -172,6 +172,9 @@ def test_metrics_page_each_task():
             assert "Calibration of P(disease)" in _text(at)  # weights/cardiac.calibration.json matches
             assert "a perfectly calibrated classifier with these same probabilities" in _text(at)
             assert "Features left out" in _text(at)  # those the segmentation does not reproduce
+            from core.cardiac import FEATURES
+
+            assert not [k for k in FEATURES if k in _text(at)]  # features by name, not by their keys in the card
         if task == "atrium":
             assert "Cross-validation of the recipe" in _text(at) and "Quality check" in _text(at)
             assert "Inference setting" in _text(at) and "not left-atrium MRI" in _text(at)

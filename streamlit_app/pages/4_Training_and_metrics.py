@@ -93,9 +93,12 @@ v = card["validation"]
 st.subheader("Validation metrics")
 if spec.kind == "binary":
     def rows(res: dict) -> pd.DataFrame:
-        return pd.DataFrame([{"metric": k, "value": res[k], "95% CI low": res["ci95"][k][0],
-                              "95% CI high": res["ci95"][k][1]}
-                             for k in ("accuracy", "sensitivity", "specificity", "precision", "f1", "auc")])
+        # three decimals throughout (a bare "1" beside "0.9625" reads as a different kind of number)
+        return pd.DataFrame([{"metric": name, "value": f"{res[k]:.3f}", "95% CI low": f"{res['ci95'][k][0]:.3f}",
+                              "95% CI high": f"{res['ci95'][k][1]:.3f}"}
+                             for k, name in (("accuracy", "accuracy"), ("sensitivity", "sensitivity"),
+                                             ("specificity", "specificity"), ("precision", "precision"),
+                                             ("f1", "F1"), ("auc", "ROC AUC"))])
 
     st.markdown(f"Held-out validation set: **n = {v['n']}**, decision threshold **{card['threshold']:.3f}** "
                 f"({card['threshold_rule']}).")
@@ -125,7 +128,9 @@ if spec.kind == "binary":
             "fold": "fold", "n_val": "patients", "best_epoch": "kept epoch", "val_seg_dice": "segmentation Dice",
             "val_auc": "AUC", "seconds": "training s"})
         keep = [c for c in ("fold", "patients", "kept epoch", "segmentation Dice", "AUC", "training s") if c in folds]
-        st.dataframe(folds[keep], hide_index=True, key=f"{NS}.folds")
+        st.dataframe(folds[keep], hide_index=True, key=f"{NS}.folds",
+                     column_config={c: st.column_config.NumberColumn(format=f) for c, f in
+                                    (("segmentation Dice", "%.3f"), ("AUC", "%.3f"), ("training s", "%.0f"))})
         st.caption(f"Per fold: threshold-free figures. Accuracy, sensitivity and specificity at the app's threshold "
                    f"({card['threshold']:.1%}) are in the pooled table above.")
     sv = card.get("shift_validation")
@@ -172,7 +177,13 @@ if spec.kind == "binary":
                    "the training images; a later test split of the same hospital (measured by the maintainers on the "
                    "previous model) scored well below its validation figure, and adults are outside the population.")
     if task == "cardiac":
-        from core.cardiac import GROUPS, load_diagnosis
+        import re
+
+        from core.cardiac import FEATURES, GROUPS, load_diagnosis
+
+        def in_words(text: str) -> str:
+            """The card's feature keys (e.g. thick_cv_es) in ``text`` replaced by their names."""
+            return re.sub(r"\b[a-z]+(?:_[a-z]+)+\b", lambda m: FEATURES.get(m.group(0), m.group(0)), text)
 
         dg = load_diagnosis()
         if dg:
@@ -197,11 +208,11 @@ if spec.kind == "binary":
             fr = dg.get("feature_reproducibility")
             if fr and fr["left_out"]:
                 st.markdown(f"**Features left out** ({fr['what']}): " + ", ".join(
-                    f"{k} (r = {fr['pearson_r'][k]:.2f})" for k in fr["left_out"]) + f"; {len(fr['used'])} used.")
+                    f"{FEATURES.get(k, k)} (r = {fr['pearson_r'][k]:.2f})" for k in fr["left_out"]) + f"; {len(fr['used'])} used.")
             s2 = dg["cross_validation"].get("second_stage")
             if s2:
                 one, two = s2["one_stage_calibrated"], s2["two_stages_calibrated"]
-                st.markdown(f"**Second stage, DCM vs MINF** ({s2['what']}): cross-validated log-loss "
+                st.markdown(f"**Second stage, DCM vs MINF** ({in_words(s2['what'])}): cross-validated log-loss "
                             f"{s2['log_loss_one_stage']:.3f} with one stage, {s2['log_loss_two_stages']:.3f} with two "
                             f"(accuracy {one['accuracy']:.3f} / {two['accuracy']:.3f}; ECE {one['ece']:.3f} / "
                             f"{two['ece']:.3f}): **{'kept' if s2['kept'] else 'not kept'}**.")
