@@ -317,7 +317,8 @@ def atrium_report(result, canonical: np.ndarray, mask_c: np.ndarray, case_name: 
         img, _ = mask_overlay(radiological_axial(canonical[:, :, z]), radiological_axial(mask_c[:, :, z]),
                               radiological_axial(truth_c[:, :, z]) if truth_c is not None else None, True,
                               truth_c is not None)
-        images.append(ReportImage(f"Axial slice {z + 1} of {canonical.shape[2]} (radiological view): predicted mask"
+        images.append(ReportImage(f"Axial slice {z + 1} of {canonical.shape[2]} (radiological view; plane and "
+                                  "markers from the file's header): predicted mask"
                                   + (" and given mask" if truth_c is not None else ""), with_orientation_markers(img)))
     notes = ["The quality check withholds the volume when the mask is implausible (size, fragments, field of view) "
              "or the model is unsure; its limits come from the training volumes."]
