@@ -2,7 +2,7 @@
 
     python -m core.predict --task pneumonia INPUTS... --csv OUT.csv [--reports DIR]
     python -m core.predict --task cardiac   INPUTS... --csv OUT.csv [--reports DIR]
-    python -m core.predict --task atrium    INPUTS... --csv OUT.csv [--reports DIR] [--masks DIR]
+    python -m core.predict --task atrium    INPUTS... --csv OUT.csv [--reports DIR] [--masks DIR] [--truth DIR]
 
 INPUTS are files or folders (searched recursively):
 - pneumonia: PNG, JPEG or DICOM radiographs (DICOM files may have no extension);
@@ -10,6 +10,9 @@ INPUTS are files or folders (searched recursively):
   patient folders (Info.cfg naming the ED and ES frames, with patientNNN_frameXX.nii.gz beside it);
 - atrium: 3D NIfTI volumes (files ending _gt, _seg or _mask are taken for masks and skipped);
 - cardiac and atrium: a DICOM series as one .zip of its files (cardiac: the cine series).
+Atrium with --truth DIR: each volume is compared with its reference mask in DIR, found by the volume's name
+(CASE.nii.gz, or CASE_gt / _seg / _mask / _label .nii[.gz]; under the same subfolder first): Dice, IoU, HD95 and
+the volume error join its row and report, whether or not the quality check passed.
 A case that cannot be read or analysed gets a row with status "error" and the reason; the run goes on.
 Exit status 0 when every case got a result (a withheld diagnosis counts), 1 when any case failed.
 """
@@ -35,6 +38,8 @@ COLUMNS = {
                 "p_NOR", "p_DCM", "p_HCM", "p_MINF", "p_RV"],
     "atrium": ["volume_ml", "quality_passed", "quality_reasons", "mask"],
 }
+# with --truth: the agreement with each volume's reference mask
+TRUTH_COLUMNS = ["truth", "dice", "iou", "hd95_mm", "volume_ml_predicted", "volume_ml_truth", "volume_error_pct"]
 COMMON = ["case", "input", "status", "finding", "message", "report"]
 
 
@@ -106,6 +111,21 @@ def find_cases(task: str, inputs: list[Path]) -> Iterator[Case]:
             for p in files:
                 if (_is_nifti(p) or p.suffix.lower() == ".zip") and p.parent not in acdc_dirs and "_gt" not in p.name:
                     yield Case(str(p.relative_to(inp).parent / _nifti_stem(p)).removeprefix("./"), (p,), "cine")
+
+
+def find_truth(case: Case, truth_dir: Path) -> Path | None:
+    """The reference mask of an atrium ``case`` in ``truth_dir``: CASE or CASE + one of MASK_MARKERS, as .nii.gz
+    or .nii, looked for under the case's own subfolder first, then at the top of ``truth_dir``; never the input
+    itself (masks may lie beside the volumes). None if there is none."""
+    rel = Path(case.name)
+    inputs = {q.resolve() for q in case.paths}
+    for folder in dict.fromkeys([truth_dir / rel.parent, truth_dir]):
+        for marker in ("", *MASK_MARKERS):
+            for ext in NIFTI_SUFFIXES[::-1]:  # .nii.gz first
+                cand = folder / f"{rel.name}{marker}{ext}"
+                if cand.is_file() and cand.resolve() not in inputs:
+                    return cand
+    return None
 
 
 def _read(p: Path) -> bytes:
@@ -186,10 +206,14 @@ def analyse_cine(lm, cine, name: str, report: bool = True) -> Analysis:
     return out
 
 
-def analyse_atrium(lm, vol, name: str, report: bool = True) -> Analysis:
-    """A 3D volume (``core.io.Volume``) -> left-atrium mask on its grid, volume, quality verdict, report."""
+def analyse_atrium(lm, vol, name: str, report: bool = True, truth=None) -> Analysis:
+    """A 3D volume (``core.io.Volume``) -> left-atrium mask on its grid, volume, quality verdict, report; with
+    ``truth`` (a reference mask (X, Y, Z) on the volume's grid) also Dice, IoU, HD95 and the volume error."""
+    import numpy as np
+
     from core import atrium as A
     from core import case_report as R
+    from core import metrics as M
     from core.atrium import segment_atrium
 
     res = segment_atrium(lm, vol)
@@ -198,20 +222,29 @@ def analyse_atrium(lm, vol, name: str, report: bool = True) -> Analysis:
            "finding": f"left atrium {res.volume_ml:.1f} mL" if passed else "no reliable segmentation",
            "volume_ml": _fmt(res.volume_ml, 2) if passed else "", "quality_passed": str(passed),
            "quality_reasons": "; ".join(getattr(res.quality, "reasons", []) or [])}
+    mets = None
+    if truth is not None:
+        mets = M.segmentation_metrics(res.mask, truth, vol.spacing)
+        row.update(dice=_fmt(mets["dice"]), iou=_fmt(mets["iou"]),
+                   hd95_mm=_fmt(mets["hd95_mm"], 2) if np.isfinite(mets["hd95_mm"]) else "",
+                   volume_ml_predicted=_fmt(mets["volume_ml_pred"], 2), volume_ml_truth=_fmt(mets["volume_ml_true"], 2),
+                   volume_error_pct=_fmt(mets["volume_error_pct"], 2) if np.isfinite(mets["volume_error_pct"]) else "")
     rep = None
     if report:
         data_c, _, _ = A.to_canonical(vol.data, vol.affine, vol.spacing)
         mask_c = A.to_canonical(res.mask, vol.affine, vol.spacing)[0]
-        rep = R.atrium_report(res, data_c, mask_c, name)
+        truth_c = A.to_canonical(truth, vol.affine, vol.spacing)[0] if truth is not None else None
+        rep = R.atrium_report(res, data_c, mask_c, name, mets, truth_c)
     return Analysis(row, rep, res.mask)
 
 
-def run_case(task: str, lm, case: Case, reports: Path | None, masks: Path | None) -> dict[str, str]:
-    """One CSV row for one case (its report and mask written when asked); raises MedImgError for what the
-    user must fix."""
+def run_case(task: str, lm, case: Case, reports: Path | None, masks: Path | None,
+             truth_dir: Path | None = None) -> dict[str, str]:
+    """One CSV row for one case (its report and mask written when asked; atrium: compared with its reference
+    mask in ``truth_dir`` when one is there, see ``find_truth``); raises MedImgError for what the user must fix."""
     from core import case_report as R
     from core.dicom_series import read_cine_any, read_volume_any
-    from core.io import nifti_to_bytes, read_image_2d, read_image_volume
+    from core.io import nifti_to_bytes, read_image_2d, read_image_volume, read_mask
 
     want = reports is not None
     if task == "pneumonia":
@@ -224,7 +257,21 @@ def run_case(task: str, lm, case: Case, reports: Path | None, masks: Path | None
         out = analyse_cine(lm, read_cine_any(_read(case.paths[0]), case.paths[0].name), case.name, want)
     else:
         vol = read_volume_any(_read(case.paths[0]), case.paths[0].name)
-        out = analyse_atrium(lm, vol, case.name, want)
+        truth, note = None, ""
+        if truth_dir is not None:
+            tp = find_truth(case, truth_dir)
+            if tp is None:
+                note = f"no reference mask for it in {truth_dir}"
+            else:
+                try:  # a reference that does not fit is said in the row; the segmentation still counts
+                    truth = read_mask(_read(tp), vol, tp.name)
+                except MedImgError as e:
+                    note = f"reference mask {tp.name} not used: {e}"
+        out = analyse_atrium(lm, vol, case.name, want, truth)
+        if truth_dir is not None:
+            out.row["truth"] = str(tp) if truth is not None else ""
+            if note:
+                out.row["message"] = note
         if masks is not None:
             path = masks / f"{R.safe_file_name(case.name.replace('/', '_'))}_left_atrium_mask.nii.gz"
             path.write_bytes(nifti_to_bytes(out.mask, vol.affine))
@@ -245,13 +292,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--csv", required=True, type=Path, help="where to write a row per case")
     ap.add_argument("--reports", type=Path, default=None, help="folder for a PDF report per case")
     ap.add_argument("--masks", type=Path, default=None, help="atrium: folder for the predicted masks (NIfTI)")
+    ap.add_argument("--truth", type=Path, default=None,
+                    help="atrium: folder of reference masks, matched by name (see above); adds Dice, HD95, ...")
     ap.add_argument("--weights", type=Path, default=None, help="weights folder (default ./weights)")
     args = ap.parse_args(argv)
     from core.precision import flush_subnormals
 
     flush_subnormals()  # before the first torch operation (see there)
-    if args.masks is not None and args.task != "atrium":
-        ap.error("--masks applies to --task atrium only")
+    for opt in ("masks", "truth"):
+        if getattr(args, opt) is not None and args.task != "atrium":
+            ap.error(f"--{opt} applies to --task atrium only")
+    if args.truth is not None and not args.truth.is_dir():
+        ap.error(f"--truth {args.truth}: no such folder")
     for d in (args.reports, args.masks):
         if d is not None:
             d.mkdir(parents=True, exist_ok=True)
@@ -272,11 +324,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     failed = 0
     with args.csv.open("w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=COMMON + COLUMNS[args.task], extrasaction="ignore")
+        w = csv.DictWriter(fh, fieldnames=COMMON + COLUMNS[args.task] + (TRUTH_COLUMNS if args.truth else []),
+                           extrasaction="ignore")
         w.writeheader()
         for case in tqdm(cases, desc=args.task, unit="case", file=sys.stderr):
             try:
-                row = run_case(args.task, lm, case, args.reports, args.masks)
+                row = run_case(args.task, lm, case, args.reports, args.masks, args.truth)
             except MedImgError as e:
                 row = {"case": case.name, "input": ";".join(map(str, case.paths)), "status": "error",
                        "message": str(e)}

@@ -99,8 +99,9 @@ def test_atrium_batch_writes_masks_on_the_input_grid(tmp_path, lge_root):
     img = sorted((lge_root / "LA2018" / "imagesTr").glob("*.nii.gz"))[0]
     noise = tmp_path / "noise.nii.gz"
     nib.save(nib.Nifti1Image(np.random.default_rng(0).random((64, 64, 24)).astype(np.float32), np.eye(4)), noise)
+    labels = lge_root / "LA2018" / "labelsTr"
     rc, rows = _run("--task", "atrium", str(img), str(noise), "--csv", str(tmp_path / "a.csv"),
-                    "--masks", str(tmp_path / "m"))
+                    "--masks", str(tmp_path / "m"), "--truth", str(labels))
     by = {r["case"]: r for r in rows}
     assert rc == 0 and set(by) == {img.name[:-7], "noise"}
     r = by[img.name[:-7]]
@@ -108,3 +109,29 @@ def test_atrium_batch_writes_masks_on_the_input_grid(tmp_path, lge_root):
     m = nib.load(r["mask"])
     assert m.shape == nib.load(img).shape and np.allclose(m.affine, nib.load(img).affine)
     assert by["noise"]["status"] == "withheld" and by["noise"]["volume_ml"] == "" and by["noise"]["quality_reasons"]
+    # --truth: the reference found by the volume's name, and the row's figures are those of the written mask
+    from core import metrics as M
+
+    assert r["truth"] == str(labels / img.name)
+    gt = nib.load(labels / img.name).get_fdata() > 0.5
+    assert float(r["dice"]) == pytest.approx(M.dice(np.asarray(m.dataobj) > 0, gt), abs=1e-4) and float(r["dice"]) > 0.7
+    assert float(r["volume_ml_truth"]) == pytest.approx(gt.sum() * np.prod(nib.load(img).header.get_zooms()) / 1000,
+                                                        abs=0.01)
+    assert by["noise"]["truth"] == "" and "no reference mask" in by["noise"]["message"]
+
+
+def test_find_truth_matches_by_name_never_the_input_itself(tmp_path):
+    from core.predict import find_truth
+
+    for n in ("vols/sub/a.nii.gz", "vols/b.nii.gz", "vols/b_gt.nii.gz", "ref/sub/a_mask.nii", "ref/a.nii.gz",
+              "ref/c_label.nii.gz", "ref/c_seg.nii.gz"):
+        (tmp_path / n).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / n).write_bytes(b"x")
+    ref, vols = tmp_path / "ref", tmp_path / "vols"
+    # the case's own subfolder first, then the top of the folder
+    assert find_truth(Case("sub/a", (vols / "sub" / "a.nii.gz",), "file"), ref) == ref / "sub" / "a_mask.nii"
+    assert find_truth(Case("a", (vols / "a.nii.gz",), "file"), ref) == ref / "a.nii.gz"
+    assert find_truth(Case("c", (vols / "c.nii.gz",), "file"), ref) == ref / "c_seg.nii.gz"  # _seg before _label
+    # masks beside the volumes: the volume itself is not its own reference
+    assert find_truth(Case("b", (vols / "b.nii.gz",), "file"), vols) == vols / "b_gt.nii.gz"
+    assert find_truth(Case("d", (vols / "d.nii.gz",), "file"), ref) is None
