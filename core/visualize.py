@@ -12,6 +12,7 @@ FALSE_POS = (230, 40, 40)  # predicted only
 FALSE_NEG = (40, 120, 255)  # true only
 PRED_ONLY_VIEW = (255, 200, 0)  # prediction when the truth is hidden
 TRUTH_ONLY_VIEW = (40, 120, 255)
+UNSURE = (255, 0, 255)  # where the model is unsure: hatched over whatever lies beneath
 
 
 @dataclass(frozen=True)
@@ -183,9 +184,13 @@ def heatmap_overlay(gray: np.ndarray, heat: np.ndarray, alpha: float = 0.4, wind
 
 
 def mask_overlay(gray: np.ndarray, pred: np.ndarray | None, truth: np.ndarray | None, show_pred: bool = True,
-                 show_truth: bool = True, alpha: float = 0.45, window: Window | None = None
+                 show_truth: bool = True, alpha: float = 0.45, window: Window | None = None,
+                 unsure: np.ndarray | None = None, unsure_label: str = "model unsure (hatched)"
                  ) -> tuple[np.ndarray, list[tuple[str, tuple]]]:
-    """Colour a slice by agreement of prediction and truth. Returns (RGB uint8, legend entries)."""
+    """Colour a slice by agreement of prediction and truth. Returns (RGB uint8, legend entries).
+
+    ``unsure`` (H, W) bool, if given: where the model is unsure, hatched (every other pixel, in a checkerboard)
+    in UNSURE over the colours beneath, so that both stay visible."""
     out = grey_rgb(gray, window).astype(np.float32)
     p = pred.astype(bool) if (pred is not None and show_pred) else None
     t = truth.astype(bool) if (truth is not None and show_truth) else None
@@ -199,7 +204,14 @@ def mask_overlay(gray: np.ndarray, pred: np.ndarray | None, truth: np.ndarray | 
         layers = [(t, TRUTH_ONLY_VIEW, "true atrium (ground truth)")]
     for m, colour, _ in layers:
         out[m] = out[m] * (1 - alpha) + np.array(colour, np.float32) * alpha
-    return out.clip(0, 255).astype(np.uint8), [(name, colour) for _, colour, name in layers]
+    entries = [(name, colour) for _, colour, name in layers]
+    if unsure is not None:
+        if unsure.shape != out.shape[:2]:
+            raise ValueError(f"image {out.shape[:2]} and uncertainty map {unsure.shape} differ in shape")
+        yy, xx = np.indices(unsure.shape)
+        out[unsure.astype(bool) & ((yy + xx) % 2 == 0)] = UNSURE
+        entries.append((unsure_label, UNSURE))
+    return out.clip(0, 255).astype(np.uint8), entries
 
 
 # ACDC structures, coloured by hue: right ventricle, myocardium, left-ventricle cavity.

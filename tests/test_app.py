@@ -129,6 +129,9 @@ def test_atrium_sample_segmentation_and_slider(heart_root):
     assert at.slider(key="atr.z0").value == z0 + 1 and "Slice Dice" in _text(at)
     at.radio(key="atr.plane").set_value("axial").run()
     assert at.slider(key="atr.z").value == z_axial
+    assert "model unsure" not in _text(at)
+    at.toggle(key="atr.show_unsure").set_value(True).run()
+    assert not at.exception and "model unsure (probability 0.2-0.8), hatched" in _text(at)
 
 
 def _image_bytes(at: AppTest) -> list[str]:

@@ -310,6 +310,26 @@ def test_planes_show_each_slice_as_a_radiologist_reads_it():
     assert plane_pixel_mm(sp, PLANES["sagittal"]) == (3.0, 2.0)
 
 
+def test_mask_overlay_colours_agreement_and_hatches_where_unsure():
+    from core.visualize import AGREE, FALSE_NEG, FALSE_POS, UNSURE, Window, mask_overlay
+
+    gray = np.zeros((4, 4))
+    pred, truth = np.zeros((4, 4), bool), np.zeros((4, 4), bool)
+    pred[0, :2] = truth[0, 1:3] = True  # (0, 0) predicted only, (0, 1) both, (0, 2) true only
+    img, entries = mask_overlay(gray, pred, truth, alpha=1.0, window=Window(0.5, 1.0))
+    assert img[0, 0].tolist() == list(FALSE_POS) and img[0, 1].tolist() == list(AGREE)
+    assert img[0, 2].tolist() == list(FALSE_NEG) and img[0, 3].tolist() == [0, 0, 0]
+    assert [c for _, c in entries] == [AGREE, FALSE_POS, FALSE_NEG]
+    unsure = np.zeros((4, 4), bool)
+    unsure[2, :] = True  # a row where the model is unsure: every other pixel hatched, the others kept
+    img2, entries2 = mask_overlay(gray, pred, truth, alpha=1.0, window=Window(0.5, 1.0), unsure=unsure,
+                                  unsure_label="unsure")
+    assert [img2[2, x].tolist() for x in range(4)] == [list(UNSURE), [0, 0, 0], list(UNSURE), [0, 0, 0]]
+    assert np.array_equal(img2[:2], img[:2]) and entries2[-1] == ("unsure", UNSURE)
+    with pytest.raises(ValueError):
+        mask_overlay(gray, pred, truth, unsure=np.zeros((3, 3), bool))
+
+
 def test_square_pixels_stretches_thick_slices_to_true_shape():
     from core.visualize import square_pixels
 

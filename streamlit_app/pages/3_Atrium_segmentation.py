@@ -191,15 +191,21 @@ if disagree is not None and disagree.max() > 0:
 z = st.slider(f"{plane.name.capitalize()} slice ({plane.order}, from the file's header)", 1, n_ax, key=zkey) - 1
 pos[ax] = z + 1
 
-t1, t2 = st.columns(2)
+t1, t2, t3 = st.columns(3)
 show_pred = t1.toggle("Show predicted mask", value=True, key=f"{NS}.show_pred")
 show_gt = t2.toggle("Show ground-truth mask", key=f"{NS}.show_gt", disabled=gt_c is None)  # set with the mask
 show_gt = show_gt and gt_c is not None
+lo, hi = A.UNCERTAIN_BAND
+show_unsure = t3.toggle("Show where the model is unsure", value=False, key=f"{NS}.show_unsure",
+                        help=f"Hatched where the model's probability is between {lo:g} and {hi:g}: the pixels the "
+                             "uncertain area per slice counts.")
 
 win, zoom, fx, fy = display_controls(NS, data_c)
+p_slice = radiological_slice(prob_c, plane, z).astype(np.float32) if show_unsure else None
 img, entries = mask_overlay(radiological_slice(data_c, plane, z), radiological_slice(mask_c, plane, z),
                             radiological_slice(gt_c, plane, z) if gt_c is not None else None, show_pred, show_gt,
-                            window=win)
+                            window=win, unsure=None if p_slice is None else (p_slice > lo) & (p_slice < hi),
+                            unsure_label=f"model unsure (probability {lo:g}-{hi:g}), hatched")
 left, right = st.columns([3, 2])
 with left:
     from core.visualize import plane_pixel_mm, square_pixels, with_orientation_markers, zoom_view
