@@ -56,9 +56,9 @@ def safe_file_name(text: str) -> str:
 
 def case_stem(name: str) -> str:
     """A file-name stem for what is written about a case: the input's name without folders, the "sample "
-    prefix or NIfTI/DICOM/image extensions."""
+    prefix or NIfTI/DICOM/image/zip extensions."""
     stem = name.removeprefix("sample ").replace("\\", "/").split("/")[-1]
-    for ext in (".nii.gz", ".nii", ".gz", ".dcm", ".dicom", ".png", ".jpg", ".jpeg"):
+    for ext in (".nii.gz", ".nii", ".gz", ".zip", ".dcm", ".dicom", ".png", ".jpg", ".jpeg"):
         if stem.lower().endswith(ext):
             stem = stem[: -len(ext)]
             break

@@ -338,6 +338,26 @@ def atrium_segmentation(source: list, mask: np.ndarray, card: dict):
     return seg
 
 
+def segmentation_file(series_zip: bytes, mask: np.ndarray, card: dict) -> bytes:
+    """The left-atrium ``mask`` (X, Y, Z) of the DICOM series in ``series_zip`` (as the pages read it, one .zip
+    of its files) as a DICOM Segmentation file (Part-10 bytes), built in memory; InvalidInputError, in words,
+    when the series lacks what a Segmentation must copy from it (patient, study, frame of reference)."""
+    import re
+
+    from core.dicom_series import datasets_from_zip
+
+    dss = datasets_from_zip(series_zip)
+    try:
+        seg = atrium_segmentation(dss, mask, card)
+    except AttributeError as e:  # pydicom: "'Dataset' object has no attribute 'PatientID'"
+        m = re.search(r"attribute '(\w+)'", str(e))
+        raise InvalidInputError("A DICOM Segmentation copies the patient and the study from its series, and this "
+                                f"series has no {m.group(1) if m else 'patient or study identifier'}.") from None
+    except ValueError as e:  # highdicom: e.g. no frame of reference
+        raise InvalidInputError(f"A DICOM Segmentation cannot be made from this series: {e}") from None
+    return dataset_bytes(seg)
+
+
 def mask_from_segmentation(seg, source: list) -> np.ndarray:
     """Read a binary Segmentation back onto the grid of ``source`` -> (X, Y, Z) uint8 (the inverse of
     ``atrium_segmentation``), frames matched to source slices by their SOP instance UID."""

@@ -132,3 +132,12 @@ def test_atrium_report_withholds_the_volume_when_the_check_fails(tmp_path):
     txt = _text(render_pdf(atrium_report(bad, vol, mask, "x.nii"), card))
     assert "No reliable segmentation was found" in txt and "volume 2 mL outside 10-250 mL" in txt
     assert "withheld" in txt
+
+
+def test_case_stem_names_files_after_the_input():
+    from core.case_report import case_stem
+
+    assert case_stem("sample MSD la_021 (bSSFP)") == case_stem("MSD la_021 (bSSFP)")
+    assert case_stem("scans/la_021.nii.gz") == "la_021"
+    assert case_stem("series 7.zip") == case_stem("series 7")  # a DICOM series uploaded as a zip
+    assert case_stem("IM0001.dcm") == "IM0001"

@@ -268,6 +268,47 @@ def test_atrium_upload_and_slider(server, browser, heart_root, tmp_path):
     page.close()
 
 
+def test_atrium_dicom_series_in_dicom_segmentation_out(server, browser, lge_root, tmp_path):
+    """A DICOM series uploaded as a zip is segmented, and its mask comes back as a DICOM Segmentation of that
+    series (what a PACS viewer overlays), made on request in memory."""
+    import io
+    import zipfile
+
+    import nibabel as nib
+    import numpy as np
+    import pydicom
+    from _dicom_build import mr_slices
+
+    from core import pacs as P
+
+    img = sorted((lge_root / "LA2018" / "imagesTr").glob("*.nii.gz"))[0]
+    src = nib.load(img)
+    # z-scores as integers of a DICOM series: x100 keeps two decimals
+    dss = mr_slices(np.asarray(src.dataobj, dtype=np.float32) * 100, src.affine, "1.2.826.0.1.3680043.8.498.31")
+    zpath = tmp_path / "lge_series.zip"
+    with zipfile.ZipFile(zpath, "w") as z:
+        for i, ds in enumerate(dss):
+            z.writestr(f"IM{i:04d}.dcm", P.dataset_bytes(ds))
+    page = _page(browser, f"{server['url']}/Atrium_segmentation")
+    page.locator("input[type=file]").first.set_input_files(str(zpath))
+    wait_text(page, "quality check passed", "No reliable segmentation was found")
+    _wait_idle(page)
+    assert "quality check passed" in page.inner_text("body"), page.inner_text("body")[:2000]
+    page.get_by_role("button", name="Make a DICOM Segmentation of the mask (for a PACS viewer)").click()
+    wait_text(page, "Download the DICOM Segmentation (.dcm)", "could not be made")
+    _wait_idle(page)
+    with page.expect_download() as dl:
+        page.get_by_role("button", name="Download the DICOM Segmentation (.dcm)").click()
+    assert dl.value.suggested_filename == "lge_series_left_atrium_seg.dcm"
+    seg = pydicom.dcmread(io.BytesIO(Path(dl.value.path()).read_bytes()))
+    assert seg.Modality == "SEG" and seg.SegmentSequence[0].SegmentLabel == "Left atrium"
+    assert seg.StudyInstanceUID == dss[0].StudyInstanceUID and int(seg.NumberOfFrames) == len(dss)
+    mask = P.mask_from_segmentation(seg, dss)
+    assert 10_000 < mask.sum() * np.prod(src.header.get_zooms()) < 250_000  # a left atrium: 10-250 mL
+    assert "Traceback" not in page.inner_text("body")
+    page.close()
+
+
 def test_metrics_page(server, browser):
     page = _page(browser, f"{server['url']}/Training_and_metrics")
     page.get_by_text("Training curves").first.wait_for()

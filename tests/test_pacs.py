@@ -61,6 +61,47 @@ def test_module_chosen_from_the_series():
         P.task_for([])
 
 
+def _zip(dss: list) -> bytes:
+    import io
+    import zipfile
+
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        for i, ds in enumerate(dss):
+            z.writestr(f"IM{i:04d}.dcm", P.dataset_bytes(ds))
+    return buf.getvalue()
+
+
+def test_segmentation_file_from_an_uploaded_series_zip():
+    """The atrium page's DICOM Segmentation download: a zipped series and a mask on its grid -> one SEG file
+    whose frames give the mask back; a series without what a Segmentation copies gets a message in words."""
+    import io
+
+    import pydicom
+
+    from core.dicom_series import read_volume_any
+
+    vol = np.random.default_rng(2).random((32, 24, 6)) * 100
+    dss = mr_slices(vol, np.diag([1.5, 1.5, 3.0, 1.0]))
+    zb = _zip(dss)
+    v = read_volume_any(zb, "series.zip")  # the grid the page segments on
+    mask = np.zeros(v.data.shape, np.uint8)
+    mask[5:15, 4:12, 2:4] = 1
+    seg = pydicom.dcmread(io.BytesIO(P.segmentation_file(zb, mask, {"weights_sha256": "ab" * 32})))
+    assert seg.Modality == "SEG" and seg.SegmentSequence[0].SegmentLabel == "Left atrium"
+    assert seg.StudyInstanceUID == dss[0].StudyInstanceUID and int(seg.NumberOfFrames) == 6
+    assert np.array_equal(P.mask_from_segmentation(seg, dss), mask > 0)
+    for d in dss:
+        del d.PatientID
+    with pytest.raises(InvalidInputError, match="this series has no PatientID"):
+        P.segmentation_file(_zip(dss), mask, {})
+    dss = mr_slices(vol, np.diag([1.5, 1.5, 3.0, 1.0]))
+    for d in dss:
+        del d.FrameOfReferenceUID
+    with pytest.raises(InvalidInputError, match="Frame Of Reference"):
+        P.segmentation_file(_zip(dss), mask, {})
+
+
 def test_series_stored_twice_is_refused():
     from core.dicom_series import series_cine
 
