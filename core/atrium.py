@@ -122,6 +122,16 @@ def resolve_views(views: tuple[int, ...], shape: tuple[int, ...], spacing: tuple
     return (k,)
 
 
+def views_in_words(views: tuple[int, ...]) -> str:
+    """What ``resolve_views`` does with ``views``, for a card or a page."""
+    views = tuple(int(v) for v in views)
+    if views == (2,):
+        return ("slices across each volume's thinnest direction (along all three directions, fused, when it is "
+                f"at least {FUSE_MIN_EXTENT_MM / 10:g} cm wide in every direction)")
+    names = {0: "sagittal", 1: "coronal", 2: "axial"}
+    return "slices along " + ", ".join(names.get(v, str(v)) for v in views) + (", fused" if len(views) > 1 else "")
+
+
 def view(arr: np.ndarray, axis: int) -> np.ndarray:
     """The array with ``axis`` moved last (slices along it), a view without copying."""
     return np.moveaxis(arr, axis, 2)
@@ -1038,7 +1048,8 @@ def apply_inference_choice(card: dict, model: nn.Module, vols: list[CanonicalCas
         "per_case": per_case,
     })
     card["quality_check"] = quality_check_record(train_quality, val_quality,
-                                                 f"views {list(views)}, {flips} flip(s), threshold {thr:g}")
+                                                 f"{views_in_words(views)}, {flips} in-plane flip(s) on a single view, "
+                                                 f"threshold {thr:g}")
     return card
 
 
@@ -1483,7 +1494,7 @@ def finish_card(wdir=None, root=None, smoke: bool = False) -> dict:
     bf16 = native_bf16(cpu)
     fit_cases, train_quality = score_cases(lm.model, vols, list(range(len(vols))), views, lm.grid_mm, cpu, flips,
                                            lm.threshold, bf16)
-    setting = f"views {list(views)}, {flips} flip(s), threshold {lm.threshold:g}"
+    setting = f"{views_in_words(views)}, {flips} in-plane flip(s) on a single view, threshold {lm.threshold:g}"
     qc = quality_check_record(train_quality, {}, setting)
     card["training_fit"] = {"what": "this model on its own training volumes (all of them): how well it fits, not "
                                     "how it does on new data", "per_dataset": summarise(fit_cases),

@@ -723,3 +723,9 @@ def test_the_all_volume_model_is_trained_with_the_cross_validated_recipe(tmp_pat
     with pytest.raises(MedImgError, match="epochs: 64 there, 48 now"):
         A.train_atrium(tmp_path / "no-data-here", task_config("atrium", epochs=48), torch.device("cpu"),
                        out_dir=tmp_path)
+
+
+def test_views_in_words():
+    assert "thinnest direction" in A.views_in_words((2,)) and "12 cm" in A.views_in_words((2,))
+    assert A.views_in_words((2, 0, 1)) == "slices along axial, sagittal, coronal, fused"
+    assert A.views_in_words((1,)) == "slices along coronal"
