@@ -272,8 +272,12 @@ else:
     else:
         st.warning("No figures for these weights: they were trained on every volume without a cross-validation "
                    "record beside them.")
-    st.markdown(f"**Inference setting**: {card['input_spec'].get('tta_flips', 1)} in-plane flip(s) averaged, mask "
-                f"threshold {card.get('threshold', 0.5):g} ({card.get('threshold_rule', '')}).")
+    from core.atrium import views_in_words
+
+    # the flips apply to a single view only: fused views take one pass each (core.atrium.segment_canonical)
+    st.markdown(f"**Inference setting**: {views_in_words(tuple(card['input_spec'].get('views', [2])))}; on a single "
+                f"view {card['input_spec'].get('tta_flips', 1)} in-plane flip(s) averaged, fused views one pass each; "
+                f"mask threshold {card.get('threshold', 0.5):g} ({card.get('threshold_rule', '')}).")
     if v.get("inference_choice"):
         with st.expander("Settings compared"):
             st.dataframe(pd.DataFrame(v["inference_choice"]).rename(columns={
