@@ -30,10 +30,10 @@ for task, page, title, desc in MODULES:
         st.subheader(title)
         st.write(desc)
         st.caption(figure_line(task))
-        st.page_link(page, label=f"Open {title}", icon="➡️")
+        st.page_link(page, label=f"Open {title}", icon=":material/arrow_forward:")
 
-st.page_link("pages/4_Training_and_metrics.py", label="Training curves and metric tables", icon="📈")
-st.page_link("pages/5_PACS.py", label="Open a study from a PACS (DICOMweb) and send the result back", icon="🗄️")
+st.page_link("pages/4_Training_and_metrics.py", label="Training curves and metric tables", icon=":material/monitoring:")
+st.page_link("pages/5_PACS.py", label="Open a study from a PACS (DICOMweb) and send the result back", icon=":material/lan:")
 
 st.subheader("Where the models and data came from")
 st.markdown(

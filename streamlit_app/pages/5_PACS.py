@@ -88,7 +88,7 @@ st.subheader(f"{TASKS[res.task].title}: {case_name}")
 status = an.row.get("status")
 headline = an.report.headline if an.report is not None else an.row.get("finding", "")
 if status == "ok":
-    st.info(headline, icon="🩺")
+    st.info(headline, icon=":material/stethoscope:")
 else:
     st.warning(headline + (f" {an.row['message']}" if an.row.get("message") and an.row["message"] not in headline
                            else ""), icon="⚠️")
