@@ -290,10 +290,13 @@ def cardiac_report(result, case_name: str, diagnosis_model: dict | None = None) 
 
 
 def atrium_report(result, canonical: np.ndarray, mask_c: np.ndarray, case_name: str,
-                  metrics: dict | None = None, truth_c: np.ndarray | None = None) -> CaseReport:
+                  metrics: dict | None = None, truth_c: np.ndarray | None = None,
+                  spacing_c: tuple[float, float, float] | None = None) -> CaseReport:
     """Report of a left-atrium segmentation (``core.atrium.AtriumResult``); ``canonical``/``mask_c``/``truth_c``
-    are the volume and masks in the canonical (RAS) orientation, (X, Y, Z)."""
-    from core.visualize import mask_overlay, radiological_axial, with_orientation_markers
+    are the volume and masks in the canonical (RAS) orientation, (X, Y, Z), and ``spacing_c`` its voxel size
+    (mm; the coronal and sagittal pictures get square pixels with it)."""
+    from core.visualize import (PLANES, mask_overlay, plane_pixel_mm, radiological_axial, radiological_slice,
+                                square_pixels, with_orientation_markers)
 
     q = result.quality
     if result.reliable:
@@ -320,6 +323,19 @@ def atrium_report(result, canonical: np.ndarray, mask_c: np.ndarray, case_name: 
         images.append(ReportImage(f"Axial slice {z + 1} of {canonical.shape[2]} (radiological view; plane and "
                                   "markers from the file's header): predicted mask"
                                   + (" and given mask" if truth_c is not None else ""), with_orientation_markers(img)))
+    # and the two other planes through the middle of the mask (of the volume if empty): a header that names its
+    # planes wrongly (the MSD files call sagittal slices axial) still leaves the reader one true view
+    nz_all = np.argwhere(mask_c) if mask_c.any() else None
+    for plane in (PLANES["coronal"], PLANES["sagittal"]):
+        ax = plane.axis
+        k = (int(np.median(nz_all[:, ax])) if nz_all is not None else canonical.shape[ax] // 2)
+        img, _ = mask_overlay(radiological_slice(canonical, plane, k), radiological_slice(mask_c, plane, k),
+                              radiological_slice(truth_c, plane, k) if truth_c is not None else None, True,
+                              truth_c is not None)
+        if spacing_c is not None:
+            img = square_pixels(img, *plane_pixel_mm(spacing_c, plane))
+        images.append(ReportImage(f"{plane.name.capitalize()} slice {k + 1} of {canonical.shape[ax]} (through the "
+                                  "mask's middle)", with_orientation_markers(img, plane.markers)))
     notes = ["The quality check withholds the volume when the mask is implausible (size, fragments, field of view) "
              "or the model is unsure; its limits come from the training volumes."]
     return CaseReport("atrium", case_name, headline, figures, images, notes)

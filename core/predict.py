@@ -231,10 +231,10 @@ def analyse_atrium(lm, vol, name: str, report: bool = True, truth=None) -> Analy
                    volume_error_pct=_fmt(mets["volume_error_pct"], 2) if np.isfinite(mets["volume_error_pct"]) else "")
     rep = None
     if report:
-        data_c, _, _ = A.to_canonical(vol.data, vol.affine, vol.spacing)
+        data_c, sp_c, _ = A.to_canonical(vol.data, vol.affine, vol.spacing)
         mask_c = A.to_canonical(res.mask, vol.affine, vol.spacing)[0]
         truth_c = A.to_canonical(truth, vol.affine, vol.spacing)[0] if truth is not None else None
-        rep = R.atrium_report(res, data_c, mask_c, name, mets, truth_c)
+        rep = R.atrium_report(res, data_c, mask_c, name, mets, truth_c, sp_c)
     return Analysis(row, rep, res.mask)
 
 

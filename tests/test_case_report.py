@@ -122,10 +122,16 @@ def test_atrium_report_withholds_the_volume_when_the_check_fails(tmp_path):
     card = read_card("atrium")
     good = AtriumResult(mask, 2.25, (1.0, 1.0, 1.0), quality=SimpleNamespace(reliable=True, reasons=[]))
     mets = {"dice": 0.91, "iou": 0.83, "hd95_mm": 3.2, "volume_ml_true": 2.4, "volume_error_pct": -6.2}
-    pdf = render_pdf(atrium_report(good, vol, mask, "la_001.nii.gz", mets, mask), card)
+    report = atrium_report(good, vol, mask, "la_001.nii.gz", mets, mask, (1.0, 1.0, 2.5))
+    pdf = render_pdf(report, card)
     txt = _text(pdf)
     assert "2.2 mL" in txt or "2.3 mL" in txt
     assert "0.910" in txt and "-6.2 %" in txt and "Axial slice" in txt
+    # the two other planes through the mask's middle (x, y 17 of 40; z 10 of 20), 2.5 mm slices drawn 2.5x tall
+    assert "Coronal slice 18 of 40" in txt and "Sagittal slice 18 of 40" in txt
+    cor = next(im for im in report.images if im.caption.startswith("Coronal"))
+    # 20 slices x 2.5 mm = 50 mm tall against 40 x 1 mm wide (without square pixels: 20 px against 40)
+    assert cor.rgb.shape[0] * 40 == cor.rgb.shape[1] * 50
     assert 1 <= _pages(pdf, tmp_path) <= 2
     bad = AtriumResult(mask, 2.25, (1.0, 1.0, 1.0),
                        quality=SimpleNamespace(reliable=False, reasons=["volume 2 mL outside 10-250 mL"]))

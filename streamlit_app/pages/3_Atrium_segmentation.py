@@ -265,7 +265,7 @@ st.download_button("Download predicted mask (NIfTI, input's grid and affine)",
                    data=lambda: nifti_to_bytes(res.mask, vol.affine), on_click="ignore",
                    file_name=f"{case_stem(name)}_left_atrium_mask.nii.gz", mime="application/gzip",
                    key=f"{NS}.download_btn")
-report_button(lambda: render_pdf(with_training_note(atrium_report(res, data_c, mask_c, name, mets, gt_c), train_case),
+report_button(lambda: render_pdf(with_training_note(atrium_report(res, data_c, mask_c, name, mets, gt_c, sp_c), train_case),
                                  lm.card), name, NS)
 
 # A DICOM series in, a DICOM Segmentation out (what a PACS viewer overlays on the source series): made on request
