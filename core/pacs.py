@@ -228,6 +228,17 @@ def source_order(dss: list) -> list:
 # --------------------------------------------------------------------------- results back into the study
 
 
+def key_images(report) -> list:
+    """The two pictures of a report that its Secondary Capture shows: the last two (the radiograph and its
+    heatmap; a cardiac slice's overlays), or for an atrium report its middle axial slice and its coronal one
+    (two planes of the mask)."""
+    axial = [im for im in report.images if im.caption.startswith("Axial")]
+    coronal = [im for im in report.images if im.caption.startswith("Coronal")]
+    if axial and coronal:
+        return [axial[len(axial) // 2], coronal[0]]
+    return list(report.images[-2:])
+
+
 def result_image(report, card: dict, width: int = 1024) -> np.ndarray:
     """A result as one picture for a Secondary Capture: the finding, its figures, the model and the
     research-use line above the report's images, side by side. -> (H, W, 3) uint8. No identifiers."""
@@ -244,7 +255,7 @@ def result_image(report, card: dict, width: int = 1024) -> np.ndarray:
     lines += [(f"{k}: {v}", font) for k, v in report.figures[:8]]
     lines += [(f"Model: {report.task}, weights {sha}, trained {str(card.get('created', '?'))[:10]}", small),
               (DISCLAIMER, small)]
-    pics = [_pil(im, 480) for im in report.images[-2:]]
+    pics = [_pil(im, 480) for im in key_images(report)]
     measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
 
     def wrap(text: str, f) -> list[str]:

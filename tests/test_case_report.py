@@ -127,9 +127,12 @@ def test_atrium_report_withholds_the_volume_when_the_check_fails(tmp_path):
     txt = _text(pdf)
     assert "2.2 mL" in txt or "2.3 mL" in txt
     assert "0.910" in txt and "-6.2 %" in txt and "Axial slice" in txt
-    # the two other planes through the mask's middle (x, y 17 of 40; z 10 of 20), 2.5 mm slices drawn 2.5x tall
+    # the two other planes through the mask's middle (x, y index 17 of 0-39), 2.5 mm slices drawn 2.5x tall
     assert "Coronal slice 18 of 40" in txt and "Sagittal slice 18 of 40" in txt
     cor = next(im for im in report.images if im.caption.startswith("Coronal"))
+    from core.pacs import key_images  # the PACS Secondary Capture: the middle axial slice and the coronal one
+
+    assert [im.caption.split(" (")[0] for im in key_images(report)] == ["Axial slice 11 of 20", "Coronal slice 18 of 40"]
     # 20 slices x 2.5 mm = 50 mm tall against 40 x 1 mm wide (without square pixels: 20 px against 40)
     assert cor.rgb.shape[0] * 40 == cor.rgb.shape[1] * 50
     assert 1 <= _pages(pdf, tmp_path) <= 2
