@@ -89,6 +89,7 @@ def test_cardiac_sample_prediction(acdc_root):
                            ("RV ejection fraction (estimate)", "RV ejection fraction")):
         row = next(r for r in rows if str(r.get("feature (from the model's segmentation)", "")).startswith(feature))
         assert row["this study"] == shown[label] and shown[label].endswith("%")
+        assert row["vs normal range"] in ("within", "outside")  # the column is named, and says "within" too
     assert _report_buttons(at) == 1
     at.radio(key="card.view").set_value("Segmentation (RV, myocardium, LV cavity)").run()
     assert not at.exception and "left-ventricle cavity" in _text(at) and _images(at) >= 16

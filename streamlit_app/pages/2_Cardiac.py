@@ -210,7 +210,7 @@ if res.diagnosis is not None and lm.diagnosis is not None:
             val = res.diagnosis["features"][k]
             rows.append({"feature (from the model's segmentation)": FEATURES[k], "this study": feature_text(k, val),
                          "normal range (training NOR, 5-95 %)": f"{feature_text(k, lo)}-{feature_text(k, hi)}",
-                         "": "outside" if not lo <= val <= hi else ""})
+                         "vs normal range": "outside" if not lo <= val <= hi else "within"})
         st.table(rows)
 
 alpha = st.slider("Overlay opacity", 0.0, 1.0, 0.4, 0.05, key=f"{NS}.alpha")
