@@ -41,6 +41,7 @@ class CaseReport:
     images: list[ReportImage] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # threshold, calibration and quality notes
     input_info: list[tuple[str, str]] = field(default_factory=list)  # non-identifying fields of the input
+    key_images: tuple[int, ...] = ()  # the images (indices) a one-picture summary shows; () = the last two
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:
@@ -295,8 +296,16 @@ def atrium_report(result, canonical: np.ndarray, mask_c: np.ndarray, case_name: 
     """Report of a left-atrium segmentation (``core.atrium.AtriumResult``); ``canonical``/``mask_c``/``truth_c``
     are the volume and masks in the canonical (RAS) orientation, (X, Y, Z), and ``spacing_c`` its voxel size
     (mm; the coronal and sagittal pictures get square pixels with it)."""
-    from core.visualize import (PLANES, mask_overlay, plane_pixel_mm, radiological_axial, radiological_slice,
+    from core.visualize import (PLANES, mask_overlay, middle_slice, plane_pixel_mm, radiological_slice,
                                 square_pixels, with_orientation_markers)
+
+    def picture(plane, k: int, caption: str) -> ReportImage:
+        img, _ = mask_overlay(radiological_slice(canonical, plane, k), radiological_slice(mask_c, plane, k),
+                              radiological_slice(truth_c, plane, k) if truth_c is not None else None, True,
+                              truth_c is not None)
+        if spacing_c is not None:
+            img = square_pixels(img, *plane_pixel_mm(spacing_c, plane))
+        return ReportImage(caption, with_orientation_markers(img, plane.markers))
 
     q = result.quality
     if result.reliable:
@@ -317,25 +326,17 @@ def atrium_report(result, canonical: np.ndarray, mask_c: np.ndarray, case_name: 
     picks = ([int(zs[len(zs) // 4]), int(zs[len(zs) // 2]), int(zs[(3 * len(zs)) // 4])] if len(zs)
              else [canonical.shape[2] // 2])
     for z in picks:
-        img, _ = mask_overlay(radiological_axial(canonical[:, :, z]), radiological_axial(mask_c[:, :, z]),
-                              radiological_axial(truth_c[:, :, z]) if truth_c is not None else None, True,
-                              truth_c is not None)
-        images.append(ReportImage(f"Axial slice {z + 1} of {canonical.shape[2]} (radiological view; plane and "
-                                  "markers from the file's header): predicted mask"
-                                  + (" and given mask" if truth_c is not None else ""), with_orientation_markers(img)))
+        images.append(picture(PLANES["axial"], z, f"Axial slice {z + 1} of {canonical.shape[2]} (radiological view; "
+                              "plane and markers from the file's header): predicted mask"
+                              + (" and given mask" if truth_c is not None else "")))
     # and the two other planes through the middle of the mask (of the volume if empty): a header that names its
     # planes wrongly (the MSD files call sagittal slices axial) still leaves the reader one true view
-    nz_all = np.argwhere(mask_c) if mask_c.any() else None
     for plane in (PLANES["coronal"], PLANES["sagittal"]):
-        ax = plane.axis
-        k = (int(np.median(nz_all[:, ax])) if nz_all is not None else canonical.shape[ax] // 2)
-        img, _ = mask_overlay(radiological_slice(canonical, plane, k), radiological_slice(mask_c, plane, k),
-                              radiological_slice(truth_c, plane, k) if truth_c is not None else None, True,
-                              truth_c is not None)
-        if spacing_c is not None:
-            img = square_pixels(img, *plane_pixel_mm(spacing_c, plane))
-        images.append(ReportImage(f"{plane.name.capitalize()} slice {k + 1} of {canonical.shape[ax]} (through the "
-                                  "mask's middle)", with_orientation_markers(img, plane.markers)))
+        k = middle_slice(mask_c, plane.axis)
+        images.append(picture(plane, k, f"{plane.name.capitalize()} slice {k + 1} of {canonical.shape[plane.axis]} "
+                              "(through the mask's middle)"))
     notes = ["The quality check withholds the volume when the mask is implausible (size, fragments, field of view) "
              "or the model is unsure; its limits come from the training volumes."]
-    return CaseReport("atrium", case_name, headline, figures, images, notes)
+    # a one-picture summary (the PACS Secondary Capture): the middle axial slice and the coronal one
+    return CaseReport("atrium", case_name, headline, figures, images, notes,
+                      key_images=(len(picks) // 2, len(picks)))

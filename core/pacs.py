@@ -229,13 +229,11 @@ def source_order(dss: list) -> list:
 
 
 def key_images(report) -> list:
-    """The two pictures of a report that its Secondary Capture shows: the last two (the radiograph and its
-    heatmap; a cardiac slice's overlays), or for an atrium report its middle axial slice and its coronal one
-    (two planes of the mask)."""
-    axial = [im for im in report.images if im.caption.startswith("Axial")]
-    coronal = [im for im in report.images if im.caption.startswith("Coronal")]
-    if axial and coronal:
-        return [axial[len(axial) // 2], coronal[0]]
+    """The pictures of a report that its Secondary Capture shows: those the report names
+    (``CaseReport.key_images``; an atrium report: its middle axial slice and its coronal one), else its last two
+    (the radiograph and its heatmap; a cardiac slice's overlays)."""
+    if report.key_images:
+        return [report.images[i] for i in report.key_images]
     return list(report.images[-2:])
 
 

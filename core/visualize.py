@@ -119,6 +119,13 @@ def radiological_slice(vol_ras: np.ndarray, plane: Plane, index: int) -> np.ndar
     return radiological_axial(np.take(vol_ras, index, axis=plane.axis))
 
 
+def middle_slice(mask: np.ndarray, axis: int) -> int:
+    """The middle one (0-based) of the slices across ``axis`` that hold any of ``mask``; the volume's middle
+    slice when the mask is empty. Where the viewer opens a plane and the report cuts it."""
+    zs = np.flatnonzero(np.asarray(mask).any(axis=tuple(i for i in range(np.ndim(mask)) if i != axis)))
+    return int(zs[len(zs) // 2]) if len(zs) else int(np.shape(mask)[axis]) // 2
+
+
 def plane_pixel_mm(spacing: tuple[float, float, float], plane: Plane) -> tuple[float, float]:
     """(row height, column width) in mm of ``radiological_slice``'s image of a volume with voxel ``spacing``."""
     a, b = (spacing[i] for i in range(3) if i != plane.axis)

@@ -13,7 +13,7 @@ from common import (DISCLAIMER, FOREGROUND, ThrottledProgress, display_controls,
 from core import metrics as M
 from core.dicom_series import read_volume_any
 from core.io import nifti_to_bytes, read_mask
-from core.visualize import PLANES, mask_overlay, radiological_axial, radiological_slice, slice_strip
+from core.visualize import PLANES, mask_overlay, middle_slice, radiological_axial, radiological_slice, slice_strip
 
 NS = "atr"
 st.set_page_config(page_title="Left-atrium segmentation", page_icon="🫀", layout="wide")
@@ -162,11 +162,8 @@ n_ax = data_c.shape[ax]
 zkey = f"{NS}.z" if ax == 2 else f"{NS}.z{ax}"
 pos = st.session_state.setdefault(f"{NS}.pos", {})
 if zkey not in st.session_state:
-    if ax in pos:
-        st.session_state[zkey] = pos[ax]
-    else:  # the middle of the predicted mask across this plane (of the volume if empty); counted from 1
-        zs = np.nonzero(mask_c.any(axis=tuple(i for i in range(3) if i != ax)))[0]
-        st.session_state[zkey] = int(zs[len(zs) // 2]) + 1 if len(zs) else n_ax // 2 + 1
+    # where it was, else the middle of the predicted mask across this plane; the slider counts from 1
+    st.session_state[zkey] = pos[ax] if ax in pos else middle_slice(mask_c, ax) + 1
 agree = st.session_state[f"{NS}.agree"]
 if gt_c is not None and ax not in agree:
     agree[ax] = A.slice_agreement(mask_c, gt_c, sp_c, axis=ax)

@@ -33,6 +33,21 @@ PER_VOLUME_COLUMNS = {"dice": "3D Dice", "iou": "IoU", "hd95_mm": "HD95 (mm)", "
                       "dataset": "dataset", "views": "slice directions fused"}
 
 
+def per_dataset_table(per_dataset: dict[str, dict], with_quality_check: bool = False) -> pd.DataFrame:
+    """One row per atrium dataset: Dice with its CI, the lowest Dice, HD95, |volume error| (and, for the pooled
+    cross-validation, how often the quality check fired and how many volumes it reported with Dice < 0.5)."""
+    rows = []
+    for k, r in per_dataset.items():
+        row = {"dataset": DATASET_NAMES.get(k, k), "volumes": r["n"],
+               "3D Dice": f"{r['dice_mean']:.3f} ({r['dice_ci95'][0]:.3f}-{r['dice_ci95'][1]:.3f})",
+               "lowest Dice": f"{r['dice_min']:.3f}", "HD95 (mm)": f"{r['hd95_mm_mean']:.1f}",
+               "|volume error| (%)": f"{r['abs_volume_error_pct_mean']:.1f}"}
+        if with_quality_check:
+            row.update({"quality check fired": len(r["fired"]), "reported with Dice < 0.5": len(r["reported_below_0_5"])})
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
 def per_volume_table(per_case: dict[str, dict]) -> pd.DataFrame:
     """One row per atrium volume (its case id), columns named for a reader (PER_VOLUME_COLUMNS)."""
     df = pd.DataFrame(per_case).T.rename_axis("volume")
@@ -94,11 +109,9 @@ st.subheader("Validation metrics")
 if spec.kind == "binary":
     def rows(res: dict) -> pd.DataFrame:
         # three decimals throughout (a bare "1" beside "0.9625" reads as a different kind of number)
-        return pd.DataFrame([{"metric": name, "value": f"{res[k]:.3f}", "95% CI low": f"{res['ci95'][k][0]:.3f}",
-                              "95% CI high": f"{res['ci95'][k][1]:.3f}"}
-                             for k, name in (("accuracy", "accuracy"), ("sensitivity", "sensitivity"),
-                                             ("specificity", "specificity"), ("precision", "precision"),
-                                             ("f1", "F1"), ("auc", "ROC AUC"))])
+        return pd.DataFrame([{"metric": {"f1": "F1", "auc": "ROC AUC"}.get(k, k), "value": f"{res[k]:.3f}",
+                              "95% CI low": f"{res['ci95'][k][0]:.3f}", "95% CI high": f"{res['ci95'][k][1]:.3f}"}
+                             for k in ("accuracy", "sensitivity", "specificity", "precision", "f1", "auc")])
 
     st.markdown(f"Held-out validation set: **n = {v['n']}**, decision threshold **{card['threshold']:.3f}** "
                 f"({card['threshold_rule']}).")
@@ -145,7 +158,7 @@ if spec.kind == "binary":
             st.markdown("**By acquisition series** (validation images, clean): share called pneumonia")
             st.table(pd.DataFrame(sv["by_series"]).T.rename_axis("series").rename(columns={
                 "n": "images", "mean_probability": "mean P(pneumonia) (model output, before calibration)",
-                "share_called_pneumonia": "share called pneumonia (at the threshold)", "what": "which is the"}))
+                "share_called_pneumonia": "share called pneumonia (at the threshold)", "what": "that share is"}))
     if task == "pneumonia":
         from core.pneumonia import CALIBRATION_FILE
 
@@ -264,11 +277,7 @@ else:
         st.markdown(f"**{v['n']} validation volumes**: mean 3D Dice **{v['dice_mean']:.3f}** (95 % CI {lo:.3f}-{hi:.3f}), "
                     f"IoU {v['iou_mean']:.3f}, HD95 {v['hd95_mm_mean']:.2f} mm, volume error {v['volume_error_pct_mean']:+.1f} %.")
         st.markdown("**Per dataset** (validation volumes; 95 % CIs of the mean by bootstrap)")
-        st.table(pd.DataFrame([{"dataset": DATASET_NAMES.get(k, k), "volumes": r["n"], "3D Dice": f"{r['dice_mean']:.3f} "
-                                f"({r['dice_ci95'][0]:.3f}-{r['dice_ci95'][1]:.3f})", "lowest Dice": f"{r['dice_min']:.3f}",
-                                "HD95 (mm)": f"{r['hd95_mm_mean']:.1f}",
-                                "|volume error| (%)": f"{r['abs_volume_error_pct_mean']:.1f}"}
-                               for k, r in v.get("per_dataset", {}).items()]))
+        st.table(per_dataset_table(v.get("per_dataset", {})))
     else:
         st.warning("No figures for these weights: they were trained on every volume without a cross-validation "
                    "record beside them.")
@@ -299,13 +308,7 @@ else:
         st.markdown(f"**Cross-validation of the recipe, folds {', '.join(map(str, cv['folds']))} of "
                     f"{cv['n_folds_planned']}** ({whose}; each of these {cv['n']} volumes is scored by a model that "
                     "did not train on it, as the app runs it, with that model's own quality-check limits)")
-        st.table(pd.DataFrame([{"dataset": DATASET_NAMES.get(k, k), "volumes": r["n"], "3D Dice": f"{r['dice_mean']:.3f} "
-                                f"({r['dice_ci95'][0]:.3f}-{r['dice_ci95'][1]:.3f})", "lowest Dice": f"{r['dice_min']:.3f}",
-                                "HD95 (mm)": f"{r['hd95_mm_mean']:.1f}",
-                                "|volume error| (%)": f"{r['abs_volume_error_pct_mean']:.1f}",
-                                "quality check fired": len(r["fired"]),
-                                "reported with Dice < 0.5": len(r["reported_below_0_5"])}
-                               for k, r in cv["per_dataset"].items()]))
+        st.table(per_dataset_table(cv["per_dataset"], with_quality_check=True))
         st.dataframe(per_volume_table(cv["per_case"]), key=f"{NS}.cv_per_case")
     for sc in stress_checks():
         with st.expander(f"{sc['title']}: {sc['whose']}"):
