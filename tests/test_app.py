@@ -384,3 +384,38 @@ def test_an_unexpected_error_names_its_kind_on_the_page_and_where_it_arose_in_th
     assert "unexpected KeyError during These frames could not be analysed" in logged
     assert "broken_reader" in logged and "test_app.py" in logged  # where
     assert "DOE^JANE" not in logged  # not what
+
+
+def test_server_connections_get_tcp_nodelay_although_the_listening_socket_has_protocol_0():
+    """Streamlit binds its listening socket as ``socket.socket(family)`` (protocol number 0), for which asyncio
+    leaves Nagle's algorithm on: every response written in two parts then waited 40 ms for the browser's delayed
+    acknowledgement. Importing the app's common module turns TCP_NODELAY on for the connections accepted after it."""
+    import asyncio
+    import socket
+
+    import common
+
+    assert common.enable_tcp_nodelay() is False  # already on from the import; a second call changes nothing
+
+    async def accepted_nodelay() -> int:
+        listener = socket.socket(socket.AF_INET)  # as Streamlit's _bind_socket makes it
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        listener.setblocking(False)
+        assert listener.proto == 0
+        got: asyncio.Future = asyncio.get_running_loop().create_future()
+
+        def on_connect(reader, writer) -> None:
+            sock = writer.get_extra_info("socket")
+            got.set_result(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+            writer.close()
+
+        server = await asyncio.start_server(on_connect, sock=listener)
+        _, w = await asyncio.open_connection(*listener.getsockname())
+        value = await asyncio.wait_for(got, 5)
+        w.close()
+        server.close()
+        await server.wait_closed()
+        return value
+
+    assert asyncio.run(accepted_nodelay()) == 1
