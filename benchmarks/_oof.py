@@ -104,3 +104,32 @@ def write(args: argparse.Namespace, what: str, app_setting: str, summary: dict, 
     with open(args.json, "w") as fh:
         json.dump(rec, fh, indent=1)
     print(json.dumps(summary, indent=1))
+
+
+def fused_variant_rows(wdir: str, root, variants: dict[str, Callable]) -> dict[str, dict]:
+    """{case: {variant: {dice, hd95, volume_error_pct, seconds}, dataset, fold, fold_threshold}} over a kept fold
+    model's own fused-path validation volumes; ``variants[name](lm, volume, views, ctx)`` returns the prediction
+    (an ``AtriumPrediction``) and is timed as a whole."""
+    import time
+
+    out: dict[str, dict] = {}
+    for lm, v, views, ctx in fused_fold_volumes(wdir, root):
+        row: dict = {"dataset": v.dataset, "fold": wdir.rstrip("/").rsplit("/", 1)[-1], "fold_threshold": lm.threshold}
+        for name, run in variants.items():
+            t0 = time.perf_counter()
+            pred = run(lm, v, views, ctx)
+            secs = time.perf_counter() - t0
+            row[name] = {**mask_scores(pred.mask, v.label, v.spacing), "seconds": round(secs, 2),
+                         "localised": pred.box is not None}
+        out[v.case_id] = row
+        print(v.case_id, {k: (r["dice"], r["hd95"], r["seconds"]) for k, r in row.items() if k in variants}, flush=True)
+    return out
+
+
+def run_fused_experiment(doc: str, variants: dict[str, Callable], what: str) -> None:
+    """The command line of a fused-path experiment: every fold's ``fused_variant_rows``, compared with the first
+    variant (the app's) on Dice, HD95 and volume error, written to ``--json``."""
+    args, per_case = collect(doc, lambda wdir, root: fused_variant_rows(wdir, root, variants))
+    names = list(variants)
+    summary = compare(per_case, names, names[0], {"hd95": 3, "volume_error_pct": 2})
+    write(args, what, names[0], summary, per_case)

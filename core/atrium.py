@@ -187,6 +187,11 @@ def _flip_passes(model: nn.Module, x: torch.Tensor, flips: int, out: list[torch.
     return _passes(model, x, TTA_FLIPS[flips], out)
 
 
+# Flips for each fused view (wide bSSFP volumes, read in the box around the atrium): each further flip is one more
+# pass of all three views over the box, about +1.0 s on the 256x256x130 benchmark volume in int8 (2 CPU cores), so
+# four (+3 s) would take it past the 5 s goal. Chosen per cross-validation fold like the single view's flips.
+FUSED_TTA_CHOICES = (1, 2)
+
 # Four flips add two passes over the box around the plain pass's finding (about +30 % on a whole-chest
 # volume). Read along one view, a 256x256x130 bSSFP volume (8.5 M voxels on the model's grid) took 4.9-5.0 s
 # with four against 3.8-4.5 s with two on 2 CPU cores (la_003, 2026-12): above this size a single view keeps
@@ -338,7 +343,8 @@ def blend_slices(p: np.ndarray, axis: int) -> np.ndarray:
 
 def segment_canonical(model: nn.Module, data: np.ndarray, spacing: tuple[float, float, float],
                       views: tuple[int, ...], grid_mm: float, threshold: float = 0.5, batch_size: int = 1,
-                      autocast_ctx=None, progress=None, roi: bool = True, flips: int = 1) -> AtriumPrediction:
+                      autocast_ctx=None, progress=None, roi: bool = True, flips: int = 1,
+                      fused_flips: int = 1) -> AtriumPrediction:
     """Fused multi-view segmentation of a canonical (X, Y, Z) volume (normalised once, as a whole).
 
     With several views and ``roi``, the atrium is first localised (``localise``: the first view on every
@@ -350,10 +356,14 @@ def segment_canonical(model: nn.Module, data: np.ndarray, spacing: tuple[float, 
     finds (on the whole volume too if it finds nothing), so a volume the model cannot read at a glance still
     gets every chance.
     A single axial view is replaced by the slab's own axis, or by three fused views on a volume that is wide
-    in every direction (``resolve_views``); fused views take one pass each (``flips`` is for a single view)."""
+    in every direction (``resolve_views``); ``flips`` is for a single view, ``fused_flips`` (1 or 2, see
+    FUSED_TTA_CHOICES) for each of the fused views in the box: the first view's reading above is its plain pass,
+    each further flip one more pass over the whole box."""
+    if fused_flips not in FUSED_TTA_CHOICES:
+        raise ValueError(f"fused_flips must be one of {FUSED_TTA_CHOICES}, got {fused_flips}")
     views = resolve_views(views, np.shape(data), spacing)
     if len(views) > 1:
-        flips = 1  # fused views: one pass each (the flips were chosen for, and pay off on, a single view)
+        flips = fused_flips
     else:
         flips = capped_flips(flips, np.shape(data), spacing, views[0], grid_mm)
     norm = pp.normalise_volume(np.asarray(data))
@@ -390,8 +400,13 @@ def segment_canonical(model: nn.Module, data: np.ndarray, spacing: tuple[float, 
                     # 0.052 -> 0.022, Dice 0.8986 -> 0.8991, HD95 6.67 -> 6.66 mm, volume error +0.7 -> +0.9 %
                     # (benchmarks/atrium_localise_reuse_oof.py, last variant).
                     p = blend_slices(p, ax)
+                    if flips > 1:  # the flipped passes read every slice of the box (one reading each: no blend)
+                        p = (p + (flips - 1) * segment_view(model, sub, spacing, ax, grid_mm, batch_size, autocast_ctx,
+                                                             None, normalised=True, flip_set=TTA_FLIPS[flips][1:])
+                             ) / flips
                 else:
-                    p = segment_view(model, sub, spacing, ax, grid_mm, batch_size, autocast_ctx, cb, normalised=True)
+                    p = segment_view(model, sub, spacing, ax, grid_mm, batch_size, autocast_ctx, cb, normalised=True,
+                                     flips=flips)
                 masks.append(_embed(p >= threshold, box, norm.shape, fill=threshold <= 0))
                 acc += p
             prob_box = acc / len(views)

@@ -405,6 +405,18 @@ class _CentreSlice(__import__("torch").nn.Module):
         return x[:, 1:2] * 10
 
 
+class _Counting(_CentreSlice):
+    """``_CentreSlice`` that records how many slices each call is given."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen: list[int] = []
+
+    def forward(self, x):
+        self.seen.append(x.shape[0])
+        return super().forward(x)
+
+
 def test_strided_pass_segments_every_other_slice_like_the_plain_pass():
     vol = np.random.default_rng(0).random((16, 16, 9)).astype(np.float32)
     full = A.segment_view(_CentreSlice(), vol, (1.25, 1.25, 1.25), 2, 1.25, batch_size=3, normalised=True)
@@ -449,18 +461,9 @@ def test_blend_slices_known_values():
 
 
 def test_fused_first_view_reuses_the_localising_pass_on_the_slices_it_read():
-    class Counting(_CentreSlice):  # counts the slices it is given
-        def __init__(self):
-            super().__init__()
-            self.seen: list[int] = []
-
-        def forward(self, x):
-            self.seen.append(x.shape[0])
-            return super().forward(x)
-
     vol = np.full((100, 100, 100), -3.0, np.float32)
     vol[30:50, 30:50, 30:50] = 3.0
-    m = Counting()
+    m = _Counting()
     pred = A.segment_canonical(m, vol, (1.25,) * 3, (2, 0, 1), 1.25, batch_size=16)
     box = pred.box
     n_box = [b.stop - b.start for b in box]
@@ -473,6 +476,21 @@ def test_fused_first_view_reuses_the_localising_pass_on_the_slices_it_read():
     # across slices (the cube's edge slices keep 3/4 of their reading: still inside at threshold 0.5)
     first = pred.view_masks[0]
     assert first[30:50, 30:50, 30:50].all() and first.sum() == 20 ** 3
+
+
+def test_fused_flips_add_one_flipped_pass_of_every_view_over_the_box():
+    vol = np.full((100, 100, 100), -3.0, np.float32)
+    vol[30:50, 30:50, 30:50] = 3.0
+    one, two = _Counting(), _Counting()
+    p1 = A.segment_canonical(one, vol, (1.25,) * 3, (2, 0, 1), 1.25, batch_size=16)
+    p2 = A.segment_canonical(two, vol, (1.25,) * 3, (2, 0, 1), 1.25, batch_size=16, fused_flips=2)
+    n_box = [b.stop - b.start for b in p1.box]
+    # the flipped passes read every slice of the box along each view (the first view's too)
+    assert sum(two.seen) - sum(one.seen) == n_box[2] + n_box[0] + n_box[1]
+    # a model that does not care about left and right gives the same mask flipped and flipped back
+    assert np.array_equal(p1.mask, p2.mask) and p2.mask.sum() == 20 ** 3
+    with pytest.raises(ValueError):
+        A.segment_canonical(one, vol, (1.25,) * 3, (2, 0, 1), 1.25, fused_flips=4)
 
 
 def test_localise_boxes_the_bright_blob_with_its_margin():
