@@ -157,3 +157,21 @@ def test_browser_bench_new_tab_helpers_open_wait_and_close():
     assert len(times) == 2  # the first visit (to fill the cache) is not timed
     assert [c[1] for c in calls if c[0] == "goto"] == ["http://x/A", "http://x/A", "http://x/B"]
     assert calls[0] == ("new_context", BB.VIEWPORT) and calls[-1] == ("context_close",)
+
+
+def test_wait_idle_waits_while_the_process_computes_and_not_after():
+    import subprocess
+    import sys
+
+    from core import bench_browser as BB
+
+    busy = subprocess.Popen([sys.executable, "-c", "import time\nt = time.time()\nwhile time.time() - t < 2.5:\n"
+                             "    pass\ntime.sleep(60)"])
+    try:
+        waited = BB.wait_idle(busy.pid, timeout_s=30)
+        assert 2.0 <= waited < 30  # through the 2.5 s of computing, then stopped once a quiet second passed
+        assert BB.wait_idle(busy.pid, timeout_s=30) < 30  # asleep now: no time-out
+    finally:
+        busy.kill()
+        busy.wait()
+    assert BB.wait_idle(2 ** 22 + 12345) == 0.0  # no such process: nothing to wait for
