@@ -189,7 +189,8 @@ def _flip_passes(model: nn.Module, x: torch.Tensor, flips: int, out: list[torch.
 
 # Flips for each fused view (wide bSSFP volumes, read in the box around the atrium): each further flip is one more
 # pass of all three views over the box, about +1.0 s on the 256x256x130 benchmark volume in int8 (2 CPU cores), so
-# four (+3 s) would take it past the 5 s goal. Chosen per cross-validation fold like the single view's flips.
+# four (+3 s) would take it past the 5 s goal. The app runs one: two were measured out of fold (2026-12-06, MSD Dice
+# +0.0019 with HD95 and volume error worse; benchmarks/atrium_fused_flips_present_oof.py) and not adopted.
 FUSED_TTA_CHOICES = (1, 2)
 
 # Four flips add two passes over the box around the plain pass's finding (about +30 % on a whole-chest

@@ -12,9 +12,8 @@ Starts `streamlit run streamlit_app/Home.py` on localhost, drives Debian's chrom
   the pneumonia page, and the cardiac and atrium pages as a step of their own; each tab in a fresh browser
   context, so with an empty cache, as at a user's first visit; the pneumonia page also timed from the moment its
   address is entered in the opened tab, without the fresh context's own setup), in a new tab of a browser that has
-  opened the
-  app before (its cache holds the front end), and by clicking its link on Home (what a user does; the front
-  end is already loaded);
+  opened the app before (its cache holds the front end), and by clicking its link on Home (what a user does; the
+  front end is already loaded);
 - the first chest X-ray after start, upload to verdict and to its Grad-CAM heatmap (the model may still be
   loading; the page shows the verdict before the heatmap);
 - chest X-rays read one after another in one tab (each a new file), upload to verdict and to the Grad-CAM
@@ -91,7 +90,7 @@ STEP_NAMES = {"server_start_to_home": "server start to Home",
 # address; and a page of a multipage app (Home + pages/, as this app) opened at its own address
 # (/Page_name), which is what "open a module page in a new tab" does: the floor under that step with Streamlit
 # as shipped (this app also turns TCP_NODELAY on for its connections, streamlit_app/common.py, which the bare
-# apps do not: since 2026-12-06 this app's pages can open faster than the reference).
+# apps do not, so since 2026-12-06 the reference is not an exact floor for this app's pages).
 BARE_APP = 'import streamlit as st\n\nst.file_uploader("a file")\n'
 BARE_MULTIPAGE = {"Home.py": 'import streamlit as st\n\nst.title("Home")\n',
                   **{f"pages/{i}_Page_{i}.py": 'import streamlit as st\n\nst.file_uploader("a file")\n'
