@@ -42,9 +42,9 @@ def enable_tcp_nodelay() -> bool:
     is 0, not IPPROTO_TCP, so asyncio's transports (``asyncio.base_events._set_nodelay``) leave Nagle's algorithm
     on for every connection it accepts. A response written as headers then body then waits for the browser's
     delayed acknowledgement: 40 ms per file on a kept-alive connection (61 front-end files fetched one after
-    another: 2.58 s, with TCP_NODELAY 0.08-0.11 s), so a new tab took 1.25-1.30 s to its uploader instead of
-    1.08-1.19 s (chromium, 2 cores, 2026-12-06). Connections accepted after the first page has run (this module
-    is imported by every page) are the ones that gain; earlier ones keep the default."""
+    another: 2.58 s, with TCP_NODELAY 0.08-0.11 s), so a new tab took 1.34 s to its uploader instead of 1.13 s
+    (chromium, 2 cores, servers with and without it alternated, 2026-12-06). Connections accepted after the first
+    page has run (this module is imported by every page) are the ones that gain; earlier ones keep the default."""
     import socket
     from asyncio import base_events
 
