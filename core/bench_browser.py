@@ -192,24 +192,26 @@ def wait_uploader(pg) -> None:
     pg.wait_for_function("() => !!document.querySelector('input[type=file]')", polling="raf")
 
 
-def _new_tab(opener: Callable[[], Any], url: str):
+def _new_tab(opener: Callable[[], Any], url: str, nav_start: list[float] | None = None):
     """A new tab from ``opener`` (``Browser.new_page`` with the viewport: a fresh context, empty cache; or
-    ``BrowserContext.new_page``: a tab of a browser that keeps its cache), navigated to ``url``."""
+    ``BrowserContext.new_page``: a tab of a browser that keeps its cache), navigated to ``url``; ``nav_start``,
+    if given, receives the time the navigation began (the tab itself open)."""
     pg = opener()
     pg.set_default_timeout(TIMEOUT_MS)
+    if nav_start is not None:
+        nav_start.append(time.time())
     pg.goto(url)
     return pg
 
 
 def _open_to_uploader(opener: Callable[[], Any], url: str, from_address: list[float] | None = None) -> float:
-    """Seconds from opening a new tab from ``opener`` (as ``_new_tab``) at ``url`` to the page's first file uploader;
+    """Seconds from opening a new tab (``_new_tab``) at ``url`` to the page's first file uploader;
     ``from_address``, if given, receives the seconds from the navigation's start (the address entered in the
     open tab) to the uploader: without the new browser profile's own setup (0.15-0.25 s with Playwright)."""
     t = time.time()
-    pg = opener()
-    pg.set_default_timeout(TIMEOUT_MS)
-    t_nav = time.time()
-    pg.goto(url)
+    nav: list[float] = []
+    pg = _new_tab(opener, url, nav)
+    t_nav = nav[0]
     wait_uploader(pg)
     end = time.time()
     pg.close()

@@ -215,8 +215,7 @@ with left:
     st.caption(f"{plane.name.capitalize()} slices in the radiological view: {plane.layout} (plane and "
                "R/L/A/P/S/I markers from the file's header orientation).")
 with right:
-    other = [i for i in range(3) if i != ax]
-    area = np.take(mask_c, z, axis=ax).sum() * sp_c[other[0]] * sp_c[other[1]] / 100
+    area = np.take(mask_c, z, axis=ax).sum() * float(np.prod(plane_pixel_mm(sp_c, plane))) / 100
     unsure_by_plane = st.session_state.setdefault(f"{NS}.unsure", {})
     if ax not in unsure_by_plane:
         # per-slice uncertain area: once per segmentation and plane (not on every slider move), after the slice
