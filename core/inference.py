@@ -37,6 +37,8 @@ def load_model(task: str, wdir=None, with_guard: bool = True, optimize: bool = T
             lm.population = pneumonia.load_population(wdir)
     elif task == "cardiac":
         lm.diagnosis = cardiac.diagnosis_for(lm.card, wdir)
+    elif task == "atrium":
+        lm.localiser = atrium.localiser_for(lm.card, wdir)
     return lm
 
 

@@ -19,7 +19,8 @@ from core.models import build_model, optimize_for_inference
 from core.precision import autocast, inference_precision
 from core.tasks import TaskSpec, get_task
 
-if TYPE_CHECKING:  # for the annotation only: core.ood builds on this module
+if TYPE_CHECKING:  # for the annotations only: core.ood and core.atrium build on this module
+    from core.atrium import Localiser
     from core.ood import OODGuard
 
 
@@ -33,6 +34,7 @@ class LoadedModel:
     guard: OODGuard | None = None  # out-of-distribution check (classifiers)
     population: tuple[nn.Module, dict] | None = None  # pneumonia: the population check's CNN and its card
     diagnosis: dict | None = None  # cardiac: the five-class classifier (cardiac_diagnosis.json) for these weights
+    localiser: Localiser | None = None  # atrium: the small network that finds the fused path's box (its card says)
     precision: str = "float32"  # of the forward passes that give probabilities and masks (core.precision)
 
     @property

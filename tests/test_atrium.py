@@ -4,10 +4,12 @@ from __future__ import annotations
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
 
 from core import atrium as A
 from core import metrics as M
 from core import io as mio
+from core import preprocess as pp
 from core.atrium import segment_atrium
 from core.inference import load_model
 
@@ -476,6 +478,86 @@ def test_fused_first_view_reuses_the_localising_pass_on_the_slices_it_read():
     # across slices (the cube's edge slices keep 3/4 of their reading: still inside at threshold 0.5)
     first = pred.view_masks[0]
     assert first[30:50, 30:50, 30:50].all() and first.sum() == 20 ** 3
+
+
+class _Nothing(_CentreSlice):
+    """A stand-in localiser that finds nothing anywhere."""
+
+    def forward(self, x):
+        return torch.full_like(x[:, 1:2], -10.0)
+
+
+def test_a_localiser_narrows_the_model_s_localising_pass_to_its_field_and_the_box_stays_the_model_s():
+    vol = np.full((192, 192, 192), -3.0, np.float32)
+    vol[80:114, 72:106, 90:124] = 3.0  # 0.5 % of the volume: above the normalisation's 99.5th percentile
+    sp = (1.25,) * 3
+    m, plain, net = _Counting(), _Counting(), _Counting()
+    loc = A.Localiser(net, grid_mm=2.5)
+    pred = A.segment_canonical(m, vol, sp, (2, 0, 1), 1.25, batch_size=16, localiser=loc)
+    ref = A.segment_canonical(plain, vol, sp, (2, 0, 1), 1.25, batch_size=16)
+    # the localiser reads every 4th slice of the whole volume (on its own coarser grid)
+    assert sum(net.seen) == len(range(0, 192, A.LOCALISER_STRIDE))
+    field = loc.field(pp.normalise_volume(vol), sp, 2)
+    margin = A.FIELD_MARGIN_MM / 1.25  # voxels
+    for f, lo, hi in zip(field, (80, 72, 90), (114, 106, 124)):
+        # the coarse grid and the slices read (every 4th) move the finding's faces by up to 4 voxels; the start
+        # then goes down to a multiple of 16
+        assert f.start % 16 == 0 and (lo - margin - 4) // 16 * 16 <= f.start <= (lo - margin + 4) // 16 * 16
+        assert abs(f.stop - (hi + margin)) <= 4
+    # the segmenting model's localising pass reads every 2nd slice of the field instead of the whole volume;
+    # everything after it is the same: the same box, the same slices read, the same mask
+    n_field = len(range(0, field[2].stop - field[2].start, A.LOCALISE_STRIDE))
+    assert sum(m.seen) == sum(plain.seen) - len(range(0, 192, A.LOCALISE_STRIDE)) + n_field
+    assert pred.box == ref.box and np.array_equal(pred.mask, ref.mask) and pred.mask.sum() == 34 ** 3
+
+
+def test_a_field_too_narrow_for_the_model_s_box_is_read_again_whole():
+    vol = np.full((192, 192, 192), -3.0, np.float32)
+    vol[80:114, 72:106, 90:124] = 3.0
+    norm = pp.normalise_volume(vol)
+    loc = A.Localiser(_CentreSlice(), grid_mm=2.5)
+    loc.field = lambda *a, **k: (slice(64, 128), slice(64, 128), slice(64, 160))  # less than the box's margin
+    box, p = A.localise_in_field(_CentreSlice(), norm, (1.25,) * 3, 2, 1.25, batch_size=16, localiser=loc)
+    ref, q = A.localise_pass(_CentreSlice(), norm, (1.25,) * 3, 2, 1.25, batch_size=16)
+    assert box == ref and np.array_equal(p, q[ref])
+
+
+def test_a_localiser_that_finds_nothing_leaves_the_box_to_the_model_s_own_pass():
+    vol = np.full((100, 100, 100), -3.0, np.float32)
+    vol[30:50, 30:50, 30:50] = 3.0
+    m, plain = _Counting(), _Counting()
+    pred = A.segment_canonical(m, vol, (1.25,) * 3, (2, 0, 1), 1.25, batch_size=16,
+                               localiser=A.Localiser(_Nothing(), grid_mm=2.5))
+    ref = A.segment_canonical(plain, vol, (1.25,) * 3, (2, 0, 1), 1.25, batch_size=16)
+    assert pred.box == ref.box and m.seen == plain.seen and np.array_equal(pred.mask, ref.mask)
+
+
+def test_localiser_arguments_are_checked_and_the_card_names_the_one_it_was_measured_with(tmp_path):
+    from core.checkpoint import save_checkpoint
+    from core.errors import MissingWeightsError
+    from core.models import build_model
+
+    with pytest.raises(ValueError):
+        A.Localiser(_CentreSlice(), grid_mm=9.0)
+    with pytest.raises(ValueError):
+        A.Localiser(_CentreSlice(), threshold=1.0)
+    assert A.localiser_for({"input_spec": {}}, tmp_path) is None  # a card that names none: the model's own pass
+    net = build_model("UNet2D", **A.LOCALISER_KWARGS)
+    card = {"task": A.LOCALISER_TASK, "architecture": {"name": "UNet2D", "kwargs": A.LOCALISER_KWARGS},
+            "input_spec": {"spacing_mm": A.LOCALISER_GRID_MM}, "threshold": 0.5}
+    with pytest.raises(MissingWeightsError):  # named but absent
+        A.localiser_for({"input_spec": {"localiser": {"weights_sha256": "x"}}}, tmp_path)
+    save_checkpoint(net.state_dict(), card, A.LOCALISER_TASK, tmp_path)
+    loc = A.load_localiser(tmp_path)
+    assert loc.grid_mm == A.LOCALISER_GRID_MM and not loc.model.training
+    rec = A.localiser_record(loc)
+    assert A.localiser_for({"input_spec": {"localiser": rec}}, tmp_path).card["weights_sha256"] == rec["weights_sha256"]
+    with pytest.raises(MissingWeightsError):  # other weights than the card's figures were measured with
+        A.localiser_for({"input_spec": {"localiser": {**rec, "weights_sha256": "0" * 64}}}, tmp_path)
+    # a fold's localiser must have been trained on that fold's training volumes
+    A.check_fold_localiser({"data": {"train_cases": ["a", "b"]}}, {"fold": 2, "train_cases": ["a", "b"]}, tmp_path)
+    with pytest.raises(Exception, match="fold 2"):
+        A.check_fold_localiser({"data": {"train_cases": ["a", "c"]}}, {"fold": 2, "train_cases": ["a", "b"]}, tmp_path)
 
 
 def test_fused_flips_add_one_flipped_pass_of_every_view_over_the_box():

@@ -145,7 +145,16 @@ def test_atrium_folds_validate_every_volume_of_both_datasets_once(heart_root):
     path = weights_dir() / "atrium.cv.json"
     if path.is_file():
         cv = json.loads(path.read_text())
-        assert cv["training"] == {k: card["training"][k] for k in cv["training"] if k in card["training"]}
+        recipe = {k: v for k, v in cv["training"].items() if k != "localiser"}
+        assert recipe == {k: card["training"][k] for k in recipe if k in card["training"]}
+        if "localiser" in cv["training"]:  # the folds' localisers were trained as the committed one
+            loc = read_card("atrium_localiser")
+            rec = cv["training"]["localiser"]
+            assert rec["architecture"] == loc["architecture"]["kwargs"]
+            assert rec["grid_mm"] == loc["input_spec"]["spacing_mm"]
+            assert {k: loc["training"][k] for k in rec if k in loc["training"]} == {
+                k: rec[k] for k in rec if k in loc["training"]}
+            assert card["input_spec"]["localiser"]["weights_sha256"] == loc["weights_sha256"]
         for f in cv["folds"]:  # the folds run so far, each on its own split
             _, va = splits[f["fold"] - 1]
             assert sorted(f["val_cases"]) == sorted(cases[i].case_id for i in va)
@@ -179,6 +188,9 @@ def test_kept_cv_fold_models_are_the_folds_of_the_cv_file_and_reproduce_their_sc
         if cv[k].get("weights_sha256"):
             assert cv[k]["weights_sha256"] == lm.card["weights_sha256"]
             checked_sha += 1
+        if cv[k].get("localiser_sha256"):  # the localiser the fold was scored with, trained on its training volumes
+            assert lm.localiser is not None and lm.localiser.card["weights_sha256"] == cv[k]["localiser_sha256"]
+            assert lm.localiser.card["data"]["train_cases"] == cv[k]["train_cases"]
     assert checked_sha, "no kept fold has its weights' sha256 in atrium.cv.json"
     # one fused (bSSFP) validation volume of the last kept fold, scored as the app runs it
     wdir = folds[-1]

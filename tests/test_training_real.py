@@ -67,6 +67,9 @@ def test_atrium_cv_folds_run_one_at_a_time_and_are_kept(heart_root, tmp_path):
         lm = load_model("atrium", tmp_path / "atrium-cv-folds" / f"fold{f['fold']}")
         assert lm.card["weights_sha256"] == f["weights_sha256"]
         assert lm.card["data"]["val_cases"] == f["val_cases"] and lm.threshold == f["threshold"]
+        # and the localiser it was scored with, trained on the fold's training volumes, beside it
+        assert lm.localiser.card["weights_sha256"] == f["localiser_sha256"]
+        assert lm.localiser.card["data"]["train_cases"] == f["train_cases"]
     # scoring the kept folds again with the same inference choices (no training) gives the same record
     from core.atrium import rescore_folds
 
@@ -74,6 +77,7 @@ def test_atrium_cv_folds_run_one_at_a_time_and_are_kept(heart_root, tmp_path):
     assert [f["fold"] for f in rep["folds"]] == [2, 3]
     for old, new in zip(cv["folds"], rep["folds"]):
         assert new["weights_sha256"] == old["weights_sha256"] and new["rescored"]["git_commit"]
+        assert new["localiser_sha256"] == old["localiser_sha256"]
         assert (new["tta_flips"], new["threshold"]) == (old["tta_flips"], old["threshold"])
         # the same Dice up to the last bits of bfloat16 arithmetic: on a CPU with AVX512-BF16 but no AMX the
         # scoring during training and the rescoring of the saved weights differ by ~2e-5 (an AMD EPYC; exactly
