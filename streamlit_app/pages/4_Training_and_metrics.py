@@ -287,6 +287,9 @@ else:
     st.markdown(f"**Inference setting**: {views_in_words(tuple(card['input_spec'].get('views', [2])))}; on a single "
                 f"view {card['input_spec'].get('tta_flips', 1)} in-plane flip(s) averaged, fused views one pass each; "
                 f"mask threshold {card.get('threshold', 0.5):g} ({card.get('threshold_rule', '')}).")
+    loc = card["input_spec"].get("localiser")
+    if loc:  # a search aid, not part of the mask: said here so the card's figures are read with it
+        st.markdown(f"**Localiser** (volumes wide in every direction): {loc.get('rule', '')}.")
     if v.get("inference_choice"):
         with st.expander("Settings compared"):
             st.dataframe(pd.DataFrame(v["inference_choice"]).rename(columns={
