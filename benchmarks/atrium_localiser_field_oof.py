@@ -22,24 +22,15 @@ from core import atrium as A
 
 from _oof import run_fused_experiment
 
-_loaded: dict[str, A.Localiser] = {}
-
-
 def _localiser(lm) -> A.Localiser:
-    """The localiser kept beside a fold model (a folder on the command line holding both), checked to have been
-    trained on the fold's training volumes."""
-    import json
-    import sys
-    from pathlib import Path
-
-    key = lm.card["weights_sha256"]
-    if key not in _loaded:
-        dirs = [Path(a) for a in sys.argv[1:] if (Path(a) / "atrium.json").is_file()]
-        wdir = next(d for d in dirs if json.loads((d / "atrium.json").read_text())["weights_sha256"] == key)
-        loc = A.load_localiser(wdir)
-        A.check_fold_localiser(loc.card, {"fold": wdir.name, "train_cases": lm.card["data"]["train_cases"]}, wdir)
-        _loaded[key] = loc
-    return _loaded[key]
+    """The localiser a fold model's card names (loaded beside it by ``load_model``, sha256-checked), checked to have
+    been trained on the fold's training volumes."""
+    if lm.localiser is None:
+        raise SystemExit("this fold model's card names no localiser: run `python -m core.atrium localiser <folds dir>` "
+                         "and `python -m core.atrium rescore <folds dir>` first")
+    rec = {"fold": lm.card.get("title"), "train_cases": lm.card["data"]["train_cases"]}
+    A.check_fold_localiser(lm.localiser.card, rec, "the fold's folder")
+    return lm.localiser
 
 
 def _app(lm, v, views, ctx):

@@ -339,10 +339,9 @@ def localise_in_field(model: nn.Module, norm: np.ndarray, spacing: tuple[float, 
     if field is not None:
         box, p = localise_pass(model, np.ascontiguousarray(norm[field]), spacing, axis, grid_mm, threshold,
                                batch_size, autocast_ctx, progress)
-        if box is None:
-            pass  # the model sees nothing where the localiser did: the whole volume is read below
-        elif all((b.start > 0 or f.start == 0) and (b.stop < f.stop - f.start or f.stop == n)
-                 for b, f, n in zip(box, field, norm.shape)):
+        # kept unless the model sees nothing there or its box reaches the field's edge: then the whole volume below
+        if box is not None and all((b.start > 0 or f.start == 0) and (b.stop < f.stop - f.start or f.stop == n)
+                                   for b, f, n in zip(box, field, norm.shape)):
             return tuple(slice(f.start + b.start, f.start + b.stop) for b, f in zip(box, field)), p[box]
     box, p = localise_pass(model, norm, spacing, axis, grid_mm, threshold, batch_size, autocast_ctx, progress)
     return box, (p[box] if box is not None else None)
@@ -471,11 +470,13 @@ def localiser_for(card: dict, wdir=None) -> Localiser | None:
     return loc
 
 
-def localiser_record(loc: Localiser) -> dict:
-    """What an atrium card's ``input_spec.localiser`` says of the localiser its figures were measured with."""
-    return {"task": LOCALISER_TASK, "weights_sha256": loc.card.get("weights_sha256"), "grid_mm": loc.grid_mm,
+def localiser_record(card: dict) -> dict:
+    """What an atrium card's ``input_spec.localiser`` says of the localiser (its own ``card``) that the atrium
+    card's figures were measured with."""
+    grid = float(card["input_spec"]["spacing_mm"])
+    return {"task": LOCALISER_TASK, "weights_sha256": card.get("weights_sha256"), "grid_mm": grid,
             "rule": (f"fused path: this network reads one slice in {LOCALISER_STRIDE} of the first view on a "
-                     f"{loc.grid_mm:g} mm grid; the segmenting model's localising pass then reads only the field "
+                     f"{grid:g} mm grid; the segmenting model's localising pass then reads only the field "
                      f"around its largest piece ({FIELD_MARGIN_MM:g} mm of context) and finds the box as over the "
                      "whole volume, which it reads instead when the localiser finds nothing or the box reaches the "
                      "field's edge")}
@@ -1160,7 +1161,7 @@ def name_localiser(loc: Localiser, wdir=None) -> dict:
     from core.config import weights_dir
 
     card = read_card("atrium", wdir)
-    card["input_spec"]["localiser"] = localiser_record(loc)
+    card["input_spec"]["localiser"] = localiser_record(loc.card)
     _atomic_write(weights_dir(wdir) / "atrium.json", (_json.dumps(_clean(card), indent=1) + "\n").encode())
     return card["input_spec"]["localiser"]
 
@@ -1368,7 +1369,7 @@ def cross_validate(root, device: torch.device, out_dir=None, folds: int = 5, see
         loc = inference_localiser(loc_model, loc_card)
         card: dict = {"input_spec": {"views": [2]}, "validation": {}}
         apply_inference_choice(card, model, vols, tr, va, grid, device, bf16=bf16, localiser=loc)
-        card["input_spec"]["localiser"] = localiser_record(loc)
+        card["input_spec"]["localiser"] = localiser_record(loc.card)
         sha = _fold_weights(model, card, cases, tr, va, k, cfg, device, smoke, keep_weights)
         if keep_weights is not None:
             from core.checkpoint import save_checkpoint
@@ -1483,7 +1484,7 @@ def rescore_folds(folds_dir, root=None, only: list[int] | None = None, out_dir=N
         card: dict = {"input_spec": {"views": [2]}, "validation": {}}
         apply_inference_choice(card, model, vols, tr, va, lm.grid_mm, cpu, bf16=bf16, localiser=loc)
         if loc is not None:
-            card["input_spec"]["localiser"] = localiser_record(loc)
+            card["input_spec"]["localiser"] = localiser_record(loc.card)
             rec["localiser_sha256"] = loc.card["weights_sha256"]
             cv.setdefault("training", {})["localiser"] = localiser_recipe()
         else:
@@ -1718,7 +1719,7 @@ def train_atrium(root, cfg, device: torch.device, smoke: bool = False, out_dir=N
             f"the time budget cut the {cfg.epochs}-epoch schedule to {res.epochs_planned} epochs on this machine; "
             "the cross-validated figures are those of the full schedule")
     card["input_spec"].update(views=[2], tta_flips=flips, view_rule=VIEW_RULE, orientation=ORIENTATION_RULE,
-                              localiser=localiser_record(inference_localiser(loc_model, loc_card)))
+                              localiser=localiser_record(loc_card))
     per_ds = {ds: sum(v.dataset == ds for v in vols) for ds in sorted({v.dataset for v in vols})}
     card.update({
         "loss": "BCE + soft Dice", "augmentation": AUGMENTATION,

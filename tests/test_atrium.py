@@ -550,7 +550,7 @@ def test_localiser_arguments_are_checked_and_the_card_names_the_one_it_was_measu
     save_checkpoint(net.state_dict(), card, A.LOCALISER_TASK, tmp_path)
     loc = A.load_localiser(tmp_path)
     assert loc.grid_mm == A.LOCALISER_GRID_MM and not loc.model.training
-    rec = A.localiser_record(loc)
+    rec = A.localiser_record(loc.card)
     assert A.localiser_for({"input_spec": {"localiser": rec}}, tmp_path).card["weights_sha256"] == rec["weights_sha256"]
     with pytest.raises(MissingWeightsError):  # other weights than the card's figures were measured with
         A.localiser_for({"input_spec": {"localiser": {**rec, "weights_sha256": "0" * 64}}}, tmp_path)
