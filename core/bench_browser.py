@@ -3,7 +3,7 @@ not a timed test).
 
     python -m core.bench_browser [--json benchmarks/felt-cpu-2core.json] [--repeats 5] [--data-root DIR]
 
-Starts `streamlit run streamlit_app/Home.py` on localhost, drives Debian's chromium with Playwright
+Starts `streamlit run streamlit_app/app.py` (the launcher) on localhost, drives Debian's chromium with Playwright
 (headless) and times, from the user's action to what they wait for:
 
 - server start to Home rendered (a fresh server per repeat), and the first chest X-ray after start (below); every
@@ -116,7 +116,7 @@ def _free_port() -> int:
 
 def _start(port: int, log: Path, script: Path | None = None) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "-m", "streamlit", "run", str(script or PROJECT_ROOT / "streamlit_app" / "Home.py"),
+        [sys.executable, "-m", "streamlit", "run", str(script or PROJECT_ROOT / "streamlit_app" / "app.py"),
          "--server.port", str(port), "--server.address", "127.0.0.1", "--server.headless", "true",
          "--browser.gatherUsageStats", "false"],
         cwd=PROJECT_ROOT, stdout=open(log, "wb"), stderr=subprocess.STDOUT, env={**os.environ})

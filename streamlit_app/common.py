@@ -33,37 +33,7 @@ from core.tasks import TASKS  # noqa: E402
 log = logging.getLogger("medimg.app")
 
 from core.constants import DISCLAIMER  # noqa: E402,F401  (one wording for the pages and the PDF report)
-
-
-def enable_tcp_nodelay() -> bool:
-    """Send every small write of this server's connections at once (TCP_NODELAY). Returns False if it was on.
-
-    Streamlit 1.67's server binds its listening socket itself, as ``socket.socket(family)``: its protocol number
-    is 0, not IPPROTO_TCP, so asyncio's transports (``asyncio.base_events._set_nodelay``) leave Nagle's algorithm
-    on for every connection it accepts. A response written as headers then body then waits for the browser's
-    delayed acknowledgement: 40 ms per file on a kept-alive connection (61 front-end files fetched one after
-    another: 2.58 s, with TCP_NODELAY 0.08-0.11 s), so a new tab took 1.34 s to its uploader instead of 1.13 s
-    (chromium, 2 cores, servers with and without it alternated, 2026-12-06). Connections accepted after the first
-    page has run (this module is imported by every page) are the ones that gain; earlier ones keep the default."""
-    import socket
-    from asyncio import base_events
-
-    current = base_events._set_nodelay
-    if getattr(current, "medimg_nodelay", False):
-        return False
-
-    def _set_nodelay(sock: socket.socket) -> None:
-        current(sock)
-        if sock.family in (socket.AF_INET, socket.AF_INET6) and sock.type == socket.SOCK_STREAM and sock.proto == 0:
-            try:
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            except OSError:  # a socket closed in between: nothing to speed up
-                pass
-
-    _set_nodelay.medimg_nodelay = True  # type: ignore[attr-defined]
-    base_events._set_nodelay = _set_nodelay
-    return True
-
+from frontend import enable_tcp_nodelay  # noqa: E402  (also the launcher's; see streamlit_app/frontend.py)
 
 enable_tcp_nodelay()
 

@@ -11,7 +11,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-# `streamlit run streamlit_app/Home.py` puts the app folder on the path; AppTest of a page does not.
+# `streamlit run streamlit_app/app.py` (or Home.py) puts the app folder on the path; AppTest of a page does not.
 sys.path.insert(0, str(ROOT / "streamlit_app"))
 
 from core.config import data_root  # noqa: E402

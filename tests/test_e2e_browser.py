@@ -13,7 +13,10 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -46,19 +49,19 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    _need_browser()
+@contextmanager
+def _app_server(log: Path, base_path: str = "", env: dict | None = None) -> Iterator[tuple[subprocess.Popen, str]]:
+    """`streamlit run streamlit_app/app.py` (the launcher) on a free localhost port, waited until healthy;
+    yields the process and the app's address (with ``base_path``, its server.baseUrlPath); stopped after."""
     port = _free_port()
-    log = tmp_path_factory.mktemp("server") / "streamlit.log"
-    t0 = time.time()
+    extra = ["--server.baseUrlPath", base_path] if base_path else []
     proc = subprocess.Popen(
-        [sys.executable, "-m", "streamlit", "run", str(PROJECT_ROOT / "streamlit_app" / "Home.py"),
+        [sys.executable, "-m", "streamlit", "run", str(PROJECT_ROOT / "streamlit_app" / "app.py"),
          "--server.port", str(port), "--server.address", "127.0.0.1", "--server.headless", "true",
-         "--browser.gatherUsageStats", "false"],
-        cwd=PROJECT_ROOT, stdout=open(log, "wb"), stderr=subprocess.STDOUT, env={**os.environ},
+         "--browser.gatherUsageStats", "false", *extra],
+        cwd=PROJECT_ROOT, stdout=open(log, "wb"), stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
     )
-    url = f"http://127.0.0.1:{port}"
+    url = f"http://127.0.0.1:{port}" + (f"/{base_path}" if base_path else "")
     try:
         for _ in range(120):
             try:
@@ -68,14 +71,23 @@ def server(tmp_path_factory):
                 time.sleep(0.5)
         else:
             pytest.fail(f"streamlit did not start: {log.read_text()[-2000:]}")
-        yield {"url": url, "t0": t0, "log": log}
-        _record("server_peak_rss_mb", _peak_rss_mb(proc.pid))
+        yield proc, url
     finally:
         proc.terminate()
         try:
             proc.wait(10)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    _need_browser()
+    t0 = time.time()
+    log = tmp_path_factory.mktemp("server") / "streamlit.log"
+    with _app_server(log) as (proc, url):
+        yield {"url": url, "t0": t0, "log": log}
+        _record("server_peak_rss_mb", _peak_rss_mb(proc.pid))
 
 
 def _peak_rss_mb(pid: int) -> float | None:
@@ -307,6 +319,41 @@ def test_atrium_dicom_series_in_dicom_segmentation_out(server, browser, lge_root
     assert 10_000 < mask.sum() * np.prod(src.header.get_zooms()) < 250_000  # a left atrium: 10-250 mL
     assert "Traceback" not in page.inner_text("body")
     page.close()
+
+
+def _open_and_list_requests(browser, url: str) -> tuple[Any, list[str]]:
+    """A page at ``url`` in a fresh context, waited to its uploader; the URLs it requested on the way."""
+    page = browser.new_page(viewport={"width": 1400, "height": 1100})
+    page.set_default_timeout(TIMEOUT_MS)
+    urls: list[str] = []
+    page.on("request", lambda r: urls.append(r.url))
+    page.goto(url)
+    wait_uploader(page)
+    return page, urls
+
+
+def test_a_page_opened_at_its_own_address_connects_at_once(server, browser):
+    """The launcher writes the server's address into the page (streamlit_app/frontend.py): the front end does
+    not first ask for /<page>/_stcore/health, get refused and wait 100 ms before asking the server's root."""
+    page, urls = _open_and_list_requests(browser, f"{server['url']}/Atrium_segmentation")
+    assert not [u for u in urls if "/Atrium_segmentation/_stcore/" in u], urls
+    assert f"{server['url']}/_stcore/health" in urls
+    assert "Left-atrium segmentation" in page.inner_text("body")  # the page asked for, not Home
+    page.reload()  # a reload stays on the page
+    wait_uploader(page)
+    assert "Left-atrium segmentation" in page.inner_text("body") and page.url.endswith("/Atrium_segmentation")
+    page.close()
+
+
+def test_the_launcher_behind_a_base_url_path(server, browser, tmp_path):
+    """With server.baseUrlPath (a server behind a proxy path), pages opened at their address still connect to
+    the server's base at once, and its front-end files come through."""
+    with _app_server(tmp_path / "streamlit.log", base_path="medimg", env={"MEDIMG_WARM_UP": "0"}) as (_, base):
+        page, urls = _open_and_list_requests(browser, f"{base}/Pneumonia")
+        assert not [u for u in urls if "/Pneumonia/_stcore/" in u], urls
+        assert f"{base}/_stcore/health" in urls and any(u.startswith(f"{base}/static/js/") for u in urls)
+        assert "Pneumonia from a chest X-ray" in page.inner_text("body")
+        page.close()
 
 
 def test_metrics_page(server, browser):

@@ -33,7 +33,7 @@ def _start(tmp: Path, env_extra: dict) -> tuple[subprocess.Popen, str, Path]:
     port = _free_port()
     log = tmp / "server.log"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "streamlit", "run", str(PROJECT_ROOT / "streamlit_app" / "Home.py"),
+        [sys.executable, "-m", "streamlit", "run", str(PROJECT_ROOT / "streamlit_app" / "app.py"),
          "--server.port", str(port), "--server.address", "127.0.0.1", "--server.headless", "true"],
         cwd=PROJECT_ROOT, stdout=open(log, "wb"), stderr=subprocess.STDOUT, env={**os.environ, **env_extra},
     )
