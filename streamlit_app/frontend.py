@@ -8,10 +8,7 @@ streamlit_app/app.py` (the launcher), both measured in a real browser on 2 cores
     ``/_stcore/host-config`` under the page's own address, is refused, and asks again at the parent address
     after a fixed 100 ms (Streamlit 1.67's connection start): 0.1-0.25 s lost on every page opened that way.
     The address given is that parent address, the one Streamlit would reach itself, so a server behind a
-    proxy path prefix is found as before. The shell also asks the browser to fetch, beside the front end, the
-    code of the two widgets every module page opens with (the file uploader and the sample selector, with
-    the modules they import: 27 files, 264 KB in Streamlit 1.67), which the front end would otherwise
-    request only once the page's first run has arrived.
+    proxy path prefix is found as before.
   * Streamlit's own front-end files (``/static/...``: hashed, immutable) are answered from the installed
     package directly, in one write each, without Streamlit's per-request stack (session cookie, gzip
     selection, a file read in worker threads); 58 of them are fetched when a page first opens. Only exact
@@ -23,7 +20,6 @@ unchanged; if Streamlit's static layout changes, it answers nothing itself and t
 from __future__ import annotations
 
 import mimetypes
-import re
 import socket
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from pathlib import Path
@@ -62,37 +58,12 @@ def page_url_names(pages_dir: Path) -> frozenset[str]:
                      if (name := page_icon_and_name(p)[1]))
 
 
-# The widgets every module page shows first (Streamlit's lazily loaded chunks are named after them).
-FIRST_WIDGETS = ("FileUploader", "Selectbox")
-_LISTED = re.compile(r'"\./static/js/([^"/]+\.js)"')
-_IMPORTED = re.compile(r'(?:from|import)\s*"\./([^"/]+\.js)"')
-
-
-def widget_chunks(static_dir: Path, index_html: str, widgets: Iterable[str] = FIRST_WIDGETS) -> list[str]:
-    """The front-end files (names in ``static/js``) of ``widgets`` and of every module they import, directly or
-    not, that ``index_html`` does not already load; [] where Streamlit names its chunks otherwise."""
-    js = Path(static_dir) / "static" / "js"
-    listed = set(_LISTED.findall(index_html))
-    todo = [p.name for w in widgets for p in sorted(js.glob(f"{w}.*.js"))]
-    found: list[str] = []
-    while todo:
-        name = todo.pop(0)
-        if name in found or name in listed or not (js / name).is_file():
-            continue
-        found.append(name)
-        todo += _IMPORTED.findall((js / name).read_text(encoding="utf-8", errors="replace"))
-    return found
-
-
-def page_shell(index_html: str, preload: Iterable[str] = ()) -> bytes:
+def page_shell(index_html: str) -> bytes:
     """Streamlit's index.html with ``BASE_ADDRESS_SCRIPT`` first in its head (before the front end's module
-    script reads ``window.__streamlit``) and a module preload for each name in ``preload`` (files of
-    ``static/js``) last. Raises ValueError if the page has no ``<head>`` or ``</head>``."""
-    if "<head>" not in index_html or "</head>" not in index_html:
+    script reads ``window.__streamlit``). Raises ValueError if the page has no ``<head>``."""
+    if "<head>" not in index_html:
         raise ValueError("Streamlit's index.html has no <head>: its layout changed")
-    links = "".join(f'<link rel="modulepreload" crossorigin href="./static/js/{n}">' for n in preload)
-    return index_html.replace("<head>", "<head>" + BASE_ADDRESS_SCRIPT, 1).replace("</head>", links + "</head>",
-                                                                                  1).encode()
+    return index_html.replace("<head>", "<head>" + BASE_ADDRESS_SCRIPT, 1).encode()
 
 
 def static_files(static_dir: Path) -> dict[str, tuple[Path, str]]:
@@ -122,8 +93,7 @@ class FrontEndMiddleware:
         static_dir = Path(static_dir) if static_dir is not None else streamlit_static_dir()
         index = static_dir / "index.html"
         try:
-            html = index.read_text(encoding="utf-8")
-            self.shell: bytes | None = page_shell(html, widget_chunks(static_dir, html))
+            self.shell: bytes | None = page_shell(index.read_text(encoding="utf-8"))
         except (OSError, ValueError):  # another Streamlit layout: leave the pages to Streamlit
             self.shell = None
         self.files = static_files(static_dir)

@@ -12,7 +12,7 @@ if str(APP_DIR) not in sys.path:
     sys.path.insert(0, str(APP_DIR))
 
 from frontend import (BASE_ADDRESS_SCRIPT, FrontEndMiddleware, page_shell, page_url_names,  # noqa: E402
-                      static_files, streamlit_static_dir, widget_chunks)
+                      static_files, streamlit_static_dir)
 
 INDEX = '<!doctype html><html lang="en"><head><title>Streamlit</title></head><body></body></html>'
 JS = b"export const x = 1;\n"
@@ -69,22 +69,6 @@ def test_the_shell_carries_the_base_address_before_anything_else_in_its_head():
     assert shell.replace(BASE_ADDRESS_SCRIPT, "") == INDEX
     with pytest.raises(ValueError, match="no <head>"):
         page_shell("<html><body></body></html>")
-    preloaded = page_shell(INDEX, ["a.1.js", "b.2.js"]).decode()
-    assert preloaded.index('<link rel="modulepreload" crossorigin href="./static/js/a.1.js">'
-                           '<link rel="modulepreload" crossorigin href="./static/js/b.2.js"></head>') > 0
-
-
-def test_the_first_widgets_code_is_found_through_its_imports(tmp_path):
-    js = tmp_path / "static" / "js"
-    js.mkdir(parents=True)
-    (js / "FileUploader.aa.js").write_text('import{a}from"./dep.bb.js";import"./listed.cc.js";export{}')
-    (js / "dep.bb.js").write_text('import{b}from"./deeper.dd.js";import{c}from"./FileUploader.aa.js";')
-    (js / "deeper.dd.js").write_text('import {x} from "./gone.ee.js";')  # a name without a file: skipped
-    (js / "listed.cc.js").write_text("")
-    (js / "Other.ff.js").write_text("")
-    index = '<head><script type="module" src="./static/js/listed.cc.js"></script></head>'
-    assert widget_chunks(tmp_path, index) == ["FileUploader.aa.js", "dep.bb.js", "deeper.dd.js"]
-    assert widget_chunks(tmp_path, index, widgets=("Selectbox",)) == []
 
 
 def test_a_page_at_its_own_address_gets_the_shell_and_the_front_end_files_are_answered(static_dir):
@@ -153,9 +137,6 @@ def test_the_installed_streamlit_has_the_layout_the_middleware_serves():
     files = static_files(static)
     listed = [line.split('"./')[1].split('"')[0] for line in index.splitlines() if '"./static/' in line]
     assert listed and all("/" + name in files for name in listed)
-    chunks = widget_chunks(static, index)
-    assert any(c.startswith("FileUploader.") for c in chunks) and any(c.startswith("Selectbox.") for c in chunks)
-    assert all("/static/js/" + c in files for c in chunks)
     # the front end still reads the base address from window.__streamlit.BACKEND_BASE_URL
     bundles = [p for p in (static / "static" / "js").glob("index.*.js") if "BACKEND_BASE_URL" in p.read_text()]
     assert bundles
