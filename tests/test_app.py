@@ -420,3 +420,27 @@ def test_server_connections_get_tcp_nodelay_although_the_listening_socket_has_pr
         return value
 
     assert asyncio.run(accepted_nodelay()) == 1
+
+
+def test_no_page_relies_on_streamlit_magic():
+    """.streamlit/config.toml turns Streamlit's "magic" off (it costs each page a source rewrite): a bare
+    expression that is not a call or a docstring would then show nothing, so none may be written."""
+    import ast
+    import tomllib
+
+    assert tomllib.loads((PROJECT_ROOT / ".streamlit" / "config.toml").read_text())["runner"]["magicEnabled"] is False
+    found = []
+    for path in [APP / "Home.py", *sorted((APP / "pages").glob("*.py"))]:
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            body = getattr(node, "body", None)
+            for field in ("body", "orelse", "finalbody"):
+                seq = getattr(node, field, None)
+                for i, stmt in enumerate(seq if isinstance(seq, list) else []):
+                    if not isinstance(stmt, ast.Expr) or isinstance(stmt.value, (ast.Call, ast.Await, ast.Yield)):
+                        continue
+                    docstring = (seq is body and i == 0 and isinstance(stmt.value, ast.Constant)
+                                 and isinstance(node, (ast.Module, ast.FunctionDef, ast.ClassDef)))
+                    if not docstring:
+                        found.append(f"{path.name}:{stmt.lineno}")
+    assert not found, f"bare expressions (shown only with magic on): {found}"
