@@ -50,13 +50,14 @@ def _free_port() -> int:
 
 
 @contextmanager
-def _app_server(log: Path, base_path: str = "", env: dict | None = None) -> Iterator[tuple[subprocess.Popen, str]]:
-    """`streamlit run streamlit_app/app.py` (the launcher) on a free localhost port, waited until healthy;
-    yields the process and the app's address (with ``base_path``, its server.baseUrlPath); stopped after."""
+def _app_server(log: Path, base_path: str = "", env: dict | None = None,
+                script: str = "app.py") -> Iterator[tuple[subprocess.Popen, str]]:
+    """`streamlit run streamlit_app/<script>` (default: app.py, the launcher) on a free localhost port, waited
+    until healthy; yields the process and the app's address (with ``base_path``, its server.baseUrlPath)."""
     port = _free_port()
     extra = ["--server.baseUrlPath", base_path] if base_path else []
     proc = subprocess.Popen(
-        [sys.executable, "-m", "streamlit", "run", str(PROJECT_ROOT / "streamlit_app" / "app.py"),
+        [sys.executable, "-m", "streamlit", "run", str(PROJECT_ROOT / "streamlit_app" / script),
          "--server.port", str(port), "--server.address", "127.0.0.1", "--server.headless", "true",
          "--browser.gatherUsageStats", "false", *extra],
         cwd=PROJECT_ROOT, stdout=open(log, "wb"), stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
@@ -353,6 +354,16 @@ def test_the_launcher_behind_a_base_url_path(server, browser, tmp_path):
         assert not [u for u in urls if "/Pneumonia/_stcore/" in u], urls
         assert f"{base}/_stcore/health" in urls and any(u.startswith(f"{base}/static/js/") for u in urls)
         assert "Pneumonia from a chest X-ray" in page.inner_text("body")
+        page.close()
+
+
+def test_home_py_started_directly_still_serves_the_pages(server, browser, tmp_path):
+    """`streamlit run streamlit_app/Home.py` (without the launcher) works as the README says, only without the
+    launcher's shortcut: the front end first asks under the page's address and is refused."""
+    with _app_server(tmp_path / "streamlit.log", env={"MEDIMG_WARM_UP": "0"}, script="Home.py") as (_, url):
+        page, urls = _open_and_list_requests(browser, f"{url}/Cardiac")
+        assert "Cardiac disease from cine short-axis MRI" in page.inner_text("body")
+        assert f"{url}/Cardiac/_stcore/health" in urls
         page.close()
 
 
