@@ -1155,14 +1155,12 @@ def train_localiser(wdir=None, root=None, smoke: bool = False, seed: int = 0) ->
 def name_localiser(loc: Localiser, wdir=None) -> dict:
     """Write ``loc`` (saved in ``wdir``) into the atrium card's ``input_spec.localiser`` there; returns the record.
     The card's figures are those of the path without it until ``finish_card`` rescores it."""
-    import json as _json
-
-    from core.checkpoint import _atomic_write, _clean, read_card
+    from core.checkpoint import read_card, write_json
     from core.config import weights_dir
 
     card = read_card("atrium", wdir)
     card["input_spec"]["localiser"] = localiser_record(loc.card)
-    _atomic_write(weights_dir(wdir) / "atrium.json", (_json.dumps(_clean(card), indent=1) + "\n").encode())
+    write_json(weights_dir(wdir) / "atrium.json", card)
     return card["input_spec"]["localiser"]
 
 
@@ -1443,11 +1441,10 @@ def rescore_folds(folds_dir, root=None, only: list[int] | None = None, out_dir=N
     and takes the new flips, threshold, per-case figures and quality check, with ``rescored`` (commit, date).
     The fold's own card is updated the same way. Folds without a kept model are left as they are; the file's
     ``scoring`` becomes CV_SCORING only when every fold in it has been scored with it. Returns the report."""
-    import json
     from datetime import datetime, timezone
 
     from core import io as mio
-    from core.checkpoint import _atomic_write, _clean, git_commit
+    from core.checkpoint import git_commit, write_json
     from core.config import data_root, weights_dir
     from core.errors import MedImgError
     from core.precision import native_bf16
@@ -1499,7 +1496,7 @@ def rescore_folds(folds_dir, root=None, only: list[int] | None = None, out_dir=N
             spec_in.pop("localiser", None)
         fold_card = {**lm.card, "input_spec": spec_in,
                      "threshold": card["threshold"], "quality_check": qc, "validation": card["validation"]}
-        _atomic_write(dirs[k] / "atrium.json", (json.dumps(_clean(fold_card), indent=1) + "\n").encode())
+        write_json(dirs[k] / "atrium.json", fold_card)
     if all(f.get("scoring", cv.get("scoring")) == CV_SCORING for f in cv["folds"]):
         cv["scoring"] = CV_SCORING
         for f in cv["folds"]:
@@ -1627,12 +1624,9 @@ def set_cv_inference_setting(card: dict, cv: dict) -> dict:
 
 def write_cv(cv: dict, path) -> None:
     """Write a cross-validation record (atrium.cv.json) atomically, in the one form every writer uses."""
-    import json
+    from core.checkpoint import write_json
 
-    from core.checkpoint import _atomic_write, _clean
-
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write(Path(path), (json.dumps(_clean(cv), indent=1) + "\n").encode())
+    write_json(path, cv)
 
 
 def cv_complete(cv: dict | None) -> bool:
@@ -1756,10 +1750,8 @@ def finish_card(wdir=None, root=None, smoke: bool = False) -> dict:
     quality check on them, measure it on non-atrium inputs, and put the pooled cross-validation figures in
     "validation" (the check's validation firing from the folds, each with its own limits). Rewrites the
     card; can be rerun on its own (``python -m core.atrium finish``)."""
-    import json as _json
-
     from core import io as mio
-    from core.checkpoint import _atomic_write, _clean
+    from core.checkpoint import write_json
     from core.config import data_root, weights_dir
     from core.precision import native_bf16
 
@@ -1806,7 +1798,7 @@ def finish_card(wdir=None, root=None, smoke: bool = False) -> dict:
         qc["foreign_inputs"] = foreign_firing(lm.model, card, root, cpu, bf16, loc)
     card["quality_check"] = qc
     path = weights_dir(wdir) / "atrium.json"
-    _atomic_write(path, (_json.dumps(_clean(card), indent=1) + "\n").encode())
+    write_json(path, card)
     return card
 
 

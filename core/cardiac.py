@@ -351,7 +351,7 @@ def build(root, wdir=None, seed: int = 0, folds: int = 5) -> dict:
     from datetime import datetime, timezone
 
     from core.calibration import binary_temperature, ece_if_calibrated
-    from core.checkpoint import _atomic_write, _clean, git_commit
+    from core.checkpoint import git_commit, write_json
     from core.config import weights_dir
 
     lm = load_base("cardiac", wdir, optimize=False)
@@ -462,7 +462,7 @@ def build(root, wdir=None, seed: int = 0, folds: int = 5) -> dict:
         "git_commit": git_commit(), "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     path = weights_dir(wdir) / DIAGNOSIS_FILE
-    _atomic_write(path, (json.dumps(_clean(report), indent=1) + "\n").encode())
+    write_json(path, report)
     return report
 
 
@@ -614,7 +614,7 @@ def binary_calibration(root, wdir=None) -> dict:
     from pathlib import Path
 
     from core.calibration import binary_ece, cross_fitted, ece_if_calibrated
-    from core.checkpoint import _atomic_write, _clean, read_card
+    from core.checkpoint import read_card, write_json
     from core.config import weights_dir
 
     card = read_card("cardiac", wdir)
@@ -633,7 +633,7 @@ def binary_calibration(root, wdir=None) -> dict:
                        f"{len(ids)} patients (outcomes drawn from its own probabilities); p_value: share of draws "
                        "at or above the measured ECE after calibration",
                **ece_if_calibrated(r["cross_fitted"], binary_ece, r["ece_after_cross_fitted"])}}
-    _atomic_write(weights_dir(wdir) / BINARY_CALIBRATION_FILE, (json.dumps(_clean(rep), indent=1) + "\n").encode())
+    write_json(weights_dir(wdir) / BINARY_CALIBRATION_FILE, rep)
     return rep
 
 

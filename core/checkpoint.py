@@ -44,6 +44,16 @@ def _clean(obj):
     return obj
 
 
+def json_bytes(obj) -> bytes:
+    """A card or report as the project writes it: JSON-safe (``_clean``), indented by 1, one final newline."""
+    return (json.dumps(_clean(obj), indent=1) + "\n").encode()
+
+
+def write_json(path: str | Path, obj) -> None:
+    """Write ``json_bytes(obj)`` to ``path`` atomically (``_atomic_write``)."""
+    _atomic_write(Path(path), json_bytes(obj))
+
+
 # Read once at import (os.umask can only be read by setting it): the mode a plain open() would give.
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -126,7 +136,7 @@ def save_checkpoint(state_dict: dict, card: dict, task: str, out_dir: str | Path
     card["weights_bytes"] = len(data)
     pt_tmp, js_tmp = _partials(out, task)
     _write_full(pt_tmp, data)
-    _write_full(js_tmp, (json.dumps(_clean(card), indent=1) + "\n").encode())
+    _write_full(js_tmp, json_bytes(card))
     os.replace(pt_tmp, out / f"{task}.pt")
     os.replace(js_tmp, out / f"{task}.json")
     return out / f"{task}.pt"

@@ -646,7 +646,7 @@ def calibrate(root, wdir=None, seed: int = 0) -> dict:
     from pathlib import Path
 
     from core import io as mio
-    from core.checkpoint import _atomic_write, _clean
+    from core.checkpoint import write_json
 
     lm = load_base("pneumonia", wdir)
     root = Path(root)
@@ -688,7 +688,7 @@ def calibrate(root, wdir=None, seed: int = 0) -> dict:
            "n": int(len(yy)), "ece_before": binary_ece(yy, pp_), "ece_after_cross_fitted": binary_ece(yy, cross),
            "ece_before_clean_only": binary_ece(y, probs["clean"]),
            "reliability_before": curve(pp_), "reliability_after": curve(cross)}
-    _atomic_write(weights_dir(wdir) / CALIBRATION_FILE, (json.dumps(_clean(rep), indent=1) + "\n").encode())
+    write_json(weights_dir(wdir) / CALIBRATION_FILE, rep)
     return rep
 
 

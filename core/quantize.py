@@ -128,10 +128,9 @@ def ranges_paths(task: str, wdir=None) -> tuple[Path, Path]:
 def save_ranges(state: dict[str, torch.Tensor], info: dict, task: str, weights_sha256: str, wdir=None) -> dict:
     """Write the activation ranges of ``task``'s weights (sha256 ``weights_sha256``) and their card (``info``
     plus both checksums, torch version, date, commit); returns the card."""
-    import json
     from datetime import datetime, timezone
 
-    from core.checkpoint import _atomic_write, _clean, git_commit, sha256_bytes, state_bytes
+    from core.checkpoint import _atomic_write, git_commit, json_bytes, sha256_bytes, state_bytes
 
     pt, js = ranges_paths(task, wdir)
     data = state_bytes(state)
@@ -139,7 +138,7 @@ def save_ranges(state: dict[str, torch.Tensor], info: dict, task: str, weights_s
             "torch_version": torch.__version__, "git_commit": git_commit(),
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     _atomic_write(pt, data)
-    _atomic_write(js, (json.dumps(_clean(card), indent=1) + "\n").encode())
+    _atomic_write(js, json_bytes(card))
     return card
 
 
