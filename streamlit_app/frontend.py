@@ -1,5 +1,5 @@
 """How the app server hands Streamlit's front end to a browser: the two fixes behind `streamlit run
-streamlit_app/app.py` (the launcher), both measured in a real browser on 2 cores (README, Limits: felt speed).
+streamlit_app/app.py` (the launcher), both measured in a real browser on 2 cores (docs/speed.md).
 
 - ``FrontEndMiddleware`` (an ASGI middleware for ``st.App``):
   * a module page opened at its own address (a new tab, a bookmark, a reload) gets Streamlit's page shell with
