@@ -194,7 +194,17 @@ def render_pdf(report: CaseReport, card: dict, when: _dt.datetime | None = None)
 # --------------------------------------------------------------------------- per task
 
 
-def _pct(p: float) -> str:
+def format_probability(p: float) -> str:
+    """A model's probability as a reader sees it (pages, case reports, result images): a percent with one
+    decimal, but never "0.0%" or "100.0%", which would read as certainty no model trained on a few thousand
+    images or 80 patients has; those show as "< 0.1%" and "> 99.9%"."""
+    if not 0.0 <= p <= 1.0:  # also NaN
+        raise ValueError(f"a probability lies in [0, 1], got {p}")
+    text = f"{p:.1%}"
+    return "< 0.1%" if text == "0.0%" else "> 99.9%" if text == "100.0%" else text
+
+
+def _pct(p: float) -> str:  # thresholds and other shares: plain
     return f"{p:.1%}"
 
 
@@ -223,7 +233,7 @@ def xray_report(result, image, case_name: str) -> CaseReport:
                                   "regions that most raised it), on the model's square input",
                                   heatmap_overlay(result.display, result.heatmap, 0.4)))
     return CaseReport("pneumonia", case_name, headline,
-                      [("P(pneumonia)", _pct(result.probability)), ("Decision threshold", _pct(result.threshold))],
+                      [("P(pneumonia)", format_probability(result.probability)), ("Decision threshold", _pct(result.threshold))],
                       images, notes, info)
 
 
@@ -252,7 +262,7 @@ def cardiac_report(result, case_name: str, diagnosis_model: dict | None = None) 
     headline = {"positive": "Finding: the heart looks diseased (any of DCM, HCM, previous MI, abnormal RV).",
                 "negative": "Finding: the heart looks normal.",
                 "uncertain": "Uncertain - refer to a specialist: P(disease) is close to the decision threshold."}[band]
-    figures = [("P(disease)", _pct(result.probability)), ("Decision threshold", _pct(result.threshold))]
+    figures = [("P(disease)", format_probability(result.probability)), ("Decision threshold", _pct(result.threshold))]
     notes = [f"Within {UNCERTAIN_MARGIN:.0%} of the threshold no verdict is given."]
     sh = result.measures()
     if sh is not None:
@@ -273,8 +283,8 @@ def cardiac_report(result, case_name: str, diagnosis_model: dict | None = None) 
         if probs[top] < below:
             headline += f" Five classes: uncertain (no class reaches {below:.0%})."
         else:
-            headline += f" Most likely: {GROUP_NAMES[top]} ({top}), {probs[top]:.0%}."
-        figures += [(f"P({GROUP_NAMES[g]})", _pct(probs[g])) for g in GROUPS]
+            headline += f" Most likely: {GROUP_NAMES[top]} ({top}), {format_probability(probs[top])}."
+        figures += [(f"P({GROUP_NAMES[g]})", format_probability(probs[g])) for g in GROUPS]
         rng = diagnosis_model.get("normal_ranges", {})
         for key, (lo, hi) in rng.items():
             if key in result.diagnosis["features"]:

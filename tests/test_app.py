@@ -1,6 +1,8 @@
 """Every page with streamlit.testing.v1.AppTest: loads without exception; a sample case gives a result."""
 from __future__ import annotations
 
+import re
+
 import pytest
 from streamlit.testing.v1 import AppTest
 
@@ -90,6 +92,10 @@ def test_cardiac_sample_prediction(acdc_root):
         row = next(r for r in rows if str(r.get("feature (from the model's segmentation)", "")).startswith(feature))
         assert row["this study"] == shown[label] and shown[label].endswith("%")
         assert row["vs normal range"] in ("within", "outside")  # the column is named, and says "within" too
+    # no probability reads as certainty ("100.0%", "0.0%"): such values show as "> 99.9%" / "< 0.1%"
+    probs = [r["probability"] for r in rows if "probability" in r] + [shown["P(disease)"]]
+    assert len(probs) == 6 and not any(re.fullmatch(r"(100|0)\.0%", p) for p in probs), probs
+    assert not re.search(r"(?<![\d.])(100|0)\.0%", _text(at))
     assert _report_buttons(at) == 1
     at.radio(key="card.view").set_value("Segmentation (RV, myocardium, LV cavity)").run()
     assert not at.exception and "left-ventricle cavity" in _text(at) and _images(at) >= 16

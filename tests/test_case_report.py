@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from conftest import IN_CI
-from core.case_report import (CaseReport, ReportImage, atrium_report, cardiac_report, render_pdf, with_training_note,
-                              xray_report)
+from core.case_report import (CaseReport, ReportImage, atrium_report, cardiac_report, format_probability, render_pdf,
+                              with_training_note, xray_report)
 from core.checkpoint import read_card
 from core.constants import DISCLAIMER
 from core.atrium import AtriumResult
@@ -48,6 +48,17 @@ def test_report_checks_its_arguments():
         ReportImage("bad", np.zeros((4, 4, 2)))
 
 
+def test_probabilities_never_read_as_certainty():
+    assert format_probability(0.5) == "50.0%"
+    assert format_probability(0.9994) == "99.9%"
+    assert format_probability(0.9996) == "> 99.9%" and format_probability(1.0) == "> 99.9%"
+    assert format_probability(0.0006) == "0.1%"
+    assert format_probability(0.0004) == "< 0.1%" and format_probability(0.0) == "< 0.1%"
+    for bad in (-0.01, 1.01, float("nan")):
+        with pytest.raises(ValueError, match="probability"):
+            format_probability(bad)
+
+
 def _xray(prob: float | None, withheld: str | None = None) -> XRayResult:
     g = np.linspace(0, 1, 64 * 64).reshape(64, 64)
     return XRayResult(prob, 0.721 if prob is not None else 0.5, None if prob is None else prob >= 0.721, g,
@@ -69,6 +80,8 @@ def test_xray_report_says_the_finding_the_model_and_the_disclaimer():
     assert "Uncertain - refer to a specialist" in near and "Finding:" not in near
     negative = _text(render_pdf(xray_report(_xray(0.10), image, "x.png"), card))
     assert "Finding: no pneumonia suggested." in negative
+    sure = _text(render_pdf(xray_report(_xray(0.99996), image, "x.png"), card))
+    assert "> 99.9%" in sure and "100.0%" not in sure
 
 
 def test_report_of_a_training_input_says_so_first():
@@ -109,7 +122,7 @@ def test_cardiac_report_refuses_swapped_frames_and_names_the_class(tmp_path):
                                                                         "myo_lv_ed": 0.8}})
     pdf = render_pdf(cardiac_report(ok, "ED = a, ES = b", diag), card)
     txt = _text(pdf)
-    assert "Finding: the heart looks diseased" in txt and "Most likely: dilated cardiomyopathy (DCM), 80%" in txt
+    assert "Finding: the heart looks diseased" in txt and "Most likely: dilated cardiomyopathy (DCM), 80.0%" in txt
     assert "(outside)" in txt and "20%" in txt
     assert "0.20" not in txt and "50%-75%" in txt  # ejection fractions in one unit (%), the features' too
     assert 1 <= _pages(pdf, tmp_path) <= 2

@@ -20,6 +20,7 @@ from test_e2e_browser import CHROMIUM, _free_port, _need_browser
 
 from core import io as mio
 from core.bench_browser import stop_server
+from core.case_report import format_probability
 from core.config import PROJECT_ROOT
 from core.inference import load_model
 from core.pneumonia import predict_xray
@@ -79,7 +80,7 @@ def test_concurrent_sessions_no_crosstalk(xray_root, tmp_path):
     alone = {}
     for f in files:
         r = predict_xray(lm, mio.read_image_2d(f.read_bytes(), f.name))
-        alone[f.name] = f"{r.probability:.1%}"
+        alone[f.name] = format_probability(r.probability)
     proc, url, log = _start(tmp_path, {})
 
     async def main() -> list[dict]:

@@ -8,7 +8,7 @@ import streamlit as st
 from common import (DISCLAIMER, FOREGROUND, display_controls, file_key, model_or_stop, pick_sample, report_button,
                     reset_namespace, run_safely, training_case_of, training_notice, warm_up_in_background,
                     weights_or_stop)
-from core.case_report import render_pdf, with_training_note, xray_report
+from core.case_report import format_probability, render_pdf, with_training_note, xray_report
 from core.io import read_image_2d
 from core.visualize import fit_for_display, grey_rgb, heatmap_overlay, zoom_view
 
@@ -96,13 +96,13 @@ if band == "uncertain":
     why = (f"lies within {UNCERTAIN_MARGIN:.0%} of the decision threshold ({res.threshold:.1%})"
            if abs(res.probability - res.threshold) < UNCERTAIN_MARGIN else
            f"is on the other side of 50 % than the decision threshold ({res.threshold:.1%}) would call it")
-    st.warning(f"**Uncertain — refer to a specialist.** P(pneumonia) = **{res.probability:.1%}** {why}; the model "
-               "cannot call this image either way.")
+    st.warning(f"**Uncertain — refer to a specialist.** P(pneumonia) = **{format_probability(res.probability)}** "
+               f"{why}; the model cannot call this image either way.")
 else:
     finding = "**Finding: pneumonia suggested.**" if band == "positive" else "**Finding: no pneumonia suggested.**"
-    st.info(f"{finding} P(pneumonia) = **{res.probability:.1%}** (decision threshold {res.threshold:.1%}, chosen on "
-            "validation data under acquisition perturbations).")
-st.metric("P(pneumonia)", f"{res.probability:.1%}",
+    st.info(f"{finding} P(pneumonia) = **{format_probability(res.probability)}** (decision threshold "
+            f"{res.threshold:.1%}, chosen on validation data under acquisition perturbations).")
+st.metric("P(pneumonia)", format_probability(res.probability),
           help=("Calibrated on the validation images (clean and under acquisition perturbations), where 3 in 4 "
                 "children had pneumonia: among such images, about this share had it. At a lower prevalence the "
                 "true share is lower." if res.calibrated else "Model output after the sigmoid, not a calibrated risk."))

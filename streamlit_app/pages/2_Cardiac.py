@@ -8,7 +8,7 @@ import streamlit as st
 from common import (DISCLAIMER, FOREGROUND, display_controls, file_key, legend, model_or_stop, pick_sample, report_button,
                     reset_namespace, run_safely, training_case_of, training_notice, warm_up_in_background,
                     weights_or_stop)
-from core.case_report import cardiac_report, render_pdf, with_training_note
+from core.case_report import cardiac_report, format_probability, render_pdf, with_training_note
 from core.dicom_series import read_cine_any
 from core.io import read_image_volume
 from core.visualize import heatmap_overlay, label_overlay, zoom_view
@@ -158,17 +158,17 @@ from core.runtime import UNCERTAIN_MARGIN, verdict_band  # noqa: E402
 
 band = verdict_band(res.probability, res.threshold)
 if band == "uncertain":
-    st.warning(f"**Uncertain — refer to a specialist.** P(disease) = **{res.probability:.1%}** lies within "
-               f"{UNCERTAIN_MARGIN:.0%} of the decision threshold ({res.threshold:.1%}).")
+    st.warning(f"**Uncertain — refer to a specialist.** P(disease) = **{format_probability(res.probability)}** lies "
+               f"within {UNCERTAIN_MARGIN:.0%} of the decision threshold ({res.threshold:.1%}).")
 else:
     finding = ("**Finding: the heart looks diseased**" if band == "positive"
                else "**Finding: the heart looks normal**")
-    st.info(f"{finding}: P(disease) = **{res.probability:.1%}** (threshold {res.threshold:.1%}). Disease here means "
-            "any of DCM, HCM, previous myocardial infarction or abnormal right ventricle"
+    st.info(f"{finding}: P(disease) = **{format_probability(res.probability)}** (threshold {res.threshold:.1%}). "
+            "Disease here means any of DCM, HCM, previous myocardial infarction or abnormal right ventricle"
             + ("; the five-class diagnosis below names the most likely." if lm.diagnosis is not None else
                "; this model does not say which."))
 m1, m2, m3, m4, m5 = st.columns(5)
-m1.metric("P(disease)", f"{res.probability:.1%}")
+m1.metric("P(disease)", format_probability(res.probability))
 sh = res.measures()  # one source for the page, the report and the table below
 if sh is not None:
     m2.metric("LV ejection fraction (estimate)", f"{sh['lv_ef']:.0%}")
@@ -193,11 +193,12 @@ if res.diagnosis is not None and lm.diagnosis is not None:
         st.warning(f"**Uncertain — refer to a specialist.** No class reaches {lm.diagnosis['uncertain_below']:.0%}; the "
                    f"most likely are {', '.join(f'{GROUP_NAMES[g]} {probs[g]:.0%}' for g in sorted(probs, key=probs.get, reverse=True)[:2])}.")
     else:
-        st.info(f"**Most likely: {GROUP_NAMES[top]} ({top})**, probability {probs[top]:.0%} (calibrated on cross-validation).")
+        st.info(f"**Most likely: {GROUP_NAMES[top]} ({top})**, probability {format_probability(probs[top])} "
+                "(calibrated on cross-validation).")
     cv = lm.diagnosis["cross_validation"]["calibrated"]
     d1, d2 = st.columns([1, 2])
     with d1:
-        st.table({"class": [f"{GROUP_NAMES[g]} ({g})" for g in GROUPS], "probability": [f"{probs[g]:.1%}" for g in GROUPS]})
+        st.table({"class": [f"{GROUP_NAMES[g]} ({g})" for g in GROUPS], "probability": [format_probability(probs[g]) for g in GROUPS]})
         st.caption(f"Five-class accuracy in {cv['n']}-patient cross-validation {cv['accuracy']:.2f} "
                    f"({cv['accuracy_ci95'][0]:.2f}-{cv['accuracy_ci95'][1]:.2f}) on expert masks; see Training & metrics.")
     with d2:
