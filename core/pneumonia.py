@@ -714,7 +714,7 @@ def with_calibration(card: dict, wdir=None) -> dict:
     if c.get("weights_sha256") != card.get("weights_sha256"):
         return card
     # sigmoid(slope * logit(p) + intercept); older files hold a temperature only
-    slope = float(c.get("slope", 1 / float(c["temperature"])))
+    slope = float(c["slope"]) if "slope" in c else 1 / float(c["temperature"])
     return {**card, "calibration": (slope, float(c.get("intercept", 0.0)), c.get("method", "temperature"))}
 
 

@@ -25,18 +25,39 @@ def _ci(v: dict, key: str) -> str:
     return f"{x:.3f} ({lo:.3f}-{hi:.3f})" if lo is not None and hi is not None else f"{x:.3f}"
 
 
-def classifier_rows(card: dict) -> list[str]:
+def shown_threshold(card: dict, wdir=None) -> tuple[float, bool]:
+    """(the decision threshold as the module page shows it, whether that is on a calibrated scale): for
+    pneumonia with a calibration fitted on these very weights the page shows calibrated probabilities, so its
+    threshold is the card's mapped through the same (monotone) map; otherwise the card's own."""
+    if card.get("task") == "pneumonia":
+        from core.calibration import apply_platt
+        from core.pneumonia import with_calibration  # torch: only here, so the Home page stays light
+
+        cal = with_calibration(card, wdir).get("calibration")
+        if cal:
+            return float(apply_platt(card["threshold"], cal[0], cal[1])), True
+    return float(card["threshold"]), False
+
+
+def threshold_text(card: dict, wdir=None) -> str:
+    """The threshold column: as the page shows it, with the model's raw value beside a calibrated one."""
+    shown, calibrated = shown_threshold(card, wdir)
+    return f"{shown:.1%} (calibrated; {card['threshold']:.3f} raw)" if calibrated else f"{shown:.1%}"
+
+
+def classifier_rows(card: dict, wdir=None) -> list[str]:
     v = card["validation"]
     d = card["data"]
+    thr = threshold_text(card, wdir)
     rows = [f"| {card['title']} | {d['split']} | {v['n']} | {_ci(v, 'accuracy')} | {_ci(v, 'sensitivity')} | "
-            f"{_ci(v, 'specificity')} | {_ci(v, 'auc')} | {card['threshold']:.3f} |"]
+            f"{_ci(v, 'specificity')} | {_ci(v, 'auc')} | {thr} |"]
     sv = card.get("shift_validation")
     if sv and "pooled_perturbed" in sv:
         p = sv["pooled_perturbed"]
         rows.append(f"| {card['title']}: shift-aware (selected on) | the same validation images under 11 fixed acquisition "
                     f"perturbations, pooled; worst perturbation accuracy {sv['worst']['accuracy']:.3f}, specificity "
                     f"{sv['worst']['specificity']:.3f} | {v['n']} x 11 | {_ci(p, 'accuracy')} | {_ci(p, 'sensitivity')} | "
-                    f"{_ci(p, 'specificity')} | {_ci(p, 'auc')} | {card['threshold']:.3f} |")
+                    f"{_ci(p, 'specificity')} | {_ci(p, 'auc')} | {thr} |")
     cv = card.get("cross_validation")
     if cv:
         o = cv["pooled_out_of_fold"]
@@ -46,7 +67,7 @@ def classifier_rows(card: dict) -> list[str]:
             f"| {card['title']}: {len(folds)}-fold CV, pooled out-of-fold | per-fold AUC "
             f"{', '.join(f'{a:.2f}' for a in aucs)} (mean {sum(aucs) / len(aucs):.3f}) | {o['n']} | "
             f"{_ci(o, 'accuracy')} | {_ci(o, 'sensitivity')} | {_ci(o, 'specificity')} | {_ci(o, 'auc')} | "
-            f"{card['threshold']:.3f} |")
+            f"{thr} |")
     return rows
 
 
@@ -72,7 +93,7 @@ def markdown(wdir=None) -> str:
         meta.append(f"- {spec.title}: trained {card['train_time_s']:.0f} s on {card['device']}, {kept}, weights "
                     f"{card['weights_bytes'] / 1e6:.1f} MB, torch {card['torch_version']}.")
         if spec.kind == "binary":
-            lines.extend(classifier_rows(card))
+            lines.extend(classifier_rows(card, wdir))
         else:
             seg += atrium_rows(card, wdir)
     if seg:

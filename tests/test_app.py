@@ -74,6 +74,11 @@ def test_pneumonia_sample_prediction(xray_root):
     assert _report_buttons(at) == 1
     at.slider(key="pneu.alpha").set_value(0.8).run()
     assert not at.exception and _images(at) >= 2
+    # the Training & metrics page gives the same decision threshold as this page (it gave the model's raw
+    # 0.244 beside this page's calibrated 72.1 %)
+    page_thr = re.search(r"decision threshold (\d+\.\d%)", text).group(1)
+    metrics = _page("pages/4_Training_and_metrics.py")
+    assert f"decision threshold **{page_thr}**" in _text(metrics)
 
 
 def test_cardiac_sample_prediction(acdc_root):

@@ -172,3 +172,19 @@ def test_stress_checks_prefer_the_out_of_fold_file_only_when_its_folds_are_the_c
     oof.write_text(json.dumps({"cv_folds": {**shas, "1": "0" * 64}, "layout_stress": {"summary": summary}}))
     (c,) = R.stress_checks()
     assert c["file"] == str(other) and "fold-1 model" in c["whose"] and c["rows"] == []
+
+
+def test_threshold_shown_as_the_page_shows_it(tmp_path):
+    import json
+    import math
+
+    from core.report import threshold_text
+
+    card = {"task": "pneumonia", "threshold": 0.25, "weights_sha256": "abc"}
+    assert threshold_text(card, tmp_path) == "25.0%"  # no calibration file: the card's own value
+    # Platt map sigmoid(1 * logit(p) + ln 3): logit(0.25) = -ln 3, so the page shows the threshold at 50 %
+    cal = {"weights_sha256": "abc", "method": "platt", "slope": 1.0, "intercept": math.log(3.0)}
+    (tmp_path / "pneumonia.calibration.json").write_text(json.dumps(cal))
+    assert threshold_text(card, tmp_path) == "50.0% (calibrated; 0.250 raw)"
+    assert threshold_text({**card, "weights_sha256": "other"}, tmp_path) == "25.0%"  # fitted on other weights
+    assert threshold_text({"task": "cardiac", "threshold": 0.44}, tmp_path) == "44.0%"

@@ -11,7 +11,7 @@ from core.errors import MissingWeightsError
 from core.precision import PrecisionError
 from core.runtime import task_precision
 from core.report import (DATASET_NAMES, SHAPE_NAMES, atrium_cross_validation, external_evaluations,
-                         read_validation_eval, schedule_note, stress_checks)
+                         read_validation_eval, schedule_note, shown_threshold, stress_checks)
 from core.tasks import TASKS
 
 NS = "metrics"
@@ -113,8 +113,12 @@ if spec.kind == "binary":
                               "95% CI low": f"{res['ci95'][k][0]:.3f}", "95% CI high": f"{res['ci95'][k][1]:.3f}"}
                              for k in ("accuracy", "sensitivity", "specificity", "precision", "f1", "auc")])
 
-    st.markdown(f"Held-out validation set: **n = {v['n']}**, decision threshold **{card['threshold']:.3f}** "
-                f"({card['threshold_rule']}).")
+    # the threshold as the module page shows it (for pneumonia on the calibrated scale of the probability shown
+    # there), so that the two pages never give one threshold as two numbers
+    shown, calibrated = shown_threshold(card)
+    where = (f"on the calibrated P(pneumonia) that the Pneumonia page shows; chosen as {card['threshold']:.3f} on the "
+             f"model's raw output: {card['threshold_rule']}" if calibrated else card["threshold_rule"])
+    st.markdown(f"Held-out validation set: **n = {v['n']}**, decision threshold **{shown:.1%}** ({where}).")
     c1, c2, c3 = st.columns([1.6, 1.8, 1.4])
     with c1:
         st.dataframe(rows(v), hide_index=True, key=f"{NS}.table")
