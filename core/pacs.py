@@ -143,6 +143,22 @@ def _text(ds, keyword: str) -> str:
     return str(v) if v is not None else ""
 
 
+def display_date(da: str) -> str:
+    """A DICOM date (DA, YYYYMMDD) as a reader writes it (YYYY-MM-DD); anything else unchanged."""
+    d = da.strip()
+    return f"{d[:4]}-{d[4:6]}-{d[6:]}" if len(d) == 8 and d.isdigit() else da
+
+
+def display_name(pn: str) -> str:
+    """A DICOM person name (PN, family^given^middle^prefix^suffix) as "Family, Given Middle"; anything
+    without components unchanged."""
+    if "^" not in pn:
+        return pn
+    family, *rest = (p.strip() for p in pn.split("=")[0].split("^"))
+    given = " ".join(p for p in rest[:2] if p)
+    return f"{family}, {given}" if family and given else family or given
+
+
 def _json_to_dataset(item: dict):
     import pydicom
 

@@ -195,6 +195,9 @@ def test_pacs_page_opens_a_study_and_sends_the_result_back(orthanc, xray_root, m
     assert not at.exception, at.exception
     study = at.selectbox(key="pacs.study")
     assert "page test" in study.format_func(study.value)  # the newest study is offered first
+    assert "2099-12-31" in study.format_func(study.value)  # a date as a reader writes it, not DICOM's 20991231
+    table = at.dataframe[0].value
+    assert "2099-12-31" in set(table["Date"]) and "Test, Phantom" in set(table["Patient"])
     at.button(key="pacs.open").click().run()
     assert not at.exception, at.exception
     shown = " ".join(x.value for x in list(at.info) + list(at.warning))
@@ -205,6 +208,15 @@ def test_pacs_page_opens_a_study_and_sends_the_result_back(orthanc, xray_root, m
     assert any("Stored 1 new instance" in s.value for s in at.success)
     modalities = {r["modality"] for r in P.list_series(pacs, "1.2.826.0.1.3680043.8.498.30")}
     assert modalities == {"DX", "OT"}
+
+
+def test_dicom_dates_and_names_as_a_reader_writes_them():
+    assert P.display_date("20260102") == "2026-01-02"
+    assert P.display_date("") == "" and P.display_date("2026") == "2026"  # not a full date: as it is
+    assert P.display_name("Test^Phantom") == "Test, Phantom"
+    assert P.display_name("Doe^John^A^Dr^") == "Doe, John A"
+    assert P.display_name("Anonymous") == "Anonymous" and P.display_name("^Jane") == "Jane"
+    assert P.display_name("Yamada^Tarou=山田^太郎") == "Yamada, Tarou"  # the alphabetic group only
 
 
 def test_multipart_parts_by_hand():

@@ -39,14 +39,14 @@ if not studies:
     st.info("The PACS holds no studies.")
     st.stop()
 
-st.dataframe([{"Date": r["date"], "Patient ID": r["patient_id"], "Patient": r["patient_name"],
-               "Description": r["description"], "Modalities": r["modalities"], "Series": r["series"],
-               "Images": r["instances"]} for r in studies], hide_index=True, width="stretch")
+st.dataframe([{"Date": P.display_date(r["date"]), "Patient ID": r["patient_id"],
+               "Patient": P.display_name(r["patient_name"]), "Description": r["description"],
+               "Modalities": r["modalities"], "Series": r["series"], "Images": r["instances"]} for r in studies], hide_index=True, width="stretch")
 
 
 def _study_label(i: int) -> str:
     r = studies[i]
-    return f"{r['date'] or 'no date'} · {r['patient_id'] or 'no ID'} · {r['description'] or 'no description'} · " \
+    return f"{P.display_date(r['date']) or 'no date'} · {r['patient_id'] or 'no ID'} · {r['description'] or 'no description'} · " \
            f"{r['modalities']}"
 
 
@@ -67,7 +67,7 @@ def _series_label(i: int) -> str:
 
 ri = st.selectbox("Series", range(len(series)), format_func=_series_label, key=f"{NS}.series")
 chosen = series[ri]
-case_name = f"{studies[si]['date']} series {chosen['number'] or '?'} {chosen['description']}".strip()
+case_name = f"{P.display_date(studies[si]['date'])} series {chosen['number'] or '?'} {chosen['description']}".strip()
 
 if st.button("Open and analyse this series", type="primary", key=f"{NS}.open"):
     from core.precision import flush_subnormals
