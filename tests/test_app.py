@@ -101,9 +101,28 @@ def test_cardiac_sample_prediction(acdc_root):
     probs = [r["probability"] for r in rows if "probability" in r] + [shown["P(disease)"]]
     assert len(probs) == 6 and not any(re.fullmatch(r"(100|0)\.0%", p) for p in probs), probs
     assert not re.search(r"(?<![\d.])(100|0)\.0%", _text(at))
+    _five_class_box_quotes_the_table(at)
     assert _report_buttons(at) == 1
     at.radio(key="card.view").set_value("Segmentation (RV, myocardium, LV cavity)").run()
     assert not at.exception and "left-ventricle cavity" in _text(at) and _images(at) >= 16
+
+
+def _five_class_box_quotes_the_table(at: AppTest) -> None:
+    """The five-class verdict box quotes its probabilities as the table beside it gives them (an uncertain
+    study's box said "47%" beside the table's 46.8%)."""
+    probs = [r["probability"] for t in at.table for r in t.value.to_dict("records") if "probability" in r]
+    box = next(x.value for x in list(at.info) + list(at.warning)
+               if "Most likely:" in x.value or "No class reaches" in x.value)
+    quoted = re.findall(r"(?:[<>] )?\d+\.\d%", box)
+    assert quoted and set(quoted) <= set(probs), (box, probs)
+
+
+def test_cardiac_five_class_box_for_a_dcm_sample(acdc_root):
+    at = _page("pages/2_Cardiac.py")
+    sel = at.selectbox(key="card.sample")
+    sel.select(next(o for o in sel.options if "DCM" in o)).run()  # patient006: no class reaches 60 % here
+    assert not at.exception
+    _five_class_box_quotes_the_table(at)
 
 
 def test_atrium_sample_segmentation_and_slider(heart_root):

@@ -190,8 +190,9 @@ if res.diagnosis is not None and lm.diagnosis is not None:
     top = max(probs, key=probs.get)
     st.subheader("Which disease (five classes)")
     if probs[top] < lm.diagnosis["uncertain_below"]:
+        top2 = sorted(probs, key=probs.get, reverse=True)[:2]  # as the table beside it gives them
         st.warning(f"**Uncertain — refer to a specialist.** No class reaches {lm.diagnosis['uncertain_below']:.0%}; the "
-                   f"most likely are {', '.join(f'{GROUP_NAMES[g]} {probs[g]:.0%}' for g in sorted(probs, key=probs.get, reverse=True)[:2])}.")
+                   f"most likely are {', '.join(f'{GROUP_NAMES[g]} {format_probability(probs[g])}' for g in top2)}.")
     else:
         st.info(f"**Most likely: {GROUP_NAMES[top]} ({top})**, probability {format_probability(probs[top])} "
                 "(calibrated on cross-validation).")
