@@ -233,7 +233,8 @@ def xray_report(result, image, case_name: str) -> CaseReport:
                                   "regions that most raised it), on the model's square input",
                                   heatmap_overlay(result.display, result.heatmap, 0.4)))
     return CaseReport("pneumonia", case_name, headline,
-                      [("P(pneumonia)", format_probability(result.probability)), ("Decision threshold", _pct(result.threshold))],
+                      [("P(pneumonia)", format_probability(result.probability)),
+                       ("Decision threshold", _pct(result.threshold))],
                       images, notes, info)
 
 

@@ -199,7 +199,8 @@ if res.diagnosis is not None and lm.diagnosis is not None:
     cv = lm.diagnosis["cross_validation"]["calibrated"]
     d1, d2 = st.columns([1, 2])
     with d1:
-        st.table({"class": [f"{GROUP_NAMES[g]} ({g})" for g in GROUPS], "probability": [format_probability(probs[g]) for g in GROUPS]})
+        st.table({"class": [f"{GROUP_NAMES[g]} ({g})" for g in GROUPS],
+                  "probability": [format_probability(probs[g]) for g in GROUPS]})
         st.caption(f"Five-class accuracy in {cv['n']}-patient cross-validation {cv['accuracy']:.2f} "
                    f"({cv['accuracy_ci95'][0]:.2f}-{cv['accuracy_ci95'][1]:.2f}) on expert masks; see Training & metrics.")
     with d2:

@@ -41,13 +41,14 @@ if not studies:
 
 st.dataframe([{"Date": P.display_date(r["date"]), "Patient ID": r["patient_id"],
                "Patient": P.display_name(r["patient_name"]), "Description": r["description"],
-               "Modalities": r["modalities"], "Series": r["series"], "Images": r["instances"]} for r in studies], hide_index=True, width="stretch")
+               "Modalities": r["modalities"], "Series": r["series"], "Images": r["instances"]} for r in studies],
+             hide_index=True, width="stretch")
 
 
 def _study_label(i: int) -> str:
     r = studies[i]
-    return f"{P.display_date(r['date']) or 'no date'} · {r['patient_id'] or 'no ID'} · {r['description'] or 'no description'} · " \
-           f"{r['modalities']}"
+    return f"{P.display_date(r['date']) or 'no date'} · {r['patient_id'] or 'no ID'} · " \
+           f"{r['description'] or 'no description'} · {r['modalities']}"
 
 
 si = st.selectbox("Study", range(len(studies)), format_func=_study_label, key=f"{NS}.study")
