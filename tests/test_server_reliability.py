@@ -56,7 +56,7 @@ async def _session(browser, url: str, path: Path, i: int) -> dict:
     try:
         await page.goto(f"{url}/Pneumonia")
         await page.locator("input[type=file]").first.set_input_files(str(path))
-        alert = page.get_by_text(re.compile(r"P\(pneumonia\) = [0-9.]+%")).first
+        alert = page.get_by_text(re.compile(r"P\(pneumonia\) = (?:[<>] )?[0-9.]+%")).first
         await alert.wait_for()
         text = await alert.inner_text()
         imgs = page.locator("[data-testid=stImageContainer] img")
