@@ -9,6 +9,11 @@ st.set_page_config(page_title="MedImg â€“ diagnosis research app", page_icon="ðŸ
 
 st.title("MedImg: medical image diagnosis (research)")
 st.warning(DISCLAIMER)
+# the models start loading once the first lines are sent, not at the end of the page: a user who opens a module
+# at once ends this run early (clicking a link, closing the tab), and the loading then began only with that
+# module's page (the first X-ray's verdict waited up to 1.4 s for torch's import; from the top of the page it
+# came sooner still, but Home was drawn 0.4 s later: docs/speed.md)
+warm_up_in_background()
 st.markdown(
     "Three independent modules, each a model trained on public data and checked on patients it did not see. "
     "Every figure shown comes from files the training and evaluation code wrote."
@@ -47,4 +52,3 @@ st.markdown(
     "patient; the official test sets were not available, so these are validation figures, not test figures. "
     "Uploaded files are processed in memory and never stored."
 )
-warm_up_in_background()  # after Home is drawn: the models load while it is read

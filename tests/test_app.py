@@ -62,6 +62,24 @@ def test_home_shows_figures_and_disclaimer():
     assert "shift-aware" in text and "LGE" in text
 
 
+def test_home_starts_loading_the_models_before_its_module_cards(monkeypatch):
+    """A user who opens a module at once (a link, another tab) ends Home's run early: the models' background
+    loading must have begun by then (it began at the end of Home, so the first X-ray waited for torch's import)."""
+    import common
+
+    calls = []
+    monkeypatch.setattr(common, "warm_up_in_background", lambda *a: calls.append(a))
+
+    def run_ended(task):  # Home's run stops while its module cards are drawn
+        raise RuntimeError("run ended")
+
+    monkeypatch.setattr(common, "figure_line", run_ended)
+    at = _page("Home.py")
+    assert at.exception  # the run did end early
+    assert calls == [()]
+    assert "not a medical device" in "\n".join(w.value for w in at.warning)
+
+
 def test_pneumonia_sample_prediction(xray_root):
     at = _page("pages/1_Pneumonia.py")
     sample = next(o for o in at.selectbox(key="pneu.sample").options if "bacterial" in o)
