@@ -282,8 +282,9 @@ def fit(
             log.info("%s: early stop at epoch %d (best %d)", desc, epoch, best_epoch)
             break
         durations.append(time.time() - t_epoch)
-        if run_end is not None and epoch < total:
-            pace = float(np.mean(durations[1:])) if len(durations) > 1 else durations[0]
+        # decided from the second epoch on: the first (oneDNN building its kernels, caches filling) is no pace
+        if run_end is not None and epoch < total and len(durations) > 1:
+            pace = float(np.mean(durations[1:]))
             new_total = _agreed(planned_epochs(total, epoch, pace, run_end - time.time(), math.ceil(cfg.epochs / 2)))
             if new_total < total:
                 log.info("%s: schedule shortened from %d to %d epochs to end within the time budget (%.1f s per "
