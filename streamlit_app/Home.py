@@ -7,13 +7,14 @@ from common import DISCLAIMER, figure_line, warm_up_in_background
 
 st.set_page_config(page_title="MedImg – diagnosis research app", page_icon="🩺", layout="wide")
 
+# the models start loading before Home is drawn, not at its end: a user who opens a module at once ends this run
+# early (a link, another tab), and the loading then began only with that module's page, so the first X-ray's
+# verdict waited for torch's import. Home drawn while they load (the first visit after a server start) comes about
+# 0.5 s later (docs/speed.md)
+warm_up_in_background()
+
 st.title("MedImg: medical image diagnosis (research)")
 st.warning(DISCLAIMER)
-# the models start loading once the first lines are sent, not at the end of the page: a user who opens a module
-# at once ends this run early (clicking a link, closing the tab), and the loading then began only with that
-# module's page (the first X-ray's verdict waited up to 1.4 s for torch's import; from the top of the page it
-# came sooner still, but Home was drawn 0.4 s later: docs/speed.md)
-warm_up_in_background()
 st.markdown(
     "Three independent modules, each a model trained on public data and checked on patients it did not see. "
     "Every figure shown comes from files the training and evaluation code wrote."
