@@ -10,7 +10,7 @@ st.set_page_config(page_title="MedImg â€“ diagnosis research app", page_icon="ðŸ
 # the models start loading before Home is drawn, not at its end: a user who opens a module at once ends this run
 # early (a link, another tab), and the loading then began only with that module's page, so the first X-ray's
 # verdict waited for torch's import. Home drawn while they load (the first visit after a server start) comes about
-# 0.5 s later (docs/speed.md)
+# 0.3-0.8 s later (docs/speed.md)
 warm_up_in_background()
 
 st.title("MedImg: medical image diagnosis (research)")
