@@ -287,8 +287,9 @@ def cardiac_report(result, case_name: str, diagnosis_model: dict | None = None) 
             headline += f" Most likely: {GROUP_NAMES[top]} ({top}), {format_probability(probs[top])}."
         figures += [(f"P({GROUP_NAMES[g]})", format_probability(probs[g])) for g in GROUPS]
         rng = diagnosis_model.get("normal_ranges", {})
-        for key, (lo, hi) in rng.items():
+        for key, bounds in rng.items():  # the file's ranges sit beside a "what" line that says what they are
             if key in result.diagnosis["features"]:
+                lo, hi = bounds
                 v = result.diagnosis["features"][key]
                 flag = "" if lo <= v <= hi else "  (outside)"
                 figures.append((FEATURES.get(key, key), f"{feature_text(key, v)}; normal {feature_text(key, lo)}-"
