@@ -10,7 +10,9 @@ training patients (clean shapes) and is applied to the model's own segmentation;
 fitted on out-of-fold predictions, makes its probabilities mean what they say.
 
 The shared ACDC copy has no true voxel spacing, so every feature is a ratio of voxel counts or lengths
-within one study (no mm, mL or g).
+within one study (no mm, mL or g). Volumes in mL and the LV mass in g are reported only for a study whose
+header gives a voxel size a short-axis cine stack can have (``cine_voxel_size_problem``); their agreement with
+expert masks is measured in voxels, where the voxel size cancels.
 
     python -m core.cardiac [--data-root DIR] [--weights DIR]   # fit and cross-validate -> cardiac_diagnosis.json
 """
@@ -109,6 +111,69 @@ def mask_features(ed: np.ndarray, es: np.ndarray) -> dict[str, float]:
         f[f"thick_cvmax_{name}"] = float(np.max(cvs)) if cvs else 0.0
     f["thick_es_ed"] = f["thick_mean_es"] / max(f["thick_mean_ed"], 1e-3)
     return {k: float(f[k]) for k in FEATURES}
+
+
+# --------------------------------------------------------------------------- volumes in mL, LV mass in g
+
+# Short-axis cine stacks are acquired with pixels of about 1-2.5 mm and slices 6-10 mm apart (8 mm slices with 2 mm
+# gaps in SCMR's protocol); a header outside these wider limits is not a cine stack's (the shared ACDC copy's
+# 1 mm placeholders, for one), and volumes from it would be wrong by a factor of up to ten.
+CINE_PIXEL_MM = (0.5, 3.0)
+CINE_SLICE_MM = (4.0, 20.0)
+MYOCARDIUM_G_PER_ML = 1.05  # density of myocardium, by which the LV mass is the ED myocardium volume
+VOLUMES = {
+    "lv_edv": "LV end-diastolic volume", "lv_esv": "LV end-systolic volume", "lv_sv": "LV stroke volume",
+    "lv_mass": "LV mass (myocardium at ED)", "rv_edv": "RV end-diastolic volume", "rv_esv": "RV end-systolic volume",
+    "rv_sv": "RV stroke volume",
+}
+# each of VOLUMES as the structure_voxels it is made of: (counted, subtracted or None)
+VOLUME_VOXELS = {"lv_edv": ("lv_ed", None), "lv_esv": ("lv_es", None), "lv_sv": ("lv_ed", "lv_es"),
+                 "lv_mass": ("myo_ed", None), "rv_edv": ("rv_ed", None), "rv_esv": ("rv_es", None),
+                 "rv_sv": ("rv_ed", "rv_es")}
+
+
+def volume_text(key: str, value: float) -> str:
+    """A volume as shown to a user: mL, or g for the LV mass, to the nearest unit."""
+    return f"{value:.0f} g" if key == "lv_mass" else f"{value:.0f} mL"
+
+
+def structure_voxels(ed: np.ndarray, es: np.ndarray) -> dict[str, int]:
+    """Voxels of RV (1), myocardium (2) and LV cavity (3) in the ED and ES label maps (X, Y, Z; any one grid)."""
+    ed, es = np.asarray(ed), np.asarray(es)
+    return {f"{name}_{frame}": int((m == c).sum()) for frame, m in (("ed", ed), ("es", es))
+            for name, c in (("rv", 1), ("myo", 2), ("lv", 3))}
+
+
+def cine_voxel_size_problem(spacing) -> str | None:
+    """Why a header's voxel size (x, y, slice spacing in mm) cannot be that of a short-axis cine stack, in words
+    a clinician reads; None when it can."""
+    try:
+        sx, sy, sz = (float(v) for v in spacing)
+    except (TypeError, ValueError):
+        return "the file gives no voxel size."
+    if not all(math.isfinite(v) and v > 0 for v in (sx, sy, sz)):
+        return "the file gives no valid voxel size."
+    lo, hi = CINE_PIXEL_MM
+    if not (lo <= sx <= hi and lo <= sy <= hi):
+        return (f"the file's pixels are {sx:.2f} x {sy:.2f} mm, outside the {lo:g}-{hi:g} mm of a cine short-axis "
+                "image, so its voxel size is not trusted.")
+    lo, hi = CINE_SLICE_MM
+    if not lo <= sz <= hi:
+        return (f"the file's slices are {sz:.2f} mm apart, outside the {lo:g}-{hi:g} mm of a cine short-axis stack "
+                "(a placeholder voxel size, or not a short-axis stack), so its voxel size is not trusted.")
+    return None
+
+
+def volumes_ml(voxels: dict[str, int], frame_shape_xy: tuple[int, int], spacing, size: int) -> dict[str, float]:
+    """Volumes (mL) and LV mass (g) by summation of discs from ``structure_voxels`` of label maps on the model's
+    (size x size) grid of a frame whose in-plane shape is ``frame_shape_xy`` and voxel size ``spacing`` (mm):
+    each grid pixel spans crop side / size original pixels each way, each slice its spacing."""
+    side = pp.cardiac_crop_side(frame_shape_xy)
+    sx, sy, sz = (float(v) for v in spacing)
+    ml = (side * sx / size) * (side * sy / size) * sz / 1000.0
+    out = {k: (voxels[a] - (voxels[b] if b else 0)) * ml for k, (a, b) in VOLUME_VOXELS.items()}
+    out["lv_mass"] *= MYOCARDIUM_G_PER_ML
+    return out
 
 
 def segment_frame(model, volume: np.ndarray, size: int) -> np.ndarray:
@@ -474,10 +539,13 @@ def load_diagnosis(wdir=None) -> dict | None:
 
 
 def diagnose(model, report: dict, ed: np.ndarray, es: np.ndarray, size: int) -> dict:
-    """Five-class probabilities for one study from the model's own segmentation of every slice."""
-    f = mask_features(segment_frame(model, ed, size), segment_frame(model, es, size))
+    """Five-class probabilities for one study from the model's own segmentation of every slice, the features they
+    rest on, and the voxels of each structure on the model's grid (``structure_voxels``)."""
+    ed_lab, es_lab = segment_frame(model, ed, size), segment_frame(model, es, size)
+    f = mask_features(ed_lab, es_lab)
     p = predict_proba(report["classifier"], np.asarray([list(f.values())]))[0]
-    return {"probabilities": dict(zip(GROUPS, map(float, p))), "features": f}
+    return {"probabilities": dict(zip(GROUPS, map(float, p))), "features": f,
+            "voxels": structure_voxels(ed_lab, es_lab)}
 
 
 # --------------------------------------------------------------------------- prediction (the app's path)
@@ -495,7 +563,9 @@ class CardiacResult:
     withheld: str | None = None
     segmentation: np.ndarray | None = None  # (2k, H, W) uint8: 0 background, 1 RV, 2 myocardium, 3 LV cavity
     shape: dict[str, float] | None = None  # estimates from the segmentation, see cardiac_shape_summary
-    diagnosis: dict | None = None  # five classes: {"probabilities": {group: p}, "features": {name: value}}
+    diagnosis: dict | None = None  # five classes: {"probabilities": {group: p}, "features": {name: value}, "voxels"}
+    volumes: dict[str, float] | None = None  # VOLUMES in mL (LV mass in g), when the header's voxel size is trusted
+    volumes_withheld: str | None = None  # why there are no volumes, in words
 
     def measures(self) -> dict[str, float | str] | None:
         """The ejection fractions and ratios to show, from one source: the five-class features (the model's
@@ -557,13 +627,19 @@ def predict_cardiac(lm: LoadedModel, ed: Volume, es: Volume, explain: bool = Tru
     positive = prob >= lm.threshold
     heat = gradcam(lm.model, lm.model.gradcam_layer(), x, positive=positive) if explain else None
     seg_labels = seg[0].argmax(dim=1).to(torch.uint8).numpy()
-    diagnosis = None
+    diagnosis = volumes = None
+    volumes_withheld = "the model's segmentation of every slice was not computed."
     if lm.diagnosis is not None:
         with model_lock(lm.model):
             diagnosis = diagnose(lm.model, lm.diagnosis, ed.data, es.data, lm.input_size)
+        volumes_withheld = (cine_voxel_size_problem(ed.spacing)
+                            if np.allclose(ed.spacing, es.spacing, rtol=1e-3) else
+                            "the ED and ES files give different voxel sizes, so they may not be one series.")
+        if volumes_withheld is None:
+            volumes = volumes_ml(diagnosis["voxels"], ed.data.shape[:2], ed.spacing, lm.input_size)
     release_memory()
     return CardiacResult(prob, lm.threshold, positive, slices, labels, heat, score, None, seg_labels,
-                         cardiac_shape_summary(feats), diagnosis)
+                         cardiac_shape_summary(feats), diagnosis, volumes, volumes_withheld)
 
 
 @dataclass

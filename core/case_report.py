@@ -275,6 +275,15 @@ def cardiac_report(result, case_name: str, diagnosis_model: dict | None = None) 
                      + ("every slice of both frames" if sh["source"] == "every slice" else "the 8 slices per frame "
                         "it used") + " (summed over the same slices, so no voxel size is needed), not clinical "
                      "measurements.")
+    if result.volumes is not None:
+        from core.cardiac import VOLUMES, volume_text
+
+        figures += [(VOLUMES[k], volume_text(k, v)) for k, v in result.volumes.items()]
+        notes.append("Volumes by summation of discs over the model's segmentation of every slice with the file's voxel "
+                     "size (LV mass: ED myocardium x 1.05 g/mL); not indexed to body surface area; papillary muscles "
+                     "count as cavity.")
+    elif result.volumes_withheld:
+        notes.append(f"No volumes in mL or LV mass in g: {result.volumes_withheld}")
     if result.diagnosis is not None and diagnosis_model is not None:
         from core.cardiac import FEATURES, GROUP_NAMES, GROUPS, feature_text
 

@@ -19,11 +19,12 @@ import numpy as np
 
 from core import io as mio
 from core import metrics as M
+from core import preprocess as pp
 from core.checkpoint import _clean
 from core.config import data_root
 from core.errors import MedImgError
 from core.atrium import segment_atrium
-from core.cardiac import predict_cardiac
+from core.cardiac import VOLUME_VOXELS, predict_cardiac, structure_voxels
 from core.inference import load_model
 from core.pneumonia import predict_xray_batch
 from core.precision import PRECISIONS, flush_subnormals
@@ -86,10 +87,13 @@ def evaluate_cardiac(root: Path, wdir=None, only: set[str] | None = None, precis
         if only is not None and c.patient_id not in only:
             continue
         try:
-            r = predict_cardiac(lm, mio.load_nifti_path(c.ed_path), mio.load_nifti_path(c.es_path), explain=False,
-                                guard=False)
-            expert = (M.cardiac_indices(mio.load_nifti_path(c.ed_gt).data, mio.load_nifti_path(c.es_gt).data)
-                      if c.ed_gt is not None and c.es_gt is not None else None)
+            ed_vol = mio.load_nifti_path(c.ed_path)
+            ed_shape = ed_vol.data.shape[:2]
+            r = predict_cardiac(lm, ed_vol, mio.load_nifti_path(c.es_path), explain=False, guard=False)
+            expert = expert_vox = None
+            if c.ed_gt is not None and c.es_gt is not None:
+                ed_gt, es_gt = mio.load_nifti_path(c.ed_gt).data, mio.load_nifti_path(c.es_gt).data
+                expert, expert_vox = M.cardiac_indices(ed_gt, es_gt), structure_voxels(ed_gt, es_gt)
         except (MedImgError, OSError) as exc:
             failed.append({"case": c.patient_id, "error": str(exc)})
             continue
@@ -98,7 +102,13 @@ def evaluate_cardiac(root: Path, wdir=None, only: set[str] | None = None, precis
         per_case[c.patient_id] = {"group": c.group, "probability": r.probability,
                                   "five_class": r.diagnosis["probabilities"] if r.diagnosis else None,
                                   "input_check_refused": bool(r.ood_score > lm.guard.threshold),
-                                  "shape_estimate": r.shape, "shape_expert_masks_all_slices": expert}
+                                  "shape_estimate": r.shape, "shape_expert_masks_all_slices": expert,
+                                  "measures": r.measures(), "voxels_expert": expert_vox,
+                                  # the model's voxels in the frame's own pixels (its grid pixel spans side / size
+                                  # of them each way), so that both counts share one unit whatever the spacing
+                                  "voxels_model_in_frame_pixels": (
+                                      {k: v * (pp.cardiac_crop_side(ed_shape) / lm.input_size) ** 2
+                                       for k, v in r.diagnosis["voxels"].items()} if r.diagnosis else None)}
     out = _classifier_summary(ys, ps, lm.threshold, failed)
     out["n_refused_by_input_check"] = sum(r["input_check_refused"] for r in per_case.values())
     with_gt = [r for r in per_case.values() if r["shape_expert_masks_all_slices"] is not None]
@@ -108,6 +118,25 @@ def evaluate_cardiac(root: Path, wdir=None, only: set[str] | None = None, precis
         k: M.agreement([r["shape_estimate"][k] for r in with_gt], [r["shape_expert_masks_all_slices"][k] for r in with_gt])
         for k in ("lv_ef", "rv_ef", "myo_to_lv_ed", "rv_to_lv_ed")
     }
+    # What the page shows (its ejection fractions and ratios: the segmentation of every slice where the five-class
+    # model runs) against the expert masks over every slice; and the volumes the page gives in mL, compared in
+    # voxels (relative differences hold for any true voxel size).
+    shown = [r for r in with_gt if r["measures"] is not None]
+    if shown:
+        out["measures_source"] = sorted({r["measures"]["source"] for r in shown})
+        out["measures_agreement"] = {
+            k: M.agreement([r["measures"][k] for r in shown], [r["shape_expert_masks_all_slices"][e] for r in shown])
+            for k, e in (("lv_ef", "lv_ef"), ("rv_ef", "rv_ef"), ("myo_lv_ed", "myo_to_lv_ed"), ("rv_lv_ed", "rv_to_lv_ed"))
+        }
+    vox = [r for r in with_gt if r["voxels_model_in_frame_pixels"] is not None]
+    if vox:
+        def total(v: dict, key: str) -> float:  # one of VOLUMES, in voxels
+            a, b = VOLUME_VOXELS[key]
+            return v[a] - (v[b] if b else 0.0)
+
+        out["volume_agreement"] = {
+            k: M.relative_agreement([total(r["voxels_model_in_frame_pixels"], k) for r in vox],
+                                    [total(r["voxels_expert"], k) for r in vox]) for k in VOLUME_VOXELS}
     five = [(r["group"], r["five_class"]) for r in per_case.values() if r["five_class"]]
     if five:
         from core.cardiac import GROUPS, summarise as five_summary

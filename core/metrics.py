@@ -203,6 +203,19 @@ def cardiac_indices(ed_labels: np.ndarray, es_labels: np.ndarray) -> dict[str, f
     }
 
 
+def relative_agreement(estimate, reference) -> dict[str, float]:
+    """Paired positive quantities (e.g. volumes in any one unit): mean absolute and mean relative difference
+    in % of the reference (estimate - reference), and Pearson r; pairs with a reference <= 0 are left out."""
+    a, b = np.asarray(estimate, dtype=float), np.asarray(reference, dtype=float)
+    ok = np.isfinite(a) & np.isfinite(b) & (b > 0)
+    a, b = a[ok], b[ok]
+    if len(a) == 0:
+        return {"n": 0, "mean_abs_pct": float("nan"), "mean_pct": float("nan"), "pearson_r": float("nan")}
+    pct = 100 * (a - b) / b
+    r = float(np.corrcoef(a, b)[0, 1]) if len(a) > 1 and a.std() > 0 and b.std() > 0 else float("nan")
+    return {"n": int(len(a)), "mean_abs_pct": float(np.abs(pct).mean()), "mean_pct": float(pct.mean()), "pearson_r": r}
+
+
 def agreement(estimate, reference) -> dict[str, float]:
     """Mean absolute difference, mean difference (estimate - reference) and Pearson r over paired values."""
     a, b = np.asarray(estimate, dtype=float), np.asarray(reference, dtype=float)

@@ -35,7 +35,8 @@ MASK_MARKERS = ("_gt", "_seg", "_mask", "_label")
 COLUMNS = {
     "pneumonia": ["p_pneumonia", "threshold"],
     "cardiac": ["p_disease", "threshold", "ed_frame", "es_frame", "lv_ef", "rv_ef", "most_likely",
-                "p_NOR", "p_DCM", "p_HCM", "p_MINF", "p_RV"],
+                "p_NOR", "p_DCM", "p_HCM", "p_MINF", "p_RV", "lv_edv_ml", "lv_esv_ml", "lv_sv_ml", "lv_mass_g",
+                "rv_edv_ml", "rv_esv_ml", "rv_sv_ml", "volumes_note"],
     "atrium": ["volume_ml", "quality_passed", "quality_reasons", "mask"],
 }
 # with --truth: the agreement with each volume's reference mask
@@ -188,6 +189,10 @@ def analyse_cardiac(lm, ed, es, name: str, report: bool = True) -> Analysis:
         sh = res.measures()
         if sh is not None:
             row.update(lv_ef=_fmt(sh["lv_ef"], 3), rv_ef=_fmt(sh["rv_ef"], 3))
+        if res.volumes is not None:
+            row.update({f"{k}_{'g' if k == 'lv_mass' else 'ml'}": _fmt(v, 1) for k, v in res.volumes.items()})
+        elif res.volumes_withheld:
+            row["volumes_note"] = res.volumes_withheld
         if res.diagnosis is not None and lm.diagnosis is not None:
             probs = res.diagnosis["probabilities"]
             top = max(probs, key=probs.get)

@@ -70,8 +70,14 @@ def cardiac_slice_indices(n_slices: int, k: int = CARDIAC_SLICES) -> np.ndarray:
     return np.round(np.linspace(lo, hi, k) * (n_slices - 1)).astype(int)
 
 
+def cardiac_crop_side(shape_xy: tuple[int, int]) -> int:
+    """Side in pixels of the square centred crop a cine frame of in-plane shape ``shape_xy`` is cut to before it
+    is resized to the model's grid (so one grid pixel spans side / size original pixels each way)."""
+    return int(round(CARDIAC_CROP_FRACTION * min(shape_xy)))
+
+
 def _centre_crop_box(shape_xy: tuple[int, int]) -> tuple[int, int, int, int]:
-    side = int(round(CARDIAC_CROP_FRACTION * min(shape_xy)))
+    side = cardiac_crop_side(shape_xy)
     x0 = (shape_xy[0] - side) // 2
     y0 = (shape_xy[1] - side) // 2
     return x0, x0 + side, y0, y0 + side

@@ -343,13 +343,33 @@ def shape_markdown(wdir=None) -> list[str]:
     ev = read_validation_eval("cardiac", wdir)
     if not ev or "shape_agreement" not in ev:
         return []
-    rows = ["", f"Cardiac estimates from the model's segmentation (8 slices per frame) against the same ratios from "
-                f"the expert masks over every slice, on the committed model's {ev['n']} validation patients "
+    agree, source = shown_measures_agreement(ev)
+    rows = ["", f"Cardiac estimates as the page shows them (from the model's segmentation of {source}) against the same "
+                f"ratios from the expert masks over every slice, on the committed model's {ev['n']} validation patients "
                 "(weights/cardiac.validation-eval.json):", "",
             "| quantity | mean absolute difference | mean difference | Pearson r |", "|---|---|---|---|"]
-    for k, a in ev["shape_agreement"].items():
+    for k, a in agree.items():
         rows.append(f"| {SHAPE_NAMES.get(k, k)} | {a['mae']:.3f} | {a['bias']:+.3f} | {a['pearson_r']:.2f} |")
+    if ev.get("volume_agreement"):
+        from core.cardiac import VOLUMES
+
+        rows += ["", "Cardiac volumes (mL, and the LV mass in g, shown only when the file's voxel size is that of a cine "
+                     "stack: never for the shared ACDC copy) against the expert masks' on the same patients, in voxels "
+                     "(the voxel size cancels; the model's segmentation of every slice):", "",
+                 "| quantity | mean absolute difference | mean difference | Pearson r |", "|---|---|---|---|"]
+        for k, a in ev["volume_agreement"].items():
+            rows.append(f"| {VOLUMES[k]} | {a['mean_abs_pct']:.1f} % | {a['mean_pct']:+.1f} % | {a['pearson_r']:.2f} |")
     return rows
+
+
+def shown_measures_agreement(ev: dict) -> tuple[dict, str]:
+    """The agreement of what the cardiac page shows (``measures_agreement``, keyed as SHAPE_NAMES) and where it
+    comes from, in words; an evaluation file written before it gives the 8-slice estimates' (``shape_agreement``)."""
+    if "measures_agreement" in ev:
+        keys = {"myo_lv_ed": "myo_to_lv_ed", "rv_lv_ed": "rv_to_lv_ed"}
+        src = " and ".join(ev.get("measures_source", ["every slice"]))
+        return {keys.get(k, k): a for k, a in ev["measures_agreement"].items()}, f"{src} per frame"
+    return ev["shape_agreement"], "8 slices per frame"
 
 
 def perf_markdown() -> list[str]:

@@ -125,6 +125,33 @@ def test_cardiac_sample_prediction(acdc_root):
     assert not at.exception and "left-ventricle cavity" in _text(at) and _images(at) >= 16
 
 
+def test_cardiac_volumes_only_with_a_cine_stacks_voxel_size(acdc_root, monkeypatch):
+    """The shared copy's 1 mm headers give no mL (the page says why); the same frames with a cine stack's voxel
+    size give the volumes and the LV mass, each beside its validated agreement with expert masks."""
+    at = _page("pages/2_Cardiac.py")
+    at.selectbox(key="card.sample").select_index(1).run()
+    assert not at.exception
+    assert "No volumes in mL or LV mass in g: the file's slices are 1.00 mm apart" in _text(at)
+    assert not any(" mL" in str(r.get("this study", "")) for t in at.table for r in t.value.to_dict("records"))
+
+    from dataclasses import replace
+
+    import core.io
+
+    real = core.io.read_image_volume
+    monkeypatch.setattr(core.io, "read_image_volume",
+                        lambda data, *a, **k: replace(real(data, *a, **k), spacing=(1.5, 1.5, 10.0)))
+    at = _page("pages/2_Cardiac.py")
+    at.selectbox(key="card.sample").select_index(1).run()
+    assert not at.exception
+    rows = {r["quantity"]: r for t in at.table for r in t.value.to_dict("records") if "quantity" in r}
+    edv, esv = (float(rows[q]["this study"].removesuffix(" mL")) for q in ("LV end-diastolic volume",
+                                                                           "LV end-systolic volume"))
+    assert edv > esv > 0 and rows["LV mass (myocardium at ED)"]["this study"].endswith(" g")
+    assert rows["LV end-diastolic volume"]["model vs expert masks (validation)"].endswith("mean absolute difference")
+    assert "No volumes in mL" not in _text(at)
+
+
 def _five_class_box_quotes_the_table(at: AppTest) -> None:
     """The five-class verdict box quotes its probabilities as the table beside it gives them (an uncertain
     study's box said "47%" beside the table's 46.8%)."""

@@ -108,6 +108,65 @@ def test_one_validation_patient_end_to_end(acdc_root):
     assert p == pytest.approx(lm.diagnosis["validation_end_to_end"]["per_patient"][pid]["probabilities"], abs=0.02)
 
 
+# --------------------------------------------------------------------------- volumes in mL, LV mass in g
+
+
+def test_volumes_by_hand():
+    ed, es = _heart(12, 4, 6), _heart(8, 6, 4)
+    vox = C.structure_voxels(ed, es)
+    assert vox["lv_ed"] == (ed == 3).sum() and vox["myo_es"] == (es == 2).sum() and vox["rv_ed"] == (ed == 1).sum()
+    # a 200 x 150 frame: the centred crop is 0.6 x 150 = 90 pixels, resized to the 64-pixel grid of these maps
+    side = 90
+    assert C.pp.cardiac_crop_side((200, 150)) == side
+    sx, sy, sz = 1.5, 1.25, 8.0
+    ml = (side * sx / 64) * (side * sy / 64) * sz / 1000
+    v = C.volumes_ml(vox, (200, 150), (sx, sy, sz), 64)
+    assert set(v) == set(C.VOLUMES)
+    assert v["lv_edv"] == pytest.approx(vox["lv_ed"] * ml)
+    assert v["lv_sv"] == pytest.approx((vox["lv_ed"] - vox["lv_es"]) * ml)
+    assert v["lv_mass"] == pytest.approx(vox["myo_ed"] * ml * 1.05)
+    assert v["rv_esv"] == pytest.approx(vox["rv_es"] * ml)
+    assert C.volume_text("lv_mass", 101.6) == "102 g" and C.volume_text("lv_edv", 149.4) == "149 mL"
+
+
+@pytest.mark.parametrize("spacing,trusted", [((1.37, 1.37, 10.0), True), ((0.7, 0.7, 6.0), True),
+                                             ((1.0, 1.0, 1.0), False),  # the shared ACDC copy's placeholder
+                                             ((1.4, 1.4, 2.0), False), ((5.0, 5.0, 10.0), False),
+                                             ((1.4, 1.4, float("nan")), False), ((1.4, 1.4, 0.0), False)])
+def test_only_a_cine_stacks_voxel_size_is_trusted(spacing, trusted):
+    why = C.cine_voxel_size_problem(spacing)
+    assert (why is None) == trusted
+    if not trusted:
+        assert "voxel size" in why
+
+
+def test_volumes_of_a_real_patient_follow_the_header_and_the_expert_masks(acdc_root):
+    """With a cine stack's voxel size the page's volumes are given and close to the expert masks' (same voxel size);
+    with the shared copy's 1 mm placeholders, or ED and ES of different voxel sizes, they are withheld."""
+    from dataclasses import replace
+
+    from core import io as mio
+    from core.cardiac import predict_cardiac
+    from core.inference import load_model
+
+    lm = load_model("cardiac")
+    pid = lm.card["data"]["val_cases"][0]  # a patient the segmentation did not train on
+    c = next(c for c in mio.find_cardiac_cases(acdc_root) if c.patient_id == pid)
+    ed, es = mio.load_nifti_path(c.ed_path), mio.load_nifti_path(c.es_path)
+    r = predict_cardiac(lm, ed, es, explain=False)
+    assert r.volumes is None and "mm apart" in r.volumes_withheld
+    sp = (1.5, 1.5, 10.0)
+    r = predict_cardiac(lm, replace(ed, spacing=sp), replace(es, spacing=sp), explain=False)
+    assert r.volumes_withheld is None
+    expert = C.structure_voxels(mio.load_nifti_path(c.ed_gt).data, mio.load_nifti_path(c.es_gt).data)
+    ml = sp[0] * sp[1] * sp[2] / 1000
+    assert r.volumes["lv_edv"] == pytest.approx(expert["lv_ed"] * ml, rel=0.15)
+    assert r.volumes["lv_mass"] == pytest.approx(expert["myo_ed"] * ml * 1.05, rel=0.25)
+    assert r.volumes["lv_edv"] > r.volumes["lv_esv"] > 0 and r.volumes["lv_sv"] > 0
+    r = predict_cardiac(lm, replace(ed, spacing=sp), replace(es, spacing=(1.5, 1.5, 8.0)), explain=False)
+    assert r.volumes is None and "different voxel sizes" in r.volumes_withheld
+
+
 # --------------------------------------------------------------------------- 4D cine: reader and ED/ES choice
 
 

@@ -152,6 +152,15 @@ def test_agreement_known_values():
     assert a["pearson_r"] == pytest.approx(np.corrcoef([0.5, 0.6, 0.9], [0.4, 0.7, 0.7])[0, 1])
 
 
+def test_relative_agreement_known_values():
+    a = M.relative_agreement([110, 90, 50, 7], [100, 100, 50, 0])  # the last pair has no reference volume
+    assert a["n"] == 3
+    assert a["mean_abs_pct"] == pytest.approx((10 + 10 + 0) / 3)
+    assert a["mean_pct"] == pytest.approx(0.0)
+    assert a["pearson_r"] == pytest.approx(np.corrcoef([110, 90, 50], [100, 100, 50])[0, 1])
+    assert M.relative_agreement([], [])["n"] == 0
+
+
 def test_segmentation_metrics_from_the_box_equal_the_whole_volume_figures():
     from scipy import ndimage
 

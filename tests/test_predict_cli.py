@@ -86,9 +86,13 @@ def test_cardiac_batch_reads_acdc_folders_and_4d_cines(tmp_path, acdc_root):
     # the same cine as a DICOM series (one file per slice and frame, in a zip)
     (tmp_path / "cine_dicom.zip").write_bytes(_zip(_slices(np.round(np.stack(frames, -1)), ed.affine)))
     rc, rows = _run("--task", "cardiac", str(pdir), str(cine), str(tmp_path / "cine_dicom.zip"),
-                    "--csv", str(tmp_path / "c.csv"))
+                    "--csv", str(tmp_path / "c.csv"), "--reports", str(tmp_path / "reports"))
     assert rc == 0, rows
     by = {r["case"]: r for r in rows}
+    # a PDF per study, built with the committed five-class model (every real study's report failed until 2026-12-06)
+    assert all(Path(r["report"]).is_file() for r in rows), rows
+    # the shared copy's 1 mm headers: no volumes in mL, and the row says why
+    assert not by[pdir.name]["lv_edv_ml"] and "1.00 mm apart" in by[pdir.name]["volumes_note"]
     assert by["cine_dicom"]["status"] in ("ok", "uncertain") and by["cine_dicom"]["es_frame"] == "2"
     assert by[pdir.name]["status"] in ("ok", "uncertain") and 0 <= float(by[pdir.name]["p_disease"]) <= 1
     assert by["cine"]["es_frame"] == "2" and by["cine"]["ed_frame"] in ("1", "3")

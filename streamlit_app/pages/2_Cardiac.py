@@ -182,6 +182,25 @@ if sh is not None:
                 "over the same slices, so ratios need no voxel size); the decision rests on them. ")
                + "They are not clinical measurements; the RV estimates agree less well with expert masks than the LV "
                  "ones (see Training & metrics).")
+if res.volumes is not None:
+    from core.cardiac import VOLUMES, volume_text
+    from core.report import read_validation_eval
+
+    agree = (read_validation_eval("cardiac") or {}).get("volume_agreement", {})
+    st.markdown("**Volumes** (summation of discs over the model's segmentation of every slice, with the file's voxel "
+                "size; LV mass = myocardium at end-diastole x 1.05 g/mL)")
+    st.table([{"quantity": VOLUMES[k], "this study": volume_text(k, v),
+               "model vs expert masks (validation)": (f"{agree[k]['mean_abs_pct']:.0f} % mean absolute difference"
+                                                      if k in agree else "not measured")}
+              for k, v in res.volumes.items()])
+    n = next(iter(agree.values()), {}).get("n")
+    st.caption("Not indexed to body surface area (the files give no height or weight). Papillary muscles and "
+               "trabeculae count as cavity, as in the ACDC masks the model learnt from. "
+               + (f"The right column compares the model's volumes with the expert masks' on {n} validation patients "
+                  "in voxels, which needs no voxel size (Training & metrics); " if n else "")
+               + "the mL are only as right as the file's voxel size.")
+elif res.volumes_withheld:
+    st.caption(f"No volumes in mL or LV mass in g: {res.volumes_withheld}")
 
 if res.diagnosis is not None and lm.diagnosis is not None:
     from core.cardiac import FEATURES, GROUP_NAMES, GROUPS, feature_text

@@ -11,7 +11,8 @@ from core.errors import MissingWeightsError
 from core.precision import PrecisionError
 from core.runtime import task_precision
 from core.report import (DATASET_NAMES, SHAPE_NAMES, atrium_cross_validation, external_evaluations,
-                         read_validation_eval, schedule_note, shown_threshold, stress_checks)
+                         read_validation_eval, schedule_note, shown_measures_agreement, shown_threshold,
+                         stress_checks)
 from core.tasks import TASKS
 
 NS = "metrics"
@@ -263,12 +264,24 @@ if spec.kind == "binary":
                            if "ece_if_perfectly_calibrated" in bc else ""))
     ev = read_validation_eval(task)
     if ev and "shape_agreement" in ev:
+        agree, source = shown_measures_agreement(ev)
         st.markdown(f"**Shape estimates against the expert masks** ({ev['n']} validation patients): the page's "
-                    "ejection fractions and ratios come from the model's segmentation of 8 slices per frame; here "
+                    f"ejection fractions and ratios come from the model's segmentation of {source}; here "
                     "they are compared with the same ratios from the expert masks over every slice.")
         st.dataframe(pd.DataFrame([{"quantity": SHAPE_NAMES.get(k, k), "mean absolute difference": a["mae"],
                                     "mean difference": a["bias"], "Pearson r": a["pearson_r"], "n": a["n"]}
-                                   for k, a in ev["shape_agreement"].items()]), hide_index=True, key=f"{NS}.shape")
+                                   for k, a in agree.items()]), hide_index=True, key=f"{NS}.shape")
+    if ev and ev.get("volume_agreement"):
+        from core.cardiac import VOLUMES
+
+        st.markdown(f"**Volumes against the expert masks** ({ev['n']} validation patients): the page gives volumes "
+                    "in mL and the LV mass in g only for a file whose voxel size is that of a cine short-axis stack "
+                    "(never for the shared ACDC copy, whose headers say 1 mm). Compared here in voxels, where the "
+                    "voxel size cancels: difference in % of the expert masks' volume.")
+        st.dataframe(pd.DataFrame([{"quantity": VOLUMES[k], "mean absolute difference (%)": round(a["mean_abs_pct"], 1),
+                                    "mean difference (%)": round(a["mean_pct"], 1), "Pearson r": a["pearson_r"],
+                                    "n": a["n"]} for k, a in ev["volume_agreement"].items()]),
+                     hide_index=True, key=f"{NS}.volumes")
 else:
     cv = atrium_cross_validation(card)
     pooled = bool(v.get("cross_validated"))  # the model trained on every volume: its figures are its recipe's
