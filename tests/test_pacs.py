@@ -163,6 +163,34 @@ def test_radiograph_round_trip(orthanc, xray_root, models):
     assert sc.PatientID == "TEST-0002" and sc.SeriesDescription.startswith("AI pneumonia result")
 
 
+def test_cardiac_cine_round_trip(orthanc, acdc_root, models):
+    """A real patient's ED and ES frames stored as an MR cine series with a cine stack's geometry (1.5 mm pixels,
+    slices 10 mm apart): the cardiac module runs from the PACS, its row gives the volumes in mL (the geometry comes
+    from the DICOM positions, not the NIfTI header), and its result goes back as a Secondary Capture."""
+    import nibabel as nib
+
+    pdir = sorted((acdc_root / "ACDC" / "training").glob("patient*"))[0]
+    info = dict(ln.split(":", 1) for ln in (pdir / "Info.cfg").read_text().splitlines() if ":" in ln)
+    ed, es = (np.asarray(nib.load(pdir / f"{pdir.name}_frame{int(info[k]):02d}.nii.gz").dataobj, dtype=np.float32)
+              for k in ("ED", "ES"))
+    study = "1.2.826.0.1.3680043.8.498.40"  # UIDs of its own: the tests share one server
+    pacs = P.Pacs(P.PacsConfig(orthanc))
+    P.store(pacs, mr_slices(np.round(np.stack([ed, es, ed], -1)), np.diag([1.5, 1.5, 10.0, 1.0]),
+                            "1.2.826.0.1.3680043.8.498.41", study_uid=study))
+    (series,) = P.list_series(pacs, study)
+    dss = P.fetch_series(pacs, study, series["series_uid"])
+
+    res = P.run_series(models, dss, "cine from PACS")
+    row = res.analysis.row
+    assert res.task == "cardiac" and row["status"] in ("ok", "uncertain") and row["es_frame"] == "2"
+    assert float(row["lv_edv_ml"]) > float(row["lv_esv_ml"]) > 0 and float(row["lv_mass_g"]) > 0
+    assert [d.Modality for d in res.outgoing] == ["OT"]
+    P.store(pacs, res.outgoing)
+    back = [r for r in P.list_series(pacs, study) if r["modality"] == "OT"]
+    (sc,) = P.fetch_series(pacs, study, back[0]["series_uid"])
+    assert sc.SeriesDescription.startswith("AI cardiac result") and sc.pixel_array.std() > 0
+
+
 def test_real_ct_file_is_refused_by_every_module(orthanc):
     import pydicom
     from pydicom.data import get_testdata_file
