@@ -111,6 +111,23 @@ def _pil(img: ReportImage, max_side: int = 640):
     return im.convert("RGB")
 
 
+def notice_pdf(title: str, message: str) -> bytes:
+    """A one-page PDF that says only ``message`` (and the disclaimer): what the download gives when the report
+    itself could not be built, so that a click never ends in silence."""
+    from fpdf import FPDF
+
+    fd = _font_dir()
+    pdf = FPDF(format="A4")
+    pdf.add_font("DejaVu", "", str(fd / "DejaVuSans.ttf"))
+    pdf.add_font("DejaVu", "B", str(fd / "DejaVuSans-Bold.ttf"))
+    pdf.add_page()
+    pdf.set_font("DejaVu", "B", 14)
+    pdf.multi_cell(pdf.epw, 8, title, new_x="LMARGIN", new_y="NEXT")
+    pdf.set_font("DejaVu", "", 10)
+    pdf.multi_cell(pdf.epw, 5.5, f"{message}\n\n{DISCLAIMER}", new_x="LMARGIN", new_y="NEXT")
+    return bytes(pdf.output())
+
+
 def render_pdf(report: CaseReport, card: dict, when: _dt.datetime | None = None) -> bytes:
     """The report as PDF bytes (A4, one or two pages)."""
     from fpdf import FPDF

@@ -276,12 +276,32 @@ def figure_line(task: str) -> str:
     return line(task, card)
 
 
+def report_or_notice(build: Callable[[], bytes]) -> Callable[[], bytes]:
+    """``build`` made never to fail: on an unexpected error the PDF says the report could not be built (and where
+    the error arose goes to the server's log). The PDF is built in the download's own request, where no message
+    can reach the page, so a failure would otherwise leave the user's click without any answer."""
+    from core.case_report import notice_pdf
+
+    def build_or_say_why() -> bytes:
+        try:
+            return build()
+        except Exception as exc:  # noqa: BLE001
+            log.error("unexpected %s while building a case report, raised at:\n%s", type(exc).__name__,
+                      "".join(traceback.format_tb(exc.__traceback__)).rstrip())
+            return notice_pdf("The case report could not be built",
+                              f"An internal error ({type(exc).__name__}) stopped the report of this case. The result "
+                              "shown on the page is not affected by it. Please tell whoever maintains this app.")
+
+    return build_or_say_why
+
+
 def report_button(build: Callable[[], bytes], name: str, ns: str) -> None:
     """A download button for the case's PDF report; the PDF is built only when the button is clicked
     (``build`` runs then), so the page does not wait for it."""
     from core.case_report import case_stem
 
-    st.download_button("Download the case report (PDF)", data=build, file_name=f"{case_stem(name)}_report.pdf",
+    st.download_button("Download the case report (PDF)", data=report_or_notice(build),
+                       file_name=f"{case_stem(name)}_report.pdf",
                        mime="application/pdf", on_click="ignore", key=f"{ns}.report",
                        help="Result, images, measured figures, the model's version and validation figures, and the "
                             "research-use disclaimer; no identifying fields of the input.")

@@ -462,6 +462,29 @@ def test_an_unexpected_error_names_its_kind_on_the_page_and_where_it_arose_in_th
     assert "DOE^JANE" not in logged  # not what
 
 
+def test_a_report_that_cannot_be_built_downloads_as_a_pdf_that_says_so(caplog):
+    """The case report is built in the download's own request, where no message reaches the page: a failure there
+    left the click unanswered (every real cardiac study's report, until 2026-12-06). Now the PDF says so."""
+    from common import report_or_notice
+    from test_case_report import _text as pdf_text
+
+    value = "PatientName=" + "DOE" + "^JANE"
+
+    def broken_report() -> bytes:
+        return {}[value]
+
+    with caplog.at_level("ERROR", logger="medimg.app"):
+        pdf = report_or_notice(broken_report)()
+    assert pdf.startswith(b"%PDF")
+    txt = pdf_text(pdf)
+    assert "could not be built" in txt and "KeyError" in txt and "not a medical device" in txt
+    assert "DOE^JANE" not in txt
+    logged = "\n".join(r.getMessage() for r in caplog.records if r.name == "medimg.app")
+    assert "unexpected KeyError while building a case report" in logged and "broken_report" in logged
+    assert "DOE^JANE" not in logged
+    assert report_or_notice(lambda: b"%PDF-ok")() == b"%PDF-ok"
+
+
 def test_server_connections_get_tcp_nodelay_although_the_listening_socket_has_protocol_0():
     """Streamlit binds its listening socket as ``socket.socket(family)`` (protocol number 0), for which asyncio
     leaves Nagle's algorithm on: every response written in two parts then waited 40 ms for the browser's delayed

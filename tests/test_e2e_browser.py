@@ -197,6 +197,14 @@ def test_cardiac_upload(server, browser, acdc_root):
     _wait_idle(page)
     assert _images(page, 16) >= 16  # 8 ED + 8 ES slices with Grad-CAM
     _shot(page, "2_cardiac")
+    # its case report, as a user downloads it (every real study's report failed until 2026-12-06, unseen here)
+    with page.expect_download() as dl:
+        page.get_by_role("button", name="Download the case report (PDF)").click()
+    pdf = Path(dl.value.path()).read_bytes()
+    assert pdf.startswith(b"%PDF")
+    if shutil.which("pdftotext"):
+        txt = subprocess.run(["pdftotext", "-", "-"], input=pdf, capture_output=True, check=True).stdout.decode()
+        assert "patient006_frame01.nii.gz" in txt and "P(disease)" in txt and "No volumes in mL" in txt
     page.close()
 
 
