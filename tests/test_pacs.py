@@ -173,10 +173,10 @@ def test_cardiac_cine_round_trip(orthanc, acdc_root, models):
     info = dict(ln.split(":", 1) for ln in (pdir / "Info.cfg").read_text().splitlines() if ":" in ln)
     ed, es = (np.asarray(nib.load(pdir / f"{pdir.name}_frame{int(info[k]):02d}.nii.gz").dataobj, dtype=np.float32)
               for k in ("ED", "ES"))
-    study = "1.2.826.0.1.3680043.8.498.40"  # UIDs of its own: the tests share one server
+    study = "1.2.826.0.1.3680043.8.498.50"  # UIDs no other test uses: in CI the tests share one server
     pacs = P.Pacs(P.PacsConfig(orthanc))
     P.store(pacs, mr_slices(np.round(np.stack([ed, es, ed], -1)), np.diag([1.5, 1.5, 10.0, 1.0]),
-                            "1.2.826.0.1.3680043.8.498.41", study_uid=study))
+                            "1.2.826.0.1.3680043.8.498.51", study_uid=study))
     (series,) = P.list_series(pacs, study)
     dss = P.fetch_series(pacs, study, series["series_uid"])
 
