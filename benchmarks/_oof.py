@@ -43,6 +43,24 @@ def fold_cases(wdir: str, root, fused: bool) -> tuple[LoadedModel, list[A.Canoni
     return lm, [v for v in vols if (len(A.resolve_views(views, v.data.shape, v.spacing)) > 1) == fused]
 
 
+def app_predictions(wdir: str, root, localiser: bool = True
+                    ) -> Iterator[tuple[LoadedModel, A.CanonicalCase, bool, "A.AtriumPrediction"]]:
+    """(fold model, volume, fused?, prediction) for each of a kept fold model's own validation volumes (fused and
+    single-view paths alike), segmented as the app does: the card's views, flips and threshold, the fold's
+    localiser (``localiser=False``: the path before it, as older logs were made), bfloat16 (the fold models have
+    no int8 ranges)."""
+    from core.precision import autocast
+
+    for fused in (True, False):
+        lm, vols = fold_cases(wdir, root, fused=fused)
+        spec = lm.card["input_spec"]
+        views, flips = tuple(spec.get("views", [2])), int(spec.get("tta_flips", 1))
+        for v in vols:
+            yield lm, v, fused, A.segment_canonical(lm.model, v.data, v.spacing, views, lm.grid_mm, lm.threshold, 8,
+                                                    lambda: autocast(lm.precision), flips=flips,
+                                                    localiser=lm.localiser if localiser else None)
+
+
 def fused_fold_volumes(wdir: str, root) -> Iterator[tuple[LoadedModel, A.CanonicalCase, tuple[int, ...], Callable]]:
     """(fold model, volume, its fused views, a fresh precision context) for each of a kept fold model's own
     validation volumes that take the fused path."""

@@ -15,11 +15,9 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
-from core import atrium as A
 from core import preprocess as pp
-from core.precision import autocast
 
-from _oof import collect, compare, fold_cases, mask_scores, write
+from _oof import app_predictions, collect, compare, mask_scores, write
 
 
 def _close(m: np.ndarray, iterations: int = 1) -> np.ndarray:
@@ -38,19 +36,13 @@ VARIANTS = {"the app's mask": lambda m: m, "closing": _close, "closing by 2 voxe
 def run_fold(wdir: str, root) -> dict[str, dict]:
     """{case: {dataset, variant: {dice, hd95, volume_error_pct}}} for all the fold's validation volumes."""
     out: dict[str, dict] = {}
-    for fused in (True, False):
-        lm, vols = fold_cases(wdir, root, fused=fused)
-        spec = lm.card["input_spec"]
-        views, flips = tuple(spec.get("views", [2])), int(spec.get("tta_flips", 1))
-        for v in vols:
-            pred = A.segment_canonical(lm.model, v.data, v.spacing, views, lm.grid_mm, lm.threshold, 8,
-                                       lambda: autocast(lm.precision), flips=flips)
-            m = pred.mask.astype(bool)
-            row: dict = {"dataset": v.dataset, "fused": fused}
-            for name, f in VARIANTS.items():
-                row[name] = {**mask_scores(f(m).astype(np.uint8), v.label, v.spacing), "seconds": 0.0}
-            out[v.case_id] = row
-            print(v.case_id, {k: r["dice"] for k, r in row.items() if k in VARIANTS}, flush=True)
+    for _, v, fused, pred in app_predictions(wdir, root, localiser=False):  # as its log was made, before the localiser
+        m = pred.mask.astype(bool)
+        row: dict = {"dataset": v.dataset, "fused": fused}
+        for name, f in VARIANTS.items():
+            row[name] = {**mask_scores(f(m).astype(np.uint8), v.label, v.spacing), "seconds": 0.0}
+        out[v.case_id] = row
+        print(v.case_id, {k: r["dice"] for k, r in row.items() if k in VARIANTS}, flush=True)
     return out
 
 
