@@ -368,7 +368,7 @@ def shown_measures_agreement(ev: dict) -> tuple[dict, str]:
     if "measures_agreement" in ev:
         keys = {"myo_lv_ed": "myo_to_lv_ed", "rv_lv_ed": "rv_to_lv_ed"}
         src = " and ".join(ev.get("measures_source", ["every slice"]))
-        return {keys.get(k, k): a for k, a in ev["measures_agreement"].items()}, f"{src} per frame"
+        return {keys.get(k, k): a for k, a in ev["measures_agreement"].items()}, f"{src} of each frame"
     return ev["shape_agreement"], "8 slices per frame"
 
 
