@@ -164,13 +164,18 @@ def cine_voxel_size_problem(spacing) -> str | None:
     return None
 
 
-def volumes_ml(voxels: dict[str, int], frame_shape_xy: tuple[int, int], spacing, size: int) -> dict[str, float]:
-    """Volumes (mL) and LV mass (g) by summation of discs from ``structure_voxels`` of label maps on the model's
-    (size x size) grid of a frame whose in-plane shape is ``frame_shape_xy`` and voxel size ``spacing`` (mm):
-    each grid pixel spans crop side / size original pixels each way, each slice its spacing."""
+def grid_voxel_ml(frame_shape_xy: tuple[int, int], spacing, size: int) -> float:
+    """mL of one voxel of the model's (size x size) grid for a frame of in-plane shape ``frame_shape_xy`` and voxel
+    size ``spacing`` (mm): each grid pixel spans crop side / size original pixels each way, each slice its spacing."""
     side = pp.cardiac_crop_side(frame_shape_xy)
     sx, sy, sz = (float(v) for v in spacing)
-    ml = (side * sx / size) * (side * sy / size) * sz / 1000.0
+    return (side * sx / size) * (side * sy / size) * sz / 1000.0
+
+
+def volumes_ml(voxels: dict[str, int], frame_shape_xy: tuple[int, int], spacing, size: int) -> dict[str, float]:
+    """Volumes (mL) and LV mass (g) by summation of discs from ``structure_voxels`` of label maps on the model's
+    grid (``grid_voxel_ml``)."""
+    ml = grid_voxel_ml(frame_shape_xy, spacing, size)
     out = {k: (voxels[a] - (voxels[b] if b else 0)) * ml for k, (a, b) in VOLUME_VOXELS.items()}
     out["lv_mass"] *= MYOCARDIUM_G_PER_ML
     return out
@@ -650,6 +655,7 @@ class CardiacCycle:
     rv: np.ndarray  # (T,)
     ed: int
     es: int
+    voxel_ml: float | None = None  # mL of one of those pixels when the cine's voxel size is trusted, else None
 
 
 def cardiac_cycle(lm: LoadedModel, cine: Cine) -> CardiacCycle:
@@ -663,7 +669,9 @@ def cardiac_cycle(lm: LoadedModel, cine: Cine) -> CardiacCycle:
                                 "short-axis cardiac series.")
     ed, es = pick_ed_es(c["lv"])
     release_memory()
-    return CardiacCycle(c["lv"], c["rv"], ed, es)
+    ml = (grid_voxel_ml(cine.data.shape[:2], cine.spacing, lm.input_size)
+          if cine_voxel_size_problem(cine.spacing) is None else None)
+    return CardiacCycle(c["lv"], c["rv"], ed, es, ml)
 
 
 def cardiac_shape_summary(features: np.ndarray) -> dict[str, float]:

@@ -200,6 +200,8 @@ def test_read_cine_keeps_frames_and_refuses_single_frames():
 
 
 def test_cine_built_from_a_real_patient_finds_ed_and_es(acdc_root):
+    import nibabel as nib
+
     from core import io as mio
     from core.cardiac import cardiac_cycle, predict_cardiac
     from core.inference import load_model
@@ -215,6 +217,12 @@ def test_cine_built_from_a_real_patient_finds_ed_and_es(acdc_root):
     a = predict_cardiac(lm, cine.frame(cyc.ed), cine.frame(cyc.es), explain=False)
     b = predict_cardiac(lm, ed, es, explain=False)
     assert a.probability == pytest.approx(b.probability, abs=1e-4)
+    # the cine's 1.5 x 1.5 x 8 mm voxels are a cine stack's: its curve can be drawn in mL, in the volumes' unit
+    assert cyc.voxel_ml == pytest.approx(C.grid_voxel_ml(ed.data.shape[:2], (1.5, 1.5, 8.0), lm.input_size))
+    assert cyc.lv[cyc.ed] * cyc.voxel_ml == pytest.approx(a.volumes["lv_edv"], rel=0.03)
+    assert b.volumes is None  # the shared copy's own frames: 1 mm placeholders
+    flat = mio.read_cine(nib.Nifti1Image(np.stack([es.data, ed.data], axis=3), np.eye(4)).to_bytes(), "flat.nii")
+    assert cardiac_cycle(lm, flat).voxel_ml is None
 
 
 def test_cross_fitted_calibration_picks_platt_for_a_shifted_model():

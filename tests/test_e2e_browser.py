@@ -219,7 +219,9 @@ def test_cardiac_4d_cine_upload_picks_ed_and_es(server, browser, acdc_root, tmp_
     es = np.asarray(nib.load(es_path).dataobj)
     ed_arr = np.asarray(ed.dataobj)
     cine = tmp_path / "patient006_cine_4d.nii.gz"  # a cycle that starts in systole: ES, ED, ES
-    nib.save(nib.Nifti1Image(np.stack([es, ed_arr, es], axis=3).astype(np.float32), ed.affine), cine)
+    # with a cine stack's voxel size (the shared copy's headers say 1 mm): the volumes are shown in mL
+    nib.save(nib.Nifti1Image(np.stack([es, ed_arr, es], axis=3).astype(np.float32), np.diag([1.4, 1.4, 10.0, 1.0])),
+             cine)
     page = _page(browser, f"{server['url']}/Cardiac")
     page.get_by_text("One 4D cine").first.click()
     page.get_by_text("Upload a 4D cine NIfTI").first.wait_for()  # the page has redrawn with the one cine box
@@ -231,6 +233,7 @@ def test_cardiac_4d_cine_upload_picks_ed_and_es(server, browser, acdc_root, tmp_
     # the result line names the frames chosen from the LV cavity curve: ED = frame 2, ES = frame 1
     assert "ED = patient006_cine_4d.nii.gz, frame 2" in body and "ES = patient006_cine_4d.nii.gz, frame 1" in body
     assert "Traceback" not in body
+    assert "LV end-diastolic volume" in body and " mL" in body and "No volumes in mL" not in body
     _shot(page, "2b_cardiac_cine")
     page.close()
 

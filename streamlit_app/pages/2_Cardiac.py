@@ -55,13 +55,16 @@ if mode == "One 4D cine":
     import plotly.graph_objects as go
 
     fr = list(range(1, cine.n_frames + 1))
+    # in mL when the file's voxel size is a cine stack's (as the volumes below), else in the model's grid pixels
+    ml = cycle.voxel_ml
+    unit = (lambda v: np.asarray(v) * ml) if ml else np.asarray  # noqa: E731
     fig = go.Figure()
-    fig.add_scatter(x=fr, y=cycle.lv, mode="lines+markers", name="LV cavity")
-    fig.add_scatter(x=fr, y=cycle.rv, mode="lines+markers", name="RV cavity")
+    fig.add_scatter(x=fr, y=unit(cycle.lv), mode="lines+markers", name="LV cavity")
+    fig.add_scatter(x=fr, y=unit(cycle.rv), mode="lines+markers", name="RV cavity")
     fig.add_vline(x=cycle.ed + 1, line_dash="dash", annotation_text="ED (largest LV)")
     fig.add_vline(x=cycle.es + 1, line_dash="dot", annotation_text="ES (smallest LV)")
     fig.update_layout(height=260, margin=dict(t=30, b=30), xaxis_title="frame", xaxis_dtick=1,
-                      yaxis_title="cavity size (pixels, all slices)")
+                      yaxis_title="cavity volume (mL)" if ml else "cavity size (pixels, all slices)")
     st.plotly_chart(fig, key=f"{NS}.cycle_chart")
     f1, f2 = st.columns(2)
     ed_t = f1.number_input("ED frame (chosen: largest LV cavity)", 1, cine.n_frames, key=f"{NS}.ed_t")
