@@ -67,9 +67,16 @@ FEATURES = {
 DIAGNOSIS_FILE = "cardiac_diagnosis.json"
 
 
+NOT_SMALLER_AT_ES = "not measurable (the cavity is not smaller at ES)"
+
+
 def feature_text(key: str, value: float) -> str:
-    """A feature value as shown to a user: ejection fractions in % (as the page's metric row), ratios as 0.00."""
-    return f"{value:.0%}" if key.endswith("_ef") else f"{value:.2f}"
+    """A feature value as shown to a user: ejection fractions in % (as the page's metric row), ratios as 0.00. An
+    ejection fraction of 0 or less is never shown as a number: the segmented cavity is not smaller at ES (the RV's
+    can be, on a poorly segmented RV, while the LV is right; a swapped LV is refused before)."""
+    if key.endswith("_ef"):
+        return f"{value:.0%}" if value > 0 else NOT_SMALLER_AT_ES
+    return f"{value:.2f}"
 
 MIN_REPRODUCIBILITY = 0.5  # features whose model-vs-expert agreement (Pearson r) is below this are not used
 CV_REPEATS = 5  # fold assignments over which the cross-validated figures are also given
@@ -133,7 +140,10 @@ VOLUME_VOXELS = {"lv_edv": ("lv_ed", None), "lv_esv": ("lv_es", None), "lv_sv": 
 
 
 def volume_text(key: str, value: float) -> str:
-    """A volume as shown to a user: mL, or g for the LV mass, to the nearest unit."""
+    """A volume as shown to a user: mL, or g for the LV mass, to the nearest unit; a stroke volume of 0 or less is
+    not shown as a number (as ``feature_text`` for the ejection fractions)."""
+    if key.endswith("_sv") and value <= 0:
+        return NOT_SMALLER_AT_ES
     return f"{value:.0f} g" if key == "lv_mass" else f"{value:.0f} mL"
 
 

@@ -257,6 +257,7 @@ def xray_report(result, image, case_name: str) -> CaseReport:
 
 def cardiac_report(result, case_name: str, diagnosis_model: dict | None = None) -> CaseReport:
     """Report of a cine study (``core.cardiac.CardiacResult``); ``diagnosis_model`` is the five-class card."""
+    from core.cardiac import FEATURES, GROUP_NAMES, GROUPS, VOLUMES, feature_text, volume_text
     from core.runtime import UNCERTAIN_MARGIN, verdict_band
     from core.visualize import heatmap_overlay, label_overlay
 
@@ -284,8 +285,8 @@ def cardiac_report(result, case_name: str, diagnosis_model: dict | None = None) 
     notes = [f"Within {UNCERTAIN_MARGIN:.0%} of the threshold no verdict is given."]
     sh = result.measures()
     if sh is not None:
-        figures += [("LV ejection fraction (estimate)", f"{sh['lv_ef']:.0%}"),
-                    ("RV ejection fraction (estimate)", f"{sh['rv_ef']:.0%}"),
+        figures += [("LV ejection fraction (estimate)", feature_text("lv_ef", sh["lv_ef"])),
+                    ("RV ejection fraction (estimate)", feature_text("rv_ef", sh["rv_ef"])),
                     ("Myocardium / LV cavity at ED", f"{sh['myo_lv_ed']:.2f}"),
                     ("RV / LV cavity at ED", f"{sh['rv_lv_ed']:.2f}")]
         notes.append("Ejection fractions and ratios are estimates from the model's own segmentation of "
@@ -293,8 +294,6 @@ def cardiac_report(result, case_name: str, diagnosis_model: dict | None = None) 
                         "it used") + " (summed over the same slices, so no voxel size is needed), not clinical "
                      "measurements.")
     if result.volumes is not None:
-        from core.cardiac import VOLUMES, volume_text
-
         figures += [(VOLUMES[k], volume_text(k, v)) for k, v in result.volumes.items()]
         notes.append("Volumes by summation of discs over the model's segmentation of every slice with the file's voxel "
                      "size (LV mass: ED myocardium x 1.05 g/mL); not indexed to body surface area; papillary muscles "
@@ -302,8 +301,6 @@ def cardiac_report(result, case_name: str, diagnosis_model: dict | None = None) 
     elif result.volumes_withheld:
         notes.append(f"No volumes in mL or LV mass in g: {result.volumes_withheld}")
     if result.diagnosis is not None and diagnosis_model is not None:
-        from core.cardiac import FEATURES, GROUP_NAMES, GROUPS, feature_text
-
         probs = result.diagnosis["probabilities"]
         top = max(probs, key=probs.get)
         below = float(diagnosis_model["uncertain_below"])

@@ -129,6 +129,16 @@ def test_volumes_by_hand():
     assert C.volume_text("lv_mass", 101.6) == "102 g" and C.volume_text("lv_edv", 149.4) == "149 mL"
 
 
+def test_no_ejection_fraction_or_stroke_volume_of_zero_or_less_is_shown_as_a_number():
+    """A poorly segmented RV can be larger at ES than at ED while the LV is right (patient020 from the model's own
+    segmentation: RV EF -2.6 %, RV stroke volume -3 mL): never shown as a negative figure."""
+    assert C.feature_text("lv_ef", 0.554) == "55%" and C.feature_text("rv_lv_ed", 0.9) == "0.90"
+    for key, v in (("rv_ef", -0.026), ("lv_ef", 0.0)):
+        assert C.feature_text(key, v) == C.NOT_SMALLER_AT_ES
+    assert C.volume_text("rv_sv", -3.1) == C.NOT_SMALLER_AT_ES and C.volume_text("rv_sv", 3.8) == "4 mL"
+    assert C.volume_text("rv_esv", 0.0) == "0 mL"  # only a difference (stroke volume) can be negative
+
+
 @pytest.mark.parametrize("spacing,trusted", [((1.37, 1.37, 10.0), True), ((0.7, 0.7, 6.0), True),
                                              ((1.0, 1.0, 1.0), False),  # the shared ACDC copy's placeholder
                                              ((1.4, 1.4, 2.0), False), ((5.0, 5.0, 10.0), False),

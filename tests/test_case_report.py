@@ -127,6 +127,10 @@ def test_cardiac_report_refuses_swapped_frames_and_names_the_class(tmp_path):
     assert "(outside)" in txt and "20%" in txt
     assert "0.20" not in txt and "50%-75%" in txt  # ejection fractions in one unit (%), the features' too
     assert 1 <= _pages(pdf, tmp_path) <= 2
+    # an RV segmented larger at ES than at ED: its ejection fraction is not printed as a negative figure
+    ok.diagnosis["features"]["rv_ef"] = -0.03
+    txt = _text(render_pdf(cardiac_report(ok, "ED = a, ES = b", diag), card))
+    assert "-3%" not in txt and "not measurable (the cavity is not smaller at ES)" in txt
 
 
 def test_atrium_report_withholds_the_volume_when_the_check_fails(tmp_path):

@@ -111,7 +111,7 @@ else:
         return ed, es
 
 lm = model_or_stop("cardiac")
-from core.cardiac import predict_cardiac  # noqa: E402  (torch: after the uploaders)
+from core.cardiac import feature_text, predict_cardiac  # noqa: E402  (torch: after the uploaders)
 
 if st.session_state.get(f"{NS}.key") != key:
     # controls start from their defaults for a new study, so what they show is what the images are drawn with
@@ -174,8 +174,8 @@ m1, m2, m3, m4, m5 = st.columns(5)
 m1.metric("P(disease)", format_probability(res.probability))
 sh = res.measures()  # one source for the page, the report and the table below
 if sh is not None:
-    m2.metric("LV ejection fraction (estimate)", f"{sh['lv_ef']:.0%}")
-    m3.metric("RV ejection fraction (estimate)", f"{sh['rv_ef']:.0%}")
+    m2.metric("LV ejection fraction (estimate)", feature_text("lv_ef", sh["lv_ef"]))
+    m3.metric("RV ejection fraction (estimate)", feature_text("rv_ef", sh["rv_ef"]))
     m4.metric("Myocardium / LV cavity at ED", f"{sh['myo_lv_ed']:.2f}")
     m5.metric("RV / LV cavity at ED", f"{sh['rv_lv_ed']:.2f}")
     st.caption(("Estimates from the model's own segmentation of every slice of both frames (volumes summed over the "
@@ -206,7 +206,7 @@ elif res.volumes_withheld:
     st.caption(f"No volumes in mL or LV mass in g: {res.volumes_withheld}")
 
 if res.diagnosis is not None and lm.diagnosis is not None:
-    from core.cardiac import FEATURES, GROUP_NAMES, GROUPS, feature_text
+    from core.cardiac import FEATURES, GROUP_NAMES, GROUPS
 
     probs = res.diagnosis["probabilities"]
     top = max(probs, key=probs.get)
