@@ -26,7 +26,8 @@ MODULES = [
     ("cardiac", "pages/2_Cardiac.py", "Cardiac disease (cine MRI)",
      "Normal vs disease (DCM, HCM, previous MI, abnormal RV) and the most likely of the five classes, from the ED "
      "and ES frames of a short-axis cine study or from one 4D cine, NIfTI or a DICOM series as .zip (ED and ES "
-     "found from the LV cavity curve)."),
+     "found from the LV cavity curve); LV and RV volumes in mL and the LV mass when the file's voxel size is a cine "
+     "stack's."),
     ("atrium", "pages/3_Atrium_segmentation.py", "Left-atrium segmentation (3D MRI)",
      "Left-atrium mask of a 3D MRI volume (NIfTI or a DICOM series as .zip; bSSFP or LGE, any slice plane), its volume in mL when a quality check "
      "passes, and Dice/HD95 against a ground-truth mask."),
