@@ -15,6 +15,7 @@ import os
 import re
 import secrets
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -36,7 +37,6 @@ def main() -> None:
     from conftest import dicom_bytes
 
     from core import io as mio
-    from core.bench_browser import stop_server
     from core.config import data_root
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -63,7 +63,7 @@ def main() -> None:
         proc = subprocess.Popen(["strace", "-f", "-ttt", "-e", f"trace={CALLS}", "-o", str(trace),
                                  str(Path(sys.executable).parent / "streamlit"), "run", "streamlit_app/app.py",
                                  "--server.port", str(port), "--server.headless", "true"],
-                                cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+                                cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
         for _ in range(180):
@@ -98,7 +98,12 @@ def main() -> None:
             end = time.time()
             b.close()
     finally:
-        stop_server(proc)
+        # the whole group: stopping strace alone would leave the traced server running
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
     lines = trace.read_text().splitlines()
 
     def changing(ln: str) -> bool:
