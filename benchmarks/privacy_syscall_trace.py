@@ -1,4 +1,4 @@
-"""Which files the app server opens for writing, creates, renames or deletes while it handles uploads: the server
+"""Which files the app server writes to, opens for writing, creates, renames or deletes while it handles uploads: the server
 runs under ``strace -f`` (every thread), a browser does the privacy test's steps (a DICOM radiograph with its image
 information, a corrupt NIfTI on the atrium page) once to warm up and then ``--repeats`` times with other files, and
 every file-changing system call from the end of the warm-up on is listed. An investigation of the privacy test's
@@ -30,6 +30,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 CALLS = "openat,open,creat,unlink,unlinkat,rename,renameat,renameat2,mkdir,ftruncate,truncate,memfd_create"
+WRITE_CALLS = "write,pwrite64,writev,pwritev,pwritev2"  # traced with -y: each line names the file behind the fd
 WRITE_FLAGS = re.compile(r"O_WRONLY|O_RDWR|O_CREAT|O_TRUNC")
 
 
@@ -60,7 +61,7 @@ def main() -> None:
                MEDIMG_DATA_ROOT=str(root))
     trace = work / "strace.out"
     with open(work / "server.log", "w") as log:
-        proc = subprocess.Popen(["strace", "-f", "-ttt", "-e", f"trace={CALLS}", "-o", str(trace),
+        proc = subprocess.Popen(["strace", "-f", "-ttt", "-y", "-e", f"trace={CALLS},{WRITE_CALLS}", "-o", str(trace),
                                  str(Path(sys.executable).parent / "streamlit"), "run", "streamlit_app/app.py",
                                  "--server.port", str(port), "--server.headless", "true"],
                                 cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -107,19 +108,23 @@ def main() -> None:
     lines = trace.read_text().splitlines()
 
     def changing(ln: str) -> bool:
-        call = ln.split(None, 2)[2].split("(", 1)[0]
+        text = ln.split(None, 2)[2]
+        call = text.split("(", 1)[0]
+        if call in WRITE_CALLS.split(","):  # a write to a file (not a socket, a pipe or an event fd)
+            fd = re.match(r"\w+\(\d+<([^>]*)>", text)
+            return bool(fd) and fd.group(1).startswith("/") and fd.group(1) != "/dev/null"
         if "ENOENT" in ln or "/dev/null" in ln or call not in CALLS.split(","):
             return False
-        return bool(WRITE_FLAGS.search(ln)) if call in ("open", "openat") else True
+        return bool(WRITE_FLAGS.search(text.split(")", 1)[0])) if call in ("open", "openat") else True
 
     def stamp(ln: str) -> float:
         return float(ln.split()[1])
 
     timed = [ln for ln in lines if len(ln.split()) > 1 and re.fullmatch(r"\d+\.\d+", ln.split()[1])]
-    before = [ln.split(None, 2)[2] for ln in timed if stamp(ln) < start and changing(ln)]
-    during = [ln.split(None, 2)[2] for ln in timed if start <= stamp(ln) <= end and changing(ln)]
+    before = [ln.split(None, 2)[2][:300] for ln in timed if stamp(ln) < start and changing(ln)]
+    during = [ln.split(None, 2)[2][:300] for ln in timed if start <= stamp(ln) <= end and changing(ln)]
     rec = {"what": "file-changing system calls of the app server (strace -f) while a browser repeats the privacy "
-                   "test's uploads, after one warm-up with other files", "calls_traced": CALLS,
+                   "test's uploads, after one warm-up with other files", "calls_traced": f"{CALLS},{WRITE_CALLS}",
            "repeats": args.repeats, "seconds_traced": round(end - start, 1),
            "system_calls_in_the_window": sum(start <= stamp(ln) <= end for ln in timed),
            "file_changing_calls_in_the_window": during, "file_changing_calls_before_it": before,
