@@ -182,13 +182,17 @@ def grid_voxel_ml(frame_shape_xy: tuple[int, int], spacing, size: int) -> float:
     return (side * sx / size) * (side * sy / size) * sz / 1000.0
 
 
+def volumes_from_voxels(voxels: dict[str, float], voxel_ml: float) -> dict[str, float]:
+    """VOLUMES (mL; the LV mass in g) from ``structure_voxels`` counts of voxels of ``voxel_ml`` each."""
+    out = {k: (voxels[a] - (voxels[b] if b else 0)) * voxel_ml for k, (a, b) in VOLUME_VOXELS.items()}
+    out["lv_mass"] *= MYOCARDIUM_G_PER_ML
+    return out
+
+
 def volumes_ml(voxels: dict[str, int], frame_shape_xy: tuple[int, int], spacing, size: int) -> dict[str, float]:
     """Volumes (mL) and LV mass (g) by summation of discs from ``structure_voxels`` of label maps on the model's
     grid (``grid_voxel_ml``)."""
-    ml = grid_voxel_ml(frame_shape_xy, spacing, size)
-    out = {k: (voxels[a] - (voxels[b] if b else 0)) * ml for k, (a, b) in VOLUME_VOXELS.items()}
-    out["lv_mass"] *= MYOCARDIUM_G_PER_ML
-    return out
+    return volumes_from_voxels(voxels, grid_voxel_ml(frame_shape_xy, spacing, size))
 
 
 def segment_frame(model, volume: np.ndarray, size: int) -> np.ndarray:

@@ -19,12 +19,11 @@ import numpy as np
 
 from core import io as mio
 from core import metrics as M
-from core import preprocess as pp
 from core.checkpoint import _clean
 from core.config import data_root
 from core.errors import MedImgError
 from core.atrium import segment_atrium
-from core.cardiac import VOLUME_VOXELS, predict_cardiac, structure_voxels
+from core.cardiac import VOLUMES, predict_cardiac, structure_voxels, volumes_from_voxels, volumes_ml
 from core.inference import load_model
 from core.pneumonia import predict_xray_batch
 from core.precision import PRECISIONS, flush_subnormals
@@ -103,12 +102,12 @@ def evaluate_cardiac(root: Path, wdir=None, only: set[str] | None = None, precis
                                   "five_class": r.diagnosis["probabilities"] if r.diagnosis else None,
                                   "input_check_refused": bool(r.ood_score > lm.guard.threshold),
                                   "shape_estimate": r.shape, "shape_expert_masks_all_slices": expert,
-                                  "measures": r.measures(), "voxels_expert": expert_vox,
-                                  # the model's voxels in the frame's own pixels (its grid pixel spans side / size
-                                  # of them each way), so that both counts share one unit whatever the spacing
-                                  "voxels_model_in_frame_pixels": (
-                                      {k: v * (pp.cardiac_crop_side(ed_shape) / lm.input_size) ** 2
-                                       for k, v in r.diagnosis["voxels"].items()} if r.diagnosis else None)}
+                                  "measures": r.measures(),
+                                  # both as if the frame's voxels were 1 mm each way: one unit whatever the true
+                                  # spacing, which cancels in the relative differences
+                                  "volumes_1mm_expert": volumes_from_voxels(expert_vox, 1e-3) if expert_vox else None,
+                                  "volumes_1mm_model": (volumes_ml(r.diagnosis["voxels"], ed_shape, (1.0, 1.0, 1.0),
+                                                                   lm.input_size) if r.diagnosis else None)}
     out = _classifier_summary(ys, ps, lm.threshold, failed)
     out["n_refused_by_input_check"] = sum(r["input_check_refused"] for r in per_case.values())
     with_gt = [r for r in per_case.values() if r["shape_expert_masks_all_slices"] is not None]
@@ -128,15 +127,11 @@ def evaluate_cardiac(root: Path, wdir=None, only: set[str] | None = None, precis
             k: M.agreement([r["measures"][k] for r in shown], [r["shape_expert_masks_all_slices"][e] for r in shown])
             for k, e in (("lv_ef", "lv_ef"), ("rv_ef", "rv_ef"), ("myo_lv_ed", "myo_to_lv_ed"), ("rv_lv_ed", "rv_to_lv_ed"))
         }
-    vox = [r for r in with_gt if r["voxels_model_in_frame_pixels"] is not None]
-    if vox:
-        def total(v: dict, key: str) -> float:  # one of VOLUMES, in voxels
-            a, b = VOLUME_VOXELS[key]
-            return v[a] - (v[b] if b else 0.0)
-
+    vol = [r for r in with_gt if r["volumes_1mm_model"] is not None]
+    if vol:
         out["volume_agreement"] = {
-            k: M.relative_agreement([total(r["voxels_model_in_frame_pixels"], k) for r in vox],
-                                    [total(r["voxels_expert"], k) for r in vox]) for k in VOLUME_VOXELS}
+            k: M.relative_agreement([r["volumes_1mm_model"][k] for r in vol], [r["volumes_1mm_expert"][k] for r in vol])
+            for k in VOLUMES}
     five = [(r["group"], r["five_class"]) for r in per_case.values() if r["five_class"]]
     if five:
         from core.cardiac import GROUPS, summarise as five_summary
