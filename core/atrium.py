@@ -26,6 +26,7 @@ from core.concurrency import model_lock
 from core.io import Volume
 from core.metrics import volume_ml
 from core.precision import autocast
+from core.refine3d import Refiner
 from core.runtime import LoadedModel, load_base, release_memory
 
 VIEWS_ALL = (2, 0, 1)  # the axial view first: the others run around what it finds
@@ -482,6 +483,61 @@ def localiser_record(card: dict) -> dict:
                      "field's edge")}
 
 
+REFINER_TASK = "atrium_refiner"
+
+
+def inference_refiner(net: nn.Module, card: dict) -> Refiner:
+    """A trained refiner network and its card, ready as the app runs it (bfloat16 where the CPU runs it natively)."""
+    from core.precision import native_bf16
+
+    spec = card["input_spec"]
+    return Refiner(net.eval(), float(spec["grid_mm"]), float(spec["margin_mm"]), card,
+                   bf16=native_bf16(torch.device("cpu")))
+
+
+def load_refiner(wdir=None) -> Refiner:
+    """The refiner saved in ``wdir`` (``REFINER_TASK``.pt + card), checksum-verified, as the app runs it."""
+    from core.checkpoint import load_state_dict
+    from core.refine3d import RefinerNet
+
+    state, card = load_state_dict(REFINER_TASK, wdir)
+    net = RefinerNet(**card["architecture"]["kwargs"])
+    net.load_state_dict(state)
+    return inference_refiner(net, card)
+
+
+def refiner_for(card: dict, wdir=None) -> Refiner | None:
+    """The refiner an atrium model's card names (``input_spec.refiner``: its weights' sha256), loaded from
+    ``wdir``; None when the card names none. A missing file, or other weights than the card names, raises
+    ``MissingWeightsError``: the card's figures were measured with that refiner."""
+    from core.errors import MissingWeightsError
+
+    rec = card.get("input_spec", {}).get("refiner")
+    if not rec:
+        return None
+    try:
+        ref = load_refiner(wdir)
+    except MissingWeightsError as exc:
+        raise MissingWeightsError(f"The atrium model's 3D refiner ({REFINER_TASK}.pt and .json in "
+                                  f"{wdir or 'weights/'}) is missing or damaged. Restore weights/ from the "
+                                  "repository, or train it with `python -m core.atrium refiner <folds dir>`.") from exc
+    if ref.card.get("weights_sha256") != rec.get("weights_sha256"):
+        raise MissingWeightsError(f"The atrium refiner in {wdir or 'weights/'} is not the one the atrium model's "
+                                  "card names (checksum differs). Restore weights/ from the repository.")
+    return ref
+
+
+def refiner_record(card: dict) -> dict:
+    """What an atrium card's ``input_spec.refiner`` says of the refiner (its own ``card``) its figures were
+    measured with."""
+    spec = card["input_spec"]
+    return {"task": REFINER_TASK, "weights_sha256": card.get("weights_sha256"), "grid_mm": spec["grid_mm"],
+            "margin_mm": spec["margin_mm"],
+            "rule": (f"after the views: a 3D network reads the image and the probabilities of the box around the mask "
+                     f"(+{spec['margin_mm']:g} mm) on a {spec['grid_mm']:g} mm grid and adds a correction to the "
+                     "logits; the mask is the largest component of the corrected probabilities at the threshold")}
+
+
 def blend_slices(p: np.ndarray, axis: int) -> np.ndarray:
     """``p`` (any 3D shape) with each slice along ``axis`` blended 1/4, 1/2, 1/4 with its two neighbours (the
     edge slices repeated, so a constant stays constant and the sum along ``axis`` is kept away from the edges)."""
@@ -495,8 +551,28 @@ def blend_slices(p: np.ndarray, axis: int) -> np.ndarray:
 def segment_canonical(model: nn.Module, data: np.ndarray, spacing: tuple[float, float, float],
                       views: tuple[int, ...], grid_mm: float, threshold: float = 0.5, batch_size: int = 1,
                       autocast_ctx=None, progress=None, roi: bool = True, flips: int = 1,
-                      fused_flips: int = 1, localiser: Localiser | None = None) -> AtriumPrediction:
-    """Fused multi-view segmentation of a canonical (X, Y, Z) volume (normalised once, as a whole).
+                      fused_flips: int = 1, localiser: Localiser | None = None,
+                      refiner: Refiner | None = None) -> AtriumPrediction:
+    """``segment_views`` of a canonical (X, Y, Z) volume, normalised once as a whole; then, with a ``refiner``
+    (and a threshold above 0), its 3D correction of the probabilities and mask around the mask found
+    (``core.refine3d``), the views' own masks left as they were."""
+    norm = pp.normalise_volume(np.asarray(data))
+    pred = segment_views(model, norm, spacing, views, grid_mm, threshold, batch_size, autocast_ctx, progress, roi,
+                         flips, fused_flips, localiser)
+    if refiner is None or threshold <= 0 or not pred.mask.any():
+        return pred
+    prob, mask, rbox = refiner.refine(norm, pred.prob, pred.mask, spacing, threshold, pp.largest_component)
+    box = pred.box
+    if box is not None and rbox is not None:  # the measures over the box must still see every voxel that counts
+        box = tuple(slice(min(a.start, b.start), max(a.stop, b.stop)) for a, b in zip(box, rbox))
+    return AtriumPrediction(prob, pred.view_masks, mask.astype(pred.mask.dtype), pred.views, box)
+
+
+def segment_views(model: nn.Module, norm: np.ndarray, spacing: tuple[float, float, float],
+                  views: tuple[int, ...], grid_mm: float, threshold: float = 0.5, batch_size: int = 1,
+                  autocast_ctx=None, progress=None, roi: bool = True, flips: int = 1,
+                  fused_flips: int = 1, localiser: Localiser | None = None) -> AtriumPrediction:
+    """Fused multi-view segmentation of a normalised canonical (X, Y, Z) volume (``pp.normalise_volume``).
 
     With several views and ``roi``, the atrium is first localised (``localise``: the first view on every
     LOCALISE_STRIDE-th slice; with a ``localiser``, only over the field it finds: ``localise_in_field``), then
@@ -513,12 +589,11 @@ def segment_canonical(model: nn.Module, data: np.ndarray, spacing: tuple[float, 
     each further flip one more pass over the whole box."""
     if fused_flips not in FUSED_TTA_CHOICES:
         raise ValueError(f"fused_flips must be one of {FUSED_TTA_CHOICES}, got {fused_flips}")
-    views = resolve_views(views, np.shape(data), spacing)
+    views = resolve_views(views, np.shape(norm), spacing)
     if len(views) > 1:
         flips = fused_flips
     else:
-        flips = capped_flips(flips, np.shape(data), spacing, views[0], grid_mm)
-    norm = pp.normalise_volume(np.asarray(data))
+        flips = capped_flips(flips, np.shape(norm), spacing, views[0], grid_mm)
     masks = []
     box = None
     if roi and len(views) > 1:
@@ -728,7 +803,8 @@ def segment_atrium(lm: LoadedModel, volume: Volume, batch_size: int = 8,
     flips = int(lm.card.get("input_spec", {}).get("tta_flips", 1))
     with model_lock(lm.model):
         pred = segment_canonical(lm.model, data_c, sp_c, views, lm.grid_mm, lm.threshold, batch_size,
-                                 lambda: autocast(lm.precision), progress, flips=flips, localiser=lm.localiser)
+                                 lambda: autocast(lm.precision), progress, flips=flips, localiser=lm.localiser,
+                                 refiner=lm.refiner)
     quality = judge_with_card(quality_measures(pred, sp_c, lm.threshold, data_c), lm.card)
     mask = from_canonical(pred.mask, orient)
     prob = from_canonical(pred.prob, orient)
@@ -991,11 +1067,12 @@ def dataset_splits(cases: list, cfg, folds: int = 5) -> list[tuple[list[int], li
 
 def predict_case(model: nn.Module, c: CanonicalCase, views: tuple[int, ...], grid_mm: float, device: torch.device,
                  bf16: bool = False, flips: int = 1, threshold: float = 0.5,
-                 localiser: Localiser | None = None) -> AtriumPrediction:
+                 localiser: Localiser | None = None, refiner: Refiner | None = None) -> AtriumPrediction:
     from core.precision import autocast_for
 
     return segment_canonical(model, c.data, c.spacing, views, grid_mm, threshold=threshold, batch_size=32,
-                             autocast_ctx=lambda: autocast_for(device, bf16), flips=flips, localiser=localiser)
+                             autocast_ctx=lambda: autocast_for(device, bf16), flips=flips, localiser=localiser,
+                             refiner=refiner)
 
 
 # 4 flips only where the volume is small enough on the model's grid (capped_flips): a 256x256x130 single view
@@ -1175,9 +1252,114 @@ def check_fold_localiser(card: dict, rec: dict, where) -> None:
                           "training volumes")
 
 
+def check_fold_refiner(card: dict, rec: dict, where) -> None:
+    """Raise ``MedImgError`` if the refiner whose ``card`` was read from ``where`` trained on a box of one of fold
+    ``rec``'s validation volumes (an atrium.cv.json entry): it would have seen their expert masks."""
+    from core.errors import MedImgError
+
+    seen = set(card.get("data", {}).get("train_cases", [])) & set(rec.get("val_cases", []))
+    if seen:
+        raise MedImgError(f"the refiner in {where} trained on {len(seen)} of fold {rec.get('fold')}'s validation "
+                          f"volumes (e.g. {sorted(seen)[0]})")
+
+
+def oof_boxes(folds_dir, root=None, smoke: bool = False) -> list:
+    """A ``core.refine3d.RefineBox`` for every validation volume of every kept fold model in ``folds_dir``
+    (``fold<K>``), segmented by that model as the cross-validation scores it (its card's views, flips and
+    threshold, its localiser, bfloat16 where native): the out-of-fold probabilities a refiner learns from. Each
+    box is the 2D mask's, with REFINE_MARGIN_MM of context (the whole volume when the mask is empty)."""
+    from core import io as mio
+    from core.config import data_root
+    from core.errors import MedImgError
+    from core.precision import native_bf16
+    from core.refine3d import RefineBox, mask_box
+
+    root = data_root(root)
+    by_id = {c.case_id: c for c in mio.find_atrium_cases(root)}
+    cpu = torch.device("cpu")
+    bf16 = native_bf16(cpu)
+    boxes = []
+    for k, d in kept_fold_dirs(folds_dir).items():
+        lm = load_base("atrium", d, optimize=False)
+        model = lm.model.to(memory_format=torch.channels_last)  # as the CV scores it (rescore_folds)
+        loc = load_localiser(d) if (d / f"{LOCALISER_TASK}.pt").is_file() else None
+        spec = lm.card["input_spec"]
+        views, flips = tuple(spec.get("views", [2])), int(spec.get("tta_flips", 1))
+        ids = lm.card["data"]["val_cases"]
+        missing = [i for i in ids if i not in by_id]
+        if missing:
+            raise MedImgError(f"{len(missing)} validation volumes of {d} are not under {root} (e.g. {missing[0]})")
+        for v in load_cases([by_id[i] for i in ids], smoke):
+            pr = predict_case(model, v, views, lm.grid_mm, cpu, bf16, flips, lm.threshold, loc)
+            lab = v.label.astype(bool)
+            box = mask_box(pr.mask.astype(bool), v.spacing) or tuple(slice(0, n) for n in lab.shape)
+            norm = pp.normalise_volume(np.asarray(v.data))
+            boxes.append(RefineBox(v.case_id, v.dataset, np.ascontiguousarray(norm[box], dtype=np.float32),
+                                   pr.prob[box].astype(np.float32), lab[box].astype(np.float32),
+                                   tuple(float(x) for x in v.spacing), float(lm.threshold),
+                                   int(lab.sum() - lab[box].sum()), k))
+    return boxes
+
+
+def refiner_card(boxes: list, info: dict, recipe, seed: int, fold_models: dict[int, str], smoke: bool) -> dict:
+    """The card of a refiner trained on ``boxes`` (``fit_refiner``'s ``info``) from the fold models
+    ``fold_models`` ({fold: weights sha256})."""
+    from dataclasses import asdict
+
+    from core.checkpoint import git_commit
+    from core.refine3d import REFINE_MARGIN_MM
+
+    return {
+        "task": REFINER_TASK, "kind": "segmentation refiner",
+        "title": "Left-atrium 3D refiner: a correction of the 2D model's probabilities around its mask",
+        "architecture": {"name": "RefinerNet", "kwargs": {"base": recipe.base}},
+        "input_spec": {"grid_mm": recipe.grid_mm, "margin_mm": REFINE_MARGIN_MM,
+                       "inputs": "the normalised image and the 2D probabilities of the box around the 2D mask"},
+        "training": {**asdict(recipe), **info, "seed": seed, "optimizer": "AdamW (weight decay 1e-4) + one-cycle LR",
+                     "loss": "BCE + soft Dice at the box's own resolution", "kept_epoch_rule": "the last epoch",
+                     "augmentation": "axes permuted and flipped, up to 6 voxels cut from each side, contrast scaled "
+                                     "and shifted, gamma 0.7-1.4 (30 %)",
+                     "inputs": "out-of-fold probabilities: each box segmented by the kept cross-validation fold "
+                               "model that did not train on its volume"},
+        "data": {"train_cases": sorted({b.case_id for b in boxes}), "n_train": len(boxes),
+                 "per_dataset": {ds: sum(b.dataset == ds for b in boxes) for ds in sorted({b.dataset for b in boxes})},
+                 "fold_models": {str(k): v for k, v in fold_models.items()}},
+        "git_commit": git_commit(), "smoke": smoke,
+    }
+
+
+def train_refiners(folds_dir, root=None, wdir=None, smoke: bool = False, seed: int = 0,
+                   log: Callable[[str], None] | None = print) -> dict:
+    """Train the 3D refiners from the kept fold models in ``folds_dir``: one per fold on the other folds' boxes
+    (``oof_boxes``), saved beside that fold's model and named in its card (then ``rescore_folds`` measures it out
+    of fold), and one on every box, saved in ``wdir`` and named in the atrium card there (then ``finish_card``).
+    Returns {fold or "all": the refiner's training facts}."""
+    from core.checkpoint import read_card, save_checkpoint, write_json
+    from core.config import weights_dir
+    from core.refine3d import RefinerRecipe, fit_refiner
+
+    recipe = RefinerRecipe(epochs=1) if smoke else RefinerRecipe()
+    boxes = oof_boxes(folds_dir, root, smoke)
+    dirs = kept_fold_dirs(folds_dir)
+    shas = {k: read_card("atrium", d).get("weights_sha256") for k, d in dirs.items()}
+    out: dict = {}
+    for k, d in [*dirs.items(), ("all", weights_dir(wdir))]:
+        train = [b for b in boxes if b.group != k]
+        net, info = fit_refiner(train, recipe, seed, log)
+        save_checkpoint(net.state_dict(), refiner_card(train, info, recipe, seed, shas, smoke), REFINER_TASK, d)
+        card = read_card("atrium", d)
+        card["input_spec"]["refiner"] = refiner_record(read_card(REFINER_TASK, d))
+        write_json(Path(d) / "atrium.json", card)
+        out[k] = info
+        if log:
+            log(f"refiner {k}: {info}")
+    return out
+
+
 def score_cases(model: nn.Module, vols: list[CanonicalCase], idx: list[int], views: tuple[int, ...], grid: float,
                 device: torch.device, flips: int = 1, threshold: float = 0.5, bf16: bool = False,
-                localiser: Localiser | None = None) -> tuple[dict[str, dict], dict[str, dict]]:
+                localiser: Localiser | None = None, refiner: Refiner | None = None
+                ) -> tuple[dict[str, dict], dict[str, dict]]:
     """Per-case 3D metrics and quality measures of ``views`` fused, on the canonical grid."""
     from core import metrics as M
 
@@ -1185,7 +1367,7 @@ def score_cases(model: nn.Module, vols: list[CanonicalCase], idx: list[int], vie
     for i in idx:
         v = vols[i]
         pr = predict_case(model, v, views, grid, device, bf16=bf16, flips=flips, threshold=threshold,
-                          localiser=localiser)
+                          localiser=localiser, refiner=refiner)
         per_case[v.case_id] = {**M.segmentation_metrics(pr.mask, v.label, v.spacing), "dataset": v.dataset,
                                "views": list(pr.views)}
         quality[v.case_id] = quality_measures(pr, v.spacing, threshold, v.data)
@@ -1259,8 +1441,9 @@ def quality_check_record(train_quality: dict[str, dict], val_quality: dict[str, 
 
 def apply_inference_choice(card: dict, model: nn.Module, vols: list[CanonicalCase], tr: list[int], va: list[int],
                            grid: float, device: torch.device, bf16: bool = False,
-                           localiser: Localiser | None = None) -> dict:
-    """With the card's views (the fused path narrowed by ``localiser`` when given): choose the test-time flips and
+                           localiser: Localiser | None = None, refiner: Refiner | None = None) -> dict:
+    """With the card's views (the fused path narrowed by ``localiser`` when given; the masks corrected by
+    ``refiner`` when given, after the flips and threshold are chosen without it): choose the test-time flips and
     mask threshold on the validation volumes
     (only for the single axial view; fused views keep 1 flip and 0.5), score the validation volumes
     with them, and fit the quality check on the training volumes with the same setting. Updates the
@@ -1273,9 +1456,9 @@ def apply_inference_choice(card: dict, model: nn.Module, vols: list[CanonicalCas
     else:
         choice = {"flips": 1, "threshold": 0.5, "table": []}
     flips, thr = choice["flips"], choice["threshold"]
-    per_case, val_quality = score_cases(model, vols, va, views, grid, device, flips, thr, bf16, localiser)
+    per_case, val_quality = score_cases(model, vols, va, views, grid, device, flips, thr, bf16, localiser, refiner)
     chosen = summarise(per_case)
-    _, train_quality = score_cases(model, vols, tr, views, grid, device, flips, thr, bf16, localiser)
+    _, train_quality = score_cases(model, vols, tr, views, grid, device, flips, thr, bf16, localiser, refiner)
     card["input_spec"]["tta_flips"] = flips
     if views == (2,):
         card["input_spec"]["view_rule"] = VIEW_RULE
@@ -1477,9 +1660,18 @@ def rescore_folds(folds_dir, root=None, only: list[int] | None = None, out_dir=N
         loc = load_localiser(dirs[k]) if (dirs[k] / f"{LOCALISER_TASK}.pt").is_file() else None
         if loc is not None:
             check_fold_localiser(loc.card, rec, dirs[k])
+        ref = load_refiner(dirs[k]) if (dirs[k] / f"{REFINER_TASK}.pt").is_file() else None
+        if ref is not None:
+            check_fold_refiner(ref.card, rec, dirs[k])
         tr, va = [index[c] for c in rec["train_cases"]], [index[c] for c in rec["val_cases"]]
         card: dict = {"input_spec": {"views": [2]}, "validation": {}}
-        apply_inference_choice(card, model, vols, tr, va, lm.grid_mm, cpu, bf16=bf16, localiser=loc)
+        apply_inference_choice(card, model, vols, tr, va, lm.grid_mm, cpu, bf16=bf16, localiser=loc, refiner=ref)
+        if ref is not None:
+            card["input_spec"]["refiner"] = refiner_record(ref.card)
+            rec["refiner_sha256"] = ref.card["weights_sha256"]
+            cv.setdefault("training", {})["refiner"] = ref.card["training"]
+        else:
+            rec.pop("refiner_sha256", None)
         if loc is not None:
             card["input_spec"]["localiser"] = localiser_record(loc.card)
             rec["localiser_sha256"] = loc.card["weights_sha256"]
@@ -1494,6 +1686,8 @@ def rescore_folds(folds_dir, root=None, only: list[int] | None = None, out_dir=N
         spec_in = {**lm.card["input_spec"], **card["input_spec"]}
         if loc is None:
             spec_in.pop("localiser", None)
+        if ref is None:
+            spec_in.pop("refiner", None)
         fold_card = {**lm.card, "input_spec": spec_in,
                      "threshold": card["threshold"], "quality_check": qc, "validation": card["validation"]}
         write_json(dirs[k] / "atrium.json", fold_card)
@@ -1714,6 +1908,14 @@ def train_atrium(root, cfg, device: torch.device, smoke: bool = False, out_dir=N
             "the cross-validated figures are those of the full schedule")
     card["input_spec"].update(views=[2], tta_flips=flips, view_rule=VIEW_RULE, orientation=ORIENTATION_RULE,
                               localiser=localiser_record(loc_card))
+    from core.config import weights_dir
+
+    if not smoke and (weights_dir(out_dir) / f"{REFINER_TASK}.pt").is_file():
+        # the refiner learnt from the kept fold models' out-of-fold probabilities, not from this model: it stays
+        # (retrain it after a new cross-validation: `python -m core.atrium refiner <folds dir>`, then rescore)
+        from core.checkpoint import read_card
+
+        card["input_spec"]["refiner"] = refiner_record(read_card(REFINER_TASK, out_dir))
     per_ds = {ds: sum(v.dataset == ds for v in vols) for ds in sorted({v.dataset for v in vols})}
     card.update({
         "loss": "BCE + soft Dice", "augmentation": AUGMENTATION,
@@ -1768,8 +1970,9 @@ def finish_card(wdir=None, root=None, smoke: bool = False) -> dict:
     cpu = torch.device("cpu")
     bf16 = native_bf16(cpu)
     loc = localiser_for(card, wdir)
+    ref = refiner_for(card, wdir)
     fit_cases, train_quality = score_cases(lm.model, vols, list(range(len(vols))), views, lm.grid_mm, cpu, flips,
-                                           lm.threshold, bf16, loc)
+                                           lm.threshold, bf16, loc, ref)
     setting = f"{views_in_words(views)}, {flips} in-plane flip(s) on a single view, threshold {lm.threshold:g}"
     qc = quality_check_record(train_quality, {}, setting)
     card["training_fit"] = {"what": "this model on its own training volumes (all of them): how well it fits, not "
@@ -1795,7 +1998,7 @@ def finish_card(wdir=None, root=None, smoke: bool = False) -> dict:
         qc["validation_firing_rate"] = len(qc["validation_fired"]) / max(1, pool["n"])
         qc["validation_rule"] = "out-of-fold volumes, each judged with its fold's own limits"
     if not smoke:
-        qc["foreign_inputs"] = foreign_firing(lm.model, card, root, cpu, bf16, loc)
+        qc["foreign_inputs"] = foreign_firing(lm.model, card, root, cpu, bf16, loc, ref)
     card["quality_check"] = qc
     path = weights_dir(wdir) / "atrium.json"
     write_json(path, card)
@@ -1871,7 +2074,8 @@ def calibrate_int8(wdir=None, root=None, smoke: bool = False) -> dict:
                            "crops of them with the training augmentation (seed 0, whatever ran before)", "smoke": smoke}
     if not smoke:
         info["quality_check_foreign_inputs"] = foreign_firing(q8, lm.card, root, torch.device("cpu"), bf16=False,
-                                                              localiser=localiser_for(lm.card, wdir))
+                                                              localiser=localiser_for(lm.card, wdir),
+                                                              refiner=refiner_for(lm.card, wdir))
     return quantize.save_ranges(state, info, "atrium", lm.card["weights_sha256"], wdir)
 
 
@@ -2031,7 +2235,7 @@ def foreign_inputs(root, n_cine: int = 10, n_stacks: int = 5, n_noise: int = 5, 
 
 
 def foreign_firing(model: nn.Module, card: dict, root, device: torch.device, bf16: bool = False,
-                   localiser: Localiser | None = None) -> dict:
+                   localiser: Localiser | None = None, refiner: Refiner | None = None) -> dict:
     """How often the quality check (the card's limits) fires on volumes that are not left-atrium MRI
     (``foreign_inputs``), by kind; it should fire on every one. Same path as the app: canonical
     orientation, the card's views, flips and threshold."""
@@ -2047,7 +2251,7 @@ def foreign_firing(model: nn.Module, card: dict, root, device: torch.device, bf1
         for name, data, affine, spacing in items:
             d, sp, _ = to_canonical(data, affine, spacing)
             pr = segment_canonical(model, d, sp, views, grid, thr, 32, lambda: autocast_for(device, bf16),
-                                   flips=flips, localiser=localiser)
+                                   flips=flips, localiser=localiser, refiner=refiner)
             rows[name] = judge_with_card(quality_measures(pr, sp, thr, d), card).reasons
         res[kind] = {"n": len(rows), "fired": sum(bool(r) for r in rows.values()),
                      "firing_rate": float(np.mean([bool(r) for r in rows.values()])) if rows else float("nan"),
@@ -2081,6 +2285,8 @@ if __name__ == "__main__":
                     print(k, loc.card["training"]["seconds"], "s", loc.card["weights_sha256"])
         else:  # for the committed model, named in its card (then: finish, int8)
             print(name_localiser(train_localiser()))
+    elif sys.argv[1:2] == ["refiner"]:  # python -m core.atrium refiner <folds dir>: fold refiners + the committed one
+        print(train_refiners(sys.argv[2]))  # (then: rescore <folds dir>, finish, int8)
     elif sys.argv[1:2] == ["int8"]:  # give the committed weights their int8 activation ranges
         c = calibrate_int8()
         print({k: c[k] for k in ("calibration_cases", "ranges_sha256")},

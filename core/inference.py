@@ -39,6 +39,7 @@ def load_model(task: str, wdir=None, with_guard: bool = True, optimize: bool = T
         lm.diagnosis = cardiac.diagnosis_for(lm.card, wdir)
     elif task == "atrium":
         lm.localiser = atrium.localiser_for(lm.card, wdir)
+        lm.refiner = atrium.refiner_for(lm.card, wdir)
     return lm
 
 

@@ -21,6 +21,7 @@ from core.tasks import TaskSpec, get_task
 
 if TYPE_CHECKING:  # for the annotations only: core.ood and core.atrium build on this module
     from core.atrium import Localiser
+    from core.refine3d import Refiner
     from core.ood import OODGuard
 
 
@@ -35,6 +36,7 @@ class LoadedModel:
     population: tuple[nn.Module, dict] | None = None  # pneumonia: the population check's CNN and its card
     diagnosis: dict | None = None  # cardiac: the five-class classifier (cardiac_diagnosis.json) for these weights
     localiser: Localiser | None = None  # atrium: the small network that finds the fused path's box (its card says)
+    refiner: Refiner | None = None  # atrium: the 3D correction of the mask (core.refine3d; its card says)
     precision: str = "float32"  # of the forward passes that give probabilities and masks (core.precision)
 
     @property

@@ -307,6 +307,9 @@ else:
     loc = card["input_spec"].get("localiser")
     if loc:  # a search aid, not part of the mask: said here so the card's figures are read with it
         st.markdown(f"**Localiser** (volumes wide in every direction): {loc.get('rule', '')}.")
+    ref = card["input_spec"].get("refiner")
+    if ref:  # part of the mask: the card's figures were measured with it
+        st.markdown(f"**3D refiner**: {ref.get('rule', '')}.")
     if v.get("inference_choice"):
         with st.expander("Settings compared"):
             st.dataframe(pd.DataFrame(v["inference_choice"]).rename(columns={
