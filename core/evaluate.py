@@ -250,7 +250,7 @@ def stress_out_of_fold(folds_dir, root, layout: bool = True, acquisition: bool =
     if acquisition:
         checks["acquisition_stress"] = acquisition_stress
     per_case: dict[str, dict] = {k: {} for k in checks}
-    used, shas, precisions = [], {}, {}
+    used, shas, precisions, refiners = [], {}, {}, {}
     for k, d in sorted(dirs.items()):
         lm = load_model("atrium", d)
         precisions[str(k)] = lm.precision
@@ -262,9 +262,10 @@ def stress_out_of_fold(folds_dir, root, layout: bool = True, acquisition: bool =
                 per_case[key].setdefault(variant, {}).update(rows)
         used += cases
         shas[str(k)] = lm.card["weights_sha256"]
+        refiners[str(k)] = lm.refiner.card.get("weights_sha256") if lm.refiner is not None else None
     out = {"task": "atrium", "data_root": str(root), "cases": "every volume, out of fold (each by the fold model "
            "that did not train on it, at that fold's threshold, flips and quality limits)", "n": len(used),
-           "cv_folds": shas, "inference_precision": precisions,
+           "cv_folds": shas, "cv_refiners": refiners, "inference_precision": precisions,
            "evaluated": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     for key in checks:
         out[key] = {"summary": stress_summary(per_case[key], used), "per_case": per_case[key]}

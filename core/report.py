@@ -187,6 +187,7 @@ def stress_checks(wdir=None) -> list[dict]:
     cv_folds = (read_cv(wdir) or {}).get("folds", [])
     folds = {f.get("weights_sha256"): f["fold"] for f in cv_folds}
     fold_shas = {str(f["fold"]): f.get("weights_sha256") for f in cv_folds}
+    fold_refiners = {str(f["fold"]): f.get("refiner_sha256") for f in cv_folds}
     out = []
     for key, (files, title, column) in STRESS_CHECKS.items():
         for file in files:
@@ -200,6 +201,9 @@ def stress_checks(wdir=None) -> list[dict]:
                 if res["cv_folds"] != fold_shas:
                     continue
                 whose = OUT_OF_FOLD
+                if res.get("cv_refiners", {k: None for k in fold_refiners}) != fold_refiners:
+                    whose += (" — **measured on the path before the 3D refiner** the folds and the app now run, "
+                              "not rerun since")
             elif not res.get("weights_sha256"):
                 continue
             elif res["weights_sha256"] == card.get("weights_sha256"):
