@@ -1,6 +1,8 @@
 """The atrium task: orientation round trips, the quality check (hand values and real inputs), readers."""
 from __future__ import annotations
 
+import dataclasses
+
 import nibabel as nib
 import numpy as np
 import pytest
@@ -229,8 +231,14 @@ def test_lying_header_gets_the_same_slices(lge_root):
     lying = mio.Volume(np.ascontiguousarray(np.transpose(vol.data, perm)), vol.affine,
                        tuple(vol.spacing[i] for i in perm), "lying")
     out = segment_atrium(lm, lying)
-    assert out.views == (0,)
-    assert np.array_equal(out.mask, np.transpose(ref.mask, perm)) and out.reliable
+    assert out.views == (0,) and out.reliable
+    # the 3D refiner reads the box in the array's own axis order, and a 3D network trained with its axes permuted
+    # at random is close to, not exactly, indifferent to that order: the masks nearly agree
+    got, want = out.mask.astype(bool), np.transpose(ref.mask, perm).astype(bool)
+    assert 2 * (got & want).sum() / (got.sum() + want.sum()) > 0.98, 2 * (got & want).sum() / (got.sum() + want.sum())
+    # without it the same slices give exactly the same mask
+    plain = dataclasses.replace(lm, refiner=None)
+    assert np.array_equal(segment_atrium(plain, lying).mask, np.transpose(segment_atrium(plain, vol).mask, perm))
 
 
 def test_quality_check_passes_on_a_real_lge_volume(lge_root):

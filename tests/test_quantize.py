@@ -163,8 +163,10 @@ def test_weights_without_their_ranges_run_in_a_float_precision(tmp_path, monkeyp
     from core.inference import load_model
 
     monkeypatch.delenv(PRECISION_ENV, raising=False)
-    # the weights with the localiser their card names (without it the card's model is refused: tests/test_atrium.py)
-    for f in ("atrium.pt", "atrium.json", "atrium_localiser.pt", "atrium_localiser.json"):
+    # the weights with the localiser and refiner their card names (without them the card's model is refused:
+    # tests/test_atrium.py, tests/test_refine3d.py)
+    for f in ("atrium.pt", "atrium.json", "atrium_localiser.pt", "atrium_localiser.json", "atrium_refiner.pt",
+              "atrium_refiner.json"):
         if (weights_dir() / f).is_file():
             shutil.copy(weights_dir() / f, tmp_path / f)
     assert load_model("atrium", tmp_path, precision="int8").precision in ("bfloat16", "float32")

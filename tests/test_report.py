@@ -162,11 +162,16 @@ def test_stress_checks_prefer_the_out_of_fold_file_only_when_its_folds_are_the_c
                              "per_dataset": {"LA2018": {"n": 2, "dice_mean": 0.8, "reported": 2,
                                                         "reported_with_dice_under_0.5": 0, "reported_dice_min": 0.7}}}}
     oof, other = tmp_path / "oof.json", tmp_path / "other.json"
-    oof.write_text(json.dumps({"cv_folds": shas, "layout_stress": {"summary": summary}}))
+    refiners = {str(f["fold"]): f.get("refiner_sha256") for f in cv["folds"]}
+    oof.write_text(json.dumps({"cv_folds": shas, "cv_refiners": refiners, "layout_stress": {"summary": summary}}))
     other.write_text(json.dumps({"weights_sha256": shas["1"], "layout_stress": {"summary": {}}}))
     monkeypatch.setattr(R, "STRESS_CHECKS", {"layout_stress": ((str(oof), str(other)), "Layout", "layout")})
     (c,) = R.stress_checks()
     assert c["whose"] == R.OUT_OF_FOLD and c["file"] == str(oof)
+    # the same fold models run without the refiners the CV now records: shown, and said to be of the path before
+    oof.write_text(json.dumps({"cv_folds": shas, "layout_stress": {"summary": summary}}))
+    (c,) = R.stress_checks()
+    assert c["file"] == str(oof) and ("before the 3D refiner" in c["whose"]) == any(refiners.values())
     assert c["rows"] == [{"variant": "as stored", "dataset": "LGE-MRI, 2018 LA challenge", "n": 2, "dice_mean": 0.8,
                           "reported": 2, "reported_with_dice_under_0.5": 0, "reported_dice_min": 0.7}]
     oof.write_text(json.dumps({"cv_folds": {**shas, "1": "0" * 64}, "layout_stress": {"summary": summary}}))
