@@ -258,6 +258,7 @@ def test_metrics_page_each_task():
             assert "Cross-validation of the recipe" in _text(at) and "Quality check" in _text(at)
             assert "Inference setting" in _text(at) and "not left-atrium MRI" in _text(at)
             assert "Localiser" in _text(at)  # the card names one: the page says what it does
+            assert "3D refiner" in _text(at)  # part of the mask: the page says what it does
             # the stress checks of the recipe (files in benchmarks/logs of a cross-validation fold's weights)
             labels = [e.label for e in at.expander]
             assert any(lb.startswith("Atrium acquisition check") for lb in labels), labels
