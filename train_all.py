@@ -6,7 +6,9 @@
 --atrium-cv runs folds 1-5 of the atrium recipe and writes <weights>/atrium.cv.json, so that every atrium
 volume is validated once; each fold's weights go to artifacts/atrium-cv-folds/fold<K> (not committed;
 --keep-fold-weights). The atrium model itself is the recipe trained on every
-volume, with the folds' inference setting and pooled figures: run --atrium-cv first.
+volume, with the folds' inference setting and pooled figures: run --atrium-cv first. Its 3D refiner is trained in
+the same run, inside the atrium's budget, from the kept fold models' out-of-fold masks (--atrium-folds, by default
+the committed ones in benchmarks/cv-folds/atrium); the fold refiners that measure it: `python -m core.atrium refiner`.
 
 After each model it writes <weights>/<task>.training-fingerprints.json (core.provenance: which uploads are
 training inputs). Every run also writes <weights>/train_all.run.json: wall-clock seconds per task (reading the
@@ -28,19 +30,34 @@ from core.precision import cpu_description
 from core.tasks import TASKS
 
 
+DEFAULT_ATRIUM_FOLDS = PROJECT_ROOT / "benchmarks" / "cv-folds" / "atrium"
+
+
+def atrium_folds_dir(arg: str | None, smoke: bool) -> Path | None:
+    """The fold models the atrium refiner learns from: ``arg`` ('none': no refiner training), else the committed
+    ones when present and not a smoke run."""
+    if arg is not None:
+        return None if arg.lower() == "none" else Path(arg)
+    return DEFAULT_ATRIUM_FOLDS if not smoke and DEFAULT_ATRIUM_FOLDS.is_dir() else None
+
+
 def train_task(task: str, root: Path, device, smoke: bool = False, out_dir: Path | None = None,
                seed: int = 0, epochs: int | None = None, crop: int | None = None,
-               ema: float | None = None, spacing_mm: float | None = None, time_budget: bool = True) -> dict:
+               ema: float | None = None, spacing_mm: float | None = None, time_budget: bool = True,
+               atrium_folds: Path | None = None) -> dict:
     """Train one task with its registry defaults (or smoke settings) and write weights + card: each task's
     own module trains it (core.pneumonia, core.cardiac, core.atrium) with the shared loop of core.train.
-    ``time_budget``: hold the task to its registry budget (``TaskSpec.train_budget``; not in a smoke run)."""
+    ``time_budget``: hold the task to its registry budget (``TaskSpec.train_budget``; not in a smoke run).
+    ``atrium_folds``: the kept atrium fold models the refiner learns from (None: keep the refiner there is)."""
+    from functools import partial
+
     from dataclasses import replace
 
     from core import atrium, cardiac, pneumonia
     from core.train import TimeBudget, task_config
 
     trainers = {"pneumonia": pneumonia.train_pneumonia, "cardiac": cardiac.train_cardiac,
-                "atrium": atrium.train_atrium}
+                "atrium": partial(atrium.train_atrium, folds_dir=atrium_folds)}
     cfg = task_config(task, smoke, seed, epochs, crop, ema, spacing_mm)
     budget = TASKS[task].train_budget
     if time_budget and budget and not smoke:
@@ -77,6 +94,11 @@ def main(argv: list[str] | None = None) -> int:
                     help="with --atrium-cv: write each fold's weights and card to DIR/fold<K> (default "
                          "artifacts/atrium-cv-folds, beside the CV file with --weights-dir; not committed: for "
                          "scoring a later inference change out of fold); 'none' keeps only their sha256")
+    ap.add_argument("--atrium-folds", default=None, metavar="DIR",
+                    help="atrium: the kept cross-validation fold models (fold1 ... fold5, those atrium.cv.json "
+                         "recorded) whose out-of-fold masks the 3D refiner learns from (default "
+                         f"{DEFAULT_ATRIUM_FOLDS.relative_to(PROJECT_ROOT)} when present, not in a smoke run); "
+                         "'none' keeps the refiner in the weights folder")
     args = ap.parse_args(argv)
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stdout)
@@ -118,7 +140,8 @@ def main(argv: list[str] | None = None) -> int:
             card = train_task(task, root, device, smoke=args.smoke, out_dir=out, seed=args.seed, epochs=args.epochs,
                               crop=args.crop if TASKS[task].kind == "segmentation" else None, ema=args.ema,
                               spacing_mm=args.spacing if TASKS[task].kind == "segmentation" else None,
-                              time_budget=not args.no_time_budget)
+                              time_budget=not args.no_time_budget,
+                              atrium_folds=atrium_folds_dir(args.atrium_folds, args.smoke))
         except MedImgError as exc:
             print(f"[{task}] not trained: {exc}", file=sys.stderr)
             failed = True

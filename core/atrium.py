@@ -1263,11 +1263,12 @@ def check_fold_refiner(card: dict, rec: dict, where) -> None:
                           f"volumes (e.g. {sorted(seen)[0]})")
 
 
-def oof_boxes(folds_dir, root=None, smoke: bool = False) -> list:
+def oof_boxes(folds_dir, root=None, smoke: bool = False, loaded: list | None = None) -> list:
     """A ``core.refine3d.RefineBox`` for every validation volume of every kept fold model in ``folds_dir``
     (``fold<K>``), segmented by that model as the cross-validation scores it (its card's views, flips and
     threshold, its localiser, bfloat16 where native): the out-of-fold probabilities a refiner learns from. Each
-    box is the 2D mask's, with REFINE_MARGIN_MM of context (the whole volume when the mask is empty)."""
+    box is the 2D mask's, with REFINE_MARGIN_MM of context (the whole volume when the mask is empty).
+    ``loaded``: volumes already read (``load_cases``), used instead of reading them again."""
     from core import io as mio
     from core.config import data_root
     from core.errors import MedImgError
@@ -1289,7 +1290,10 @@ def oof_boxes(folds_dir, root=None, smoke: bool = False) -> list:
         missing = [i for i in ids if i not in by_id]
         if missing:
             raise MedImgError(f"{len(missing)} validation volumes of {d} are not under {root} (e.g. {missing[0]})")
-        for v in load_cases([by_id[i] for i in ids], smoke):
+        have = {v.case_id: v for v in loaded or []}
+        todo = load_cases([by_id[i] for i in ids if i not in have], smoke) if set(ids) - set(have) else []
+        again = {v.case_id: v for v in todo}
+        for v in (have.get(i) or again[i] for i in ids):
             pr = predict_case(model, v, views, lm.grid_mm, cpu, bf16, flips, lm.threshold, loc)
             lab = v.label.astype(bool)
             box = mask_box(pr.mask.astype(bool), v.spacing) or tuple(slice(0, n) for n in lab.shape)
@@ -1328,12 +1332,46 @@ def refiner_card(boxes: list, info: dict, recipe, seed: int, fold_models: dict[i
     }
 
 
+def fit_committed_refiner(folds_dir, cv: dict | None, root=None, wdir=None, smoke: bool = False, seed: int = 0,
+                          boxes: list | None = None, loaded: list | None = None,
+                          log: Callable[[str], None] | None = print) -> dict:
+    """Train the committed model's 3D refiner on every out-of-fold box of the kept fold models in ``folds_dir``
+    (``oof_boxes``, or ``boxes`` already made from them; ``loaded``: volumes already read) and save it in
+    ``wdir``; returns its card. With ``cv``
+    (atrium.cv.json), each kept fold model must be the one it recorded (``check_fold_model``): the refiner then
+    learns from the errors of the models whose figures the card reports."""
+    from core.checkpoint import read_card, save_checkpoint
+    from core.config import weights_dir
+    from core.errors import MedImgError
+    from core.refine3d import RefinerRecipe, fit_refiner
+
+    dirs = kept_fold_dirs(folds_dir)
+    if not dirs:
+        raise MedImgError(f"no kept fold models (fold1 ... fold5) in {folds_dir}: the refiner learns from their "
+                          "out-of-fold masks (`python train_all.py --atrium-cv --keep-fold-weights DIR`)")
+    cards = {k: read_card("atrium", d) for k, d in dirs.items()}
+    if cv is not None:
+        recs = {int(f["fold"]): f for f in cv.get("folds", [])}
+        for k, d in dirs.items():
+            if k not in recs:
+                raise MedImgError(f"{d} is fold {k}, which atrium.cv.json does not record")
+            check_fold_model(cards[k], recs[k], d)
+    recipe = RefinerRecipe(epochs=1) if smoke else RefinerRecipe()
+    boxes = oof_boxes(folds_dir, root, smoke, loaded) if boxes is None else boxes
+    net, info = fit_refiner(boxes, recipe, seed, log)
+    card = refiner_card(boxes, info, recipe, seed, {k: c.get("weights_sha256") for k, c in cards.items()}, smoke)
+    save_checkpoint(net.state_dict(), card, REFINER_TASK, weights_dir(wdir))
+    if log:
+        log(f"refiner (all {len(boxes)} boxes): {info}")
+    return read_card(REFINER_TASK, weights_dir(wdir))
+
+
 def train_refiners(folds_dir, root=None, wdir=None, smoke: bool = False, seed: int = 0,
                    log: Callable[[str], None] | None = print) -> dict:
     """Train the 3D refiners from the kept fold models in ``folds_dir``: one per fold on the other folds' boxes
     (``oof_boxes``), saved beside that fold's model and named in its card (then ``rescore_folds`` measures it out
-    of fold), and one on every box, saved in ``wdir`` and named in the atrium card there (then ``finish_card``).
-    Returns {fold or "all": the refiner's training facts}."""
+    of fold), and one on every box (``fit_committed_refiner``), saved in ``wdir`` and named in the atrium card
+    there (then ``finish_card``). Returns {fold or "all": the refiner's training facts}."""
     from core.checkpoint import read_card, save_checkpoint, write_json
     from core.config import weights_dir
     from core.refine3d import RefinerRecipe, fit_refiner
@@ -1343,16 +1381,18 @@ def train_refiners(folds_dir, root=None, wdir=None, smoke: bool = False, seed: i
     dirs = kept_fold_dirs(folds_dir)
     shas = {k: read_card("atrium", d).get("weights_sha256") for k, d in dirs.items()}
     out: dict = {}
-    for k, d in [*dirs.items(), ("all", weights_dir(wdir))]:
+    for k, d in dirs.items():
         train = [b for b in boxes if b.group != k]
         net, info = fit_refiner(train, recipe, seed, log)
         save_checkpoint(net.state_dict(), refiner_card(train, info, recipe, seed, shas, smoke), REFINER_TASK, d)
-        card = read_card("atrium", d)
-        card["input_spec"]["refiner"] = refiner_record(read_card(REFINER_TASK, d))
-        write_json(Path(d) / "atrium.json", card)
         out[k] = info
         if log:
             log(f"refiner {k}: {info}")
+    out["all"] = fit_committed_refiner(folds_dir, None, root, wdir, smoke, seed, boxes, log)["training"]
+    for d in [*dirs.values(), weights_dir(wdir)]:
+        card = read_card("atrium", d)
+        card["input_spec"]["refiner"] = refiner_record(read_card(REFINER_TASK, d))
+        write_json(Path(d) / "atrium.json", card)
     return out
 
 
@@ -1869,14 +1909,17 @@ def check_cv_recipe(cfg, cv: dict) -> None:
                           + "): train with the same settings (e.g. --epochs), or cross-validate this recipe first")
 
 
-def train_atrium(root, cfg, device: torch.device, smoke: bool = False, out_dir=None) -> dict:
+def train_atrium(root, cfg, device: torch.device, smoke: bool = False, out_dir=None, folds_dir=None) -> dict:
     """The committed atrium model: the cross-validated recipe trained on every volume of both datasets.
     Nothing is left to validate on, so the last epoch is kept (over the five folds the last epoch's
     per-epoch Dice lay 0.001-0.02 under the best one, a pick that is itself optimistic on 19 volumes);
     flips and threshold come from the folds (``cv_inference_setting``); the card's "validation" holds the
     pooled out-of-fold figures of the recipe (atrium.cv.json, all folds), and the quality check is fitted
     on all volumes. Without a complete cross-validation record (a smoke run) the card says it has no
-    figures. Weights are saved before the scoring, then the card is completed (``finish_card``)."""
+    figures. Weights are saved before the scoring, then the card is completed (``finish_card``).
+    With ``folds_dir`` (the kept cross-validation fold models, those atrium.cv.json recorded), the 3D refiner is
+    trained first from their out-of-fold masks (``fit_committed_refiner``), inside the same time budget; without
+    it, a refiner already in the weights folder is named in the card as it is."""
     from core import io as mio
     from core.errors import MedImgError
     from core.tasks import get_task
@@ -1898,6 +1941,9 @@ def train_atrium(root, cfg, device: torch.device, smoke: bool = False, out_dir=N
     tr = list(range(len(vols)))
     # the localiser first: it is quick, and the segmenting model's schedule is then fitted to the time left
     loc_model, loc_card = fit_localiser(vols, tr, device, cfg.seed, smoke=smoke)
+    if folds_dir is not None:  # the refiner too: it learns from the fold models, not from this one
+        fit_committed_refiner(folds_dir, cv if complete else None, root, out_dir, smoke, cfg.seed, loaded=vols,
+                              log=lambda m: print(f"[atrium refiner] {m}", flush=True))
     model, res, n_slices = fit_atrium(vols, tr, [], cfg, device)
     flips, thr = cv_inference_setting(cv["folds"]) if complete else (2, 0.5)
     card = card_base(spec, cfg, device, smoke)
@@ -1910,9 +1956,9 @@ def train_atrium(root, cfg, device: torch.device, smoke: bool = False, out_dir=N
                               localiser=localiser_record(loc_card))
     from core.config import weights_dir
 
-    if not smoke and (weights_dir(out_dir) / f"{REFINER_TASK}.pt").is_file():
-        # the refiner learnt from the kept fold models' out-of-fold probabilities, not from this model: it stays
-        # (retrain it after a new cross-validation: `python -m core.atrium refiner <folds dir>`, then rescore)
+    if (folds_dir is not None or not smoke) and (weights_dir(out_dir) / f"{REFINER_TASK}.pt").is_file():
+        # the refiner learnt from the kept fold models' out-of-fold probabilities, not from this model: without
+        # folds_dir the one there stays (after a new cross-validation: `python -m core.atrium refiner <folds dir>`)
         from core.checkpoint import read_card
 
         card["input_spec"]["refiner"] = refiner_record(read_card(REFINER_TASK, out_dir))

@@ -9,6 +9,7 @@ import torch
 
 from core import atrium as A
 from core import preprocess as pp
+from core.errors import MedImgError
 from core.refine3d import (REFINE_MARGIN_MM, Refiner, RefineBox, RefinerNet, RefinerRecipe, coarse_size, fit_refiner,
                            logit_at, mask_box, refined_logits)
 
@@ -138,3 +139,40 @@ def test_the_card_names_the_refiner_its_figures_were_measured_with(tmp_path):
     A.check_fold_refiner({"data": {"train_cases": ["a", "b"]}}, {"fold": 2, "val_cases": ["c"]}, tmp_path)
     with pytest.raises(Exception, match="fold 2"):
         A.check_fold_refiner({"data": {"train_cases": ["a", "c"]}}, {"fold": 2, "val_cases": ["c"]}, tmp_path)
+
+
+def _fold_dirs(tmp_path, shas: dict[int, str]):
+    import json
+
+    for k, sha in shas.items():
+        d = tmp_path / "folds" / f"fold{k}"
+        d.mkdir(parents=True)
+        (d / "atrium.json").write_text(json.dumps({"weights_sha256": sha, "data": {"val_cases": [f"v{k}"],
+                                                                                   "train_cases": ["t"]}}))
+    return tmp_path / "folds"
+
+
+def test_the_committed_refiner_learns_from_the_fold_models_the_cv_recorded(tmp_path, monkeypatch):
+    import train_all
+
+    folds = _fold_dirs(tmp_path, {1: "a" * 64, 2: "b" * 64})
+    cv = {"folds": [{"fold": 1, "weights_sha256": "a" * 64, "val_cases": ["v1"], "train_cases": ["t"]},
+                    {"fold": 2, "weights_sha256": "b" * 64, "val_cases": ["v2"], "train_cases": ["t"]}]}
+    boxes = [_box(s) for s in range(2)]
+    monkeypatch.setattr("core.refine3d.RefinerRecipe", lambda **kw: RefinerRecipe(**{**kw, "base": 4}))
+    card = A.fit_committed_refiner(folds, cv, wdir=tmp_path / "w", smoke=True, boxes=boxes, log=None)
+    assert card["task"] == A.REFINER_TASK and card["data"]["n_train"] == 2
+    assert card["data"]["fold_models"] == {"1": "a" * 64, "2": "b" * 64}
+    assert A.load_refiner(tmp_path / "w").card["weights_sha256"] == card["weights_sha256"]
+    # a kept fold model that is not the one atrium.cv.json recorded: its masks would not be the measured ones
+    bad = {"folds": [cv["folds"][0], {**cv["folds"][1], "weights_sha256": "c" * 64}]}
+    with pytest.raises(MedImgError, match="fold 2"):
+        A.fit_committed_refiner(folds, bad, wdir=tmp_path / "w2", smoke=True, boxes=boxes, log=None)
+    with pytest.raises(MedImgError, match="no kept fold models"):
+        A.fit_committed_refiner(tmp_path / "nothing", cv, wdir=tmp_path / "w3", smoke=True, boxes=boxes, log=None)
+    # train_all: the committed fold models by default, none in a smoke run or when told 'none'
+    assert train_all.atrium_folds_dir(None, smoke=False) == (
+        train_all.DEFAULT_ATRIUM_FOLDS if train_all.DEFAULT_ATRIUM_FOLDS.is_dir() else None)
+    assert train_all.atrium_folds_dir(None, smoke=True) is None
+    assert train_all.atrium_folds_dir("none", smoke=False) is None
+    assert train_all.atrium_folds_dir(str(folds), smoke=True) == folds
