@@ -1896,12 +1896,21 @@ def localiser_recipe() -> dict:
     return {"architecture": dict(LOCALISER_KWARGS), "grid_mm": LOCALISER_GRID_MM, **LOCALISER_RECIPE}
 
 
-def check_cv_recipe(cfg, cv: dict) -> None:
+def check_cv_recipe(cfg, cv: dict, refiner: bool = False) -> None:
     """Refuse to train the all-volume model with another recipe than the one cross-validated: its card would
-    carry figures of a model it is not. ``cfg``: the TrainConfig about to be trained; ``cv``: atrium.cv.json."""
-    from core.errors import MedImgError
+    carry figures of a model it is not. ``cfg``: the TrainConfig about to be trained; ``cv``: atrium.cv.json;
+    ``refiner``: a 3D refiner is trained too (then its recipe, ``RefinerRecipe``'s fields, must be the one the
+    fold refiners were trained with; the record's other fields are one fold's run: seconds, loss, boxes)."""
+    from dataclasses import asdict
 
-    now, then = recipe_record(cfg), cv.get("training", {})
+    from core.errors import MedImgError
+    from core.refine3d import RefinerRecipe
+
+    now, then = recipe_record(cfg), dict(cv.get("training", {}))
+    cv_ref = then.pop("refiner", None)
+    if refiner and cv_ref is not None:
+        now["refiner"] = asdict(RefinerRecipe())
+        then["refiner"] = {k: cv_ref.get(k) for k in now["refiner"]}
     diff = sorted(k for k in set(now) | set(then) if now.get(k) != then.get(k))
     if diff:
         raise MedImgError("the cross-validation in atrium.cv.json was run with another training recipe ("
@@ -1933,7 +1942,7 @@ def train_atrium(root, cfg, device: torch.device, smoke: bool = False, out_dir=N
                           "`python train_all.py --atrium-cv` (folds 1-5) first, so that atrium.cv.json holds every "
                           "fold's figures and inference setting")
     if complete and not smoke:
-        check_cv_recipe(cfg, cv)
+        check_cv_recipe(cfg, cv, refiner=folds_dir is not None)
     cases = mio.find_atrium_cases(root)
     if smoke:
         cases = first_per_dataset(cases, 3)

@@ -831,6 +831,19 @@ def test_the_all_volume_model_is_trained_with_the_cross_validated_recipe(tmp_pat
     with pytest.raises(MedImgError, match="epochs: 64 there, 48 now"):
         A.train_atrium(tmp_path / "no-data-here", task_config("atrium", epochs=48), torch.device("cpu"),
                        out_dir=tmp_path)
+    # the CV's fold refiners were trained with a recipe (their seconds and losses are their own): a run that trains
+    # the committed refiner must use the same recipe; one that keeps the refiner there is leaves it aside
+    from dataclasses import asdict
+
+    from core.refine3d import RefinerRecipe
+
+    ref = {**asdict(RefinerRecipe()), "seconds": 300.0, "final_loss": 0.2, "n_boxes": 77}
+    cv = {**A.read_cv(tmp_path), "training": {**head["training"], "refiner": ref}}
+    A.check_cv_recipe(cv_cfg, cv, refiner=True)
+    A.check_cv_recipe(cv_cfg, cv)
+    with pytest.raises(MedImgError, match="refiner"):
+        A.check_cv_recipe(cv_cfg, {**cv, "training": {**cv["training"], "refiner": {**ref, "epochs": 20}}},
+                          refiner=True)
 
 
 def test_views_in_words():
