@@ -287,14 +287,7 @@ ROI_MARGIN_MM = 40.0  # context kept around the first view's finding for the oth
 def roi_box(prob: np.ndarray, spacing: tuple[float, float, float], margin_mm: float = ROI_MARGIN_MM,
             level: float = 0.1) -> tuple[slice, slice, slice] | None:
     """The box around voxels with probability > ``level``, widened by ``margin_mm``; None if there are none."""
-    nz = np.argwhere(prob > level)
-    if len(nz) == 0:
-        return None
-    out = []
-    for ax in range(3):
-        m = int(math.ceil(margin_mm / spacing[ax]))
-        out.append(slice(max(0, int(nz[:, ax].min()) - m), min(prob.shape[ax], int(nz[:, ax].max()) + m + 1)))
-    return tuple(out)
+    return pp.box_around(prob, spacing, margin_mm, level)
 
 
 LOCALISE_STRIDE = 2
@@ -1273,7 +1266,7 @@ def oof_boxes(folds_dir, root=None, smoke: bool = False, loaded: list | None = N
     from core.config import data_root
     from core.errors import MedImgError
     from core.precision import native_bf16
-    from core.refine3d import RefineBox, mask_box
+    from core.refine3d import REFINE_MARGIN_MM, RefineBox
 
     root = data_root(root)
     by_id = {c.case_id: c for c in mio.find_atrium_cases(root)}
@@ -1296,7 +1289,8 @@ def oof_boxes(folds_dir, root=None, smoke: bool = False, loaded: list | None = N
         for v in (have.get(i) or again[i] for i in ids):
             pr = predict_case(model, v, views, lm.grid_mm, cpu, bf16, flips, lm.threshold, loc)
             lab = v.label.astype(bool)
-            box = mask_box(pr.mask.astype(bool), v.spacing) or tuple(slice(0, n) for n in lab.shape)
+            box = (pp.box_around(pr.mask, v.spacing, REFINE_MARGIN_MM)
+                   or tuple(slice(0, n) for n in lab.shape))
             norm = pp.normalise_volume(np.asarray(v.data))
             boxes.append(RefineBox(v.case_id, v.dataset, np.ascontiguousarray(norm[box], dtype=np.float32),
                                    pr.prob[box].astype(np.float32), lab[box].astype(np.float32),

@@ -118,6 +118,20 @@ def preprocess_cardiac(ed: np.ndarray, es: np.ndarray, size: int = CARDIAC_SIZE)
 # --------------------------------------------------------------------------- atrium
 
 
+def box_around(values: np.ndarray, spacing: tuple[float, float, float], margin_mm: float, level: float = 0.0
+               ) -> tuple[slice, slice, slice] | None:
+    """The box (X, Y, Z slices) around the voxels of ``values`` over ``level`` (a mask's, with 0), widened by
+    ``margin_mm`` on each side and clipped to the array; None when there are none."""
+    nz = np.argwhere(values > level)
+    if len(nz) == 0:
+        return None
+    out = []
+    for ax in range(3):
+        m = int(math.ceil(margin_mm / spacing[ax]))
+        out.append(slice(max(0, int(nz[:, ax].min()) - m), min(values.shape[ax], int(nz[:, ax].max()) + m + 1)))
+    return tuple(out)
+
+
 def normalise_volume(data: np.ndarray) -> np.ndarray:
     """Clip to the 0.5-99.5 percentiles and z-score (float32, same shape)."""
     sub = data[:: max(1, data.shape[0] // 64), :: max(1, data.shape[1] // 64), :]

@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from core import preprocess as pp
+
 REFINE_GRID_MM = 2.5  # the refiner's grid; the correction is upsampled from it
 REFINE_MARGIN_MM = 16.0  # context around the 2D mask in the box the refiner reads
 REFINE_MULTIPLE = 4  # each side of the coarse grid (two poolings)
@@ -82,17 +84,6 @@ def refined_logits(net: nn.Module, img: torch.Tensor, prob: torch.Tensor, spacin
         d = net(x)
     d = F.interpolate(d.float(), size=tuple(img.shape), mode="trilinear", align_corners=False)[0, 0]
     return logit_at(prob.float(), threshold) + d
-
-
-def mask_box(mask: np.ndarray, spacing: tuple[float, float, float], margin_mm: float = REFINE_MARGIN_MM
-             ) -> tuple[slice, slice, slice] | None:
-    """The box around ``mask``'s voxels widened by ``margin_mm`` (clipped to the array); None if it is empty."""
-    nz = np.argwhere(mask)
-    if len(nz) == 0:
-        return None
-    return tuple(slice(max(0, int(nz[:, a].min()) - int(math.ceil(margin_mm / spacing[a]))),
-                       min(mask.shape[a], int(nz[:, a].max()) + int(math.ceil(margin_mm / spacing[a])) + 1))
-                 for a in range(3))
 
 
 @dataclass
@@ -213,7 +204,7 @@ class Refiner:
         the box around ``mask`` (``margin_mm``) the refined probabilities (``threshold`` keeps its meaning) and the
         ``largest`` component of them at ``threshold``, outside it the probabilities unchanged and no mask. An
         empty mask comes back unchanged (nothing to refine around)."""
-        box = mask_box(mask, spacing, self.margin_mm)
+        box = pp.box_around(mask, spacing, self.margin_mm)
         if box is None:
             return prob, mask, None
         with torch.inference_mode():

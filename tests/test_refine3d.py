@@ -11,7 +11,7 @@ from core import atrium as A
 from core import preprocess as pp
 from core.errors import MedImgError
 from core.refine3d import (REFINE_MARGIN_MM, Refiner, RefineBox, RefinerNet, RefinerRecipe, coarse_size, fit_refiner,
-                           logit_at, mask_box, refined_logits)
+                           logit_at, refined_logits)
 
 
 def test_coarse_size_known_values():
@@ -26,12 +26,12 @@ def test_logit_at_is_zero_at_the_threshold_and_keeps_the_order():
     assert float(logit_at(torch.tensor([0.9]), 0.5)) == pytest.approx(math.log(9), rel=1e-5)
 
 
-def test_mask_box_known_values_and_empty():
+def test_box_around_known_values_and_empty():
     m = np.zeros((50, 50, 50), bool)
     m[20:30, 10:12, 40:41] = True
-    assert mask_box(m, (2.0, 4.0, 1.0), 4.0) == (slice(18, 32), slice(9, 13), slice(36, 45))  # clipped at 50 not hit
-    assert mask_box(m, (1.0, 1.0, 1.0), 16.0)[2] == slice(24, 50)  # clipped to the array
-    assert mask_box(np.zeros((5, 5, 5), bool), (1.0, 1.0, 1.0)) is None
+    assert pp.box_around(m, (2.0, 4.0, 1.0), 4.0) == (slice(18, 32), slice(9, 13), slice(36, 45))  # clipped at 50 not hit
+    assert pp.box_around(m, (1.0, 1.0, 1.0), 16.0)[2] == slice(24, 50)  # clipped to the array
+    assert pp.box_around(np.zeros((5, 5, 5), bool), (1.0, 1.0, 1.0), 16.0) is None
 
 
 def test_an_untrained_refiner_returns_the_2d_mask_and_probabilities():
@@ -47,7 +47,7 @@ def test_an_untrained_refiner_returns_the_2d_mask_and_probabilities():
     p[35:38, 45:48, 25:28] = 0.8  # a second piece beyond the box: left as it was
     mask = pp.largest_component(p >= 0.45).astype(np.uint8)
     p2, m2, box = Refiner(net, margin_mm=4.0).refine(norm, p, mask, (1.25, 1.25, 2.0), 0.45, pp.largest_component)
-    assert box == mask_box(mask.astype(bool), (1.25, 1.25, 2.0), 4.0)
+    assert box == pp.box_around(mask.astype(bool), (1.25, 1.25, 2.0), 4.0)
     assert np.array_equal(m2, mask) and p2.dtype == p.dtype and np.abs(p2.astype(float) - p.astype(float)).max() < 1e-3
     assert p2[36, 46, 26] == p[36, 46, 26]
     empty = np.zeros_like(mask)
@@ -107,7 +107,7 @@ def test_segment_canonical_runs_the_refiner_after_the_views():
     same = A.segment_canonical(_Counting(), vol, (1.25,) * 3, (2, 0, 1), 1.25, batch_size=16,
                                refiner=Refiner(RefinerNet(4)))
     assert np.array_equal(plain.mask, same.mask) and plain.view_masks[0].sum() == same.view_masks[0].sum()
-    rbox = mask_box(plain.mask.astype(bool), (1.25,) * 3, REFINE_MARGIN_MM)
+    rbox = pp.box_around(plain.mask.astype(bool), (1.25,) * 3, REFINE_MARGIN_MM)
     assert all(b.start <= min(p.start, r.start) and b.stop >= max(p.stop, r.stop)
                for b, p, r in zip(same.box, plain.box, rbox))
 
