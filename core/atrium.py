@@ -441,27 +441,34 @@ def load_localiser(wdir=None) -> Localiser:
     return inference_localiser(net, card)
 
 
-def localiser_for(card: dict, wdir=None) -> Localiser | None:
-    """The localiser an atrium model's card names (``input_spec.localiser``: its weights' sha256), loaded from
-    ``wdir``; None when the card names none (the model's own localising pass then finds the box). A missing
-    file, or one with other weights than the card names, raises ``MissingWeightsError``: the card's figures
-    were measured with that localiser."""
+def named_network(card: dict, key: str, load: Callable, what: str, task: str, wdir=None):
+    """The auxiliary network an atrium model's card names under ``input_spec[key]`` (its weights' sha256), loaded
+    from ``wdir`` with ``load``; None when the card names none. A missing or damaged file, or other weights than
+    the card names, raises ``MissingWeightsError`` (``what``: the network in words, ``task``: its files' stem):
+    the card's figures were measured with that network."""
     from core.errors import MissingWeightsError
 
-    rec = card.get("input_spec", {}).get("localiser")
+    rec = card.get("input_spec", {}).get(key)
     if not rec:
         return None
+    where = wdir or "weights/"
     try:
-        loc = load_localiser(wdir)
+        net = load(wdir)
     except MissingWeightsError as exc:  # its own message would name a task train_all does not know
-        raise MissingWeightsError(f"The atrium model's localiser ({LOCALISER_TASK}.pt and .json in "
-                                  f"{wdir or 'weights/'}) is missing or damaged. Restore weights/ from the "
-                                  "repository, or train both with `python train_all.py --tasks atrium`.") from exc
-    if loc.card.get("weights_sha256") != rec.get("weights_sha256"):
-        raise MissingWeightsError(f"The atrium localiser in {wdir or 'weights/'} is not the one the atrium model's "
-                                  "card names (checksum differs). Restore weights/ from the repository, or train "
-                                  "both with `python train_all.py --tasks atrium`.")
-    return loc
+        raise MissingWeightsError(f"The atrium model's {what} ({task}.pt and .json in {where}) is missing or "
+                                  "damaged. Restore weights/ from the repository, or train the atrium model with "
+                                  "`python train_all.py --tasks atrium`.") from exc
+    if net.card.get("weights_sha256") != rec.get("weights_sha256"):
+        raise MissingWeightsError(f"The atrium {what} in {where} is not the one the atrium model's card names "
+                                  "(checksum differs). Restore weights/ from the repository, or train the atrium "
+                                  "model with `python train_all.py --tasks atrium`.")
+    return net
+
+
+def localiser_for(card: dict, wdir=None) -> Localiser | None:
+    """The localiser an atrium model's card names (``input_spec.localiser``), checked (``named_network``); None
+    when it names none (the model's own localising pass then finds the box)."""
+    return named_network(card, "localiser", load_localiser, "localiser", LOCALISER_TASK, wdir)
 
 
 def localiser_record(card: dict) -> dict:
@@ -500,24 +507,9 @@ def load_refiner(wdir=None) -> Refiner:
 
 
 def refiner_for(card: dict, wdir=None) -> Refiner | None:
-    """The refiner an atrium model's card names (``input_spec.refiner``: its weights' sha256), loaded from
-    ``wdir``; None when the card names none. A missing file, or other weights than the card names, raises
-    ``MissingWeightsError``: the card's figures were measured with that refiner."""
-    from core.errors import MissingWeightsError
-
-    rec = card.get("input_spec", {}).get("refiner")
-    if not rec:
-        return None
-    try:
-        ref = load_refiner(wdir)
-    except MissingWeightsError as exc:
-        raise MissingWeightsError(f"The atrium model's 3D refiner ({REFINER_TASK}.pt and .json in "
-                                  f"{wdir or 'weights/'}) is missing or damaged. Restore weights/ from the "
-                                  "repository, or train it with `python -m core.atrium refiner <folds dir>`.") from exc
-    if ref.card.get("weights_sha256") != rec.get("weights_sha256"):
-        raise MissingWeightsError(f"The atrium refiner in {wdir or 'weights/'} is not the one the atrium model's "
-                                  "card names (checksum differs). Restore weights/ from the repository.")
-    return ref
+    """The 3D refiner an atrium model's card names (``input_spec.refiner``), checked (``named_network``); None
+    when it names none."""
+    return named_network(card, "refiner", load_refiner, "3D refiner", REFINER_TASK, wdir)
 
 
 def refiner_record(card: dict) -> dict:

@@ -125,7 +125,7 @@ def test_the_card_names_the_refiner_its_figures_were_measured_with(tmp_path):
     from core.errors import MissingWeightsError
 
     assert A.refiner_for({"input_spec": {}}, tmp_path) is None
-    with pytest.raises(MissingWeightsError):
+    with pytest.raises(MissingWeightsError, match="3D refiner .*missing or damaged"):
         A.refiner_for({"input_spec": {"refiner": {"weights_sha256": "x"}}}, tmp_path)
     card = A.refiner_card([_box(1)], {"seconds": 1.0}, RefinerRecipe(base=4), 0, {1: "abc"}, smoke=True)
     save_checkpoint(RefinerNet(4).state_dict(), card, A.REFINER_TASK, tmp_path)
@@ -133,7 +133,7 @@ def test_the_card_names_the_refiner_its_figures_were_measured_with(tmp_path):
     assert not ref.model.training and ref.margin_mm == REFINE_MARGIN_MM
     rec = A.refiner_record(ref.card)
     assert A.refiner_for({"input_spec": {"refiner": rec}}, tmp_path).card["weights_sha256"] == rec["weights_sha256"]
-    with pytest.raises(MissingWeightsError):
+    with pytest.raises(MissingWeightsError, match="checksum differs"):
         A.refiner_for({"input_spec": {"refiner": {**rec, "weights_sha256": "0" * 64}}}, tmp_path)
     # a fold's refiner must not have trained on a box of that fold's validation volumes
     A.check_fold_refiner({"data": {"train_cases": ["a", "b"]}}, {"fold": 2, "val_cases": ["c"]}, tmp_path)
