@@ -49,9 +49,8 @@ def train_task(task: str, root: Path, device, smoke: bool = False, out_dir: Path
     own module trains it (core.pneumonia, core.cardiac, core.atrium) with the shared loop of core.train.
     ``time_budget``: hold the task to its registry budget (``TaskSpec.train_budget``; not in a smoke run).
     ``atrium_folds``: the kept atrium fold models the refiner learns from (None: keep the refiner there is)."""
-    from functools import partial
-
     from dataclasses import replace
+    from functools import partial
 
     from core import atrium, cardiac, pneumonia
     from core.train import TimeBudget, task_config

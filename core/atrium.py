@@ -1323,9 +1323,8 @@ def fit_committed_refiner(folds_dir, cv: dict | None, root=None, wdir=None, smok
                           log: Callable[[str], None] | None = print) -> dict:
     """Train the committed model's 3D refiner on every out-of-fold box of the kept fold models in ``folds_dir``
     (``oof_boxes``, or ``boxes`` already made from them; ``loaded``: volumes already read) and save it in
-    ``wdir``; returns its card. With ``cv``
-    (atrium.cv.json), each kept fold model must be the one it recorded (``check_fold_model``): the refiner then
-    learns from the errors of the models whose figures the card reports."""
+    ``wdir``; returns its card. With ``cv`` (atrium.cv.json), each kept fold model must be the one it recorded
+    (``check_fold_model``): the refiner then learns from the errors of the models whose figures the card reports."""
     from core.checkpoint import read_card, save_checkpoint
     from core.config import weights_dir
     from core.errors import MedImgError
@@ -1341,7 +1340,12 @@ def fit_committed_refiner(folds_dir, cv: dict | None, root=None, wdir=None, smok
         for k, d in dirs.items():
             if k not in recs:
                 raise MedImgError(f"{d} is fold {k}, which atrium.cv.json does not record")
-            check_fold_model(cards[k], recs[k], d)
+            try:
+                check_fold_model(cards[k], recs[k], d)
+            except MedImgError as exc:
+                raise MedImgError(f"{exc}; the 3D refiner learns from the fold models of this cross-validation "
+                                  "(train_all: --atrium-folds DIR names them, 'none' keeps the refiner there "
+                                  "is)") from exc
     recipe = RefinerRecipe(epochs=1) if smoke else RefinerRecipe()
     boxes = oof_boxes(folds_dir, root, smoke, loaded) if boxes is None else boxes
     net, info = fit_refiner(boxes, recipe, seed, log)

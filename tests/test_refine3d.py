@@ -166,7 +166,7 @@ def test_the_committed_refiner_learns_from_the_fold_models_the_cv_recorded(tmp_p
     assert A.load_refiner(tmp_path / "w").card["weights_sha256"] == card["weights_sha256"]
     # a kept fold model that is not the one atrium.cv.json recorded: its masks would not be the measured ones
     bad = {"folds": [cv["folds"][0], {**cv["folds"][1], "weights_sha256": "c" * 64}]}
-    with pytest.raises(MedImgError, match="fold 2"):
+    with pytest.raises(MedImgError, match="fold 2 .*--atrium-folds"):
         A.fit_committed_refiner(folds, bad, wdir=tmp_path / "w2", smoke=True, boxes=boxes, log=None)
     with pytest.raises(MedImgError, match="no kept fold models"):
         A.fit_committed_refiner(tmp_path / "nothing", cv, wdir=tmp_path / "w3", smoke=True, boxes=boxes, log=None)
