@@ -130,8 +130,9 @@ def augmented(b: RefineBox, rng: np.random.Generator, cut: int = 6
 
 def dice_bce(z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """BCE on logits ``z`` plus soft Dice loss of sigmoid(z) against the 0/1 target ``y`` (same shape)."""
-    p = torch.sigmoid(z)
-    return F.binary_cross_entropy_with_logits(z, y) + 1 - (2 * (p * y).sum() + 1) / (p.sum() + y.sum() + 1)
+    from core.train import soft_dice_loss
+
+    return F.binary_cross_entropy_with_logits(z, y) + soft_dice_loss(z, y)
 
 
 @dataclass(frozen=True)

@@ -449,7 +449,7 @@ def classifier_report(y: np.ndarray, p: np.ndarray, threshold: float, seed: int)
 
 
 def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, eps: float = 1.0) -> torch.Tensor:
-    """1 - soft Dice over the whole batch. logits, target: (N, H, W)."""
+    """1 - soft Dice over the whole batch. logits, target: the same shape ((N, H, W) slices, (X, Y, Z) boxes)."""
     p = torch.sigmoid(logits)
     inter = (p * target).sum()
     return 1 - (2 * inter + eps) / (p.sum() + target.sum() + eps)
