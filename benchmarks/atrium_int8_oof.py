@@ -5,11 +5,12 @@ dataset in its training list) as ``core.atrium.calibrate_int8`` does for the app
 (``core.atrium.int8_calibration_feed``).
 
 Each kept cross-validation model then segments each of its own validation volumes twice, as the app does (its
-views, flips and threshold): bfloat16 autocast (the app) and int8; Dice against the expert mask, seconds, the
-volume and the quality check's verdict are recorded for both. An experiment, not part of the app.
+views, flips and threshold, its localiser and 3D refiner when its folder has them; before 2026-12-07 the check
+ran without them): bfloat16 autocast and int8 (the app runs its committed weights in int8); Dice against the
+expert mask, seconds, the volume and the quality check's verdict are recorded for both. An experiment, not part of the app.
 
     MEDIMG_DATA_ROOT=../shared/datasets PYTHONPATH=. python benchmarks/atrium_int8_oof.py \
-        benchmarks/cv-folds/atrium/fold1 ... fold5 --json benchmarks/logs/atrium-int8-oof.json
+        benchmarks/cv-folds/atrium/fold1 ... fold5 --json benchmarks/logs/atrium-int8-refiner-oof.json
 """
 from __future__ import annotations
 
@@ -27,13 +28,14 @@ from core.quantize import calibrate
 from _oof import collect, write
 
 CALIB_PER_DATASET = A.INT8_CALIBRATION_PER_DATASET
-NAMES = ["bfloat16 (the app)", "int8"]
+NAMES = ["bfloat16", "int8"]
 
 
 def _run(lm, model, v, views, ctx):
     t0 = time.perf_counter()
     pred = A.segment_canonical(model, v.data, v.spacing, views, lm.grid_mm, lm.threshold, 8, ctx,
-                               flips=int(lm.card["input_spec"].get("tta_flips", 1)))
+                               flips=int(lm.card["input_spec"].get("tta_flips", 1)), localiser=lm.localiser,
+                               refiner=lm.refiner)
     secs = time.perf_counter() - t0
     q = A.judge_with_card(A.quality_measures(pred, v.spacing, lm.threshold, v.data), lm.card)
     return pred, {"dice": round(M.dice(pred.mask, v.label), 4), "seconds": round(secs, 2),
@@ -89,8 +91,9 @@ def summary(per_case: dict[str, dict]) -> dict:
 def main() -> None:
     args, per_case = collect(__doc__, run_fold)
     write(args, "int8 against bfloat16, out of fold: each kept CV model (int8 calibrated on "
-          f"{CALIB_PER_DATASET} of its training volumes per dataset) on its own validation volumes, as the app runs",
-          NAMES[0], summary(per_case), per_case)
+          f"{CALIB_PER_DATASET} of its training volumes per dataset) on its own validation volumes, as the app runs "
+          "(with the fold's localiser and 3D refiner)",
+          NAMES[1], summary(per_case), per_case)
 
 
 if __name__ == "__main__":

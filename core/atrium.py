@@ -568,7 +568,7 @@ def segment_canonical(model: nn.Module, data: np.ndarray, spacing: tuple[float, 
     if refiner is None or threshold <= 0 or not pred.mask.any():
         return pred
     unsure_2d = uncertain_ratio(pred.prob, pred.mask, threshold, pred.box)
-    prob, mask, rbox = refiner.refine(norm, pred.prob, pred.mask, spacing, threshold, pp.largest_component)
+    prob, mask, rbox = refiner.refine(norm, pred.prob, pred.mask, spacing, threshold)
     box = pred.box
     if box is not None and rbox is not None:  # the measures over the box must still see every voxel that counts
         box = tuple(slice(min(a.start, b.start), max(a.stop, b.stop)) for a, b in zip(box, rbox))

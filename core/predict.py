@@ -36,7 +36,7 @@ COLUMNS = {
     "pneumonia": ["p_pneumonia", "threshold"],
     "cardiac": ["p_disease", "threshold", "ed_frame", "es_frame", "lv_ef", "rv_ef", "most_likely",
                 "p_NOR", "p_DCM", "p_HCM", "p_MINF", "p_RV", "lv_edv_ml", "lv_esv_ml", "lv_sv_ml", "lv_mass_g",
-                "rv_edv_ml", "rv_esv_ml", "rv_sv_ml", "volumes_note"],
+                "rv_edv_ml", "rv_esv_ml", "rv_sv_ml", "volumes_note", "measures_note"],
     "atrium": ["volume_ml", "quality_passed", "quality_reasons", "mask"],
 }
 # with --truth: the agreement with each volume's reference mask
@@ -169,6 +169,30 @@ def analyse_xray(lm, image, name: str, report: bool = True) -> Analysis:
     return Analysis(row, R.xray_report(res, image, name) if report else None)
 
 
+def cardiac_measure_cells(measures: dict | None, volumes: dict[str, float] | None) -> dict[str, str]:
+    """CSV cells of the ejection fractions (``CardiacResult.measures``, fractions) and volumes (mL; LV mass g). An
+    ejection fraction or stroke volume of 0 or less (the segmented cavity not smaller at ES: a poorly segmented RV
+    while the LV is right; swapped frames are refused before) is left empty and named in ``measures_note``, as the
+    page and the report leave it out: a negative figure is never written."""
+    from core.cardiac import NOT_SMALLER_AT_ES, VOLUMES
+
+    out: dict[str, str] = {}
+    gone: list[str] = []
+    for k in ("lv_ef", "rv_ef"):
+        if measures is not None:
+            ok = measures[k] > 0
+            out[k] = _fmt(measures[k], 3) if ok else ""
+            gone += [] if ok else [k]
+    for k, v in (volumes or {}).items():
+        ok = not k.endswith("_sv") or v > 0
+        out[f"{k}_{'g' if k == 'lv_mass' else 'ml'}"] = _fmt(v, 1) if ok else ""
+        gone += [] if ok else [k]
+    if gone:
+        names = {"lv_ef": "LV ejection fraction", "rv_ef": "RV ejection fraction", **VOLUMES}
+        out["measures_note"] = f"{', '.join(names[k] for k in gone)}: {NOT_SMALLER_AT_ES}"
+    return out
+
+
 def analyse_cardiac(lm, ed, es, name: str, report: bool = True) -> Analysis:
     """The ED and ES frames (``core.io.Volume``) of one study -> diagnosis, probabilities, report."""
     from core import case_report as R
@@ -186,12 +210,8 @@ def analyse_cardiac(lm, ed, es, name: str, report: bool = True) -> Analysis:
         row.update(status="ok" if band != "uncertain" else "uncertain",
                    finding={"positive": "disease", "negative": "normal", "uncertain": "uncertain: refer"}[band],
                    p_disease=_fmt(res.probability), threshold=_fmt(res.threshold))
-        sh = res.measures()
-        if sh is not None:
-            row.update(lv_ef=_fmt(sh["lv_ef"], 3), rv_ef=_fmt(sh["rv_ef"], 3))
-        if res.volumes is not None:
-            row.update({f"{k}_{'g' if k == 'lv_mass' else 'ml'}": _fmt(v, 1) for k, v in res.volumes.items()})
-        elif res.volumes_withheld:
+        row.update(cardiac_measure_cells(res.measures(), res.volumes))
+        if res.volumes is None and res.volumes_withheld:
             row["volumes_note"] = res.volumes_withheld
         if res.diagnosis is not None and lm.diagnosis is not None:
             probs = res.diagnosis["probabilities"]

@@ -199,11 +199,10 @@ class Refiner:
             raise ValueError(f"margin_mm must be >= 0, got {self.margin_mm}")
 
     def refine(self, norm: np.ndarray, prob: np.ndarray, mask: np.ndarray, spacing: tuple[float, float, float],
-               threshold: float, largest: Callable[[np.ndarray], np.ndarray]
-               ) -> tuple[np.ndarray, np.ndarray, tuple[slice, slice, slice] | None]:
+               threshold: float) -> tuple[np.ndarray, np.ndarray, tuple[slice, slice, slice] | None]:
         """The normalised volume, the 2D probabilities and mask (X, Y, Z) -> (probabilities, mask, box): inside
         the box around ``mask`` (``margin_mm``) the refined probabilities (``threshold`` keeps its meaning) and the
-        ``largest`` component of them at ``threshold``, outside it the probabilities unchanged and no mask. An
+        largest component of them at ``threshold``, outside it the probabilities unchanged and no mask. An
         empty mask comes back unchanged (nothing to refine around)."""
         box = pp.box_around(mask, spacing, self.margin_mm)
         if box is None:
@@ -215,5 +214,5 @@ class Refiner:
         out_p = prob.copy()
         out_p[box] = torch.sigmoid(z + math.log(threshold / (1 - threshold))).numpy().astype(prob.dtype)
         out_m = np.zeros(mask.shape, mask.dtype)
-        out_m[box] = largest((z >= 0).numpy())
+        out_m[box] = pp.largest_component((z >= 0).numpy())
         return out_p, out_m, box

@@ -99,6 +99,21 @@ def test_cardiac_batch_reads_acdc_folders_and_4d_cines(tmp_path, acdc_root):
     assert float(by["cine"]["lv_ef"]) > 0
 
 
+def test_cardiac_csv_never_writes_a_negative_ejection_fraction_or_stroke_volume():
+    """A poorly segmented RV can be larger at ES than at ED while the LV is right: the row leaves its RV EF and
+    stroke volume empty and says why (the batch CSV wrote -0.120 and -14.0 until 2026-12-07)."""
+    from core.predict import cardiac_measure_cells
+
+    cells = cardiac_measure_cells({"lv_ef": 0.55, "rv_ef": -0.12},
+                                  {"lv_edv": 150.0, "lv_esv": 67.5, "lv_sv": 82.5, "lv_mass": 110.2,
+                                   "rv_edv": 120.0, "rv_esv": 134.0, "rv_sv": -14.0})
+    assert cells["lv_ef"] == "0.550" and cells["rv_ef"] == "" and cells["lv_sv_ml"] == "82.5"
+    assert cells["rv_sv_ml"] == "" and cells["rv_esv_ml"] == "134.0" and cells["lv_mass_g"] == "110.2"
+    assert cells["measures_note"].startswith("RV ejection fraction, RV stroke volume: not measurable")
+    assert "measures_note" not in cardiac_measure_cells({"lv_ef": 0.6, "rv_ef": 0.5}, None)
+    assert cardiac_measure_cells(None, None) == {}
+
+
 def test_atrium_batch_writes_masks_on_the_input_grid(tmp_path, lge_root):
     img = sorted((lge_root / "LA2018" / "imagesTr").glob("*.nii.gz"))[0]
     noise = tmp_path / "noise.nii.gz"

@@ -46,12 +46,12 @@ def test_an_untrained_refiner_returns_the_2d_mask_and_probabilities():
     p[10:20, 10:30, 5:15] = 0.9
     p[35:38, 45:48, 25:28] = 0.8  # a second piece beyond the box: left as it was
     mask = pp.largest_component(p >= 0.45).astype(np.uint8)
-    p2, m2, box = Refiner(net, margin_mm=4.0).refine(norm, p, mask, (1.25, 1.25, 2.0), 0.45, pp.largest_component)
+    p2, m2, box = Refiner(net, margin_mm=4.0).refine(norm, p, mask, (1.25, 1.25, 2.0), 0.45)
     assert box == pp.box_around(mask.astype(bool), (1.25, 1.25, 2.0), 4.0)
     assert np.array_equal(m2, mask) and p2.dtype == p.dtype and np.abs(p2.astype(float) - p.astype(float)).max() < 1e-3
     assert p2[36, 46, 26] == p[36, 46, 26]
     empty = np.zeros_like(mask)
-    q, m3, b3 = Refiner(net).refine(norm, p, empty, (1.25, 1.25, 2.0), 0.45, pp.largest_component)
+    q, m3, b3 = Refiner(net).refine(norm, p, empty, (1.25, 1.25, 2.0), 0.45)
     assert b3 is None and q is p and m3 is empty
 
 
