@@ -773,9 +773,14 @@ def slice_uncertainty_cm2(prob: np.ndarray, spacing: tuple[float, float, float],
     return unsure.sum(axis=tuple(other)) * px_cm2
 
 
+def rule_for(m: dict[str, float], card: dict) -> QualityRule:
+    """The card's limits for the mode the measures ``m`` were taken in (single view, or three fused views)."""
+    return QualityRule.from_card(card, fused=bool(m.get("fused", 0.0)))
+
+
 def judge_with_card(m: dict[str, float], card: dict) -> QualityReport:
-    """Judge quality measures with the card's limits for the mode they were taken in (single or fused)."""
-    return judge(m, QualityRule.from_card(card, fused=bool(m.get("fused", 0.0))))
+    """Judge quality measures with the card's limits for the mode they were taken in (``rule_for``)."""
+    return judge(m, rule_for(m, card))
 
 
 # --------------------------------------------------------------------------- prediction (the app's path)

@@ -183,6 +183,17 @@ def test_atrium_sample_segmentation_and_slider(heart_root):
     # and the input itself is recognised as a training volume (by fingerprint, as an upload would be)
     assert "This input is in the model's training data (la_" in text
     assert _report_buttons(at) == 1
+    # the quality table shows the limits the verdict used: a wide bSSFP volume's three fused views have their own
+    # (the single-view ones were shown until 2026-12-07)
+    from core import atrium as A
+    from core.inference import load_model
+
+    card = load_model("atrium").card
+    qt = next(t.value for t in at.table if "accepted" in t.value.columns)
+    unsure = qt[qt["measure"] == "uncertain voxels / mask voxels"]
+    fused = A.QualityRule.from_card(card, fused=True).max_uncertain_ratio
+    assert fused != A.QualityRule.from_card(card).max_uncertain_ratio
+    assert unsure["accepted"].iloc[0] == f"<= {fused:.2f}"
     z0 = at.slider(key="atr.z").value
     at.button(key="atr.next").click().run()
     assert at.slider(key="atr.z").value == z0 + 1

@@ -241,8 +241,8 @@ with notice_slot:
     training_notice(train_case)
 
 with st.expander("Quality check: the measures behind the verdict"):
-    r = A.QualityRule.from_card(lm.card)
     mm = q.measures
+    r = A.rule_for(mm, lm.card)  # a wide volume's three fused views are judged by their own limits
     bright = mm.get("mask_brightness")
     st.table({"measure": ["volume (mL)", "share of the raw mask in the largest piece", "uncertain voxels / mask voxels",
                           "agreement between slice directions (Dice)", "smallest field of view (mm)",
