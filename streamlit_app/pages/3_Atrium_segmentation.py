@@ -244,7 +244,12 @@ with st.expander("Quality check: the measures behind the verdict"):
     mm = q.measures
     r = A.rule_for(mm, lm.card)  # a wide volume's three fused views are judged by their own limits
     bright = mm.get("mask_brightness")
-    st.table({"measure": ["volume (mL)", "share of the raw mask in the largest piece", "uncertain voxels / mask voxels",
+    # the check reads the 2D model's uncertainty: the 3D refiner sharpens wrong masks' probabilities too (the
+    # hatching and the strip show the refined probabilities)
+    unsure_row = "uncertain voxels / mask voxels"
+    if lm.refiner is not None:
+        unsure_row += " (the 2D model's, before the 3D refiner)"
+    st.table({"measure": ["volume (mL)", "share of the raw mask in the largest piece", unsure_row,
                           "agreement between slice directions (Dice)", "smallest field of view (mm)",
                           "share of the scan darker than the segmented region (blood is bright)"],
               "value": [f"{mm['volume_ml']:.1f}", f"{mm['kept_fraction']:.2f}", f"{mm['uncertain_ratio']:.2f}",
