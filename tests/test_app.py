@@ -186,9 +186,9 @@ def test_atrium_sample_segmentation_and_slider(heart_root):
     # the quality table shows the limits the verdict used: a wide bSSFP volume's three fused views have their own
     # (the single-view ones were shown until 2026-12-07)
     from core import atrium as A
-    from core.inference import load_model
+    from core.checkpoint import read_card
 
-    card = load_model("atrium").card
+    card = read_card("atrium")
     qt = next(t.value for t in at.table if "accepted" in t.value.columns)
     unsure = qt[qt["measure"] == "uncertain voxels / mask voxels (the 2D model's, before the 3D refiner)"]
     fused = A.QualityRule.from_card(card, fused=True).max_uncertain_ratio
