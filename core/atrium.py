@@ -165,10 +165,22 @@ def uncertain_ratio(prob: np.ndarray, mask: np.ndarray, threshold: float = 0.5,
                     box: tuple[slice, slice, slice] | None = None) -> float:
     """Voxels of ``prob`` (X, Y, Z) in UNCERTAIN_BAND per voxel of ``mask`` (X, Y, Z; at least one). ``box``:
     where the probabilities can be non-zero (see ``_measured_region``)."""
-    lo, hi = UNCERTAIN_BAND
     r = _measured_region(box, threshold)
-    p = prob[r]
-    return int(((p > lo) & (p < hi)).sum()) / max(int(mask.sum()), 1)
+    return count_in_band(prob[r], *UNCERTAIN_BAND) / max(int(np.count_nonzero(mask)), 1)
+
+
+def count_in_band(p: np.ndarray, lo: float, hi: float) -> int:
+    """Elements of ``p`` with lo < p < hi (0 <= lo < hi, finite). A float16 array (the probabilities' dtype) is
+    compared as its bit patterns: they order every non-negative float16 as its value and put negatives, -0, NaN
+    and inf outside such a band, so the count is the same, about 10x sooner than NumPy's float16 comparisons
+    (done in software: 13 ms for a 3 M-voxel box on this CPU, 2026-12-07)."""
+    if not 0 <= lo < hi < np.inf:
+        raise ValueError(f"need 0 <= lo < hi < inf, got {lo}, {hi}")
+    if p.dtype == np.float16:
+        u = p.view(np.uint16)
+        a, b = np.float16(lo).view(np.uint16), np.float16(hi).view(np.uint16)
+        return int(np.count_nonzero((u > a) & (u < b)))
+    return int(np.count_nonzero((p > lo) & (p < hi)))
 
 
 def _measured_region(box: tuple[slice, slice, slice] | None, threshold: float) -> tuple[slice, ...]:

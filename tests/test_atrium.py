@@ -101,6 +101,19 @@ def test_quality_measures_on_a_hand_made_prediction():
     assert m["fused"] == 1.0  # two view masks: judged by the fused limits
 
 
+def test_count_in_band_on_float16_bit_patterns_equals_the_float_comparison():
+    rng = np.random.default_rng(0)
+    p = np.concatenate([rng.uniform(-1, 2, 5000), [0.2, 0.8, 0.19995, 0.8003, -0.0, 0.0, np.nan, np.inf, -np.inf, -0.5]])
+    p16 = p.astype(np.float16)
+    for lo, hi in ((0.2, 0.8), (0.0, 0.5), (0.45, 0.55)):
+        want = int(((p16 > lo) & (p16 < hi)).sum())
+        assert A.count_in_band(p16, lo, hi) == want == A.count_in_band(p16.astype(np.float32), np.float16(lo),
+                                                                       np.float16(hi))
+    assert A.count_in_band(np.array([0.1, 0.3, 0.9], np.float32), 0.2, 0.8) == 1
+    with pytest.raises(ValueError):
+        A.count_in_band(p16, -0.1, 0.5)
+
+
 def test_quality_measures_over_the_views_box_equal_those_over_the_volume():
     """The fused path passes the box its views ran in (nothing outside it): the measures taken over the box are
     exactly those over the whole volume, the known values of the hand-made prediction included."""
