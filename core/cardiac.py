@@ -70,12 +70,18 @@ DIAGNOSIS_FILE = "cardiac_diagnosis.json"
 NOT_SMALLER_AT_ES = "not measurable (the cavity is not smaller at ES)"
 
 
+def measurable(key: str, value: float) -> bool:
+    """False for an ejection fraction (``*_ef``) or stroke volume (``*_sv``) of 0 or less: the segmented cavity is
+    not smaller at ES (the RV's can be, on a poorly segmented RV, while the LV is right; a swapped LV is refused
+    before). Such a value is never shown or written as a number (page, report, batch CSV)."""
+    return not key.endswith(("_ef", "_sv")) or value > 0
+
+
 def feature_text(key: str, value: float) -> str:
-    """A feature value as shown to a user: ejection fractions in % (as the page's metric row), ratios as 0.00. An
-    ejection fraction of 0 or less is never shown as a number: the segmented cavity is not smaller at ES (the RV's
-    can be, on a poorly segmented RV, while the LV is right; a swapped LV is refused before)."""
+    """A feature value as shown to a user: ejection fractions in % (as the page's metric row), ratios as 0.00; an
+    ejection fraction that is not ``measurable`` in words."""
     if key.endswith("_ef"):
-        return f"{value:.0%}" if value > 0 else NOT_SMALLER_AT_ES
+        return f"{value:.0%}" if measurable(key, value) else NOT_SMALLER_AT_ES
     return f"{value:.2f}"
 
 MIN_REPRODUCIBILITY = 0.5  # features whose model-vs-expert agreement (Pearson r) is below this are not used
@@ -142,7 +148,7 @@ VOLUME_VOXELS = {"lv_edv": ("lv_ed", None), "lv_esv": ("lv_es", None), "lv_sv": 
 def volume_text(key: str, value: float) -> str:
     """A volume as shown to a user: mL, or g for the LV mass, to the nearest unit; a stroke volume of 0 or less is
     not shown as a number (as ``feature_text`` for the ejection fractions)."""
-    if key.endswith("_sv") and value <= 0:
+    if not measurable(key, value):
         return NOT_SMALLER_AT_ES
     return f"{value:.0f} g" if key == "lv_mass" else f"{value:.0f} mL"
 

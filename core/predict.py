@@ -170,25 +170,18 @@ def analyse_xray(lm, image, name: str, report: bool = True) -> Analysis:
 
 
 def cardiac_measure_cells(measures: dict | None, volumes: dict[str, float] | None) -> dict[str, str]:
-    """CSV cells of the ejection fractions (``CardiacResult.measures``, fractions) and volumes (mL; LV mass g). An
-    ejection fraction or stroke volume of 0 or less (the segmented cavity not smaller at ES: a poorly segmented RV
-    while the LV is right; swapped frames are refused before) is left empty and named in ``measures_note``, as the
-    page and the report leave it out: a negative figure is never written."""
-    from core.cardiac import NOT_SMALLER_AT_ES, VOLUMES
+    """CSV cells of the ejection fractions (``CardiacResult.measures``, fractions) and volumes (mL; LV mass g). A
+    value that is not ``core.cardiac.measurable`` (an ejection fraction or stroke volume of 0 or less) is left
+    empty and named in ``measures_note``, as the page and the report leave it out: a negative figure is never
+    written."""
+    from core.cardiac import FEATURES, NOT_SMALLER_AT_ES, VOLUMES, measurable
 
-    out: dict[str, str] = {}
-    gone: list[str] = []
-    for k in ("lv_ef", "rv_ef"):
-        if measures is not None:
-            ok = measures[k] > 0
-            out[k] = _fmt(measures[k], 3) if ok else ""
-            gone += [] if ok else [k]
-    for k, v in (volumes or {}).items():
-        ok = not k.endswith("_sv") or v > 0
-        out[f"{k}_{'g' if k == 'lv_mass' else 'ml'}"] = _fmt(v, 1) if ok else ""
-        gone += [] if ok else [k]
+    values = {k: (measures[k], k, 3) for k in ("lv_ef", "rv_ef")} if measures is not None else {}
+    values |= {k: (v, f"{k}_{'g' if k == 'lv_mass' else 'ml'}", 1) for k, v in (volumes or {}).items()}
+    out = {col: _fmt(v, nd) if measurable(k, v) else "" for k, (v, col, nd) in values.items()}
+    gone = [k for k, (v, _, _) in values.items() if not measurable(k, v)]
     if gone:
-        names = {"lv_ef": "LV ejection fraction", "rv_ef": "RV ejection fraction", **VOLUMES}
+        names = {"lv_ef": "LV ejection fraction", "rv_ef": FEATURES["rv_ef"], **VOLUMES}
         out["measures_note"] = f"{', '.join(names[k] for k in gone)}: {NOT_SMALLER_AT_ES}"
     return out
 
