@@ -201,12 +201,40 @@ def volumes_ml(voxels: dict[str, int], frame_shape_xy: tuple[int, int], spacing,
     return volumes_from_voxels(voxels, grid_voxel_ml(frame_shape_xy, spacing, size))
 
 
-def segment_frame(model, volume: np.ndarray, size: int) -> np.ndarray:
-    """Every slice of one cine frame through CardiacNet's U-Net -> (size, size, Z) labels on the crop grid."""
-    x = pp.cardiac_frame(volume, size, all_slices=True)[:, None]
+def segment_frame(model, volume: np.ndarray, size: int, box: pp.CropBox | None = None) -> np.ndarray:
+    """Every slice of one cine frame through CardiacNet's U-Net -> (size, size, Z) labels on the grid of the crop
+    ``box`` (default the centred square)."""
+    x = pp.cardiac_frame(volume, size, all_slices=True, box=box)[:, None]
     with torch.inference_mode():
         lab = torch.cat([model.unet(x[i : i + 16].float()).argmax(1) for i in range(0, len(x), 16)])
     return lab.numpy().transpose(1, 2, 0).astype(np.int16)
+
+
+# A move of the crop by up to this many of the frame's pixels is not worth another pass of the U-Net.
+CROP_MOVE_TOLERANCE_PX = 2
+# Localising passes at most: the first (on the centred square) may see only the part of the heart inside it.
+LOCALISE_PASSES = 2
+
+
+def heart_box(model, frame: np.ndarray, size: int, passes: int = LOCALISE_PASSES
+              ) -> tuple[pp.CropBox, np.ndarray | None]:
+    """The square the cardiac model reads in one study, centred on the heart: the U-Net segments every slice of
+    ``frame`` (the ED frame) in the centred square, and the square is moved to centre the heart it found
+    (``pp.heart_centre``), up to ``passes`` times while it moves by more than CROP_MOVE_TOLERANCE_PX. A fixed
+    centred square (the model's training crop) cuts off part of a heart that lies off the image's centre: in the
+    shared ACDC copy 20 of 160 ED/ES frames lost some of the RV that way, patient046 half of it.
+    -> (box, ``frame``'s labels in that box, or None when the last move was not segmented)."""
+    box = pp.cardiac_crop_box(frame.shape[:2])
+    for _ in range(passes):
+        lab = segment_frame(model, frame, size, box)
+        centre = pp.heart_centre(lab)
+        if centre is None:
+            return box, lab
+        moved = pp.cardiac_crop_box(frame.shape[:2], pp.grid_to_frame(centre, box, size))
+        if max(abs(a - b) for a, b in zip(moved, box)) <= CROP_MOVE_TOLERANCE_PX:
+            return box, lab
+        box = moved
+    return box, None
 
 
 # --------------------------------------------------------------------------- the cardiac cycle of a 4D cine
@@ -221,25 +249,33 @@ def pick_ed_es(lv: np.ndarray) -> tuple[int, int]:
     return int(np.argmax(lv)), int(np.argmin(lv))
 
 
-def cavity_curves(model, cine: np.ndarray, size: int, autocast_ctx=None) -> dict[str, np.ndarray]:
+def cavity_curves(model, cine: np.ndarray, size: int, autocast_ctx=None,
+                  box: pp.CropBox | None = None) -> dict[str, np.ndarray]:
     """LV and RV cavity size per frame of a cine (X, Y, Z, T): pixels of each label summed over every
-    slice of the model's segmentation, on the crop grid shared by all frames (same shape, same grid), so
-    the curves compare frames with no voxel size needed. -> {"lv": (T,), "rv": (T,)}."""
+    slice of the model's segmentation, on the crop grid shared by all frames (one ``box``, default the centred
+    square), so the curves compare frames with no voxel size needed. -> {"lv": (T,), "rv": (T,)}."""
     import contextlib
 
     lv, rv = [], []
     with autocast_ctx() if autocast_ctx else contextlib.nullcontext():
         for t in range(cine.shape[3]):
-            lab = segment_frame(model, cine[..., t], size)
+            lab = segment_frame(model, cine[..., t], size, box)
             lv.append(int((lab == 3).sum()))
             rv.append(int((lab == 1).sum()))
     return {"lv": np.array(lv), "rv": np.array(rv)}
 
 
-def expert_frame(mask: np.ndarray, size: int) -> np.ndarray:
-    """An expert label map on the same crop grid as ``segment_frame``."""
+def expert_box(ed_mask: np.ndarray) -> pp.CropBox:
+    """The square an expert ED label map (X, Y, Z) is read in: centred on its heart, as ``heart_box`` centres the
+    model's, so features of the expert masks see the whole heart."""
+    return pp.cardiac_crop_box(ed_mask.shape[:2], pp.heart_centre(ed_mask))
 
-    return pp.cardiac_frame(mask, size, mask=True, all_slices=True).numpy().transpose(1, 2, 0).astype(np.int16)
+
+def expert_frame(mask: np.ndarray, size: int, box: pp.CropBox | None = None) -> np.ndarray:
+    """An expert label map on the same crop grid as ``segment_frame`` with the same ``box``."""
+
+    return (pp.cardiac_frame(mask, size, mask=True, all_slices=True, box=box).numpy()
+            .transpose(1, 2, 0).astype(np.int16))
 
 
 # --------------------------------------------------------------------------- classifier (pure numpy at inference)
@@ -444,19 +480,25 @@ def build(root, wdir=None, seed: int = 0, folds: int = 5) -> dict:
     from core.checkpoint import git_commit, write_json
     from core.config import weights_dir
 
-    lm = load_base("cardiac", wdir, optimize=False)
+    # the app's own model (folded, in its inference precision): the validation patients' features, and so the
+    # end-to-end figures and the features kept, are those the app computes
+    lm = load_base("cardiac", wdir)
     size = lm.input_size
     val = set(lm.card["data"]["val_cases"])
     cases = [c for c in mio.find_cardiac_cases(Path(root)) if c.ed_gt is not None and c.es_gt is not None]
     xg, xp, y, is_val = [], {}, [], []
     for c in cases:
-        ed_gt, es_gt = (expert_frame(mio.load_nifti_path(p).data, size) for p in (c.ed_gt, c.es_gt))
+        ed_mask = mio.load_nifti_path(c.ed_gt).data
+        box = expert_box(ed_mask)
+        ed_gt, es_gt = expert_frame(ed_mask, size, box), expert_frame(mio.load_nifti_path(c.es_gt).data, size, box)
         xg.append(list(mask_features(ed_gt, es_gt).values()))
         y.append(GROUPS.index(c.group))
         is_val.append(c.patient_id in val)
         if c.patient_id in val:
-            ed, es = (segment_frame(lm.model, mio.load_nifti_path(p).data, size) for p in (c.ed_path, c.es_path))
-            xp[c.patient_id] = list(mask_features(ed, es).values())
+            ed, es = (mio.load_nifti_path(p).data for p in (c.ed_path, c.es_path))
+            with torch.inference_mode(), autocast(lm.precision):
+                ed_box, ed_lab = heart_box(lm.model, ed, size)
+                xp[c.patient_id] = list(mask_features(*segment_study(lm.model, ed, es, size, ed_box, ed_lab)).values())
     xg, y, is_val = np.asarray(xg), np.asarray(y), np.asarray(is_val)
     ids = [c.patient_id for c in cases]
     v_ids = [i for i, v in zip(ids, is_val) if v]
@@ -563,14 +605,27 @@ def load_diagnosis(wdir=None) -> dict | None:
     return json.loads(p.read_text()) if p.is_file() else None
 
 
-def diagnose(model, report: dict, ed: np.ndarray, es: np.ndarray, size: int) -> dict:
-    """Five-class probabilities for one study from the model's own segmentation of every slice, the features they
-    rest on, and the voxels of each structure on the model's grid (``structure_voxels``)."""
-    ed_lab, es_lab = segment_frame(model, ed, size), segment_frame(model, es, size)
+def segment_study(model, ed: np.ndarray, es: np.ndarray, size: int, box: pp.CropBox,
+                  ed_labels: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The model's segmentation of every slice of the ED and ES frames in ``box`` -> (ED labels, ES labels), each
+    (size, size, Z); ``ed_labels``, when given, are the ED frame's already segmented in that box."""
+    return (ed_labels if ed_labels is not None else segment_frame(model, ed, size, box),
+            segment_frame(model, es, size, box))
+
+
+def diagnose(model, report: dict, ed: np.ndarray, es: np.ndarray, size: int, box: pp.CropBox | None = None,
+             ed_labels: np.ndarray | None = None) -> dict:
+    """Five-class probabilities for one study from the model's own segmentation of every slice (in ``box``; default
+    the crop ``heart_box`` finds), the features they rest on, the voxels of each structure on the model's grid
+    (``structure_voxels``), and whether the segmentation reaches the crop's edge (``at_crop_edge``)."""
+    if box is None:
+        box, ed_labels = heart_box(model, ed, size)
+    ed_lab, es_lab = segment_study(model, ed, es, size, box, ed_labels)
     f = mask_features(ed_lab, es_lab)
     p = predict_proba(report["classifier"], np.asarray([list(f.values())]))[0]
     return {"probabilities": dict(zip(GROUPS, map(float, p))), "features": f,
-            "voxels": structure_voxels(ed_lab, es_lab)}
+            "voxels": structure_voxels(ed_lab, es_lab),
+            "at_crop_edge": pp.labels_touch_edge(ed_lab) or pp.labels_touch_edge(es_lab)}
 
 
 # --------------------------------------------------------------------------- prediction (the app's path)
@@ -591,6 +646,8 @@ class CardiacResult:
     diagnosis: dict | None = None  # five classes: {"probabilities": {group: p}, "features": {name: value}, "voxels"}
     volumes: dict[str, float] | None = None  # VOLUMES in mL (LV mass in g), when the header's voxel size is trusted
     volumes_withheld: str | None = None  # why there are no volumes, in words
+    crop_box: pp.CropBox | None = None  # the square of the frames the model read (x0, x1, y0, y1), see heart_box
+    at_crop_edge: bool = False  # the segmentation reaches that square's edge: part of the heart may lie outside
 
     def measures(self) -> dict[str, float | str] | None:
         """The ejection fractions and ratios to show, from one source: the five-class features (the model's
@@ -613,6 +670,30 @@ class CardiacResult:
         return m is not None and m["lv_ef"] <= 0
 
 
+MODELS_DISAGREE = ("the decision on P(disease) (from shape descriptors of 8 slices per frame) and the five-class "
+                   "diagnosis (from every slice) disagree about whether the heart is normal")
+
+
+def cardiac_band(res: "CardiacResult", diagnosis_model: dict | None) -> tuple[str, str | None]:
+    """The finding a study gets: ``verdict_band`` of P(disease), made "uncertain" when the five-class diagnosis,
+    confident (its top class reaches ``uncertain_below``), says the opposite: NOR against a positive decision, a
+    disease against a negative one. A reader must not get "normal" above a confident "abnormal right ventricle".
+    -> (band, MODELS_DISAGREE when that is why it is uncertain, else None)."""
+    from core.runtime import verdict_band
+
+    band = verdict_band(res.probability, res.threshold)
+    if band == "uncertain" or res.diagnosis is None or diagnosis_model is None:
+        return band, None
+    probs = res.diagnosis["probabilities"]
+    top = max(probs, key=probs.get)
+    if probs[top] >= float(diagnosis_model["uncertain_below"]) and (top == "NOR") == (band == "positive"):
+        return "uncertain", MODELS_DISAGREE
+    return band, None
+
+
+AT_CROP_EDGE = ("the model's segmentation reaches the edge of the square of the image it reads (centred on the "
+                "heart, 60 % of the image's shorter side), so part of the heart may lie outside it and the volumes "
+                "would be too small; check the segmentation below.")
 WITHHELD_CARDIAC = ("These frames do not look like the short-axis cine MRI the model was trained on, so no "
                     "diagnosis is given. Check that they are the ED and ES frames of a short-axis cine series.")
 
@@ -635,13 +716,20 @@ def predict_cardiac(lm: LoadedModel, ed: Volume, es: Volume, explain: bool = Tru
     for v, which in ((ed, "ED"), (es, "ES")):
         if float(v.data.max() - v.data.min()) <= 0:
             raise InvalidInputError(f"The {which} frame is blank: every voxel has the same value.")
-    x = pp.preprocess_cardiac(ed.data, es.data, lm.input_size)[None]
+    size = lm.input_size
+    # the input check reads the centred square, as it was fitted; everything after it the square on the heart
+    x = pp.preprocess_cardiac(ed.data, es.data, size)[None]
     idx = pp.cardiac_slice_indices(ed.data.shape[2])
     labels = [f"ED slice {i + 1}/{ed.data.shape[2]}" for i in idx] + [f"ES slice {i + 1}/{es.data.shape[2]}" for i in idx]
-    slices = (x[0].numpy() * 0.25 + 0.5).clip(0, 1)
     score = ood_score(lm, x)
     if guard and lm.guard is not None and score > lm.guard.threshold:
-        return CardiacResult(None, lm.threshold, None, slices, labels, None, score, WITHHELD_CARDIAC)
+        return CardiacResult(None, lm.threshold, None, (x[0].numpy() * 0.25 + 0.5).clip(0, 1), labels, None, score,
+                             WITHHELD_CARDIAC)
+    with model_lock(lm.model), torch.inference_mode(), autocast(lm.precision):
+        box, ed_labels = heart_box(lm.model, ed.data, size)
+    if box != pp.cardiac_crop_box(ed.data.shape[:2]):
+        x = pp.preprocess_cardiac(ed.data, es.data, size, box)[None]
+    slices = (x[0].numpy() * 0.25 + 0.5).clip(0, 1)
     with model_lock(lm.model), torch.inference_mode():
         with autocast(lm.precision):  # the U-Net; its shape descriptors and the head stay float32
             seg = lm.model.segment(x).float()
@@ -654,17 +742,19 @@ def predict_cardiac(lm: LoadedModel, ed: Volume, es: Volume, explain: bool = Tru
     seg_labels = seg[0].argmax(dim=1).to(torch.uint8).numpy()
     diagnosis = volumes = None
     volumes_withheld = "the model's segmentation of every slice was not computed."
+    at_edge = pp.labels_touch_edge(seg_labels.transpose(1, 2, 0))
     if lm.diagnosis is not None:
-        with model_lock(lm.model):
-            diagnosis = diagnose(lm.model, lm.diagnosis, ed.data, es.data, lm.input_size)
-        volumes_withheld = (cine_voxel_size_problem(ed.spacing)
-                            if np.allclose(ed.spacing, es.spacing, rtol=1e-3) else
+        with model_lock(lm.model), torch.inference_mode(), autocast(lm.precision):
+            diagnosis = diagnose(lm.model, lm.diagnosis, ed.data, es.data, size, box, ed_labels)
+        at_edge = diagnosis["at_crop_edge"]
+        volumes_withheld = (AT_CROP_EDGE if at_edge else
+                            cine_voxel_size_problem(ed.spacing) if np.allclose(ed.spacing, es.spacing, rtol=1e-3) else
                             "the ED and ES files give different voxel sizes, so they may not be one series.")
         if volumes_withheld is None:
-            volumes = volumes_ml(diagnosis["voxels"], ed.data.shape[:2], ed.spacing, lm.input_size)
+            volumes = volumes_ml(diagnosis["voxels"], ed.data.shape[:2], ed.spacing, size)
     release_memory()
     return CardiacResult(prob, lm.threshold, positive, slices, labels, heat, score, None, seg_labels,
-                         cardiac_shape_summary(feats), diagnosis, volumes, volumes_withheld)
+                         cardiac_shape_summary(feats), diagnosis, volumes, volumes_withheld, box, at_edge)
 
 
 @dataclass
@@ -683,7 +773,9 @@ def cardiac_cycle(lm: LoadedModel, cine: Cine) -> CardiacCycle:
     if float(cine.data.max() - cine.data.min()) <= 0:
         raise InvalidInputError("The cine is blank: every voxel has the same value.")
     with model_lock(lm.model), torch.inference_mode():
-        c = cavity_curves(lm.model, cine.data, lm.input_size, lambda: autocast(lm.precision))
+        with autocast(lm.precision):  # one square for every frame, centred on the heart of the first
+            box, _ = heart_box(lm.model, cine.data[..., 0], lm.input_size)
+        c = cavity_curves(lm.model, cine.data, lm.input_size, lambda: autocast(lm.precision), box)
     if c["lv"].max() == 0:
         raise InvalidInputError("No left ventricle was found in any frame of this cine: it does not look like a "
                                 "short-axis cardiac series.")
@@ -746,28 +838,38 @@ def binary_calibration(root, wdir=None) -> dict:
 
 @dataclass
 class _CardiacData:
-    x: torch.Tensor  # (P, 2k, S, S) model inputs
+    x: torch.Tensor  # (P, 2k, S, S) model inputs, in the square centred on the heart
     m: torch.Tensor  # (P, 2k, S, S) true labels of those slices (-100 where a patient has none)
-    slices: list[torch.Tensor]  # per patient: every ED and ES slice (Z_ed + Z_es, S, S)
+    slices: list[torch.Tensor]  # per patient: every ED and ES slice (Z_ed + Z_es, S, S), square on the heart
     slice_masks: list[torch.Tensor | None]
+    slices_centred: list[torch.Tensor]  # the same slices in the image's centred square (the localising pass's view)
+    slice_masks_centred: list[torch.Tensor | None]
 
 
 def _load_cardiac(cases: list[mio.CardiacCase], size: int) -> _CardiacData:
+    """Every case's frames cut to the square centred on its heart (``expert_box``: the expert ED mask's; the app
+    finds it with ``heart_box``) and, for the segmentation's training, to the image's centred square too."""
     from tqdm.auto import tqdm
 
-    xs, ms, alls, allm = [], [], [], []
+    xs, ms, alls, allm, allc, allmc = [], [], [], [], [], []
     for c in tqdm(cases, desc="read ACDC", leave=False, mininterval=2):
         ed, es = mio.load_nifti_path(c.ed_path).data, mio.load_nifti_path(c.es_path).data
-        xs.append(pp.preprocess_cardiac(ed, es, size))
-        alls.append(torch.cat([pp.cardiac_frame(v, size, all_slices=True) for v in (ed, es)]).half())
-        if c.ed_gt is not None and c.es_gt is not None:
-            gts = [mio.load_nifti_path(g).data for g in (c.ed_gt, c.es_gt)]
-            ms.append(torch.cat([pp.cardiac_frame(g, size, mask=True) for g in gts]))
-            allm.append(torch.cat([pp.cardiac_frame(g, size, mask=True, all_slices=True) for g in gts]).to(torch.int8))
+        gts = ([mio.load_nifti_path(g).data for g in (c.ed_gt, c.es_gt)]
+               if c.ed_gt is not None and c.es_gt is not None else None)
+        box = expert_box(gts[0]) if gts is not None else pp.cardiac_crop_box(ed.shape[:2])
+        xs.append(pp.preprocess_cardiac(ed, es, size, box))
+        alls.append(torch.cat([pp.cardiac_frame(v, size, all_slices=True, box=box) for v in (ed, es)]).half())
+        allc.append(torch.cat([pp.cardiac_frame(v, size, all_slices=True) for v in (ed, es)]).half())
+        if gts is not None:
+            ms.append(torch.cat([pp.cardiac_frame(g, size, mask=True, box=box) for g in gts]))
+            allm.append(torch.cat([pp.cardiac_frame(g, size, mask=True, all_slices=True, box=box)
+                                   for g in gts]).to(torch.int8))
+            allmc.append(torch.cat([pp.cardiac_frame(g, size, mask=True, all_slices=True) for g in gts]).to(torch.int8))
         else:
             ms.append(torch.full((2 * pp.CARDIAC_SLICES, size, size), -100, dtype=torch.long))
             allm.append(None)
-    return _CardiacData(torch.stack(xs), torch.stack(ms), alls, allm)
+            allmc.append(None)
+    return _CardiacData(torch.stack(xs), torch.stack(ms), alls, allm, allc, allmc)
 
 
 def soft_dice_multiclass(logits: torch.Tensor, target: torch.Tensor, eps: float = 1.0) -> torch.Tensor:
@@ -780,6 +882,8 @@ def soft_dice_multiclass(logits: torch.Tensor, target: torch.Tensor, eps: float 
 
 
 HEAD_STEPS = 2000
+# Share of training slices the segmentation sees in the image's centred square rather than the square on the heart
+CENTRED_CROP_SHARE = 0.5
 
 
 def _fit_cardiac_head(net: nn.Module, d: _CardiacData, y: torch.Tensor, tr: np.ndarray, cfg: TrainConfig,
@@ -838,13 +942,21 @@ def _fit_cardiac(d: _CardiacData, y: torch.Tensor, tr: np.ndarray, va: np.ndarra
     va_l = [i for i in va if d.slice_masks[i] is not None]
     x_tr = torch.cat([d.slices[i] for i in tr_l])[:, None].to(device)
     m_tr = torch.cat([d.slice_masks[i] for i in tr_l]).to(device)
+    # the same slices in the image's centred square, where the heart may lie off centre or reach the edge: the
+    # app's first localising pass reads that square (heart_box), every later pass the square on the heart
+    x_trc = torch.cat([d.slices_centred[i] for i in tr_l])[:, None].to(device)
+    m_trc = torch.cat([d.slice_masks_centred[i] for i in tr_l]).to(device)
     x_va = torch.cat([d.slices[i] for i in va_l])[:, None] if va_l else None
     m_va = torch.cat([d.slice_masks[i] for i in va_l]).long() if va_l else None
     unet = model.unet
 
     def train_batches(epoch: int):
+        g = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
+        centred = torch.rand(len(x_tr), generator=g) < CENTRED_CROP_SHARE  # which square each slice comes from
         for idx in batches(len(x_tr), cfg.batch_size, cfg.seed, epoch):
-            yield x_tr[idx].float(), m_tr[idx].long()
+            c = centred[idx].to(device)[:, None, None]
+            yield (torch.where(c[:, None], x_trc[idx], x_tr[idx]).float(),
+                   torch.where(c, m_trc[idx], m_tr[idx]).long())
 
     def step(net: nn.Module, batch: tuple) -> tuple[torch.Tensor, float]:
         xb, mb = batch
@@ -929,6 +1041,11 @@ def train_cardiac(root: Path, cfg: TrainConfig, device: torch.device, smoke: boo
                           "the one with the best mean foreground Dice on the fold's validation patients). 2: with the "
                           "U-Net frozen, a small perceptron on 9 shape descriptors of the segmentation of 8 slices "
                           "per frame learns P(disease) from the training patients' predicted and true masks",
+        "crop": f"every frame is read in a square of {pp.CARDIAC_CROP_FRACTION:.0%} of the image's shorter side "
+                "centred on the heart: in training and validation the expert ED mask's heart; in the app the heart "
+                "the U-Net itself finds in the ED frame, first in the image's centred square (core.cardiac.heart_box). "
+                f"The segmentation trains on each slice in the square on the heart or, for a random "
+                f"{CENTRED_CROP_SHARE:.0%} of them per epoch, in the image's centred square (the first pass's view)",
         "head_training": head,
         "data": {
             "dataset": spec.dataset,

@@ -257,8 +257,8 @@ def xray_report(result, image, case_name: str) -> CaseReport:
 
 def cardiac_report(result, case_name: str, diagnosis_model: dict | None = None) -> CaseReport:
     """Report of a cine study (``core.cardiac.CardiacResult``); ``diagnosis_model`` is the five-class card."""
-    from core.cardiac import FEATURES, GROUP_NAMES, GROUPS, VOLUMES, feature_text, volume_text
-    from core.runtime import UNCERTAIN_MARGIN, verdict_band
+    from core.cardiac import FEATURES, GROUP_NAMES, GROUPS, VOLUMES, cardiac_band, feature_text, volume_text
+    from core.runtime import UNCERTAIN_MARGIN
     from core.visualize import heatmap_overlay, label_overlay
 
     k = len(result.slices) // 2
@@ -277,10 +277,11 @@ def cardiac_report(result, case_name: str, diagnosis_model: dict | None = None) 
     if result.frames_swapped:
         return CaseReport("cardiac", case_name, "No diagnosis: the ED and ES frames look swapped (the LV cavity is "
                           "smaller at the frame given as end-diastole).", images=images[:3])
-    band = verdict_band(result.probability, result.threshold)
+    band, disagree = cardiac_band(result, diagnosis_model)
     headline = {"positive": "Finding: the heart looks diseased (any of DCM, HCM, previous MI, abnormal RV).",
                 "negative": "Finding: the heart looks normal.",
-                "uncertain": "Uncertain - refer to a specialist: P(disease) is close to the decision threshold."}[band]
+                "uncertain": "Uncertain - refer to a specialist: "
+                             + (f"{disagree}." if disagree else "P(disease) is close to the decision threshold.")}[band]
     figures = [("P(disease)", format_probability(result.probability)), ("Decision threshold", _pct(result.threshold))]
     notes = [f"Within {UNCERTAIN_MARGIN:.0%} of the threshold no verdict is given."]
     sh = result.measures()
@@ -293,6 +294,9 @@ def cardiac_report(result, case_name: str, diagnosis_model: dict | None = None) 
                      + ("every slice of both frames" if sh["source"] == "every slice" else "the 8 slices per frame "
                         "it used") + " (summed over the same slices, so no voxel size is needed), not clinical "
                      "measurements.")
+        if result.at_crop_edge:
+            notes.append("Part of the heart may be missing: the model's segmentation reaches the edge of the square "
+                         "of the image it reads, so the ejection fractions and ratios may be wrong too.")
     if result.volumes is not None:
         figures += [(VOLUMES[k], volume_text(k, v)) for k, v in result.volumes.items()]
         notes.append("Volumes by summation of discs over the model's segmentation of every slice with the file's voxel "

@@ -23,7 +23,7 @@ from core.checkpoint import _clean
 from core.config import data_root
 from core.errors import MedImgError
 from core.atrium import segment_atrium
-from core.cardiac import VOLUMES, predict_cardiac, structure_voxels, volumes_from_voxels, volumes_ml
+from core.cardiac import VOLUMES, cardiac_band, predict_cardiac, structure_voxels, volumes_from_voxels, volumes_ml
 from core.inference import load_model
 from core.pneumonia import predict_xray_batch
 from core.precision import PRECISIONS, flush_subnormals
@@ -101,6 +101,8 @@ def evaluate_cardiac(root: Path, wdir=None, only: set[str] | None = None, precis
         per_case[c.patient_id] = {"group": c.group, "probability": r.probability,
                                   "five_class": r.diagnosis["probabilities"] if r.diagnosis else None,
                                   "input_check_refused": bool(r.ood_score > lm.guard.threshold),
+                                  "finding": cardiac_band(r, lm.diagnosis)[0],
+                                  "models_disagree": cardiac_band(r, lm.diagnosis)[1] is not None,
                                   "shape_estimate": r.shape, "shape_expert_masks_all_slices": expert,
                                   "measures": r.measures(),
                                   # both as if the frame's voxels were 1 mm each way: one unit whatever the true
@@ -110,6 +112,13 @@ def evaluate_cardiac(root: Path, wdir=None, only: set[str] | None = None, precis
                                                                    lm.input_size) if r.diagnosis else None)}
     out = _classifier_summary(ys, ps, lm.threshold, failed)
     out["n_refused_by_input_check"] = sum(r["input_check_refused"] for r in per_case.values())
+    # the finding the page shows (core.cardiac.cardiac_band): a verdict, or "uncertain" near the threshold or when
+    # the five-class diagnosis confidently says the opposite
+    out["findings"] = {"what": "the page's finding per patient: verdict band of P(disease), uncertain also when the "
+                               "five-class diagnosis confidently disagrees",
+                       **{b: [k for k, r in per_case.items() if r["finding"] == b]
+                          for b in ("positive", "negative", "uncertain")},
+                       "models_disagree": [k for k, r in per_case.items() if r["models_disagree"]]}
     with_gt = [r for r in per_case.values() if r["shape_expert_masks_all_slices"] is not None]
     # How the model's estimates (its segmentation of 8 slices per frame) compare with the same ratios
     # from the expert masks over every slice.

@@ -189,8 +189,7 @@ def cardiac_measure_cells(measures: dict | None, volumes: dict[str, float] | Non
 def analyse_cardiac(lm, ed, es, name: str, report: bool = True) -> Analysis:
     """The ED and ES frames (``core.io.Volume``) of one study -> diagnosis, probabilities, report."""
     from core import case_report as R
-    from core.cardiac import predict_cardiac
-    from core.runtime import verdict_band
+    from core.cardiac import cardiac_band, predict_cardiac
 
     row: dict[str, str] = {"case": name}
     res = predict_cardiac(lm, ed, es, explain=report)
@@ -199,10 +198,12 @@ def analyse_cardiac(lm, ed, es, name: str, report: bool = True) -> Analysis:
     elif res.frames_swapped:
         row.update(status="error", message="the ED and ES frames look swapped (LV cavity smaller at ED)")
     else:
-        band = verdict_band(res.probability, res.threshold)
+        band, disagree = cardiac_band(res, lm.diagnosis)
         row.update(status="ok" if band != "uncertain" else "uncertain",
                    finding={"positive": "disease", "negative": "normal", "uncertain": "uncertain: refer"}[band],
                    p_disease=_fmt(res.probability), threshold=_fmt(res.threshold))
+        if disagree:
+            row["message"] = disagree
         row.update(cardiac_measure_cells(res.measures(), res.volumes))
         if res.volumes is None and res.volumes_withheld:
             row["volumes_note"] = res.volumes_withheld

@@ -76,16 +76,59 @@ def cardiac_crop_side(shape_xy: tuple[int, int]) -> int:
     return int(round(CARDIAC_CROP_FRACTION * min(shape_xy)))
 
 
-def _centre_crop_box(shape_xy: tuple[int, int]) -> tuple[int, int, int, int]:
+CropBox = tuple[int, int, int, int]  # x0, x1, y0, y1: the square of a frame the cardiac model reads
+
+
+def cardiac_crop_box(shape_xy: tuple[int, int], centre: tuple[float, float] | None = None) -> CropBox:
+    """The square of side ``cardiac_crop_side`` the cardiac model reads from a frame of in-plane shape ``shape_xy``:
+    centred on ``centre`` (x, y in pixels; default the image's centre), moved as little as needed to lie inside
+    the image. -> (x0, x1, y0, y1), half-open."""
     side = cardiac_crop_side(shape_xy)
-    x0 = (shape_xy[0] - side) // 2
-    y0 = (shape_xy[1] - side) // 2
-    return x0, x0 + side, y0, y0 + side
+    if centre is None:
+        return ((shape_xy[0] - side) // 2, (shape_xy[0] - side) // 2 + side,
+                (shape_xy[1] - side) // 2, (shape_xy[1] - side) // 2 + side)
+    if not all(math.isfinite(float(c)) for c in centre):
+        raise ValueError(f"the crop centre must be finite, got {centre}")
+    out = []
+    for n, c in zip(shape_xy, centre):
+        lo = int(round(float(c) - side / 2))
+        lo = min(max(lo, 0), n - side)
+        out += [lo, lo + side]
+    return out[0], out[1], out[2], out[3]
+
+
+def heart_centre(labels: np.ndarray) -> tuple[float, float] | None:
+    """The centre (x, y, in the label map's pixels) of the bounding box of the largest connected region of
+    foreground over all slices of an (X, Y, Z) label map (any label > 0, projected through the slices); None when
+    there is none. The largest region only: a stray false positive far from the heart must not move the crop."""
+    fg = np.asarray(labels).reshape(labels.shape[0], labels.shape[1], -1).any(axis=2)
+    if not fg.any():
+        return None
+    lab, n = ndimage.label(fg)
+    if n > 1:
+        fg = lab == (int(np.argmax(np.bincount(lab.ravel())[1:])) + 1)
+    xs, ys = np.nonzero(fg)
+    return (xs.min() + xs.max() + 1) / 2, (ys.min() + ys.max() + 1) / 2
+
+
+def grid_to_frame(point: tuple[float, float], box: CropBox, size: int) -> tuple[float, float]:
+    """A point (x, y) on the model's (size x size) grid of the crop ``box`` -> the frame's pixel coordinates
+    (edges: grid 0 is the box's first pixel edge, grid ``size`` its last)."""
+    side_x, side_y = box[1] - box[0], box[3] - box[2]
+    return box[0] + point[0] * side_x / size, box[2] + point[1] * side_y / size
+
+
+def labels_touch_edge(labels: np.ndarray) -> bool:
+    """Whether any foreground (label > 0) of an (X, Y, Z) label map lies on the map's outermost rows or columns:
+    the structure may go on beyond the crop the model read."""
+    m = np.asarray(labels) > 0
+    return bool(m[0].any() or m[-1].any() or m[:, 0].any() or m[:, -1].any())
 
 
 def cardiac_frame(volume: np.ndarray, size: int = CARDIAC_SIZE, mask: bool = False,
-                  all_slices: bool = False) -> torch.Tensor:
-    """(X, Y, Z) cine frame (or its label map) -> (k, size, size): chosen slices, centre-cropped.
+                  all_slices: bool = False, box: CropBox | None = None) -> torch.Tensor:
+    """(X, Y, Z) cine frame (or its label map) -> (k, size, size): chosen slices, cropped to ``box``
+    (``cardiac_crop_box``; default the centred square).
 
     ``all_slices`` returns every slice (Z, size, size) instead, for training the segmentation.
     """
@@ -95,7 +138,7 @@ def cardiac_frame(volume: np.ndarray, size: int = CARDIAC_SIZE, mask: bool = Fal
             f"{volume.shape[2] if volume.ndim == 3 else 'no'} slices."
         )
     idx = np.arange(volume.shape[2]) if all_slices else cardiac_slice_indices(volume.shape[2])
-    x0, x1, y0, y1 = _centre_crop_box(volume.shape[:2])
+    x0, x1, y0, y1 = box if box is not None else cardiac_crop_box(volume.shape[:2])
     sl = np.ascontiguousarray(np.moveaxis(volume[x0:x1, y0:y1, idx], 2, 0), dtype=np.float32)
     t = torch.from_numpy(sl)[None]
     if mask:
@@ -105,14 +148,15 @@ def cardiac_frame(volume: np.ndarray, size: int = CARDIAC_SIZE, mask: bool = Fal
     return ((_resize(t, (size, size)) - 0.5) / 0.25)[0]
 
 
-def preprocess_cardiac(ed: np.ndarray, es: np.ndarray, size: int = CARDIAC_SIZE) -> torch.Tensor:
-    """ED and ES frames (X, Y, Z) -> (2k, size, size): ED slices then ES slices."""
+def preprocess_cardiac(ed: np.ndarray, es: np.ndarray, size: int = CARDIAC_SIZE,
+                       box: CropBox | None = None) -> torch.Tensor:
+    """ED and ES frames (X, Y, Z) -> (2k, size, size): ED slices then ES slices, both cropped to ``box``."""
     if ed.shape != es.shape:
         raise InvalidInputError(
             f"The ED frame ({' x '.join(map(str, ed.shape))}) and ES frame ({' x '.join(map(str, es.shape))}) "
             "differ in size; both must come from the same cine series."
         )
-    return torch.cat([cardiac_frame(ed, size), cardiac_frame(es, size)], dim=0)
+    return torch.cat([cardiac_frame(ed, size, box=box), cardiac_frame(es, size, box=box)], dim=0)
 
 
 # --------------------------------------------------------------------------- atrium

@@ -76,7 +76,7 @@ TASKS: dict[str, TaskSpec] = {
                       "dropout": 0.3},
         input_spec={"size": K.CARDIAC_SIZE, "slices_per_frame": K.CARDIAC_SLICES,
                     "slice_range": list(K.CARDIAC_SLICE_RANGE), "crop_fraction": K.CARDIAC_CROP_FRACTION,
-                    "frames": ["ED", "ES"], "intensity": "1-99 percentile min-max per frame, then (x-0.5)/0.25"},
+                    "crop_centre": "heart", "frames": ["ED", "ES"], "intensity": "1-99 percentile min-max per frame, then (x-0.5)/0.25"},
         accepted_inputs=("nifti",),
         monitor="auc",
         dataset="ACDC (Bernard et al. 2018), ED and ES frames (ACDC/)",

@@ -157,10 +157,18 @@ if res.withheld:
     for j, c in enumerate(cols):
         c.image(np.rot90(res.slices[j]), caption=res.slice_labels[j], width="stretch", clamp=True)
     st.stop()
-from core.runtime import UNCERTAIN_MARGIN, verdict_band  # noqa: E402
+from core.cardiac import GROUP_NAMES, cardiac_band  # noqa: E402
+from core.runtime import UNCERTAIN_MARGIN  # noqa: E402
 
-band = verdict_band(res.probability, res.threshold)
-if band == "uncertain":
+band, disagree = cardiac_band(res, lm.diagnosis)
+if disagree:
+    probs = res.diagnosis["probabilities"]
+    top = max(probs, key=probs.get)
+    st.warning(f"**Uncertain — refer to a specialist.** The two models disagree: P(disease) = "
+               f"**{format_probability(res.probability)}** (threshold {res.threshold:.1%}) says the heart looks "
+               f"{'diseased' if res.probability >= res.threshold else 'normal'}, the five-class diagnosis below says "
+               f"**{GROUP_NAMES[top]} ({top})** at {format_probability(probs[top])}.")
+elif band == "uncertain":
     st.warning(f"**Uncertain — refer to a specialist.** P(disease) = **{format_probability(res.probability)}** lies "
                f"within {UNCERTAIN_MARGIN:.0%} of the decision threshold ({res.threshold:.1%}).")
 else:
@@ -185,6 +193,10 @@ if sh is not None:
                 "over the same slices, so ratios need no voxel size); the decision rests on them. ")
                + "They are not clinical measurements; the RV estimates agree less well with expert masks than the LV "
                  "ones (see Training & metrics).")
+if res.at_crop_edge:
+    st.warning("**Part of the heart may be missing.** The model's segmentation reaches the edge of the square of the "
+               "image it reads (centred on the heart it found, 60 % of the image's shorter side): volumes and ejection "
+               "fractions may be wrong, and no volumes in mL are given. Check the segmentation below.")
 if res.volumes is not None:
     from core.cardiac import VOLUMES, volume_text
     from core.report import read_validation_eval
@@ -206,7 +218,7 @@ elif res.volumes_withheld:
     st.caption(f"No volumes in mL or LV mass in g: {res.volumes_withheld}")
 
 if res.diagnosis is not None and lm.diagnosis is not None:
-    from core.cardiac import FEATURES, GROUP_NAMES, GROUPS
+    from core.cardiac import FEATURES, GROUPS
 
     probs = res.diagnosis["probabilities"]
     top = max(probs, key=probs.get)
@@ -243,7 +255,8 @@ view = st.radio("Overlay", ["Grad-CAM", "Segmentation (RV, myocardium, LV cavity
                 key=f"{NS}.view")
 show_seg = view.startswith("Segmentation") and res.segmentation is not None
 win, zoom, fx, fy = display_controls(NS, res.slices)
-st.markdown("**Slices the model used** (centred crop, base to apex), with the model's segmentation or its "
+st.markdown("**Slices the model used** (the square of the image centred on the heart, base to apex), with the "
+            "model's segmentation or its "
             "Grad-CAM map (each map scaled to its own maximum, so compare where, not how strongly, across slices):")
 k = len(res.slices) // 2
 for row, title in ((0, "End-diastole"), (1, "End-systole")):
