@@ -170,6 +170,18 @@ def test_cardiac_five_class_box_for_a_dcm_sample(acdc_root):
     _five_class_box_quotes_the_table(at)
 
 
+def test_cardiac_no_plain_finding_when_the_two_models_disagree(acdc_root):
+    """patient084 (abnormal RV, a validation patient): P(disease) from the 8-slice shape descriptors falls below the
+    threshold while the five-class diagnosis says RV with > 90 %: the page must not read "the heart looks normal"."""
+    at = _page("pages/2_Cardiac.py")
+    sel = at.selectbox(key="card.sample")
+    sel.select(next(o for o in sel.options if "patient084" in o)).run()
+    assert not at.exception
+    text = _text(at) + "\n".join(w.value for w in at.warning)
+    assert "The two models disagree" in text and "abnormal right ventricle (RV)" in text
+    assert "Finding: the heart looks normal" not in text
+
+
 def test_atrium_sample_segmentation_and_slider(heart_root):
     at = _page("pages/3_Atrium_segmentation.py")
     at.selectbox(key="atr.sample").select_index(1).run()
