@@ -98,11 +98,11 @@ def evaluate_cardiac(root: Path, wdir=None, only: set[str] | None = None, precis
             continue
         ys.append(c.label)
         ps.append(r.probability)
+        finding, why = cardiac_band(r, lm.diagnosis)
         per_case[c.patient_id] = {"group": c.group, "probability": r.probability,
                                   "five_class": r.diagnosis["probabilities"] if r.diagnosis else None,
                                   "input_check_refused": bool(r.ood_score > lm.guard.threshold),
-                                  "finding": cardiac_band(r, lm.diagnosis)[0],
-                                  "models_disagree": cardiac_band(r, lm.diagnosis)[1] is not None,
+                                  "finding": finding, "models_disagree": why is not None,
                                   "shape_estimate": r.shape, "shape_expert_masks_all_slices": expert,
                                   "measures": r.measures(),
                                   # both as if the frame's voxels were 1 mm each way: one unit whatever the true
