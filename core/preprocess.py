@@ -84,9 +84,9 @@ def cardiac_crop_box(shape_xy: tuple[int, int], centre: tuple[float, float] | No
     centred on ``centre`` (x, y in pixels; default the image's centre), moved as little as needed to lie inside
     the image. -> (x0, x1, y0, y1), half-open."""
     side = cardiac_crop_side(shape_xy)
-    if centre is None:
-        return ((shape_xy[0] - side) // 2, (shape_xy[0] - side) // 2 + side,
-                (shape_xy[1] - side) // 2, (shape_xy[1] - side) // 2 + side)
+    if centre is None:  # as the model was first trained and the input check was fitted: floor of the margin
+        x0, y0 = (shape_xy[0] - side) // 2, (shape_xy[1] - side) // 2
+        return x0, x0 + side, y0, y0 + side
     if not all(math.isfinite(float(c)) for c in centre):
         raise ValueError(f"the crop centre must be finite, got {centre}")
     out = []
@@ -104,10 +104,7 @@ def heart_centre(labels: np.ndarray) -> tuple[float, float] | None:
     fg = np.asarray(labels).reshape(labels.shape[0], labels.shape[1], -1).any(axis=2)
     if not fg.any():
         return None
-    lab, n = ndimage.label(fg)
-    if n > 1:
-        fg = lab == (int(np.argmax(np.bincount(lab.ravel())[1:])) + 1)
-    xs, ys = np.nonzero(fg)
+    xs, ys = np.nonzero(largest_component(fg))
     return (xs.min() + xs.max() + 1) / 2, (ys.min() + ys.max() + 1) / 2
 
 
